@@ -1,0 +1,65 @@
+// swift-tools-version:6.0
+//
+// Three rings (see ../shared/DESIGN.md, "Code layout"), dependencies pointing inward:
+//   core      FTCore                         pure value types, wire format; no I/O
+//   adapters  FTErasure, FTZMQ, FTVerbs      the only modules that import a C library
+//             (CISAL, CZMQ, CVerbsShim)      the C libraries themselves
+//   shells    FTBenchKit, executables        thin `@main` files over libraries
+import PackageDescription
+
+let package = Package(
+    name: "ft",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "FTCore", targets: ["FTCore"]),
+        .library(name: "FTErasure", targets: ["FTErasure"]),
+        .library(name: "FTZMQ", targets: ["FTZMQ"]),
+        .library(name: "FTVerbs", targets: ["FTVerbs"]),
+        .executable(name: "ft-bench", targets: ["ft-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        // MARK: core (no I/O)
+        .target(name: "FTCore"),
+
+        // MARK: C libraries
+        .systemLibrary(name: "CISAL", pkgConfig: "libisal",
+                       providers: [.apt(["libisal-dev"])]),
+        // No pkgConfig on purpose: libzmq.pc drags in Kerberos -isystem flags that
+        // SwiftPM rejects with a warning on every build. The module map links `zmq`.
+        .systemLibrary(name: "CZMQ", providers: [.apt(["libzmq3-dev"])]),
+        // verbs.h hides most of its API behind function-like macros and static
+        // inlines, which Swift cannot import reliably; this C target wraps them.
+        .target(name: "CVerbsShim", linkerSettings: [.linkedLibrary("ibverbs")]),
+
+        // MARK: adapters (one per C library; no C type in any public signature)
+        .target(name: "FTErasure", dependencies: ["CISAL"]),
+        .target(name: "FTZMQ", dependencies: ["CZMQ"]),
+        .target(name: "FTVerbs", dependencies: [
+            "CVerbsShim",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+
+        // MARK: shells and executables
+        .target(name: "FTBenchKit", dependencies: [
+            "FTCore", "FTErasure",
+        ]),
+        .executableTarget(name: "ft-bench", dependencies: [
+            "FTBenchKit",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        // MARK: tests
+        .testTarget(name: "FTCoreTests", dependencies: ["FTCore"]),
+        .testTarget(name: "FTErasureTests", dependencies: ["FTErasure"]),
+        .testTarget(name: "FTZMQTests", dependencies: ["FTZMQ"]),
+        .testTarget(name: "FTVerbsTests", dependencies: [
+            "FTVerbs",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
+    ]
+)

@@ -1,0 +1,243 @@
+import Testing
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+@testable import FTZMQ
+
+/// A fresh temporary directory for one test, removed by the caller.
+func makeTempDir() -> String {
+    var template = Array("/tmp/ft-zmq-test-XXXXXX".utf8CString)
+    let path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    return path
+}
+
+func removeTree(_ path: String) {
+    if let dir = opendir(path) {
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+            if name != "." && name != ".." { unlink(path + "/" + name) }
+        }
+        closedir(dir)
+    }
+    rmdir(path)
+}
+
+/// A socket that drops unsent messages on close, so a test never waits on one.
+func lingerless(_ ctx: ZMQContext, _ type: ZMQSocketType) throws -> ZMQSocket {
+    let socket = try ctx.socket(type)
+    try socket.setLinger(milliseconds: 0)
+    return socket
+}
+
+/// A ROUTER that answers each request with "re:" + the request, then checks the reply on the DEALER.
+func roundTrip(router: ZMQSocket, dealer: ZMQSocket, payload: [UInt8]) throws -> Bool {
+    try dealer.send([payload])
+    guard let request = try router.receive(timeoutMilliseconds: 5000) else { return false }
+    #expect(request.count == 2)
+    #expect(request[0] == Array("dealer-1".utf8))
+    #expect(request[1] == payload)
+    try router.send([request[0], Array("re:".utf8) + request[1]])
+    guard let reply = try dealer.receive(timeoutMilliseconds: 5000) else { return false }
+    return reply == [Array("re:".utf8) + payload]
+}
+
+@Suite("ZeroMQ adapter")
+struct ZMQTests {
+    @Test("ROUTER/DEALER round trip over inproc://")
+    func inprocRoundTrip() throws {
+        let ctx = try ZMQContext()
+        let router = try lingerless(ctx, .router)
+        let dealer = try lingerless(ctx, .dealer)
+        defer { dealer.close(); router.close() }
+        try router.bind("inproc://ft-test-roundtrip")
+        try dealer.setRoutingID(Array("dealer-1".utf8))
+        try dealer.connect("inproc://ft-test-roundtrip")
+        #expect(try roundTrip(router: router, dealer: dealer, payload: Array("ping".utf8)))
+    }
+
+    @Test("ROUTER/DEALER round trip over tcp://127.0.0.1 on a free port")
+    func tcpRoundTrip() throws {
+        let ctx = try ZMQContext()
+        let router = try lingerless(ctx, .router)
+        let dealer = try lingerless(ctx, .dealer)
+        defer { dealer.close(); router.close() }
+        let endpoint = try router.bind("tcp://127.0.0.1:*")
+        #expect(endpoint.hasPrefix("tcp://127.0.0.1:") && !endpoint.hasSuffix(":*"))
+        try dealer.setRoutingID(Array("dealer-1".utf8))
+        try dealer.connect(endpoint)
+        #expect(try roundTrip(router: router, dealer: dealer, payload: Array(repeating: 7, count: 100_000)))
+    }
+
+    @Test("CURVE round trip; a client with the wrong server key gets nothing and the server keeps serving")
+    func curve() throws {
+        #expect(ZMQContext.has("curve"))
+        let ctx = try ZMQContext()
+        let serverKeys = try CurveKeyPair.generate()
+        let clientKeys = try CurveKeyPair.generate()
+        let router = try lingerless(ctx, .router)
+        try router.makeCurveServer(serverKeys)
+        let endpoint = try router.bind("tcp://127.0.0.1:*")
+        defer { router.close() }
+
+        // Wrong server key: the handshake fails, nothing reaches the server, no reply comes.
+        let impostorKey = try CurveKeyPair.generate().publicKey
+        let wrong = try lingerless(ctx, .dealer)
+        defer { wrong.close() }
+        try wrong.setRoutingID(Array("dealer-1".utf8))
+        try wrong.makeCurveClient(serverKey: impostorKey, keys: clientKeys)
+        try wrong.connect(endpoint)
+        try wrong.send([Array("let me in".utf8)], dontWait: true)
+        #expect(try router.receive(timeoutMilliseconds: 500) == nil)
+        #expect(try wrong.receive(timeoutMilliseconds: 100) == nil)
+
+        // The right key works, on the same server, while the wrong client is still around.
+        let right = try lingerless(ctx, .dealer)
+        defer { right.close() }
+        try right.setRoutingID(Array("dealer-1".utf8))
+        try right.makeCurveClient(serverKey: serverKeys.publicKey, keys: clientKeys)
+        try right.connect(endpoint)
+        #expect(try roundTrip(router: router, dealer: right, payload: Array("secret hello".utf8)))
+        #expect(try wrong.receive(timeoutMilliseconds: 50) == nil)
+    }
+
+    @Test("zero-copy send delivers the bytes and releases the buffer exactly once")
+    func zeroCopy() throws {
+        let ctx = try ZMQContext()
+        let pull = try lingerless(ctx, .pull)
+        let push = try lingerless(ctx, .push)
+        defer { push.close(); pull.close() }
+        let endpoint = try pull.bind("tcp://127.0.0.1:*")
+        try push.connect(endpoint)
+        let size = 1 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 64)
+        for i in 0..<size { buffer[i] = UInt8(truncatingIfNeeded: i * 7) }
+        let released = Mutex(0)
+        try push.send([.bytes(Array("header".utf8)), .noCopy(UnsafeRawBufferPointer(buffer), release: {
+            released.withLock { $0 += 1 }
+        })])
+        let frames = try #require(try pull.receiveMessages(timeoutMilliseconds: 5000))
+        #expect(frames.count == 2)
+        #expect(frames[0].bytes == Array("header".utf8))
+        #expect(frames[1].count == size)
+        #expect(frames[1].withUnsafeBytes { $0.elementsEqual(UnsafeRawBufferPointer(buffer)) })
+        // libzmq releases from its I/O thread once the bytes are on the wire.
+        for _ in 0..<200 where released.withLock({ $0 }) == 0 { usleep(5000) }
+        #expect(released.withLock { $0 } == 1)
+        buffer.deallocate()
+    }
+
+    @Test("errors are typed and keep errno")
+    func typedErrors() throws {
+        let ctx = try ZMQContext()
+        let a = try lingerless(ctx, .router)
+        let b = try lingerless(ctx, .router)
+        defer { a.close(); b.close() }
+        let endpoint = try a.bind("tcp://127.0.0.1:*")
+        do {
+            try b.bind(endpoint)
+            Issue.record("second bind to \(endpoint) succeeded")
+        } catch {
+            #expect(error.code == .addressInUse)
+            #expect(error.errno == EADDRINUSE)
+            #expect(error.operation.contains(endpoint))
+        }
+        do {
+            try b.connect("nosuch://x")
+            Issue.record("connect to a bogus transport succeeded")
+        } catch {
+            #expect(error.code == .invalidEndpoint)
+            #expect(error.errno != 0)
+        }
+        let dealer = try lingerless(ctx, .dealer)
+        defer { dealer.close() }
+        #expect(try dealer.receive(timeoutMilliseconds: 20) == nil)
+        do {
+            try a.setRouterMandatory(true)
+            try a.send([Array("nobody".utf8), Array("x".utf8)])
+            Issue.record("send to an unknown routing id succeeded with ROUTER_MANDATORY")
+        } catch {
+            #expect(error.code == .hostUnreachable)
+        }
+    }
+
+    @Test("a monitor with heartbeats reports the peer's disconnect")
+    func monitorReportsDisconnect() throws {
+        let ctx = try ZMQContext()
+        let router = try lingerless(ctx, .router)
+        try router.setHeartbeat(intervalMilliseconds: 100, timeoutMilliseconds: 300)
+        let endpoint = try router.bind("tcp://127.0.0.1:*")
+        let monitor = try router.monitor(events: [.accepted, .disconnected, .handshakeSucceeded])
+        defer { monitor.close(); router.close() }
+        let dealer = try lingerless(ctx, .dealer)
+        try dealer.connect(endpoint)
+        var seen: [ZMQSocketEvent.Kind] = []
+        while !seen.contains(.handshakeSucceeded), let e = try ZMQSocketEvent.receive(from: monitor, timeoutMilliseconds: 5000) {
+            seen.append(e.kind)
+        }
+        #expect(seen.contains(.accepted))
+        #expect(seen.contains(.handshakeSucceeded))
+        dealer.close()
+        let event = try ZMQSocketEvent.receive(from: monitor, timeoutMilliseconds: 5000)
+        #expect(event?.kind == .disconnected)
+    }
+}
+
+@Suite("CURVE key files")
+struct CurveKeyFileTests {
+    @Test("written with mode 0600 and read back")
+    func roundTrip() throws {
+        let dir = makeTempDir()
+        defer { removeTree(dir) }
+        let keys = try CurveKeyPair.generate()
+        let path = dir + "/job.key"
+        try keys.write(to: path)
+        var st = stat()
+        #expect(stat(path, &st) == 0)
+        #expect(st.st_mode & 0o777 == 0o600)
+        #expect(try CurveKeyPair.load(from: path) == keys)
+    }
+
+    @Test("a key file with mode 0644 is refused with a clear message")
+    func refusesReadableKeyFile() throws {
+        let dir = makeTempDir()
+        defer { removeTree(dir) }
+        let path = dir + "/job.key"
+        try CurveKeyPair.generate().write(to: path)
+        #expect(chmod(path, 0o644) == 0)
+        do {
+            _ = try CurveKeyPair.load(from: path)
+            Issue.record("a 0644 key file was accepted")
+        } catch {
+            #expect(error.code == .insecureKeyFile)
+            #expect(error.message.contains(path))
+            #expect(error.message.contains("0644"))
+            #expect(error.message.contains("chmod 600"))
+        }
+    }
+
+    @Test("missing, malformed and invalid key files are typed errors")
+    func badFiles() throws {
+        let dir = makeTempDir()
+        defer { removeTree(dir) }
+        do {
+            _ = try CurveKeyPair.load(from: dir + "/absent.key")
+            Issue.record("missing file loaded")
+        } catch {
+            #expect(error.code == .keyFileIO)
+            #expect(error.errno == ENOENT)
+        }
+        let path = dir + "/bad.key"
+        let fd = open(path, O_WRONLY | O_CREAT, 0o600)
+        let text = Array("public-key = short\nsecret-key = alsoshort\n".utf8)
+        _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        close(fd)
+        do {
+            _ = try CurveKeyPair.load(from: path)
+            Issue.record("invalid keys loaded")
+        } catch {
+            #expect(error.code == .invalidKey)
+        }
+        #expect(throws: ZMQError.self) { try CurveKeyPair(publicKey: String(repeating: "A", count: 39), secretKey: "x") }
+    }
+}
