@@ -16,6 +16,8 @@ let package = Package(
         .library(name: "FTZMQ", targets: ["FTZMQ"]),
         .library(name: "FTVerbs", targets: ["FTVerbs"]),
         .executable(name: "ft-bench", targets: ["ft-bench"]),
+        .executable(name: "ft-smp", targets: ["ft-smp"]),
+        .executable(name: "ft-toy-worker", targets: ["ft-toy-worker"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -34,16 +36,34 @@ let package = Package(
         // verbs.h hides most of its API behind function-like macros and static
         // inlines, which Swift cannot import reliably; this C target wraps them.
         .target(name: "CVerbsShim", linkerSettings: [.linkedLibrary("ibverbs")]),
+        // Linux calls Swift cannot import (variadic syscall/prctl, posix_spawn attributes).
+        .target(name: "CPlatform"),
 
         // MARK: adapters (one per C library; no C type in any public signature)
         .target(name: "FTErasure", dependencies: ["CISAL"]),
         .target(name: "FTZMQ", dependencies: ["CZMQ"]),
+        .target(name: "FTSystem", dependencies: ["CPlatform"]),
         .target(name: "FTVerbs", dependencies: [
             "CVerbsShim",
             .product(name: "Logging", package: "swift-log"),
         ]),
 
         // MARK: shells and executables
+        .target(name: "FTWorker", dependencies: ["FTCore", "FTErasure", "FTSystem", "FTZMQ"]),
+        .target(name: "FTSMP", dependencies: [
+            "FTCore", "FTErasure", "FTSystem", "FTZMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "FTToy", dependencies: ["FTCore", "FTErasure"]),
+        .executableTarget(name: "ft-smp", dependencies: [
+            "FTSMP",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "ft-toy-worker", dependencies: [
+            "FTToy", "FTWorker", "FTSystem",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .target(name: "FTBenchKit", dependencies: [
             "FTCore", "FTErasure",
         ]),

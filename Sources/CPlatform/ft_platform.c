@@ -1,0 +1,89 @@
+#define _GNU_SOURCE
+#include "ft_platform.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/syscall.h>
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+int ft_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int ft_prefault(void *addr, size_t len) {
+    if (len == 0) return 0;
+    if (madvise(addr, len, MADV_POPULATE_WRITE) == 0) return 0;
+    if (errno != EINVAL && errno != ENOSYS) return -1;
+    long page = sysconf(_SC_PAGESIZE);
+    volatile unsigned char *p = (volatile unsigned char *)addr;
+    for (size_t off = 0; off < len; off += (size_t)page) {
+        p[off] = p[off];
+    }
+    return 0;
+}
+
+int ft_signalfd(const int *signals, int count) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    for (int i = 0; i < count; i++) sigaddset(&mask, signals[i]);
+    int rc = pthread_sigmask(SIG_BLOCK, &mask, NULL);
+    if (rc != 0) { errno = rc; return -1; }
+    return signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int ft_signalfd_read(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t n = read(fd, &info, sizeof(info));
+    if (n != (ssize_t)sizeof(info)) {
+        if (n >= 0) errno = EIO;
+        return -1;
+    }
+    return (int)info.ssi_signo;
+}
+
+pid_t ft_spawn(const char *path, char *const argv[], char *const envp[],
+               int new_process_group, const char *output_path, int *err) {
+    posix_spawnattr_t attr;
+    int rc = posix_spawnattr_init(&attr);
+    if (rc != 0) { *err = rc; return -1; }
+    sigset_t empty, defaults;
+    sigemptyset(&empty);
+    sigemptyset(&defaults);
+    sigaddset(&defaults, SIGTERM);
+    sigaddset(&defaults, SIGINT);
+    sigaddset(&defaults, SIGCHLD);
+    sigaddset(&defaults, SIGPIPE);
+    short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+    if (new_process_group) flags |= POSIX_SPAWN_SETPGROUP;
+    posix_spawnattr_setflags(&attr, flags);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setsigdefault(&attr, &defaults);
+    if (new_process_group) posix_spawnattr_setpgroup(&attr, 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    if (output_path != NULL) {
+        posix_spawn_file_actions_addopen(&actions, 1, output_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+        posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    }
+    pid_t pid = -1;
+    rc = posix_spawn(&pid, path, &actions, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    if (rc != 0) { *err = rc; return -1; }
+    *err = 0;
+    return pid;
+}
+
+int ft_set_parent_death_signal(int sig) {
+    return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
+}

@@ -1,0 +1,44 @@
+#ifndef FT_PLATFORM_H
+#define FT_PLATFORM_H
+
+// Linux calls that Swift cannot import directly: syscall() and prctl() are
+// variadic, and the posix_spawn attribute dance is easier to get right in C.
+// Every function returns -1 with the errno in *err (or errno) on failure.
+
+#include <stddef.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/// A pidfd for `pid` (Linux 5.3+): readable once the process has exited.
+int ft_pidfd_open(pid_t pid);
+
+/// Faults in every page of [addr, addr+len) for writing, so later writes
+/// never page-fault. MADV_POPULATE_WRITE where the kernel has it, a write per
+/// page otherwise. Returns 0, or -1 with errno.
+int ft_prefault(void *addr, size_t len);
+
+/// Blocks `signals` for this thread (call before starting threads) and
+/// returns a signalfd that reads them. Returns -1 with errno.
+int ft_signalfd(const int *signals, int count);
+
+/// Reads one signal from a signalfd: the signal number, or -1 with errno.
+int ft_signalfd_read(int fd);
+
+/// posix_spawn of `path` with `argv` and `envp` (NULL-terminated), with an
+/// empty signal mask and default dispositions, in a new process group when
+/// `new_process_group` is set. When `output_path` is not NULL, stdout and
+/// stderr are appended to that file (created 0600). Returns the pid, or -1
+/// with errno in *err.
+pid_t ft_spawn(const char *path, char *const argv[], char *const envp[],
+               int new_process_group, const char *output_path, int *err);
+
+/// The calling process receives `sig` when its parent dies (PR_SET_PDEATHSIG).
+int ft_set_parent_death_signal(int sig);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,214 @@
+/// Worker-to-SMP messages, carried in a `WireEnvelope` over ZeroMQ (the
+/// worker's DEALER to its SMP's ROUTER, `ipc://` in the run directory).
+///
+/// Every request gets exactly one reply: its `…Reply` or `.error`. The
+/// envelope's `sender` is the worker id; its `epoch` is the job epoch (0 until
+/// a coordinator exists). A slice reply carries the slice's bytes in a second
+/// ZeroMQ frame after the envelope.
+///
+///     worker                              SMP
+///     register(registration)        ->    registered(slot names, slot bytes, committed step)
+///     begin(step)                   ->    beginReply(slot | skip + reason)
+///       ... worker copies into the slot, CRC per chunk ...
+///     staged(step, slot, crcs)      ->    stagedReply(committed step)
+///     restoreQuery                  ->    restoreReply(step, slot, crcs) | nothing committed
+///     fetchSlice(dp rank, tensor)   ->    sliceReply(step, range, crcs) + [bytes]
+///     status                        ->    statusReply(text)
+///     any malformed or refused      ->    error(code, message)
+public enum SMPMessage: Sendable, Equatable {
+    case register(WorkerRegistration)
+    case registered(slotNames: [String], slotBytes: Int, committedStep: Int?)
+    case begin(step: Int)
+    case beginReply(slot: Int?, reason: String)
+    case staged(step: Int, slot: Int, crcs: [UInt32])
+    case stagedReply(committedStep: Int?)
+    case restoreQuery
+    case restoreReply(SnapshotStoreInstance.RestorePoint?)
+    case fetchSlice(dpRank: Int, dpSize: Int, tensor: String)
+    case sliceReply(step: Int, range: Range<Int>, crcs: [UInt32])
+    case status
+    case statusReply(String)
+    case error(code: String, message: String)
+
+    public var type: UInt16 {
+        switch self {
+        case .register: 1
+        case .registered: 2
+        case .begin: 3
+        case .beginReply: 4
+        case .staged: 5
+        case .stagedReply: 6
+        case .restoreQuery: 7
+        case .restoreReply: 8
+        case .fetchSlice: 9
+        case .sliceReply: 10
+        case .status: 11
+        case .statusReply: 12
+        case .error: 99
+        }
+    }
+
+    public func envelope(sender: String, epoch: UInt64 = 0) -> WireEnvelope {
+        var w = ByteWriter()
+        switch self {
+        case .register(let r):
+            w.string(r.workerID)
+            w.i64(Int64(r.dpRank))
+            w.i64(Int64(r.dpSize))
+            w.i64(Int64(r.chunkBytes))
+            w.u32(UInt32(r.specs.count))
+            for s in r.specs {
+                w.string(s.name)
+                w.u8(s.dtype.rawValue)
+                w.u8(s.role.rawValue)
+                w.bool(s.replicated)
+                w.u8(UInt8(s.shape.count))
+                for d in s.shape { w.i64(Int64(d)) }
+            }
+        case .registered(let names, let bytes, let committed):
+            w.u32(UInt32(names.count))
+            for n in names { w.string(n) }
+            w.i64(Int64(bytes))
+            w.i64(Int64(committed ?? -1))
+        case .begin(let step):
+            w.i64(Int64(step))
+        case .beginReply(let slot, let reason):
+            w.i64(Int64(slot ?? -1))
+            w.string(reason)
+        case .staged(let step, let slot, let crcs):
+            w.i64(Int64(step))
+            w.i64(Int64(slot))
+            Self.writeCRCs(crcs, &w)
+        case .stagedReply(let committed):
+            w.i64(Int64(committed ?? -1))
+        case .restoreQuery, .status:
+            break
+        case .restoreReply(let point):
+            w.i64(Int64(point?.step ?? -1))
+            w.i64(Int64(point?.slot ?? -1))
+            Self.writeCRCs(point?.crcs ?? [], &w)
+        case .fetchSlice(let rank, let size, let tensor):
+            w.i64(Int64(rank))
+            w.i64(Int64(size))
+            w.string(tensor)
+        case .sliceReply(let step, let range, let crcs):
+            w.i64(Int64(step))
+            w.i64(Int64(range.lowerBound))
+            w.i64(Int64(range.upperBound))
+            Self.writeCRCs(crcs, &w)
+        case .statusReply(let text):
+            w.string(text)
+        case .error(let code, let message):
+            w.string(code)
+            w.string(message)
+        }
+        return WireEnvelope(type: type, epoch: epoch, sender: sender, payload: w.buffer)
+    }
+
+    public init(_ envelope: WireEnvelope) throws(WireError) {
+        var r = ByteReader(envelope.payload)
+        switch envelope.type {
+        case 1:
+            let id = try r.string(field: "worker id", max: 255)
+            let rank = try Self.int(&r, "dp rank")
+            let size = try Self.int(&r, "dp size")
+            let chunk = try Self.int(&r, "chunk bytes")
+            let count = Int(try r.u32(field: "tensor count"))
+            guard count <= 1 << 16 else { throw WireError(.badLength, "tensor count \(count) exceeds 65536") }
+            var specs: [TensorSpec] = []
+            for _ in 0..<count {
+                let name = try r.string(field: "tensor name", max: 255)
+                let rawType = try r.u8(field: "dtype")
+                guard let dtype = DType(rawValue: rawType) else { throw WireError(.badValue, "dtype \(rawType) of '\(name)'") }
+                let rawRole = try r.u8(field: "role")
+                guard let role = TensorRole(rawValue: rawRole) else { throw WireError(.badValue, "role \(rawRole) of '\(name)'") }
+                let replicated = try r.bool(field: "replicated")
+                let dims = Int(try r.u8(field: "rank"))
+                var shape: [Int] = []
+                for _ in 0..<dims { shape.append(try Self.int(&r, "dimension")) }
+                specs.append(TensorSpec(name: name, dtype: dtype, shape: shape, role: role, replicated: replicated))
+            }
+            self = .register(WorkerRegistration(workerID: id, dpRank: rank, dpSize: size, chunkBytes: chunk, specs: specs))
+        case 2:
+            let n = Int(try r.u32(field: "slot count"))
+            guard n <= 16 else { throw WireError(.badLength, "slot count \(n)") }
+            var names: [String] = []
+            for _ in 0..<n { names.append(try r.string(field: "slot name", max: 255)) }
+            let bytes = try Self.int(&r, "slot bytes")
+            self = .registered(slotNames: names, slotBytes: bytes, committedStep: try Self.optionalInt(&r, "committed step"))
+        case 3:
+            self = .begin(step: try Self.int(&r, "step"))
+        case 4:
+            let slot = try Self.optionalInt(&r, "slot")
+            self = .beginReply(slot: slot, reason: try r.string(field: "reason"))
+        case 5:
+            let step = try Self.int(&r, "step")
+            let slot = try Self.int(&r, "slot")
+            self = .staged(step: step, slot: slot, crcs: try Self.readCRCs(&r))
+        case 6:
+            self = .stagedReply(committedStep: try Self.optionalInt(&r, "committed step"))
+        case 7:
+            self = .restoreQuery
+        case 8:
+            let step = try Self.optionalInt(&r, "step")
+            let slot = try Self.optionalInt(&r, "slot")
+            let crcs = try Self.readCRCs(&r)
+            if let step, let slot {
+                self = .restoreReply(.init(step: step, slot: slot, crcs: crcs))
+            } else {
+                self = .restoreReply(nil)
+            }
+        case 9:
+            let rank = try Self.int(&r, "dp rank")
+            let size = try Self.int(&r, "dp size")
+            self = .fetchSlice(dpRank: rank, dpSize: size, tensor: try r.string(field: "tensor", max: 255))
+        case 10:
+            let step = try Self.int(&r, "step")
+            let lo = try Self.int(&r, "range start")
+            let hi = try Self.int(&r, "range end")
+            guard lo <= hi else { throw WireError(.badValue, "slice range \(lo)..<\(hi)") }
+            self = .sliceReply(step: step, range: lo..<hi, crcs: try Self.readCRCs(&r))
+        case 11:
+            self = .status
+        case 12:
+            self = .statusReply(try r.string(field: "status", max: 1 << 20))
+        case 99:
+            let code = try r.string(field: "code", max: 255)
+            self = .error(code: code, message: try r.string(field: "message", max: 1 << 16))
+        default:
+            throw WireError(.unknownType, "message type \(envelope.type) is not an SMP message")
+        }
+        guard r.remaining == 0 else { throw WireError(.trailingBytes, "\(r.remaining) bytes after SMP message \(envelope.type)") }
+    }
+
+    public static func decode(_ frame: [UInt8]) throws(WireError) -> (SMPMessage, WireEnvelope) {
+        let envelope = try WireEnvelope(decoding: frame)
+        return (try SMPMessage(envelope), envelope)
+    }
+
+    private static func writeCRCs(_ crcs: [UInt32], _ w: inout ByteWriter) {
+        w.u32(UInt32(crcs.count))
+        for c in crcs { w.u32(c) }
+    }
+
+    private static func readCRCs(_ r: inout ByteReader) throws(WireError) -> [UInt32] {
+        let n = Int(try r.u32(field: "crc count"))
+        guard n * 4 <= r.remaining else { throw WireError(.truncated, "\(n) CRCs announced, \(r.remaining) bytes left") }
+        var out: [UInt32] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(try r.u32(field: "crc")) }
+        return out
+    }
+
+    private static func int(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int {
+        let v = try r.i64(field: field)
+        guard v >= 0 else { throw WireError(.badValue, "\(field) is negative (\(v))") }
+        return Int(v)
+    }
+
+    private static func optionalInt(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int? {
+        let v = try r.i64(field: field)
+        guard v >= -1 else { throw WireError(.badValue, "\(field) is \(v)") }
+        return v == -1 ? nil : Int(v)
+    }
+}

@@ -1,0 +1,308 @@
+/// A worker's registration with its node's SMP.
+public struct WorkerRegistration: Sendable, Equatable {
+    public var workerID: String
+    public var dpRank: Int
+    public var dpSize: Int
+    public var chunkBytes: Int
+    public var specs: [TensorSpec]
+
+    public init(workerID: String, dpRank: Int, dpSize: Int, chunkBytes: Int = ShardLayout.defaultChunkBytes, specs: [TensorSpec]) {
+        self.workerID = workerID
+        self.dpRank = dpRank
+        self.dpSize = dpSize
+        self.chunkBytes = chunkBytes
+        self.specs = specs
+    }
+
+    public var layout: ShardLayout { ShardLayout(specs: specs, dpRank: dpRank, dpSize: dpSize, chunkBytes: chunkBytes) }
+}
+
+/// A request the store refused: a stable code and a sentence. The SMP sends
+/// it back to the worker as an error reply and keeps serving everyone else.
+public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
+    public enum Code: String, Sendable, CaseIterable {
+        case unknownWorker = "unknown_worker"
+        case invalidRegistration = "invalid_registration"
+        case registrationMismatch = "registration_mismatch"
+        case stepNotIncreasing = "step_not_increasing"
+        case noWriteInProgress = "no_write_in_progress"
+        case sizeMismatch = "size_mismatch"
+        case nothingCommitted = "nothing_committed"
+        case unknownTensor = "unknown_tensor"
+        case corrupt = "corrupt"
+        case malformed = "malformed"
+        case internalError = "internal"
+    }
+
+    public var code: Code
+    public var message: String
+
+    public init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { "\(code.rawValue): \(message)" }
+}
+
+/// Decides when a staged step becomes committed. The single replaceable piece
+/// of the snapshot path: on one node without a coordinator, `LocalCommitRule`
+/// commits a step once every local worker staged it; the coordinator's global
+/// commit replaces it with a rule that reports `protected(s)` and waits.
+public protocol CommitRule: Sendable {
+    /// Called when every registered worker of the node has staged `step`.
+    /// Returns true to commit it now.
+    func allStaged(step: Int) -> Bool
+}
+
+/// "Committed" on one node means "all local workers staged this step".
+public struct LocalCommitRule: CommitRule {
+    public init() {}
+    public func allStaged(step: Int) -> Bool { true }
+}
+
+/// The SMP's bookkeeping for its workers' snapshot slots, as a value type with
+/// no I/O: it takes requests and returns outcomes; the SMP shell does the
+/// shared memory and the messaging.
+///
+/// Each worker has two slots (double buffering). A slot is `empty`,
+/// `writing(s)` while the worker copies step `s` into it, `staged(s)` when the
+/// copy is complete and its chunk CRCs are known, or `committed(s)`.
+///
+/// Legal transitions, per slot:
+///
+///     empty      -> writing(s)     begin(s), on a slot that is not committed
+///     writing(s) -> staged(s)      staged(s)
+///     writing(s) -> empty          worker exit or re-registration (torn copy dropped)
+///     staged(s)  -> committed(s)   the commit rule commits s
+///     staged(s)  -> empty          worker exit or re-registration (uncommitted round dropped)
+///     committed  -> empty          the other slot commits a newer step (previous version freed)
+///
+/// Invariants: at most one slot of a worker is committed; a committed slot is
+/// never written (begin always picks the other slot); a step is committed only
+/// when every registered worker has it staged; restore reads only a committed
+/// slot, so a torn copy can never be restored.
+public struct SnapshotStoreInstance: Sendable {
+    public enum SlotState: Sendable, Equatable {
+        case empty
+        case writing(step: Int)
+        case staged(step: Int, crcs: [UInt32])
+        case committed(step: Int, crcs: [UInt32])
+
+        public var step: Int? {
+            switch self {
+            case .empty: nil
+            case .writing(let s), .staged(let s, _), .committed(let s, _): s
+            }
+        }
+    }
+
+    public struct Worker: Sendable, Equatable {
+        public var registration: WorkerRegistration
+        public var layout: ShardLayout
+        public var slots: [SlotState] = [.empty, .empty]
+        public var lastStaged: Int?
+        public var lastCommitted: Int?
+        /// Snapshots skipped because the previous round had not committed yet.
+        public var skipped = 0
+        /// Staged rounds dropped because another worker moved past them.
+        public var aborted = 0
+
+        public var committedSlot: Int? {
+            slots.firstIndex { if case .committed = $0 { true } else { false } }
+        }
+    }
+
+    public enum RegisterOutcome: Sendable, Equatable {
+        /// A worker seen for the first time: the shell allocates two slots of `slotBytes`.
+        case new(slotBytes: Int)
+        /// A restarted worker with the same registration: its slots and committed step stand.
+        case rejoined(committedStep: Int?)
+    }
+
+    public enum BeginOutcome: Sendable, Equatable {
+        /// Copy step `s` into this slot.
+        case write(slot: Int)
+        /// Do not snapshot this step: the previous round has not committed.
+        case skip(reason: String)
+    }
+
+    /// Where a worker's committed snapshot is.
+    public struct RestorePoint: Sendable, Equatable {
+        public var step: Int
+        public var slot: Int
+        public var crcs: [UInt32]
+    }
+
+    public private(set) var workers: [String: Worker] = [:]
+    /// The node's last committed step.
+    public private(set) var committedStep: Int?
+    private let rule: any CommitRule
+
+    public init(rule: any CommitRule = LocalCommitRule()) {
+        self.rule = rule
+    }
+
+    // MARK: requests
+
+    public mutating func register(_ registration: WorkerRegistration) throws(StoreError) -> RegisterOutcome {
+        try Self.validate(registration)
+        if let existing = workers[registration.workerID] {
+            guard existing.registration == registration else {
+                throw StoreError(.registrationMismatch,
+                                 "worker \(registration.workerID) registered again with different tensors or DP placement; "
+                                     + "the SMP holds snapshots for the first registration (\(existing.layout.slotBytes) bytes per slot)")
+            }
+            dropUncommitted(registration.workerID)
+            return .rejoined(committedStep: workers[registration.workerID]!.lastCommitted)
+        }
+        for other in workers.values where other.registration.dpSize == registration.dpSize
+            && other.registration.dpRank == registration.dpRank {
+            throw StoreError(.invalidRegistration,
+                             "DP rank \(registration.dpRank) of \(registration.dpSize) is already held by worker \(other.registration.workerID)")
+        }
+        let layout = registration.layout
+        workers[registration.workerID] = Worker(registration: registration, layout: layout)
+        // A worker that joins late has nothing committed; the node's step no longer covers everyone.
+        committedStep = nil
+        return .new(slotBytes: layout.slotBytes)
+    }
+
+    public mutating func begin(worker id: String, step: Int) throws(StoreError) -> BeginOutcome {
+        guard var w = workers[id] else { throw Self.unknown(id) }
+        if let last = w.lastStaged, step <= last {
+            throw StoreError(.stepNotIncreasing, "worker \(id): snapshot step \(step) is not after its last staged step \(last)")
+        }
+        if let last = w.lastCommitted, step <= last {
+            throw StoreError(.stepNotIncreasing, "worker \(id): snapshot step \(step) is not after its committed step \(last)")
+        }
+        // A copy that was begun and never staged is abandoned by a newer begin.
+        for i in 0..<2 { if case .writing = w.slots[i] { w.slots[i] = .empty } }
+        if let index = w.slots.firstIndex(where: { if case .staged = $0 { true } else { false } }) {
+            let pending = w.slots[index].step!
+            if roundCannotCommit(pending, except: id) {
+                // Another worker moved past `pending` without staging it: that
+                // round can never commit. Drop it rather than skip forever.
+                w.slots[index] = .empty
+                w.aborted += 1
+            } else {
+                w.skipped += 1
+                workers[id] = w
+                return .skip(reason: "step \(pending) is staged but not committed yet")
+            }
+        }
+        let slot = w.committedSlot.map { 1 - $0 } ?? 0
+        w.slots[slot] = .writing(step: step)
+        workers[id] = w
+        return .write(slot: slot)
+    }
+
+    /// Records a completed copy. Returns the step committed as a result, if any.
+    public mutating func staged(worker id: String, step: Int, slot: Int, crcs: [UInt32]) throws(StoreError) -> Int? {
+        guard var w = workers[id] else { throw Self.unknown(id) }
+        guard (0..<2).contains(slot), w.slots[slot] == .writing(step: step) else {
+            throw StoreError(.noWriteInProgress, "worker \(id): staged(step \(step), slot \(slot)) but that slot is \(w.slots[min(max(slot, 0), 1)])")
+        }
+        guard crcs.count == w.layout.chunkCount else {
+            throw StoreError(.sizeMismatch, "worker \(id): \(crcs.count) chunk CRCs for a layout of \(w.layout.chunkCount) chunks")
+        }
+        w.slots[slot] = .staged(step: step, crcs: crcs)
+        w.lastStaged = step
+        workers[id] = w
+        if workers.values.allSatisfy({ $0.slots.contains { if case .staged(step, _) = $0 { true } else { false } } }),
+           rule.allStaged(step: step) {
+            commit(step: step)
+            return step
+        }
+        return nil
+    }
+
+    /// Commits `step` on every worker that has it staged and frees the
+    /// previous committed slot. Called by the commit rule, or by the shell on
+    /// the coordinator's `commit(s)`.
+    public mutating func commit(step: Int) {
+        for id in workers.keys {
+            var w = workers[id]!
+            guard let i = w.slots.firstIndex(where: { if case .staged(step, _) = $0 { true } else { false } }),
+                  case .staged(_, let crcs) = w.slots[i] else { continue }
+            w.slots[i] = .committed(step: step, crcs: crcs)
+            if case .committed = w.slots[1 - i] { w.slots[1 - i] = .empty }
+            w.lastCommitted = step
+            workers[id] = w
+        }
+        committedStep = step
+    }
+
+    /// Forgets a worker entirely (its registration could not be carried out).
+    public mutating func remove(worker id: String) {
+        workers[id] = nil
+    }
+
+    /// The worker's process ended (or restarted): a copy in flight is torn and
+    /// an uncommitted round is dropped; the committed slot stands.
+    public mutating func workerExited(_ id: String) {
+        dropUncommitted(id)
+    }
+
+    private mutating func dropUncommitted(_ id: String) {
+        guard var w = workers[id] else { return }
+        for i in 0..<2 {
+            switch w.slots[i] {
+            case .writing, .staged: w.slots[i] = .empty
+            default: break
+            }
+        }
+        w.lastStaged = w.lastCommitted
+        workers[id] = w
+    }
+
+    /// Whether round `step` can no longer commit: some other worker neither
+    /// holds it staged nor can still stage it, because it already staged or
+    /// began a later step.
+    func roundCannotCommit(_ step: Int, except id: String) -> Bool {
+        workers.contains { otherID, other in
+            guard otherID != id else { return false }
+            if other.slots.contains(where: { if case .staged(step, _) = $0 { true } else { false } }) { return false }
+            if let last = other.lastStaged, last > step { return true }
+            return other.slots.contains { if case .writing(let s) = $0 { s > step } else { false } }
+        }
+    }
+
+    // MARK: queries
+
+    public func restorePoint(worker id: String) throws(StoreError) -> RestorePoint? {
+        guard let w = workers[id] else { throw Self.unknown(id) }
+        guard let slot = w.committedSlot, case .committed(let step, let crcs) = w.slots[slot] else { return nil }
+        return RestorePoint(step: step, slot: slot, crcs: crcs)
+    }
+
+    /// The worker holding DP rank `dpRank` of a group of `dpSize`.
+    public func worker(dpRank: Int, dpSize: Int) -> Worker? {
+        workers.values.first { $0.registration.dpRank == dpRank && $0.registration.dpSize == dpSize }
+    }
+
+    // MARK: helpers
+
+    static func unknown(_ id: String) -> StoreError {
+        StoreError(.unknownWorker, "no worker '\(id)' is registered with this SMP")
+    }
+
+    static func validate(_ r: WorkerRegistration) throws(StoreError) {
+        func bad(_ m: String) -> StoreError { StoreError(.invalidRegistration, "worker \(r.workerID): \(m)") }
+        guard !r.workerID.isEmpty else { throw StoreError(.invalidRegistration, "empty worker id") }
+        guard r.dpSize >= 1, (0..<r.dpSize).contains(r.dpRank) else { throw bad("DP rank \(r.dpRank) is not in 0..<\(r.dpSize)") }
+        guard r.chunkBytes >= 4096, r.chunkBytes <= 64 << 20 else { throw bad("chunk size \(r.chunkBytes) is not in 4 KiB...64 MiB") }
+        guard !r.specs.isEmpty else { throw bad("no tensors registered") }
+        var names = Set<String>()
+        for s in r.specs {
+            guard !s.name.isEmpty, s.name.utf8.count <= 255 else { throw bad("tensor name '\(s.name)' must be 1-255 bytes") }
+            guard names.insert(s.name).inserted else { throw bad("tensor '\(s.name)' registered twice") }
+            guard s.shape.allSatisfy({ $0 >= 0 }), s.shape.count <= 8 else { throw bad("tensor '\(s.name)' has shape \(s.shape)") }
+            let (_, overflow) = s.shape.reduce((1, false)) { acc, d in
+                let (p, o) = acc.0.multipliedReportingOverflow(by: d)
+                return (p, acc.1 || o)
+            }
+            guard !overflow, s.byteCount <= 1 << 40 else { throw bad("tensor '\(s.name)' is too large") }
+        }
+    }
+}

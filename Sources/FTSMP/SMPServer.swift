@@ -1,0 +1,356 @@
+import FTCore
+import FTErasure
+import FTSystem
+import FTZMQ
+import Foundation
+import Logging
+
+/// What an SMP is told at start.
+public struct SMPConfiguration: Sendable {
+    public var jobID: String
+    public var nodeID: String
+    /// Where workers reach the SMP: `ipc://…` (default in the run directory) or `tcp://127.0.0.1:PORT`.
+    public var endpoint: String
+    /// Logs, PID files and the endpoint socket live here.
+    public var runDirectory: String
+    /// Workers to spawn (0: workers are started by someone else and connect).
+    public var workerCount: Int
+    /// The command each worker runs; the SMP adds the FT_* environment.
+    public var workerCommand: [String]
+    /// Restart a worker that exits unsuccessfully, up to this many times in total.
+    public var maxRestarts: Int
+    public var extraEnvironment: [String: String]
+
+    public init(jobID: String, nodeID: String, endpoint: String? = nil, runDirectory: String, workerCount: Int,
+                workerCommand: [String], maxRestarts: Int = 100, extraEnvironment: [String: String] = [:]) {
+        self.jobID = jobID
+        self.nodeID = nodeID
+        self.runDirectory = runDirectory
+        self.endpoint = endpoint ?? "ipc://\(runDirectory)/\(nodeID).smp.sock"
+        self.workerCount = workerCount
+        self.workerCommand = workerCommand
+        self.maxRestarts = maxRestarts
+        self.extraEnvironment = extraEnvironment
+    }
+
+    /// Job and node ids go into shared-memory names: keep them to [A-Za-z0-9_-].
+    public static func validateID(_ id: String, _ what: String) throws(SMPError) {
+        let ok = !id.isEmpty && id.utf8.count <= 48
+            && id.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 45 || $0 == 95 }
+        guard ok else { throw SMPError("\(what) '\(id)' must be 1-48 characters of A-Z, a-z, 0-9, '-' or '_'") }
+    }
+}
+
+public struct SMPError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The snapshot management process of one node (DESIGN.md, "Processes").
+///
+/// A single-threaded event loop over one ZeroMQ ROUTER (workers' requests,
+/// see `SMPMessage`), one pidfd per child worker (its exit is seen at once,
+/// not by timeout), a signalfd (SIGTERM/SIGINT: graceful shutdown) and a stop
+/// pipe (in-process use). Decisions are made by `SnapshotStoreInstance`; this
+/// shell owns the shared memory (two pre-faulted 0600 slots per worker, named
+/// `/ft-<job>-<node>-<worker>-s<slot>`) and the child processes.
+///
+/// It ends on SIGTERM (stops its workers, frees every segment) or, when it
+/// spawned workers, once all of them exited successfully (a clean job end,
+/// which also frees every segment).
+public final class SMPServer: @unchecked Sendable {
+    public let config: SMPConfiguration
+    private let logger: Logger
+    private var store = SnapshotStoreInstance()
+    private let context: ZMQContext
+    private let router: ZMQSocket
+    public private(set) var boundEndpoint: String
+    private var segments: [String: [SharedMemorySegment]] = [:]
+    private var children: [String: ChildProcess] = [:]
+    private var restarts: [String: Int] = [:]
+    private var finished: Set<String> = []
+    private var totalRestarts = 0
+    private let signals: SignalWatcher?
+    private let stopPipe: (read: Int32, write: Int32)
+    /// Counted and dropped: frames that could not be decoded.
+    public private(set) var malformedFrames = 0
+
+    /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
+    /// process); leave it off in-process.
+    public init(config: SMPConfiguration, logger: Logger, watchSignals: Bool) throws {
+        try SMPConfiguration.validateID(config.jobID, "job id")
+        try SMPConfiguration.validateID(config.nodeID, "node id")
+        self.config = config
+        self.logger = logger
+        signals = watchSignals ? try SignalWatcher(signals: [SIGTERM, SIGINT]) : nil
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
+        stopPipe = (fds[0], fds[1])
+        context = try ZMQContext()
+        router = try context.socket(.router)
+        try router.setLinger(milliseconds: 0)
+        try FileManager.default.createDirectory(atPath: config.runDirectory, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: config.runDirectory + "/logs", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: config.runDirectory + "/pids", withIntermediateDirectories: true)
+        if config.endpoint.hasPrefix("ipc://") {
+            // A socket file left by a crashed SMP of this node would make bind fail.
+            unlink(String(config.endpoint.dropFirst(6)))
+        }
+        boundEndpoint = try router.bind(config.endpoint)
+    }
+
+    deinit {
+        close(stopPipe.read)
+        close(stopPipe.write)
+    }
+
+    /// Asks a running `run()` to shut down, from any thread.
+    public func stop() {
+        var b: UInt8 = 1
+        _ = write(stopPipe.write, &b, 1)
+    }
+
+    // MARK: run loop
+
+    /// Runs until SIGTERM, `stop()`, or a clean end of all spawned workers.
+    /// Returns whether the job ended cleanly.
+    @discardableResult
+    public func run() throws -> Bool {
+        logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
+                                        "pid": "\(getpid())"])
+        writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
+        for i in 0..<config.workerCount { try spawn(workerID: "w\(i)", dpRank: i) }
+        var cleanEnd = false
+        loop: while true {
+            var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
+            if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
+            let childIDs = children.keys.sorted()
+            for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
+            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: 1000)
+            if ready[1].isReadable {
+                logger.info("smp stopping on request")
+                break loop
+            }
+            if let signals, ready[2].isReadable, let sig = signals.next() {
+                logger.info("smp stopping on signal \(sig)")
+                break loop
+            }
+            let base = signals == nil ? 2 : 3
+            for (offset, id) in childIDs.enumerated() where ready[base + offset].isReadable {
+                try childExited(id)
+            }
+            if ready[0].isReadable { try drainRequests() }
+            if config.workerCount > 0 && finished.count == config.workerCount {
+                logger.info("all workers finished; clean end")
+                cleanEnd = true
+                break loop
+            }
+        }
+        shutdown()
+        return cleanEnd
+    }
+
+    private func drainRequests() throws {
+        while let frames = try router.receiveMessages(timeoutMilliseconds: 0) {
+            let identity = frames[0].bytes
+            guard frames.count >= 2 else {
+                malformedFrames += 1
+                logger.warning("dropped a message with no payload frame")
+                continue
+            }
+            let reply: [ZMQFrame]
+            do {
+                let (message, envelope) = try SMPMessage.decode(frames[1].bytes)
+                reply = handle(message, from: envelope.sender)
+            } catch {
+                malformedFrames += 1
+                logger.warning("dropped a malformed frame: \(error)", metadata: ["malformed.total": "\(malformedFrames)"])
+                reply = [.bytes(SMPMessage.error(code: StoreError.Code.malformed.rawValue, message: "\(error)")
+                    .envelope(sender: config.nodeID).encoded())]
+            }
+            do {
+                try router.send([.bytes(identity)] + reply)
+            } catch {
+                logger.warning("reply not sent: \(error)")
+            }
+        }
+    }
+
+    // MARK: requests
+
+    func handle(_ message: SMPMessage, from sender: String) -> [ZMQFrame] {
+        func reply(_ m: SMPMessage) -> [ZMQFrame] { [.bytes(m.envelope(sender: config.nodeID).encoded())] }
+        func refuse(_ e: StoreError) -> [ZMQFrame] {
+            logger.info("refused a request from \(sender): \(e)")
+            return reply(.error(code: e.code.rawValue, message: e.message))
+        }
+        do throws(StoreError) {
+            switch message {
+            case .register(let registration):
+                guard registration.workerID == sender else {
+                    throw StoreError(.invalidRegistration, "sender '\(sender)' registered as '\(registration.workerID)'")
+                }
+                let outcome = try store.register(registration)
+                let names = (0..<2).map { segmentName(worker: registration.workerID, slot: $0) }
+                let slotBytes = store.workers[registration.workerID]!.layout.slotBytes
+                switch outcome {
+                case .new(let bytes):
+                    do {
+                        segments[registration.workerID] = try names.map { try SharedMemorySegment.create(name: $0, count: bytes) }
+                    } catch {
+                        store.remove(worker: registration.workerID)
+                        throw StoreError(.internalError, "could not allocate 2 × \(bytes) bytes of shared memory: \(error)")
+                    }
+                    logger.info("worker registered", metadata: ["worker": "\(sender)", "slot.bytes": "\(bytes)",
+                                                               "tensors": "\(registration.specs.count)"])
+                    return reply(.registered(slotNames: names, slotBytes: slotBytes, committedStep: nil))
+                case .rejoined(let committed):
+                    logger.info("worker rejoined", metadata: ["worker": "\(sender)", "committed": "\(committed.map(String.init) ?? "none")"])
+                    return reply(.registered(slotNames: names, slotBytes: slotBytes, committedStep: committed))
+                }
+            case .begin(let step):
+                switch try store.begin(worker: sender, step: step) {
+                case .write(let slot): return reply(.beginReply(slot: slot, reason: ""))
+                case .skip(let reason): return reply(.beginReply(slot: nil, reason: reason))
+                }
+            case .staged(let step, let slot, let crcs):
+                _ = try store.staged(worker: sender, step: step, slot: slot, crcs: crcs)
+                return reply(.stagedReply(committedStep: store.workers[sender]?.lastCommitted))
+            case .restoreQuery:
+                return reply(.restoreReply(try store.restorePoint(worker: sender)))
+            case .fetchSlice(let rank, let size, let tensor):
+                return try slice(rank: rank, size: size, tensor: tensor)
+            case .status:
+                return reply(.statusReply(statusJSON()))
+            default:
+                throw StoreError(.malformed, "\(message.type) is not a request")
+            }
+        } catch {
+            return refuse(error)
+        }
+    }
+
+    /// The committed bytes of one tensor slice, checked against their CRCs
+    /// before they leave (a corrupt chunk is named, never served).
+    private func slice(rank: Int, size: Int, tensor: String) throws(StoreError) -> [ZMQFrame] {
+        guard let owner = store.worker(dpRank: rank, dpSize: size) else {
+            throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
+        }
+        let id = owner.registration.workerID
+        guard let point = try store.restorePoint(worker: id) else {
+            throw StoreError(.nothingCommitted, "worker \(id) has no committed snapshot")
+        }
+        guard let entry = owner.layout.entry(named: tensor), entry.spec.replicated else {
+            throw StoreError(.unknownTensor, "worker \(id) has no replicated tensor '\(tensor)'")
+        }
+        let segment = segments[id]![point.slot]
+        let data = UnsafeRawBufferPointer(start: segment.base + entry.slotOffset, count: entry.storedBytes)
+        var crcs: [UInt32] = []
+        for chunk in 0..<entry.chunkCount {
+            let range = owner.layout.chunkRange(entry, chunk: chunk)
+            let expected = point.crcs[entry.firstChunk + chunk]
+            let actual = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[range]))
+            guard actual == expected else {
+                throw StoreError(.corrupt, "worker \(id), tensor \(tensor), chunk \(chunk): stored bytes fail their CRC32C")
+            }
+            crcs.append(expected)
+        }
+        let header = SMPMessage.sliceReply(step: point.step, range: entry.storedRange, crcs: crcs).envelope(sender: config.nodeID).encoded()
+        return [.bytes(header), .bytes(Array(data))]
+    }
+
+    // MARK: children
+
+    private func spawn(workerID: String, dpRank: Int) throws {
+        var env = ProcessInfo.processInfo.environment.merging(config.extraEnvironment) { $1 }
+        env["FT_JOB_ID"] = config.jobID
+        env["FT_NODE_ID"] = config.nodeID
+        env["FT_WORKER_ID"] = workerID
+        env["FT_DP_RANK"] = "\(dpRank)"
+        env["FT_DP_SIZE"] = "\(config.workerCount)"
+        env["FT_SMP_ENDPOINT"] = boundEndpoint
+        env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
+        env["FT_RUN_DIR"] = config.runDirectory
+        let child = try ChildProcess(arguments: config.workerCommand, environment: env,
+                                     outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
+        children[workerID] = child
+        writeFile(config.runDirectory + "/pids/\(config.nodeID)-\(workerID).pid", "\(child.pid)\n")
+        logger.info("worker started", metadata: ["worker": "\(workerID)", "pid": "\(child.pid)",
+                                                 "restarts": "\(restarts[workerID, default: 0])"])
+    }
+
+    private func childExited(_ id: String) throws {
+        guard let child = children[id], let status = child.poll() else { return }
+        children[id] = nil
+        store.workerExited(id)
+        let committed = store.workers[id]?.lastCommitted
+        logger.info("worker exited", metadata: ["worker": "\(id)", "pid": "\(child.pid)", "status": "\(status)",
+                                                "committed": "\(committed.map(String.init) ?? "none")"])
+        if status.isSuccess {
+            finished.insert(id)
+            return
+        }
+        guard totalRestarts < config.maxRestarts else {
+            logger.error("worker \(id) failed and the restart budget (\(config.maxRestarts)) is spent; not restarting")
+            finished.insert(id)
+            return
+        }
+        totalRestarts += 1
+        restarts[id, default: 0] += 1
+        try spawn(workerID: id, dpRank: Int(id.dropFirst()) ?? 0)
+    }
+
+    private func shutdown() {
+        for (id, child) in children {
+            child.kill(SIGTERM)
+            if child.wait(timeoutSeconds: 5) == nil {
+                logger.warning("worker \(id) ignored SIGTERM for 5 s; SIGKILL")
+                child.kill(SIGKILL)
+                child.wait(timeoutSeconds: 5)
+            }
+        }
+        children.removeAll()
+        for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
+        segments.removeAll()
+        router.close()
+        if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
+        unlink(config.runDirectory + "/pids/\(config.nodeID).smp.pid")
+        logger.info("smp down; shared memory freed")
+    }
+
+    func segmentName(worker: String, slot: Int) -> String {
+        "/ft-\(config.jobID)-\(config.nodeID)-\(worker)-s\(slot)"
+    }
+
+    // MARK: status
+
+    /// The SMP's state as JSON (one object; keys documented in the README).
+    func statusJSON() -> String {
+        var workers: [[String: Any]] = []
+        for (id, w) in store.workers.sorted(by: { $0.key < $1.key }) {
+            let slots = w.slots.map { s -> String in
+                switch s {
+                case .empty: "empty"
+                case .writing(let step): "writing(\(step))"
+                case .staged(let step, _): "staged(\(step))"
+                case .committed(let step, _): "committed(\(step))"
+                }
+            }
+            var entry: [String: Any] = ["id": id, "dp_rank": w.registration.dpRank, "slots": slots,
+                                        "slot_bytes": w.layout.slotBytes, "bytes_held": 2 * w.layout.slotBytes,
+                                        "skipped": w.skipped, "aborted": w.aborted, "restarts": restarts[id, default: 0]]
+            entry["last_staged"] = w.lastStaged ?? -1
+            entry["last_committed"] = w.lastCommitted ?? -1
+            entry["pid"] = children[id].map { Int($0.pid) } ?? -1
+            workers.append(entry)
+        }
+        let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
+                                     "malformed_frames": malformedFrames, "workers": workers]
+        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    private func writeFile(_ path: String, _ text: String) {
+        _ = FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
+    }
+}

@@ -1,0 +1,83 @@
+import CPlatform
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A POSIX shared-memory segment (`/dev/shm/NAME`), mapped read-write.
+///
+/// Created with mode 0600 and `O_EXCL` (a name already in use is an error,
+/// never silently shared), sized, mapped, and pre-faulted for writing, so the
+/// snapshot path never takes a page fault. Unmapped when released; the name
+/// stays until `unlink()` so that a restarted worker can map it again.
+public final class SharedMemorySegment: @unchecked Sendable {
+    public let name: String
+    public let count: Int
+    public let base: UnsafeMutableRawPointer
+
+    private init(name: String, count: Int, base: UnsafeMutableRawPointer) {
+        self.name = name
+        self.count = count
+        self.base = base
+    }
+
+    deinit { munmap(base, max(count, 1)) }
+
+    public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: count) }
+
+    /// Creates `name` (which must start with "/") with `count` bytes.
+    public static func create(name: String, count: Int, prefault: Bool = true) throws(SystemError) -> SharedMemorySegment {
+        let fd = try sys("shm_open \(name) (create, 0600)") { shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        defer { close(fd) }
+        do throws(SystemError) {
+            // The umask may have narrowed the mode; make it exactly 0600.
+            try sys("fchmod \(name)") { fchmod(fd, 0o600) }
+            try sys("ftruncate \(name) to \(count) bytes") { ftruncate(fd, off_t(count)) }
+            let base = try map(fd: fd, name: name, count: count, writable: true)
+            if prefault {
+                let rc = ft_prefault(base, count)
+                if rc != 0 {
+                    let err = errno
+                    munmap(base, max(count, 1))
+                    throw SystemError("prefault \(name) (\(count) bytes)", errno: err)
+                }
+            }
+            return SharedMemorySegment(name: name, count: count, base: base)
+        } catch {
+            shm_unlink(name)
+            throw error
+        }
+    }
+
+    /// Maps an existing segment; its size must be `count`.
+    public static func open(name: String, count: Int, writable: Bool) throws(SystemError) -> SharedMemorySegment {
+        let fd = try sys("shm_open \(name)") { shm_open(name, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0) }
+        defer { close(fd) }
+        var st = stat()
+        try sys("fstat \(name)") { fstat(fd, &st) }
+        guard Int(st.st_size) == count else {
+            throw SystemError("open \(name): size is \(st.st_size), expected \(count)", errno: EINVAL)
+        }
+        return SharedMemorySegment(name: name, count: count, base: try map(fd: fd, name: name, count: count, writable: writable))
+    }
+
+    /// Removes the name; the memory goes when the last mapping does.
+    @discardableResult
+    public static func unlink(name: String) -> Bool { shm_unlink(name) == 0 }
+
+    /// The mode bits of an existing segment (for checks and tests).
+    public static func mode(name: String) throws(SystemError) -> mode_t {
+        var st = stat()
+        try sys("stat /dev/shm\(name)") { stat("/dev/shm" + name, &st) }
+        return st.st_mode & 0o777
+    }
+
+    public static func exists(name: String) -> Bool { access("/dev/shm" + name, F_OK) == 0 }
+
+    private static func map(fd: Int32, name: String, count: Int, writable: Bool) throws(SystemError) -> UnsafeMutableRawPointer {
+        let prot = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        guard let p = mmap(nil, max(count, 1), prot, MAP_SHARED, fd, 0), p != MAP_FAILED else {
+            throw SystemError("mmap \(name) (\(count) bytes)", errno: errno)
+        }
+        return p
+    }
+}

@@ -1,0 +1,444 @@
+import FTCore
+import FTErasure
+import FTSystem
+import FTZMQ
+import Foundation
+
+/// A failure seen by the worker library: a stable code, a sentence naming the
+/// worker (and for corruption the tensor and chunk), and the cause.
+public struct SnapshotError: Error, Sendable, CustomStringConvertible {
+    public enum Code: String, Sendable {
+        /// The SMP refused a request; `smpCode` holds its `StoreError` code.
+        case refused
+        /// A chunk's bytes do not match their CRC32C.
+        case corrupt
+        /// No reply from the SMP in time.
+        case timeout
+        /// A transport or shared-memory failure.
+        case transport
+        /// The API was used out of order (e.g. snapshot before register).
+        case misuse
+    }
+
+    public var code: Code
+    public var message: String
+    /// For `.refused`: the SMP's error code.
+    public var smpCode: String?
+    /// For `.corrupt`: where.
+    public var corruption: Corruption?
+
+    public struct Corruption: Sendable, Equatable {
+        public var worker: String
+        public var tensor: String
+        public var chunk: Int
+        public var expected: UInt32
+        public var actual: UInt32
+    }
+
+    public var description: String { "\(code.rawValue): \(message)" }
+}
+
+/// One tensor the training loop owns, registered for snapshots.
+public struct RegisteredTensor: @unchecked Sendable {
+    public var spec: TensorSpec
+    /// The live bytes; must be `spec.byteCount` long and stay valid.
+    public var buffer: UnsafeMutableRawBufferPointer
+
+    public init(spec: TensorSpec, buffer: UnsafeMutableRawBufferPointer) {
+        precondition(buffer.count == spec.byteCount, "buffer of \(buffer.count) bytes for \(spec.name) of \(spec.byteCount) bytes")
+        self.spec = spec
+        self.buffer = buffer
+    }
+}
+
+/// Where this worker's SMP is and who the worker is; read from the
+/// environment the SMP spawns workers with.
+public struct WorkerIdentity: Sendable {
+    public var jobID: String
+    public var workerID: String
+    public var dpRank: Int
+    public var dpSize: Int
+    public var smpEndpoint: String
+    /// How many times the SMP restarted this worker before (0 on first start).
+    public var restartCount: Int
+
+    public init(jobID: String, workerID: String, dpRank: Int, dpSize: Int, smpEndpoint: String, restartCount: Int = 0) {
+        self.jobID = jobID
+        self.workerID = workerID
+        self.dpRank = dpRank
+        self.dpSize = dpSize
+        self.smpEndpoint = smpEndpoint
+        self.restartCount = restartCount
+    }
+
+    public static let environmentKeys = ["FT_JOB_ID", "FT_WORKER_ID", "FT_DP_RANK", "FT_DP_SIZE", "FT_SMP_ENDPOINT"]
+
+    /// From FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, FT_DP_SIZE, FT_SMP_ENDPOINT
+    /// and FT_RESTART_COUNT; nil with the missing names when not under an SMP.
+    public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Result<WorkerIdentity, SnapshotError> {
+        let missing = environmentKeys.filter { env[$0] == nil }
+        guard missing.isEmpty, let rank = Int(env["FT_DP_RANK"]!), let size = Int(env["FT_DP_SIZE"]!) else {
+            return .failure(SnapshotError(code: .misuse, message: "not started by ft-smp: missing or invalid \(missing.isEmpty ? "FT_DP_RANK/FT_DP_SIZE" : missing.joined(separator: ", "))"))
+        }
+        return .success(WorkerIdentity(jobID: env["FT_JOB_ID"]!, workerID: env["FT_WORKER_ID"]!, dpRank: rank, dpSize: size,
+                                       smpEndpoint: env["FT_SMP_ENDPOINT"]!, restartCount: Int(env["FT_RESTART_COUNT"] ?? "0") ?? 0))
+    }
+}
+
+/// The worker side of the snapshot path (DESIGN.md, "Snapshot path").
+///
+/// `register` once; after each optimizer update call `snapshot(step:)`, which
+/// returns at once: a background thread asks the SMP for the free slot, copies
+/// every tensor's stored bytes into it (CRC32C per chunk, computed on the bytes
+/// just written while they are in cache), then reports `staged`. Before the
+/// next optimizer update call `waitBeforeUpdate(touching:)`: it blocks only
+/// while a tensor the update will overwrite has not been copied yet. If the SMP
+/// says the previous round has not committed, the snapshot is skipped and
+/// counted instead of blocking. `restore()` reads the committed slot, checks
+/// every chunk's CRC, gathers the other DP ranks' slices of replicated
+/// tensors from the SMP, and returns the step restored.
+///
+/// Thread-safety: call it from the training thread; the copy runs on the
+/// library's own thread.
+public final class SnapshotClient: @unchecked Sendable {
+    public struct Stats: Sendable, Equatable {
+        public var snapshotsStaged = 0
+        public var snapshotsSkipped = 0
+        public var lastCommittedStep: Int?
+        /// Seconds the training thread spent in `waitBeforeUpdate` and `snapshot`.
+        public var blockedSeconds = 0.0
+        /// Seconds the last copy took (begin to staged reply).
+        public var lastRoundSeconds = 0.0
+    }
+
+    /// Test-only fault injection: the copier kills its own process with
+    /// SIGKILL halfway through copying this step.
+    public var killMidCopyAtStep: Int?
+
+    public let identity: WorkerIdentity
+    private let context: ZMQContext
+    private let socket: ZMQSocket
+    private let rpcLock = NSLock()
+    private let requestTimeoutMilliseconds: Int
+    private let chunkBytes: Int
+
+    private var tensors: [RegisteredTensor] = []
+    private var layout: ShardLayout?
+    private var slots: [SharedMemorySegment] = []
+
+    // Copier state, guarded by `condition`.
+    private let condition = NSCondition()
+    private var pendingStep: Int?
+    private var roundActive = false
+    /// Tensors (in layout order) whose bytes are safely in the slot (or skipped).
+    private var copiedCount = 0
+    private var roundError: SnapshotError?
+    private var stopping = false
+    private var _stats = Stats()
+    private var copier: Thread?
+
+    /// Copy granularity: small enough that the CRC reads the bytes back from L2.
+    static let copyPiece = 256 << 10
+
+    public init(identity: WorkerIdentity, chunkBytes: Int = ShardLayout.defaultChunkBytes,
+                requestTimeoutMilliseconds: Int = 30_000) throws {
+        self.identity = identity
+        self.chunkBytes = chunkBytes
+        self.requestTimeoutMilliseconds = requestTimeoutMilliseconds
+        context = try ZMQContext()
+        socket = try context.socket(.dealer)
+        try socket.setLinger(milliseconds: 0)
+        try socket.connect(identity.smpEndpoint)
+    }
+
+    deinit {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        condition.unlock()
+        socket.close()
+    }
+
+    public var stats: Stats {
+        condition.lock()
+        defer { condition.unlock() }
+        return _stats
+    }
+
+    // MARK: register
+
+    /// Registers the tensors with the SMP and maps the two slots. Returns the
+    /// step the SMP holds committed for this worker (after a restart), if any.
+    @discardableResult
+    public func register(_ tensors: [RegisteredTensor]) throws -> Int? {
+        guard layout == nil else { throw SnapshotError(code: .misuse, message: "register called twice") }
+        let registration = WorkerRegistration(workerID: identity.workerID, dpRank: identity.dpRank, dpSize: identity.dpSize,
+                                              chunkBytes: chunkBytes, specs: tensors.map(\.spec))
+        let (reply, _) = try request(.register(registration))
+        guard case .registered(let names, let slotBytes, let committed) = reply, names.count == 2 else {
+            throw unexpected(reply, "register")
+        }
+        let layout = registration.layout
+        guard slotBytes == layout.slotBytes else {
+            throw SnapshotError(code: .refused, message: "SMP slot size \(slotBytes) differs from the layout's \(layout.slotBytes)")
+        }
+        do {
+            slots = try names.map { try SharedMemorySegment.open(name: $0, count: slotBytes, writable: true) }
+        } catch {
+            throw SnapshotError(code: .transport, message: "mapping the snapshot slots: \(error)")
+        }
+        self.tensors = tensors
+        self.layout = layout
+        condition.lock()
+        _stats.lastCommittedStep = committed
+        condition.unlock()
+        let thread = Thread { [unowned self] in self.copierLoop() }
+        thread.name = "ft-snapshot-copier"
+        thread.start()
+        copier = thread
+        return committed
+    }
+
+    // MARK: snapshot path
+
+    /// Starts the snapshot of `step` and returns at once. If the previous
+    /// round is still finishing (its `staged` reply outstanding), waits for it.
+    public func snapshot(step: Int) throws {
+        guard layout != nil else { throw SnapshotError(code: .misuse, message: "snapshot before register") }
+        let start = monotonicSeconds()
+        condition.lock()
+        defer {
+            _stats.blockedSeconds += monotonicSeconds() - start
+            condition.unlock()
+        }
+        while roundActive || pendingStep != nil { condition.wait() }
+        if let error = roundError {
+            roundError = nil
+            throw error
+        }
+        pendingStep = step
+        roundActive = true
+        copiedCount = 0
+        condition.broadcast()
+    }
+
+    /// Blocks while any tensor in `names` (all tensors when nil) has not been
+    /// copied by the round in flight. Call it before the optimizer update.
+    /// Rethrows a failure of the round.
+    public func waitBeforeUpdate(touching names: [String]? = nil) throws {
+        guard let layout else { return }
+        let needed: Int
+        if let names {
+            let set = Set(names)
+            needed = (layout.entries.lastIndex { set.contains($0.spec.name) } ?? -1) + 1
+        } else {
+            needed = layout.entries.count
+        }
+        let start = monotonicSeconds()
+        condition.lock()
+        defer {
+            _stats.blockedSeconds += monotonicSeconds() - start
+            condition.unlock()
+        }
+        while roundActive && copiedCount < needed && roundError == nil { condition.wait() }
+        if let error = roundError {
+            roundError = nil
+            throw error
+        }
+    }
+
+    /// Blocks until the round in flight is over (staged reply received or
+    /// skipped). For tests, benchmarks and a clean shutdown.
+    public func waitForRound() throws {
+        condition.lock()
+        defer { condition.unlock() }
+        while roundActive { condition.wait() }
+        if let error = roundError {
+            roundError = nil
+            throw error
+        }
+    }
+
+    private func copierLoop() {
+        while true {
+            condition.lock()
+            while pendingStep == nil && !stopping { condition.wait() }
+            if stopping {
+                condition.unlock()
+                return
+            }
+            let step = pendingStep!
+            pendingStep = nil
+            condition.unlock()
+
+            let start = monotonicSeconds()
+            var failure: SnapshotError?
+            var staged = false
+            var committed: Int?
+            do {
+                (staged, committed) = try runRound(step: step)
+            } catch let e as SnapshotError {
+                failure = e
+            } catch {
+                failure = SnapshotError(code: .transport, message: "\(error)")
+            }
+            condition.lock()
+            if staged { _stats.snapshotsStaged += 1 } else if failure == nil { _stats.snapshotsSkipped += 1 }
+            if let committed { _stats.lastCommittedStep = committed }
+            _stats.lastRoundSeconds = monotonicSeconds() - start
+            roundError = failure
+            copiedCount = layout!.entries.count
+            roundActive = false
+            condition.broadcast()
+            condition.unlock()
+        }
+    }
+
+    /// One round: begin, copy with CRCs, staged. Returns (staged, committed step).
+    private func runRound(step: Int) throws -> (Bool, Int?) {
+        let layout = layout!
+        let (reply, _) = try request(.begin(step: step))
+        guard case .beginReply(let slotIndex, _) = reply else { throw unexpected(reply, "begin") }
+        guard let slotIndex else {
+            markCopied(layout.entries.count)
+            return (false, nil)
+        }
+        let slot = slots[slotIndex]
+        var crcs = [UInt32](repeating: 0, count: layout.chunkCount)
+        let totalBytes = layout.entries.reduce(0) { $0 + $1.storedBytes }
+        var copiedBytes = 0
+        for (index, entry) in layout.entries.enumerated() {
+            let src = UnsafeRawPointer(tensors[index].buffer.baseAddress!) + entry.storedRange.lowerBound
+            let dst = slot.base + entry.slotOffset
+            for chunk in 0..<entry.chunkCount {
+                let range = layout.chunkRange(entry, chunk: chunk)
+                var crc: UInt32 = 0
+                var offset = range.lowerBound
+                while offset < range.upperBound {
+                    let n = min(Self.copyPiece, range.upperBound - offset)
+                    memcpy(dst + offset, src + offset, n)
+                    crc = CRC32C.checksum(UnsafeRawBufferPointer(start: dst + offset, count: n), continuing: crc)
+                    offset += n
+                    copiedBytes += n
+                    if let killStep = killMidCopyAtStep, killStep == step, copiedBytes * 2 >= totalBytes {
+                        // Fault injection: die with the slot half written.
+                        kill(getpid(), SIGKILL)
+                    }
+                }
+                crcs[entry.firstChunk + chunk] = crc
+            }
+            markCopied(index + 1)
+        }
+        let (stagedReply, _) = try request(.staged(step: step, slot: slotIndex, crcs: crcs))
+        guard case .stagedReply(let committed) = stagedReply else { throw unexpected(stagedReply, "staged") }
+        return (true, committed)
+    }
+
+    private func markCopied(_ n: Int) {
+        condition.lock()
+        copiedCount = n
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    // MARK: restore
+
+    /// Restores every registered tensor from the SMP's committed snapshot and
+    /// returns its step, or nil when nothing is committed (a fresh start).
+    /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
+    /// worker, tensor and chunk, and leaves the tensors partly written.
+    public func restore() throws -> Int? {
+        guard let layout else { throw SnapshotError(code: .misuse, message: "restore before register") }
+        try waitForRound()
+        let (reply, _) = try request(.restoreQuery)
+        guard case .restoreReply(let point) = reply else { throw unexpected(reply, "restore") }
+        guard let point else { return nil }
+        guard point.crcs.count == layout.chunkCount, (0..<2).contains(point.slot) else {
+            throw SnapshotError(code: .refused, message: "restore point does not match the layout")
+        }
+        let slot = slots[point.slot]
+        for (index, entry) in layout.entries.enumerated() {
+            let src = UnsafeRawPointer(slot.base + entry.slotOffset)
+            let dst = tensors[index].buffer.baseAddress! + entry.storedRange.lowerBound
+            for chunk in 0..<entry.chunkCount {
+                let range = layout.chunkRange(entry, chunk: chunk)
+                let actual = CRC32C.checksum(UnsafeRawBufferPointer(start: src + range.lowerBound, count: range.count))
+                let expected = point.crcs[entry.firstChunk + chunk]
+                guard actual == expected else {
+                    throw corrupt(worker: identity.workerID, tensor: entry.spec.name, chunk: chunk, expected: expected, actual: actual)
+                }
+                memcpy(dst + range.lowerBound, src + range.lowerBound, range.count)
+            }
+        }
+        for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
+            for rank in 0..<identity.dpSize where rank != identity.dpRank {
+                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: tensors[index].buffer)
+            }
+        }
+        condition.lock()
+        _stats.lastCommittedStep = point.step
+        condition.unlock()
+        return point.step
+    }
+
+    private func fetchSlice(of spec: TensorSpec, rank: Int, step: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let (reply, frames) = try request(.fetchSlice(dpRank: rank, dpSize: identity.dpSize, tensor: spec.name))
+        guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 1 else {
+            throw unexpected(reply, "fetch slice \(spec.name) of rank \(rank)")
+        }
+        let expectedRange = ShardLayout.storedRange(of: spec, dpRank: rank, dpSize: identity.dpSize)
+        guard sliceStep == step, range == expectedRange, frames[0].count == range.count else {
+            throw SnapshotError(code: .refused,
+                                message: "slice of \(spec.name) from DP rank \(rank) is step \(sliceStep) bytes \(range) (\(frames[0].count) received); expected step \(step) bytes \(expectedRange)")
+        }
+        let chunks = range.isEmpty ? 0 : (range.count + chunkBytes - 1) / chunkBytes
+        guard crcs.count == chunks else { throw SnapshotError(code: .refused, message: "slice CRC count \(crcs.count) != \(chunks)") }
+        try frames[0].withUnsafeBytes { (data: UnsafeRawBufferPointer) throws(SnapshotError) in
+            for c in 0..<chunks {
+                let lo = c * chunkBytes
+                let hi = min(lo + chunkBytes, range.count)
+                let actual = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[lo..<hi]))
+                guard actual == crcs[c] else {
+                    throw corrupt(worker: "dp-rank-\(rank)", tensor: spec.name, chunk: c, expected: crcs[c], actual: actual)
+                }
+            }
+            if !range.isEmpty {
+                memcpy(buffer.baseAddress! + range.lowerBound, data.baseAddress!, range.count)
+            }
+        }
+    }
+
+    private func corrupt(worker: String, tensor: String, chunk: Int, expected: UInt32, actual: UInt32) -> SnapshotError {
+        SnapshotError(code: .corrupt,
+                      message: "worker \(worker), tensor \(tensor), chunk \(chunk): CRC32C \(hex(actual)) does not match the recorded \(hex(expected))",
+                      corruption: .init(worker: worker, tensor: tensor, chunk: chunk, expected: expected, actual: actual))
+    }
+
+    // MARK: messaging
+
+    /// Sends one request and waits for its reply (the reply's extra frames too).
+    /// A refusal from the SMP is thrown as `.refused` with its code.
+    func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) {
+        rpcLock.lock()
+        defer { rpcLock.unlock() }
+        let frame = message.envelope(sender: identity.workerID).encoded()
+        try socket.send([frame])
+        guard let frames = try socket.receiveMessages(timeoutMilliseconds: requestTimeoutMilliseconds) else {
+            throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(identity.smpEndpoint) within \(requestTimeoutMilliseconds) ms")
+        }
+        let (reply, _) = try SMPMessage.decode(frames[0].bytes)
+        if case .error(let code, let text) = reply {
+            throw SnapshotError(code: .refused, message: text, smpCode: code)
+        }
+        return (reply, Array(frames.dropFirst()))
+    }
+
+    private func unexpected(_ reply: SMPMessage, _ what: String) -> SnapshotError {
+        SnapshotError(code: .transport, message: "unexpected reply to \(what): \(reply)")
+    }
+}
+
+func hex(_ v: UInt32) -> String {
+    let s = String(v, radix: 16)
+    return "0x" + String(repeating: "0", count: 8 - s.count) + s
+}

@@ -1,0 +1,76 @@
+import ArgumentParser
+import FTSMP
+import Foundation
+import Logging
+
+struct FTSMPCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ft-smp",
+        abstract: "The snapshot management process of one node.",
+        discussion: """
+            Owns the node's snapshot memory (two pre-faulted POSIX shared-memory slots per
+            worker, mode 0600, named /ft-<job>-<node>-<worker>-s<slot>), spawns the node's
+            workers with the FT_* environment the worker library reads, restarts a worker
+            that dies (its committed snapshot stays in memory), and serves snapshots and
+            restores over ZeroMQ. Logs go to stderr; worker output to RUN_DIR/logs, PIDs
+            to RUN_DIR/pids. SIGTERM stops the workers and frees all shared memory; so does
+            a clean end, when every spawned worker exits 0.
+
+            Example:
+              ft-smp --job-id demo --node-id n0 --run-dir /tmp/ft-demo --workers 2 -- ft-toy-worker --steps 100
+            """)
+
+    @Option(help: "Job id (A-Z a-z 0-9 - _); part of every shared-memory name.")
+    var jobId: String
+
+    @Option(help: "This node's id (A-Z a-z 0-9 - _).")
+    var nodeId: String
+
+    @Option(help: "Run directory for the endpoint socket, logs and PID files.")
+    var runDir: String
+
+    @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/NODE.smp.sock).")
+    var endpoint: String?
+
+    @Option(help: "Number of workers to spawn.")
+    var workers: Int = 1
+
+    @Option(help: "Most worker restarts in total before the SMP stops restarting.")
+    var maxRestarts: Int = 100
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
+    @Argument(parsing: .postTerminator, help: "The worker command, after --.")
+    var workerCommand: [String] = []
+
+    func validate() throws {
+        guard workers >= 0 && workers <= 1024 else { throw ValidationError("--workers must be in 0...1024") }
+        guard workers == 0 || !workerCommand.isEmpty else {
+            throw ValidationError("give the worker command after --, e.g. -- ft-toy-worker --steps 100")
+        }
+        guard maxRestarts >= 0 else { throw ValidationError("--max-restarts must be at least 0") }
+    }
+
+    func run() throws {
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "ft-smp.\(nodeId)")
+        let config = SMPConfiguration(jobID: jobId, nodeID: nodeId, endpoint: endpoint, runDirectory: runDir,
+                                      workerCount: workers, workerCommand: workerCommand, maxRestarts: maxRestarts)
+        do {
+            let server = try SMPServer(config: config, logger: logger, watchSignals: true)
+            try server.run()
+        } catch let error as SMPError {
+            throw ValidationError(error.description)
+        }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+FTSMPCommand.main()

@@ -1,0 +1,266 @@
+import Testing
+@testable import FTCore
+
+func registration(_ id: String, rank: Int = 0, size: Int = 1, bytes: Int = 10_000) -> WorkerRegistration {
+    WorkerRegistration(workerID: id, dpRank: rank, dpSize: size, chunkBytes: 4096, specs: [
+        TensorSpec(name: "params", dtype: .f32, shape: [bytes / 4], role: .param, replicated: true),
+        TensorSpec(name: "rng", dtype: .u8, shape: [16], role: .rng, replicated: false),
+    ])
+}
+
+@Suite("Snapshot store instance")
+struct SnapshotStoreTests {
+    func crcs(_ store: SnapshotStoreInstance, _ id: String) -> [UInt32] {
+        Array(repeating: 7, count: store.workers[id]!.layout.chunkCount)
+    }
+
+    /// One full round for one worker; returns the slot written.
+    @discardableResult
+    func round(_ store: inout SnapshotStoreInstance, _ id: String, _ step: Int) throws -> Int {
+        guard case .write(let slot) = try store.begin(worker: id, step: step) else {
+            Issue.record("step \(step) skipped")
+            return -1
+        }
+        _ = try store.staged(worker: id, step: step, slot: slot, crcs: crcs(store, id))
+        return slot
+    }
+
+    @Test("slots alternate and the committed slot is never the one written")
+    func alternate() throws {
+        var store = SnapshotStoreInstance()
+        #expect(try store.register(registration("w0")) == .new(slotBytes: store.workers["w0"]!.layout.slotBytes))
+        var previous: Int?
+        for step in 1...20 {
+            let committedBefore = store.workers["w0"]!.committedSlot
+            guard case .write(let slot) = try store.begin(worker: "w0", step: step) else {
+                Issue.record("skipped")
+                return
+            }
+            #expect(slot != committedBefore)
+            if let previous { #expect(slot != previous) }
+            previous = slot
+            #expect(try store.staged(worker: "w0", step: step, slot: slot, crcs: crcs(store, "w0")) == step)
+            #expect(store.workers["w0"]!.committedSlot == slot)
+            #expect(try store.restorePoint(worker: "w0")?.step == step)
+        }
+    }
+
+    @Test("random event sequences never write or free the committed slot, and commit only fully staged steps (seeded)")
+    func randomSequences() throws {
+        for seed in 0..<200 {
+            var rng = LCG(seed: UInt64(seed))
+            var store = SnapshotStoreInstance()
+            let ids = ["w0", "w1", "w2"]
+            for (i, id) in ids.enumerated() { _ = try store.register(registration(id, rank: i, size: 3)) }
+            var next = [String: Int]()
+            var writing = [String: (Int, Int)]()
+            for _ in 0..<200 {
+                let id = ids[Int(rng.next() % 3)]
+                let before = store
+                switch rng.next() % 10 {
+                case 0:
+                    store.workerExited(id)
+                    writing[id] = nil
+                    next[id] = (store.workers[id]!.lastCommitted ?? 0)
+                case 1...4:
+                    let step = next[id, default: 0] + 1
+                    next[id] = step
+                    if case .write(let slot) = try store.begin(worker: id, step: step) {
+                        #expect(before.workers[id]!.committedSlot != slot, "seed \(seed): wrote the committed slot")
+                        writing[id] = (step, slot)
+                    } else {
+                        writing[id] = nil
+                    }
+                default:
+                    if let (step, slot) = writing[id] {
+                        writing[id] = nil
+                        if let committed = try store.staged(worker: id, step: step, slot: slot, crcs: crcs(store, id)) {
+                            for w in store.workers.values { #expect(w.lastCommitted == committed, "seed \(seed)") }
+                        }
+                    }
+                }
+                // A committed version is replaced only by a newer one, never lost.
+                for w in ids {
+                    if let old = before.workers[w]!.lastCommitted {
+                        #expect((store.workers[w]!.lastCommitted ?? -1) >= old, "seed \(seed)")
+                        #expect(store.workers[w]!.committedSlot != nil, "seed \(seed)")
+                    }
+                }
+                // Every worker's committed step is the node's committed step.
+                if let node = store.committedStep {
+                    for w in store.workers.values { #expect(w.lastCommitted == node, "seed \(seed)") }
+                }
+            }
+        }
+    }
+
+    @Test("a torn copy is dropped on worker exit; the committed slot stands")
+    func tornCopy() throws {
+        var store = SnapshotStoreInstance()
+        _ = try store.register(registration("w0"))
+        let slot1 = try round(&store, "w0", 1)
+        guard case .write(let slot2) = try store.begin(worker: "w0", step: 2) else { return }
+        #expect(slot2 != slot1)
+        store.workerExited("w0")
+        #expect(store.workers["w0"]!.slots[slot2] == .empty)
+        #expect(try store.restorePoint(worker: "w0") == .init(step: 1, slot: slot1, crcs: crcs(store, "w0")))
+        // The restarted worker re-registers, restores step 1, and redoes step 2.
+        #expect(try store.register(registration("w0")) == .rejoined(committedStep: 1))
+        #expect(try store.begin(worker: "w0", step: 2) == .write(slot: slot2))
+    }
+
+    @Test("a snapshot due while the previous round is uncommitted is skipped and counted")
+    func skip() throws {
+        var store = SnapshotStoreInstance()
+        _ = try store.register(registration("w0", rank: 0, size: 2))
+        _ = try store.register(registration("w1", rank: 1, size: 2))
+        guard case .write(let a) = try store.begin(worker: "w0", step: 1) else { return }
+        #expect(try store.staged(worker: "w0", step: 1, slot: a, crcs: crcs(store, "w0")) == nil)
+        guard case .skip(let reason) = try store.begin(worker: "w0", step: 2) else {
+            Issue.record("not skipped")
+            return
+        }
+        #expect(reason.contains("step 1"))
+        #expect(store.workers["w0"]!.skipped == 1)
+        try round(&store, "w1", 1)
+        #expect(store.committedStep == 1)
+        #expect(store.workers["w0"]!.lastCommitted == 1)
+    }
+
+    @Test("a round another worker moved past is dropped instead of skipping forever")
+    func deadRound() throws {
+        var store = SnapshotStoreInstance()
+        _ = try store.register(registration("w0", rank: 0, size: 2))
+        _ = try store.register(registration("w1", rank: 1, size: 2))
+        guard case .write(let a) = try store.begin(worker: "w0", step: 2) else { return }
+        _ = try store.staged(worker: "w0", step: 2, slot: a, crcs: crcs(store, "w0"))
+        guard case .write(let b) = try store.begin(worker: "w1", step: 3) else { return }
+        _ = try store.staged(worker: "w1", step: 3, slot: b, crcs: crcs(store, "w1"))
+        // w0's round 2 can never commit: w1 is past it. w0 writes 3 instead.
+        guard case .write(let c) = try store.begin(worker: "w0", step: 3) else {
+            Issue.record("w0 skipped a round that can never commit")
+            return
+        }
+        #expect(store.workers["w0"]!.aborted == 1)
+        #expect(try store.staged(worker: "w0", step: 3, slot: c, crcs: crcs(store, "w0")) == 3)
+    }
+
+    @Test("bad requests are typed errors")
+    func errors() throws {
+        var store = SnapshotStoreInstance()
+        func code(_ body: () throws -> Void) -> StoreError.Code? {
+            do { try body(); return nil } catch { return (error as? StoreError)?.code }
+        }
+        #expect(code { _ = try store.begin(worker: "nobody", step: 1) } == .unknownWorker)
+        _ = try store.register(registration("w0"))
+        #expect(code { _ = try store.register(registration("w0", bytes: 20_000)) } == .registrationMismatch)
+        #expect(code { _ = try store.register(registration("w1", rank: 0, size: 1)) } == .invalidRegistration)
+        #expect(code { _ = try store.register(registration("w2", rank: 3, size: 2)) } == .invalidRegistration)
+        #expect(code { _ = try store.register(WorkerRegistration(workerID: "w3", dpRank: 0, dpSize: 1, specs: [])) } == .invalidRegistration)
+        try round(&store, "w0", 5)
+        #expect(code { _ = try store.begin(worker: "w0", step: 5) } == .stepNotIncreasing)
+        #expect(code { _ = try store.begin(worker: "w0", step: 4) } == .stepNotIncreasing)
+        #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: 0, crcs: []) } == .noWriteInProgress)
+        guard case .write(let slot) = try store.begin(worker: "w0", step: 6) else { return }
+        #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: slot, crcs: [1]) } == .sizeMismatch)
+        #expect(code { _ = try store.staged(worker: "w0", step: 7, slot: slot, crcs: crcs(store, "w0")) } == .noWriteInProgress)
+        #expect(code { _ = try store.restorePoint(worker: "ghost") } == .unknownWorker)
+    }
+}
+
+@Suite("Shard layout")
+struct ShardLayoutTests {
+    @Test("replicated tensors are split on element boundaries and the slices cover the tensor exactly")
+    func slicesCover() {
+        for size in 1...7 {
+            for elements in [0, 1, 5, 1000, 1001] {
+                let spec = TensorSpec(name: "t", dtype: .bf16, shape: [elements], role: .param, replicated: true)
+                var next = 0
+                for rank in 0..<size {
+                    let r = ShardLayout.storedRange(of: spec, dpRank: rank, dpSize: size)
+                    #expect(r.lowerBound == next)
+                    #expect(r.lowerBound % 2 == 0 && r.upperBound % 2 == 0)
+                    next = r.upperBound
+                }
+                #expect(next == spec.byteCount)
+            }
+        }
+    }
+
+    @Test("offsets are aligned, chunks tile every stored range, non-replicated tensors are whole")
+    func offsetsAndChunks() {
+        let specs = [
+            TensorSpec(name: "a", dtype: .f32, shape: [1000, 3], role: .param, replicated: true),
+            TensorSpec(name: "b", dtype: .u8, shape: [13], role: .rng, replicated: false),
+            TensorSpec(name: "c", dtype: .f64, shape: [5000], role: .optimizer, replicated: true),
+        ]
+        let layout = ShardLayout(specs: specs, dpRank: 1, dpSize: 3, chunkBytes: 4096)
+        var chunks = 0
+        var end = 0
+        for e in layout.entries {
+            #expect(e.slotOffset % ShardLayout.alignment == 0)
+            #expect(e.slotOffset >= end)
+            end = e.slotOffset + e.storedBytes
+            #expect(e.firstChunk == chunks)
+            var covered = 0
+            for c in 0..<e.chunkCount {
+                let r = layout.chunkRange(e, chunk: c)
+                #expect(r.lowerBound == covered && r.count <= 4096 && !r.isEmpty)
+                covered = r.upperBound
+            }
+            #expect(covered == e.storedBytes)
+            chunks += e.chunkCount
+        }
+        #expect(layout.chunkCount == chunks)
+        #expect(layout.slotBytes >= end)
+        #expect(layout.entry(named: "b")!.storedRange == 0..<13)
+    }
+}
+
+@Suite("SMP messages")
+struct SMPMessageTests {
+    @Test("every message round-trips through the wire envelope")
+    func roundTrip() throws {
+        let messages: [SMPMessage] = [
+            .register(registration("w0", rank: 1, size: 2)),
+            .registered(slotNames: ["/a", "/b"], slotBytes: 123, committedStep: nil),
+            .registered(slotNames: ["/a", "/b"], slotBytes: 123, committedStep: 9),
+            .begin(step: 4), .beginReply(slot: 1, reason: ""), .beginReply(slot: nil, reason: "busy"),
+            .staged(step: 4, slot: 1, crcs: [1, 2, 3]), .stagedReply(committedStep: 4), .stagedReply(committedStep: nil),
+            .restoreQuery, .restoreReply(nil), .restoreReply(.init(step: 3, slot: 0, crcs: [9])),
+            .fetchSlice(dpRank: 1, dpSize: 4, tensor: "params"), .sliceReply(step: 3, range: 10..<20, crcs: [5]),
+            .status, .statusReply("{}"), .error(code: "unknown_worker", message: "who?"),
+        ]
+        for m in messages {
+            let (decoded, envelope) = try SMPMessage.decode(m.envelope(sender: "w0", epoch: 3).encoded())
+            #expect(decoded == m)
+            #expect(envelope.sender == "w0" && envelope.epoch == 3)
+        }
+    }
+
+    @Test("unknown types, trailing bytes and bad values are typed errors, random payloads never crash")
+    func refusals() {
+        #expect(throws: WireError.self) { try SMPMessage(WireEnvelope(type: 500, epoch: 0, sender: "x")) }
+        var env = SMPMessage.begin(step: 1).envelope(sender: "x")
+        env.payload.append(0)
+        #expect(throws: WireError.self) { try SMPMessage(env) }
+        env = SMPMessage.begin(step: 1).envelope(sender: "x")
+        env.payload = Array(repeating: 0xFF, count: 8)
+        #expect(throws: WireError.self) { try SMPMessage(env) }
+        var rng = LCG(seed: 42)
+        for _ in 0..<3000 {
+            let type = UInt16(rng.next() % 14)
+            let payload = (0..<Int(rng.next() % 40)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            _ = try? SMPMessage(WireEnvelope(type: type == 13 ? 99 : type, epoch: 0, sender: "x", payload: payload))
+        }
+    }
+}
+
+struct LCG {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &* 2_862_933_555_777_941_757 &+ 3_037_000_493 }
+    mutating func next() -> UInt64 {
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return state >> 17
+    }
+}
