@@ -65,7 +65,8 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [
-            "FTCore", "FTErasure",
+            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-bench", dependencies: [
             "FTBenchKit",
@@ -74,12 +75,16 @@ let package = Package(
 
         // MARK: tests
         .testTarget(name: "FTCoreTests", dependencies: ["FTCore"]),
-        .testTarget(name: "FTErasureTests", dependencies: ["FTErasure"]),
+        .testTarget(name: "FTErasureTests", dependencies: ["FTErasure", "FTCore"]),
         .testTarget(name: "FTZMQTests", dependencies: ["FTZMQ"]),
         .testTarget(name: "FTVerbsTests", dependencies: [
             "FTVerbs",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
+        .testTarget(name: "FTSnapshotTests", dependencies: [
+            "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
     ]
 )

@@ -176,6 +176,9 @@ public struct SnapshotStoreInstance: Sendable {
         if let last = w.lastCommitted, step <= last {
             throw StoreError(.stepNotIncreasing, "worker \(id): snapshot step \(step) is not after its committed step \(last)")
         }
+        if let writing = w.slots.compactMap({ if case .writing(let s) = $0 { s } else { nil } }).first, step <= writing {
+            throw StoreError(.stepNotIncreasing, "worker \(id): snapshot step \(step) is not after step \(writing) being written")
+        }
         // A copy that was begun and never staged is abandoned by a newer begin.
         for i in 0..<2 { if case .writing = w.slots[i] { w.slots[i] = .empty } }
         if let index = w.slots.firstIndex(where: { if case .staged = $0 { true } else { false } }) {

@@ -48,8 +48,10 @@ public final class SharedMemorySegment: @unchecked Sendable {
         }
     }
 
-    /// Maps an existing segment; its size must be `count`.
-    public static func open(name: String, count: Int, writable: Bool) throws(SystemError) -> SharedMemorySegment {
+    /// Maps an existing segment; its size must be `count`. `prefault` fills
+    /// this process's page tables for the whole mapping now (the pages exist
+    /// already), so later writes take no minor faults either.
+    public static func open(name: String, count: Int, writable: Bool, prefault: Bool = false) throws(SystemError) -> SharedMemorySegment {
         let fd = try sys("shm_open \(name)") { shm_open(name, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0) }
         defer { close(fd) }
         var st = stat()
@@ -57,7 +59,13 @@ public final class SharedMemorySegment: @unchecked Sendable {
         guard Int(st.st_size) == count else {
             throw SystemError("open \(name): size is \(st.st_size), expected \(count)", errno: EINVAL)
         }
-        return SharedMemorySegment(name: name, count: count, base: try map(fd: fd, name: name, count: count, writable: writable))
+        let base = try map(fd: fd, name: name, count: count, writable: writable)
+        if prefault && writable && ft_prefault(base, count) != 0 {
+            let err = errno
+            munmap(base, max(count, 1))
+            throw SystemError("prefault \(name) (\(count) bytes)", errno: err)
+        }
+        return SharedMemorySegment(name: name, count: count, base: base)
     }
 
     /// Removes the name; the memory goes when the last mapping does.

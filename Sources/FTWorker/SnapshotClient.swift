@@ -99,17 +99,71 @@ public struct WorkerIdentity: Sendable {
 /// tensors from the SMP, and returns the step restored.
 ///
 /// Thread-safety: call it from the training thread; the copy runs on the
-/// library's own thread.
+/// library's own thread, which ends when the client is released.
 public final class SnapshotClient: @unchecked Sendable {
-    public struct Stats: Sendable, Equatable {
-        public var snapshotsStaged = 0
-        public var snapshotsSkipped = 0
-        public var lastCommittedStep: Int?
-        /// Seconds the training thread spent in `waitBeforeUpdate` and `snapshot`.
-        public var blockedSeconds = 0.0
-        /// Seconds the last copy took (begin to staged reply).
-        public var lastRoundSeconds = 0.0
+    let engine: SnapshotEngine
+
+    public init(identity: WorkerIdentity, chunkBytes: Int = ShardLayout.defaultChunkBytes,
+                requestTimeoutMilliseconds: Int = 30_000) throws {
+        engine = try SnapshotEngine(identity: identity, chunkBytes: chunkBytes, requestTimeoutMilliseconds: requestTimeoutMilliseconds)
     }
+
+    deinit { engine.shutdown() }
+
+    public typealias Stats = SnapshotStats
+
+    public var identity: WorkerIdentity { engine.identity }
+    public var stats: Stats { engine.stats }
+
+    /// Test-only fault injection: the copier kills its own process with
+    /// SIGKILL halfway through copying this step.
+    public var killMidCopyAtStep: Int? {
+        get { engine.killMidCopyAtStep }
+        set { engine.killMidCopyAtStep = newValue }
+    }
+
+    /// Registers the tensors with the SMP and maps the two slots. Returns the
+    /// step the SMP holds committed for this worker (after a restart), if any.
+    @discardableResult
+    public func register(_ tensors: [RegisteredTensor]) throws -> Int? { try engine.register(tensors) }
+
+    /// Starts the snapshot of `step` and returns at once. If the previous
+    /// round is still finishing (its `staged` reply outstanding), waits for it.
+    public func snapshot(step: Int) throws { try engine.snapshot(step: step) }
+
+    /// Blocks while any tensor in `names` (all tensors when nil) has not been
+    /// copied by the round in flight. Call it before the optimizer update.
+    /// Rethrows a failure of the round.
+    public func waitBeforeUpdate(touching names: [String]? = nil) throws { try engine.waitBeforeUpdate(touching: names) }
+
+    /// Blocks until the round in flight is over (staged reply received or
+    /// skipped). For tests, benchmarks and a clean shutdown.
+    public func waitForRound() throws { try engine.waitForRound() }
+
+    /// Restores every registered tensor from the SMP's committed snapshot and
+    /// returns its step, or nil when nothing is committed (a fresh start).
+    /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
+    /// worker, tensor and chunk, and leaves the tensors partly written.
+    public func restore() throws -> Int? { try engine.restore() }
+
+    func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) { try engine.request(message) }
+}
+
+/// Counters of one worker's snapshot path.
+public struct SnapshotStats: Sendable, Equatable {
+    public var snapshotsStaged = 0
+    public var snapshotsSkipped = 0
+    public var lastCommittedStep: Int?
+    /// Seconds the training thread spent in `waitBeforeUpdate` and `snapshot`.
+    public var blockedSeconds = 0.0
+    /// Seconds the last copy took (begin to staged reply).
+    public var lastRoundSeconds = 0.0
+}
+
+/// The state and the copier thread behind a `SnapshotClient`. The thread
+/// holds the engine; `shutdown()` ends the thread, which releases it.
+final class SnapshotEngine: @unchecked Sendable {
+    typealias Stats = SnapshotStats
 
     /// Test-only fault injection: the copier kills its own process with
     /// SIGKILL halfway through copying this step.
@@ -151,12 +205,13 @@ public final class SnapshotClient: @unchecked Sendable {
         try socket.connect(identity.smpEndpoint)
     }
 
-    deinit {
+    deinit { socket.close() }
+
+    func shutdown() {
         condition.lock()
         stopping = true
         condition.broadcast()
         condition.unlock()
-        socket.close()
     }
 
     public var stats: Stats {
@@ -183,7 +238,7 @@ public final class SnapshotClient: @unchecked Sendable {
             throw SnapshotError(code: .refused, message: "SMP slot size \(slotBytes) differs from the layout's \(layout.slotBytes)")
         }
         do {
-            slots = try names.map { try SharedMemorySegment.open(name: $0, count: slotBytes, writable: true) }
+            slots = try names.map { try SharedMemorySegment.open(name: $0, count: slotBytes, writable: true, prefault: true) }
         } catch {
             throw SnapshotError(code: .transport, message: "mapping the snapshot slots: \(error)")
         }
@@ -192,7 +247,7 @@ public final class SnapshotClient: @unchecked Sendable {
         condition.lock()
         _stats.lastCommittedStep = committed
         condition.unlock()
-        let thread = Thread { [unowned self] in self.copierLoop() }
+        let thread = Thread { self.copierLoop() }
         thread.name = "ft-snapshot-copier"
         thread.start()
         copier = thread
@@ -362,12 +417,19 @@ public final class SnapshotClient: @unchecked Sendable {
             let dst = tensors[index].buffer.baseAddress! + entry.storedRange.lowerBound
             for chunk in 0..<entry.chunkCount {
                 let range = layout.chunkRange(entry, chunk: chunk)
-                let actual = CRC32C.checksum(UnsafeRawBufferPointer(start: src + range.lowerBound, count: range.count))
+                // Piece by piece: the CRC pulls a piece into cache, the copy reads it from there.
+                var actual: UInt32 = 0
+                var offset = range.lowerBound
+                while offset < range.upperBound {
+                    let n = min(Self.copyPiece, range.upperBound - offset)
+                    actual = CRC32C.checksum(UnsafeRawBufferPointer(start: src + offset, count: n), continuing: actual)
+                    memcpy(dst + offset, src + offset, n)
+                    offset += n
+                }
                 let expected = point.crcs[entry.firstChunk + chunk]
                 guard actual == expected else {
                     throw corrupt(worker: identity.workerID, tensor: entry.spec.name, chunk: chunk, expected: expected, actual: actual)
                 }
-                memcpy(dst + range.lowerBound, src + range.lowerBound, range.count)
             }
         }
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {

@@ -13,7 +13,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self])
+        subcommands: [EC.self, Snapshot.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -45,6 +45,56 @@ struct EC: ParsableCommand {
         bench.repetitions = repetitions
         let report = try bench.run(progress: { line in
             FileHandle.standardError.write(Data("ft-bench ec: \(line)\n".utf8))
+        })
+        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+    }
+}
+
+struct Snapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "One worker's snapshot path into a real SMP vs memcpy: staging, asynchronous blocking, restore.",
+        discussion: """
+            The SMP runs on a thread of this process and is reached exactly as ft-smp is (ipc://,
+            POSIX shared memory). ratios.staging_vs_memcpy, ratios.blocked_vs_copy and
+            ratios.restore_vs_memcpy are for the 1 GiB shard; other sizes carry a suffix.
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "Shard sizes in MiB, comma-separated.")
+    var sizesMib = "256,1024"
+
+    @Option(help: "Simulated compute per step in ms for the asynchronous loop (default: 1.5 x the staging time).")
+    var stepMs: Double?
+
+    @Option(help: "Timed repetitions of staging and restore (the median is reported).")
+    var repetitions = 5
+
+    @Option(help: "Steps of the asynchronous loop.")
+    var steps = 8
+
+    func parsedSizes() throws -> [Int] {
+        let parts = sizesMib.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !parts.isEmpty, parts.allSatisfy({ $0 != nil && $0! >= 1 && $0! <= 8192 }) else {
+            throw ValidationError("--sizes-mib takes sizes in MiB between 1 and 8192, e.g. 256,1024")
+        }
+        return parts.map { $0! << 20 }
+    }
+
+    func validate() throws {
+        _ = try parsedSizes()
+        guard repetitions >= 1, steps >= 1 else { throw ValidationError("--repetitions and --steps must be at least 1") }
+        if let stepMs, stepMs < 0 { throw ValidationError("--step-ms must not be negative") }
+    }
+
+    func run() throws {
+        var bench = SnapshotBench()
+        bench.sizes = try parsedSizes()
+        bench.repetitions = repetitions
+        bench.asyncSteps = steps
+        bench.stepSeconds = stepMs.map { $0 / 1000 }
+        let report = try bench.run(progress: { line in
+            FileHandle.standardError.write(Data("ft-bench snapshot: \(line)\n".utf8))
         })
         print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
     }

@@ -1,3 +1,5 @@
+import FTCore
+
 /// A tiny, slow, obviously-correct GF(2^8) Reed-Solomon encoder, independent
 /// of ISA-L, to check the codec against. Same field (polynomial 0x11D) and
 /// same Cauchy generator as ISA-L's `gf_gen_cauchy1_matrix`:
@@ -41,18 +43,12 @@ enum GF256Reference {
     }
 }
 
-/// Deterministic bytes for tests (SplitMix64).
+/// Deterministic bytes for tests.
 struct SeededBytes {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
+    var rng: SplitMix64
+    init(seed: UInt64) { rng = SplitMix64(seed: seed) }
+    mutating func next() -> UInt64 { rng.next() }
+    mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: rng.next()) } }
 }
 
 /// All subsets of `0..<n` with `1...maxSize` elements.

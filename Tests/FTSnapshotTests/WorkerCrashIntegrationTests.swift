@@ -1,0 +1,150 @@
+import FTCore
+import FTSystem
+import FTToy
+import Foundation
+import Testing
+
+/// Real processes: `ft-smp` spawns `ft-toy-worker`, which trains and
+/// snapshots every step; the test SIGKILLs the worker at seeded random
+/// moments (and once, by fault injection, halfway through a copy), the SMP
+/// restarts it, and it restores from the SMP's memory.
+@Suite("Worker crash and restore (real processes)")
+struct WorkerCrashIntegrationTests {
+    struct Incarnation {
+        var restoredStep: Int?
+        var restoredHash: String?
+    }
+
+    @Test("a worker SIGKILLed at random points, including mid-copy, restores the last committed snapshot and ends bit-exact", .timeLimit(.minutes(3)))
+    func killAndRestore() throws {
+        let seed = ProcessInfo.processInfo.environment["FT_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...999_999)
+        print("WorkerCrashIntegrationTests seed=\(seed) (replay with FT_TEST_SEED=\(seed))")
+        var rng = SplitMix64(seed: seed)
+        let steps = 300
+        let stateKiB = 1024
+        let faultStep = 20 + Int(rng.next() % 40)
+        let randomKills = 3
+
+        let dir = makeRunDirectory("crash")
+        let job = uniqueJobID("crash")
+        let smpLog = dir + "/smp.log"
+        let workerLog = dir + "/logs/n0-w0.log"
+        let workerPidFile = dir + "/pids/n0-w0.pid"
+        var env = ProcessInfo.processInfo.environment
+        env["FT_FAULT_KILL_MID_COPY_STEP"] = "\(faultStep)"
+        let smp = try ChildProcess(
+            arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "1",
+                        "--", productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(stateKiB)", "--step-ms", "4"],
+            environment: env, outputPath: smpLog)
+        var killedPIDs: [Int32] = []
+        defer {
+            // End exactly what this test started, by PID, even on failure.
+            if smp.poll() == nil {
+                if let pid = Int32(readText(workerPidFile).trimmingCharacters(in: .whitespacesAndNewlines)) { kill(pid, SIGKILL) }
+                smp.kill(SIGKILL)
+                smp.wait(timeoutSeconds: 10)
+            }
+            for name in segments(ofJob: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
+        }
+
+        func incarnationsStarted() -> Int {
+            readText(workerLog).split(separator: "\n").filter { $0.hasPrefix("restored") || $0.hasPrefix("fresh start") }.count
+        }
+
+        // 1. The fault-injected kill halfway through copying `faultStep`, then the restart.
+        #expect(waitUntil(seconds: 60) { incarnationsStarted() >= 2 }, "worker never restarted after the mid-copy kill\n\(readText(smpLog))")
+
+        // 2. Seeded random SIGKILLs, each after the previous incarnation restored.
+        for kill in 0..<randomKills {
+            let delay = 50 + Int(rng.next() % 400)
+            usleep(UInt32(delay * 1000))
+            guard let pid = Int32(readText(workerPidFile).trimmingCharacters(in: .whitespacesAndNewlines)), !killedPIDs.contains(pid) else {
+                Issue.record("no fresh worker pid to kill")
+                break
+            }
+            if smp.poll() != nil { break }  // the job already ended
+            killedPIDs.append(pid)
+            Glibc.kill(pid, SIGKILL)
+            print("kill \(kill + 1): SIGKILL worker pid \(pid) after \(delay) ms")
+            let before = incarnationsStarted()
+            #expect(waitUntil(seconds: 60) { incarnationsStarted() > before || smp.poll() != nil })
+        }
+
+        // 3. The job ends cleanly and frees its shared memory.
+        let status = smp.wait(timeoutSeconds: 120)
+        #expect(status == .exited(0), "ft-smp ended with \(String(describing: status))\n\(readText(smpLog))")
+        #expect(segments(ofJob: job).isEmpty, "shared memory left behind: \(segments(ofJob: job))")
+
+        // The oracle: the same toy training, uninterrupted, in this process.
+        let oracle = ToyModel(elements: stateKiB * 256, dpRank: 0)
+        var expected = [0: oracle.hash]
+        for s in 1...steps {
+            oracle.apply(step: s)
+            expected[s] = oracle.hash
+        }
+
+        // Each restart restored exactly the step the SMP held committed when the
+        // previous incarnation died, with exactly that step's bytes.
+        let exits = readText(smpLog).split(separator: "\n").filter { $0.contains("worker exited") }
+        let committedAtExit = exits.map { line -> Int? in
+            line.split(separator: " ").first { $0.hasPrefix("committed=") }.flatMap { Int($0.dropFirst("committed=".count)) }
+        }
+        let starts = readText(workerLog).split(separator: "\n").filter { $0.hasPrefix("restored") || $0.hasPrefix("fresh start") }
+        #expect(starts.count == exits.count, "\(starts.count) starts for \(exits.count) exits")
+        #expect(exits.count >= 2 + 1, "expected the mid-copy kill, at least one random kill and the clean exit")
+        for (i, start) in starts.enumerated().dropFirst() where i - 1 < committedAtExit.count {
+            let fields = Dictionary(uniqueKeysWithValues: start.split(separator: " ").compactMap { f -> (String, String)? in
+                let kv = f.split(separator: "=", maxSplits: 1)
+                return kv.count == 2 ? (String(kv[0]), String(kv[1])) : nil
+            })
+            let step = fields["step"].flatMap { Int($0) }
+            #expect(step == committedAtExit[i - 1], "incarnation \(i) restored \(String(describing: step)), SMP held \(String(describing: committedAtExit[i - 1]))")
+            if let step {
+                #expect(fields["hash"] == expected[step], "incarnation \(i): restored bytes of step \(step) differ from that step's snapshot")
+            }
+        }
+        // The mid-copy kill: the torn slot was never restored; the step before it was.
+        if starts.count > 1 {
+            #expect(starts[1].hasPrefix("restored step=\(faultStep - 1) "), "after the kill while copying step \(faultStep): \(starts[1])")
+        }
+        let final = readText(workerLog).split(separator: "\n").last { $0.hasPrefix("final") }
+        #expect(final?.hasPrefix("final step=\(steps) hash=\(expected[steps]!) ") == true,
+                "final state differs from the uninterrupted run: \(String(describing: final))")
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
+@Suite("ft-smp lifecycle (real processes)")
+struct SMPLifecycleTests {
+    @Test("SIGTERM stops the workers and frees every shared-memory segment", .timeLimit(.minutes(1)))
+    func sigterm() throws {
+        let dir = makeRunDirectory("term")
+        let job = uniqueJobID("term")
+        let smp = try ChildProcess(
+            arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "2",
+                        "--", productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "2"],
+            environment: ProcessInfo.processInfo.environment, outputPath: dir + "/smp.log")
+        func workerPIDs() -> [Int32] {
+            (0..<2).compactMap { Int32(readText(dir + "/pids/n0-w\($0).pid").trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        defer {
+            if smp.poll() == nil {
+                for pid in workerPIDs() { kill(pid, SIGKILL) }
+                smp.kill(SIGKILL)
+                smp.wait(timeoutSeconds: 10)
+            }
+            for name in segments(ofJob: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        #expect(waitUntil(seconds: 30) { segments(ofJob: job).count == 4 && readText(dir + "/logs/n0-w1.log").contains("fresh start") })
+        for name in segments(ofJob: job) { #expect(try SharedMemorySegment.mode(name: "/" + name) == 0o600) }
+        let workers = workerPIDs()
+        #expect(workers.count == 2)
+        smp.kill(SIGTERM)
+        let status = smp.wait(timeoutSeconds: 20)
+        #expect(status == .exited(0), "\(readText(dir + "/smp.log"))")
+        #expect(segments(ofJob: job).isEmpty)
+        for pid in workers { #expect(kill(pid, 0) == -1, "worker \(pid) still running after the SMP stopped") }
+        #expect(readText(dir + "/smp.log").contains("stopping on signal 15"))
+    }
+}
