@@ -1,0 +1,227 @@
+/// Control-plane messages between the coordinator and the SMPs and workers,
+/// carried in a `WireEnvelope` (the envelope's `epoch` is the sender's epoch,
+/// its `sender` the member id: a node id for an SMP, `node/worker` for a
+/// worker). SMPs and workers are ZeroMQ DEALERs; the coordinator is a ROUTER.
+///
+///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, protected
+///     worker -> coordinator   workerHello, workerHeartbeat, ready, workerDone
+///     coordinator -> member   welcome, ack, helloRequired, commit, abort, pause,
+///                             restore, restartWorkers, resume, fenced, stop
+///     ftctl -> coordinator    statusQuery  ->  statusReply(json)
+///
+/// Every heartbeat is answered with `ack` (or `helloRequired` by a coordinator
+/// that does not know the sender, e.g. after its restart, or `fenced` when the
+/// sender was declared dead); a member that hears nothing for the timeout
+/// treats the coordinator as gone.
+public enum ControlMessage: Sendable, Equatable {
+    // SMP -> coordinator
+    case smpHello(SMPInventory)
+    case smpHeartbeat(dataBytes: Int, parityBytes: Int)
+    case childExited(worker: String, status: String)
+    case protected(step: Int)
+    // worker -> coordinator
+    case workerHello(WorkerInfo)
+    /// `running`: the worker is training (not paused or waiting for resume).
+    case workerHeartbeat(step: Int, running: Bool)
+    case ready(restoredStep: Int?)
+    case workerDone(finalStep: Int)
+    // coordinator -> members
+    case welcome(state: String)
+    case ack(state: String)
+    case helloRequired
+    case commit(step: Int)
+    case abort(step: Int)
+    case pause(reason: String)
+    /// To a worker: restore this step (nil: start from the initial state).
+    /// To an SMP: drop uncommitted rounds.
+    case restore(step: Int?)
+    case restartWorkers([String])
+    /// Run from this step; `peers` lists every rank's collective endpoint, by rank.
+    case resume(fromStep: Int, peers: [String])
+    case fenced(reason: String)
+    case stop(reason: String, failed: Bool)
+    // operator
+    case statusQuery
+    case statusReply(String)
+
+    public struct SMPInventory: Sendable, Equatable {
+        public var node: String
+        public var pid: Int
+        /// Where peers fetch slices and chunks (TCP).
+        public var dataEndpoint: String
+        /// Local worker ids ("w0", …) with their global DP ranks.
+        public var workers: [String]
+        public var rankOffset: Int
+        public var committedStep: Int?
+        /// A step every local worker has staged but not committed.
+        public var stagedStep: Int?
+
+        public init(node: String, pid: Int, dataEndpoint: String, workers: [String], rankOffset: Int,
+                    committedStep: Int?, stagedStep: Int?) {
+            self.node = node
+            self.pid = pid
+            self.dataEndpoint = dataEndpoint
+            self.workers = workers
+            self.rankOffset = rankOffset
+            self.committedStep = committedStep
+            self.stagedStep = stagedStep
+        }
+    }
+
+    public struct WorkerInfo: Sendable, Equatable {
+        public var node: String
+        public var worker: String
+        public var rank: Int
+        public var worldSize: Int
+        public var pid: Int
+        /// Where the rank's collective listens.
+        public var collectiveEndpoint: String
+
+        public init(node: String, worker: String, rank: Int, worldSize: Int, pid: Int, collectiveEndpoint: String) {
+            self.node = node
+            self.worker = worker
+            self.rank = rank
+            self.worldSize = worldSize
+            self.pid = pid
+            self.collectiveEndpoint = collectiveEndpoint
+        }
+
+        public var key: String { "\(node)/\(worker)" }
+    }
+
+    public var type: UInt16 {
+        switch self {
+        case .smpHello: 101
+        case .smpHeartbeat: 102
+        case .childExited: 103
+        case .protected: 104
+        case .workerHello: 111
+        case .workerHeartbeat: 112
+        case .ready: 113
+        case .workerDone: 114
+        case .welcome: 121
+        case .ack: 122
+        case .helloRequired: 123
+        case .commit: 124
+        case .abort: 125
+        case .pause: 126
+        case .restore: 127
+        case .restartWorkers: 128
+        case .resume: 129
+        case .fenced: 130
+        case .stop: 131
+        case .statusQuery: 141
+        case .statusReply: 142
+        }
+    }
+
+    public func envelope(sender: String, epoch: UInt64) -> WireEnvelope {
+        var w = ByteWriter()
+        switch self {
+        case .smpHello(let i):
+            w.string(i.node); w.i64(Int64(i.pid)); w.string(i.dataEndpoint)
+            w.u32(UInt32(i.workers.count)); for x in i.workers { w.string(x) }
+            w.i64(Int64(i.rankOffset)); w.i64(Int64(i.committedStep ?? -1)); w.i64(Int64(i.stagedStep ?? -1))
+        case .smpHeartbeat(let d, let p):
+            w.i64(Int64(d)); w.i64(Int64(p))
+        case .childExited(let worker, let status):
+            w.string(worker); w.string(status)
+        case .protected(let s), .commit(let s), .abort(let s), .workerDone(let s):
+            w.i64(Int64(s))
+        case .workerHello(let i):
+            w.string(i.node); w.string(i.worker); w.i64(Int64(i.rank)); w.i64(Int64(i.worldSize)); w.i64(Int64(i.pid))
+            w.string(i.collectiveEndpoint)
+        case .workerHeartbeat(let step, let running):
+            w.i64(Int64(step)); w.bool(running)
+        case .ready(let s), .restore(let s):
+            w.i64(Int64(s ?? -1))
+        case .welcome(let s), .ack(let s), .pause(let s), .fenced(let s), .statusReply(let s):
+            w.string(s)
+        case .helloRequired, .statusQuery:
+            break
+        case .restartWorkers(let ids):
+            w.u32(UInt32(ids.count)); for x in ids { w.string(x) }
+        case .resume(let from, let peers):
+            w.i64(Int64(from)); w.u32(UInt32(peers.count)); for p in peers { w.string(p) }
+        case .stop(let reason, let failed):
+            w.string(reason); w.bool(failed)
+        }
+        return WireEnvelope(type: type, epoch: epoch, sender: sender, payload: w.buffer)
+    }
+
+    public init(_ e: WireEnvelope) throws(WireError) {
+        var r = ByteReader(e.payload)
+        func int(_ f: String) throws(WireError) -> Int {
+            let v = try r.i64(field: f)
+            guard v >= 0 else { throw WireError(.badValue, "\(f) is negative (\(v))") }
+            return Int(v)
+        }
+        func optional(_ f: String) throws(WireError) -> Int? {
+            let v = try r.i64(field: f)
+            guard v >= -1 else { throw WireError(.badValue, "\(f) is \(v)") }
+            return v == -1 ? nil : Int(v)
+        }
+        func strings(_ f: String) throws(WireError) -> [String] {
+            let n = Int(try r.u32(field: "\(f) count"))
+            guard n <= 65536 else { throw WireError(.badLength, "\(f) count \(n)") }
+            var out: [String] = []
+            for _ in 0..<n { out.append(try r.string(field: f, max: 1024)) }
+            return out
+        }
+        switch e.type {
+        case 101:
+            let node = try r.string(field: "node", max: 255)
+            let pid = try int("pid")
+            let data = try r.string(field: "data endpoint", max: 1024)
+            let workers = try strings("worker")
+            let offset = try int("rank offset")
+            let committed = try optional("committed step")
+            self = .smpHello(.init(node: node, pid: pid, dataEndpoint: data, workers: workers, rankOffset: offset,
+                                   committedStep: committed, stagedStep: try optional("staged step")))
+        case 102:
+            let d = try int("data bytes")
+            self = .smpHeartbeat(dataBytes: d, parityBytes: try int("parity bytes"))
+        case 103:
+            let worker = try r.string(field: "worker", max: 255)
+            self = .childExited(worker: worker, status: try r.string(field: "status", max: 255))
+        case 104: self = .protected(step: try int("step"))
+        case 111:
+            let node = try r.string(field: "node", max: 255)
+            let worker = try r.string(field: "worker", max: 255)
+            let rank = try int("rank")
+            let world = try int("world size")
+            let pid = try int("pid")
+            self = .workerHello(.init(node: node, worker: worker, rank: rank, worldSize: world, pid: pid,
+                                      collectiveEndpoint: try r.string(field: "collective endpoint", max: 1024)))
+        case 112:
+            let step = try int("step")
+            self = .workerHeartbeat(step: step, running: try r.bool(field: "running"))
+        case 113: self = .ready(restoredStep: try optional("restored step"))
+        case 114: self = .workerDone(finalStep: try int("final step"))
+        case 121: self = .welcome(state: try r.string(field: "state", max: 64))
+        case 122: self = .ack(state: try r.string(field: "state", max: 64))
+        case 123: self = .helloRequired
+        case 124: self = .commit(step: try int("step"))
+        case 125: self = .abort(step: try int("step"))
+        case 126: self = .pause(reason: try r.string(field: "reason"))
+        case 127: self = .restore(step: try optional("step"))
+        case 128: self = .restartWorkers(try strings("worker"))
+        case 129:
+            let from = try int("from step")
+            self = .resume(fromStep: from, peers: try strings("peer"))
+        case 130: self = .fenced(reason: try r.string(field: "reason"))
+        case 131:
+            let reason = try r.string(field: "reason", max: 1 << 16)
+            self = .stop(reason: reason, failed: try r.bool(field: "failed"))
+        case 141: self = .statusQuery
+        case 142: self = .statusReply(try r.string(field: "status", max: 1 << 22))
+        default: throw WireError(.unknownType, "message type \(e.type) is not a control message")
+        }
+        guard r.remaining == 0 else { throw WireError(.trailingBytes, "\(r.remaining) bytes after control message \(e.type)") }
+    }
+
+    public static func decode(_ frame: [UInt8]) throws(WireError) -> (ControlMessage, WireEnvelope) {
+        let e = try WireEnvelope(decoding: frame)
+        return (try ControlMessage(e), e)
+    }
+}
