@@ -18,6 +18,8 @@ let package = Package(
         .executable(name: "ft-bench", targets: ["ft-bench"]),
         .executable(name: "ft-smp", targets: ["ft-smp"]),
         .executable(name: "ft-toy-worker", targets: ["ft-toy-worker"]),
+        .executable(name: "ft-coordinator", targets: ["ft-coordinator"]),
+        .executable(name: "ftctl", targets: ["ftctl"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -51,17 +53,30 @@ let package = Package(
         // MARK: shells and executables
         .target(name: "FTWorker", dependencies: ["FTCore", "FTErasure", "FTSystem", "FTZMQ"]),
         .target(name: "FTSMP", dependencies: [
-            "FTCore", "FTErasure", "FTSystem", "FTZMQ",
+            "FTCore", "FTErasure", "FTSystem", "FTZMQ", "FTControl",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FTToy", dependencies: ["FTCore", "FTErasure"]),
+        .target(name: "FTControl", dependencies: [
+            "FTCore", "FTSystem", "FTZMQ",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .executableTarget(name: "ft-smp", dependencies: [
             "FTSMP",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .executableTarget(name: "ft-coordinator", dependencies: [
+            "FTControl", "FTCore",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "ftctl", dependencies: [
+            "FTControl", "FTCore", "FTZMQ",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "ft-toy-worker", dependencies: [
-            "FTToy", "FTWorker", "FTSystem",
+            "FTToy", "FTWorker", "FTSystem", "FTControl",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [
@@ -82,6 +97,9 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
+        .testTarget(name: "FTControlTests", dependencies: [
+            "FTControl", "FTCore", "FTSystem", "FTToy", "FTZMQ", "FTWorker",
+        ]),
         .testTarget(name: "FTSnapshotTests", dependencies: [
             "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),

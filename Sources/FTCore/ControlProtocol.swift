@@ -32,9 +32,10 @@ public enum ControlMessage: Sendable, Equatable {
     case commit(step: Int)
     case abort(step: Int)
     case pause(reason: String)
-    /// To a worker: restore this step (nil: start from the initial state).
-    /// To an SMP: drop uncommitted rounds.
-    case restore(step: Int?)
+    /// To a worker: restore this step (nil: start from the initial state);
+    /// `sources[r]` is the data endpoint of the SMP holding rank r's slices.
+    /// To an SMP: commit `step` if it is staged, drop other uncommitted rounds.
+    case restore(step: Int?, sources: [String])
     case restartWorkers([String])
     /// Run from this step; `peers` lists every rank's collective endpoint, by rank.
     case resume(fromStep: Int, peers: [String])
@@ -133,8 +134,10 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(i.collectiveEndpoint)
         case .workerHeartbeat(let step, let running):
             w.i64(Int64(step)); w.bool(running)
-        case .ready(let s), .restore(let s):
+        case .ready(let s):
             w.i64(Int64(s ?? -1))
+        case .restore(let s, let sources):
+            w.i64(Int64(s ?? -1)); w.u32(UInt32(sources.count)); for x in sources { w.string(x) }
         case .welcome(let s), .ack(let s), .pause(let s), .fenced(let s), .statusReply(let s):
             w.string(s)
         case .helloRequired, .statusQuery:
@@ -204,7 +207,9 @@ public enum ControlMessage: Sendable, Equatable {
         case 124: self = .commit(step: try int("step"))
         case 125: self = .abort(step: try int("step"))
         case 126: self = .pause(reason: try r.string(field: "reason"))
-        case 127: self = .restore(step: try optional("step"))
+        case 127:
+            let step = try optional("step")
+            self = .restore(step: step, sources: try strings("source"))
         case 128: self = .restartWorkers(try strings("worker"))
         case 129:
             let from = try int("from step")

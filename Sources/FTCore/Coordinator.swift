@@ -184,7 +184,7 @@ public struct CoordinatorInstance: Sendable {
             guard current, state == .recovering, let r = recovery, r.phase == .restart, var w = workers[sender] else { return [] }
             guard restored == r.step else {
                 return [.log("worker \(sender) restored \(restored.map(String.init) ?? "nothing"), expected \(r.step.map(String.init) ?? "nothing"); asking again")]
-                    + [.send(to: sender, .restore(step: r.step))]
+                    + [.send(to: sender, .restore(step: r.step, sources: sliceSources))]
             }
             w.ready = true
             w.state = .alive
@@ -301,7 +301,7 @@ public struct CoordinatorInstance: Sendable {
         if state == .starting { epoch = max(epoch, senderEpoch) }
         var out: [Directive] = [.send(to: sender, .welcome(state: state.rawValue))]
         if state == .recovering, let r = recovery, r.phase == .restart {
-            out.append(.send(to: sender, .restore(step: r.step)))
+            out.append(.send(to: sender, .restore(step: r.step, sources: sliceSources)))
         }
         return out + maybeStart(now: now)
     }
@@ -364,8 +364,8 @@ public struct CoordinatorInstance: Sendable {
         }
         out.append(.log(rebuilding ? "view rebuilt: epoch \(epoch), committed \(committed.map(String.init) ?? "none")"
                                    : "all \(settings.nodes) nodes and \(expectedWorkers) workers are here; starting in epoch \(epoch)"))
-        out += broadcastToNodes(.restore(step: committed))
-        out += broadcastToWorkers(.restore(step: committed))
+        out += broadcastToNodes(.restore(step: committed, sources: []))
+        out += broadcastToWorkers(.restore(step: committed, sources: sliceSources))
         return out
     }
 
@@ -425,11 +425,11 @@ public struct CoordinatorInstance: Sendable {
     private func restartDirectives(_ r: Recovery) -> [Directive] {
         var out: [Directive] = []
         for n in nodes.values.sorted(by: { $0.id < $1.id }) where n.state == .alive {
-            out.append(.send(to: n.id, .restore(step: r.step)))
+            out.append(.send(to: n.id, .restore(step: r.step, sources: [])))
             if let ids = r.restartWorkers[n.id], !ids.isEmpty { out.append(.send(to: n.id, .restartWorkers(ids))) }
         }
         for w in workers.values.sorted(by: { $0.info.key < $1.info.key }) where w.state == .alive && !w.ready {
-            out.append(.send(to: w.info.key, .restore(step: r.step)))
+            out.append(.send(to: w.info.key, .restore(step: r.step, sources: sliceSources)))
         }
         return out
     }
@@ -469,6 +469,15 @@ public struct CoordinatorInstance: Sendable {
     }
 
     // MARK: helpers
+
+    /// For each DP rank, the data endpoint of the SMP holding its slices.
+    var sliceSources: [String] {
+        var out = [String](repeating: "", count: expectedWorkers)
+        for w in workers.values where (0..<expectedWorkers).contains(w.info.rank) {
+            out[w.info.rank] = nodes[w.info.node]?.dataEndpoint ?? ""
+        }
+        return out
+    }
 
     private func broadcastToNodes(_ m: ControlMessage) -> [Directive] {
         nodes.values.filter { $0.state == .alive }.map(\.id).sorted().map { .send(to: $0, m) }

@@ -11,7 +11,8 @@
 ///     begin(step)                   ->    beginReply(slot | skip + reason)
 ///       ... worker copies into the slot, CRC per chunk ...
 ///     staged(step, slot, crcs)      ->    stagedReply(committed step)
-///     restoreQuery                  ->    restoreReply(step, slot, crcs) | nothing committed
+///     restoreQuery(expected step)   ->    restoreReply(step, slot, crcs) | nothing committed
+///     roundQuery                    ->    roundReply(committed step, round pending?)
 ///     fetchSlice(dp rank, tensor)   ->    sliceReply(step, range, crcs) + [bytes]
 ///     status                        ->    statusReply(text)
 ///     any malformed or refused      ->    error(code, message)
@@ -22,12 +23,16 @@ public enum SMPMessage: Sendable, Equatable {
     case beginReply(slot: Int?, reason: String)
     case staged(step: Int, slot: Int, crcs: [UInt32])
     case stagedReply(committedStep: Int?)
-    case restoreQuery
+    /// `expected`: the step the coordinator decided (nil: whatever is committed).
+    case restoreQuery(expected: Int?)
     case restoreReply(SnapshotStoreInstance.RestorePoint?)
     case fetchSlice(dpRank: Int, dpSize: Int, tensor: String)
     case sliceReply(step: Int, range: Range<Int>, crcs: [UInt32])
     case status
     case statusReply(String)
+    /// Whether a snapshot round is pending (staged, not committed) on the node.
+    case roundQuery
+    case roundReply(committedStep: Int?, pending: Bool)
     case error(code: String, message: String)
 
     public var type: UInt16 {
@@ -44,6 +49,8 @@ public enum SMPMessage: Sendable, Equatable {
         case .sliceReply: 10
         case .status: 11
         case .statusReply: 12
+        case .roundQuery: 13
+        case .roundReply: 14
         case .error: 99
         }
     }
@@ -81,8 +88,13 @@ public enum SMPMessage: Sendable, Equatable {
             Self.writeCRCs(crcs, &w)
         case .stagedReply(let committed):
             w.i64(Int64(committed ?? -1))
-        case .restoreQuery, .status:
+        case .restoreQuery(let expected):
+            w.i64(Int64(expected ?? -1))
+        case .status, .roundQuery:
             break
+        case .roundReply(let committed, let pending):
+            w.i64(Int64(committed ?? -1))
+            w.bool(pending)
         case .restoreReply(let point):
             w.i64(Int64(point?.step ?? -1))
             w.i64(Int64(point?.slot ?? -1))
@@ -148,7 +160,7 @@ public enum SMPMessage: Sendable, Equatable {
         case 6:
             self = .stagedReply(committedStep: try Self.optionalInt(&r, "committed step"))
         case 7:
-            self = .restoreQuery
+            self = .restoreQuery(expected: try Self.optionalInt(&r, "expected step"))
         case 8:
             let step = try Self.optionalInt(&r, "step")
             let slot = try Self.optionalInt(&r, "slot")
@@ -172,6 +184,11 @@ public enum SMPMessage: Sendable, Equatable {
             self = .status
         case 12:
             self = .statusReply(try r.string(field: "status", max: 1 << 20))
+        case 13:
+            self = .roundQuery
+        case 14:
+            let committed = try Self.optionalInt(&r, "committed step")
+            self = .roundReply(committedStep: committed, pending: try r.bool(field: "pending"))
         case 99:
             let code = try r.string(field: "code", max: 255)
             self = .error(code: code, message: try r.string(field: "message", max: 1 << 16))

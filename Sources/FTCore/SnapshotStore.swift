@@ -61,6 +61,12 @@ public struct LocalCommitRule: CommitRule {
     public func allStaged(step: Int) -> Bool { true }
 }
 
+/// Under a coordinator: a step commits only on its global `commit(s)`.
+public struct CoordinatorCommitRule: CommitRule {
+    public init() {}
+    public func allStaged(step: Int) -> Bool { false }
+}
+
 /// The SMP's bookkeeping for its workers' snapshot slots, as a value type with
 /// no I/O: it takes requests and returns outcomes; the SMP shell does the
 /// shared memory and the messaging.
@@ -88,6 +94,13 @@ public struct SnapshotStoreInstance: Sendable {
         case writing(step: Int)
         case staged(step: Int, crcs: [UInt32])
         case committed(step: Int, crcs: [UInt32])
+
+        public var crcs: [UInt32] {
+            switch self {
+            case .staged(_, let c), .committed(_, let c): c
+            default: []
+            }
+        }
 
         public var step: Int? {
             switch self {
@@ -200,8 +213,18 @@ public struct SnapshotStoreInstance: Sendable {
         return .write(slot: slot)
     }
 
-    /// Records a completed copy. Returns the step committed as a result, if any.
-    public mutating func staged(worker id: String, step: Int, slot: Int, crcs: [UInt32]) throws(StoreError) -> Int? {
+    public enum StagedOutcome: Sendable, Equatable {
+        /// Other local workers have not staged this step yet.
+        case waiting
+        /// Every local worker staged the step and the rule committed it.
+        case committed(step: Int)
+        /// Every local worker staged the step; the commit is someone else's
+        /// decision (the coordinator's): report `protected(step)`.
+        case allStaged(step: Int)
+    }
+
+    /// Records a completed copy.
+    public mutating func staged(worker id: String, step: Int, slot: Int, crcs: [UInt32]) throws(StoreError) -> StagedOutcome {
         guard var w = workers[id] else { throw Self.unknown(id) }
         guard (0..<2).contains(slot), w.slots[slot] == .writing(step: step) else {
             throw StoreError(.noWriteInProgress, "worker \(id): staged(step \(step), slot \(slot)) but that slot is \(w.slots[min(max(slot, 0), 1)])")
@@ -212,12 +235,45 @@ public struct SnapshotStoreInstance: Sendable {
         w.slots[slot] = .staged(step: step, crcs: crcs)
         w.lastStaged = step
         workers[id] = w
-        if workers.values.allSatisfy({ $0.slots.contains { if case .staged(step, _) = $0 { true } else { false } } }),
-           rule.allStaged(step: step) {
+        guard allHaveStaged(step) else { return .waiting }
+        if rule.allStaged(step: step) {
             commit(step: step)
-            return step
+            return .committed(step: step)
         }
-        return nil
+        return .allStaged(step: step)
+    }
+
+    /// Whether every registered worker holds `step` staged.
+    public func allHaveStaged(_ step: Int) -> Bool {
+        !workers.isEmpty && workers.values.allSatisfy { $0.slots.contains { if case .staged(step, _) = $0 { true } else { false } } }
+    }
+
+    /// The step every local worker holds staged (and not committed), if any.
+    public var stagedStep: Int? {
+        guard let any = workers.values.first?.slots.compactMap({ if case .staged(let s, _) = $0 { s } else { nil } }).first else { return nil }
+        return allHaveStaged(any) ? any : nil
+    }
+
+    /// Drops a staged round the coordinator aborted.
+    public mutating func abort(step: Int) {
+        for id in workers.keys {
+            for i in 0..<2 where workers[id]!.slots[i] == .staged(step: step, crcs: workers[id]!.slots[i].crcs) {
+                workers[id]!.slots[i] = .empty
+            }
+            workers[id]!.lastStaged = workers[id]!.lastCommitted
+        }
+    }
+
+    /// Before a restore of `step` (nil: nothing): commit `step` where it is
+    /// staged on every worker (its commit is decided, its message may not have
+    /// arrived), then drop every other uncommitted round. Returns whether the
+    /// node now holds `step` committed (always true for nil).
+    @discardableResult
+    public mutating func prepareRestore(step: Int?) -> Bool {
+        if let step, committedStep != step, allHaveStaged(step) { commit(step: step) }
+        for id in workers.keys { dropUncommitted(id) }
+        guard let step else { return true }
+        return workers.values.allSatisfy { $0.lastCommitted == step }
     }
 
     /// Commits `step` on every worker that has it staged and frees the

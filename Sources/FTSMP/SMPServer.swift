@@ -1,3 +1,4 @@
+import FTControl
 import FTCore
 import FTErasure
 import FTSystem
@@ -20,6 +21,15 @@ public struct SMPConfiguration: Sendable {
     /// Restart a worker that exits unsuccessfully, up to this many times in total.
     public var maxRestarts: Int
     public var extraEnvironment: [String: String]
+    /// The coordinator to report to. Without one, a step commits when every
+    /// local worker staged it and the SMP restarts dead workers itself.
+    public var coordinatorEndpoint: String?
+    /// CURVE keys of the job (`JobKeys` layout), for the coordinator link.
+    public var keysDirectory: String?
+    /// Global DP rank of this node's first worker, and the job's DP size.
+    public var rankOffset = 0
+    public var worldSize: Int?
+    public var heartbeatInterval = 0.1
 
     public init(jobID: String, nodeID: String, endpoint: String? = nil, runDirectory: String, workerCount: Int,
                 workerCommand: [String], maxRestarts: Int = 100, extraEnvironment: [String: String] = [:]) {
@@ -55,13 +65,19 @@ public struct SMPError: Error, Sendable, CustomStringConvertible {
 /// shell owns the shared memory (two pre-faulted 0600 slots per worker, named
 /// `/ft-<job>-<node>-<worker>-s<slot>`) and the child processes.
 ///
-/// It ends on SIGTERM (stops its workers, frees every segment) or, when it
-/// spawned workers, once all of them exited successfully (a clean job end,
-/// which also frees every segment).
+/// With a coordinator, it says hello with its inventory (committed and staged
+/// steps), heartbeats, reports a child's exit at once, reports `protected(s)`
+/// when every local worker staged `s`, and obeys `commit`, `abort`, `restore`,
+/// `restartWorkers`, `fenced` and `stop`. It also listens on TCP (its data
+/// endpoint) for peers' slice requests.
+///
+/// It ends on SIGTERM (stops its workers, frees every segment), on the
+/// coordinator's `stop` or `fenced`, or, when it spawned workers, once all of
+/// them exited successfully (a clean job end, which also frees every segment).
 public final class SMPServer: @unchecked Sendable {
     public let config: SMPConfiguration
     private let logger: Logger
-    private var store = SnapshotStoreInstance()
+    private var store: SnapshotStoreInstance
     private let context: ZMQContext
     private let router: ZMQSocket
     public private(set) var boundEndpoint: String
@@ -74,6 +90,10 @@ public final class SMPServer: @unchecked Sendable {
     private let stopPipe: (read: Int32, write: Int32)
     /// Counted and dropped: frames that could not be decoded.
     public private(set) var malformedFrames = 0
+    private var link: CoordinatorLink?
+    public private(set) var dataEndpoint: String = ""
+    private var exitCode: Int32 = 0
+    private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
     /// process); leave it off in-process.
@@ -97,6 +117,14 @@ public final class SMPServer: @unchecked Sendable {
             unlink(String(config.endpoint.dropFirst(6)))
         }
         boundEndpoint = try router.bind(config.endpoint)
+        if let coordinator = config.coordinatorEndpoint {
+            store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
+            dataEndpoint = try router.bind("tcp://127.0.0.1:*")
+            let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
+            link = try CoordinatorLink(context: context, endpoint: coordinator, memberID: config.nodeID, keys: keys)
+        } else {
+            store = SnapshotStoreInstance()
+        }
     }
 
     deinit {
@@ -112,21 +140,31 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: run loop
 
-    /// Runs until SIGTERM, `stop()`, or a clean end of all spawned workers.
-    /// Returns whether the job ended cleanly.
+    /// Runs until SIGTERM, `stop()`, the coordinator's `stop`/`fenced`, or a
+    /// clean end of all spawned workers. Returns the process exit code: 0 for a
+    /// clean end or a requested stop, 1 when the coordinator stopped a failed
+    /// job, 3 when fenced.
     @discardableResult
-    public func run() throws -> Bool {
+    public func run() throws -> Int32 {
         logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
                                         "pid": "\(getpid())"])
         writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
-        for i in 0..<config.workerCount { try spawn(workerID: "w\(i)", dpRank: i) }
-        var cleanEnd = false
+        for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
+        sendHello()
+        var nextHeartbeat = 0.0
         loop: while true {
+            let now = monotonicSeconds()
+            if let link, now >= nextHeartbeat {
+                link.send(.smpHeartbeat(dataBytes: bytesHeld, parityBytes: 0))
+                nextHeartbeat = now + config.heartbeatInterval
+            }
             var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
             if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let childIDs = children.keys.sorted()
             for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
-            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: 1000)
+            if let link { items.append(.init(link.socket, .readable)) }
+            let wait = link == nil ? 1000 : max(1, Int((nextHeartbeat - monotonicSeconds()) * 1000))
+            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
             if ready[1].isReadable {
                 logger.info("smp stopping on request")
                 break loop
@@ -140,14 +178,69 @@ public final class SMPServer: @unchecked Sendable {
                 try childExited(id)
             }
             if ready[0].isReadable { try drainRequests() }
+            if link != nil, ready.last!.isReadable { try handleCoordinator() }
+            if stopRequested { break loop }
             if config.workerCount > 0 && finished.count == config.workerCount {
                 logger.info("all workers finished; clean end")
-                cleanEnd = true
                 break loop
             }
         }
         shutdown()
-        return cleanEnd
+        return exitCode
+    }
+
+    // MARK: coordinator
+
+    private var bytesHeld: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
+
+    private func sendHello() {
+        guard let link else { return }
+        let steps = store.workers.values.map { $0.lastCommitted }
+        let committed: Int? = steps.isEmpty || steps.contains(where: { $0 == nil }) ? nil : steps.compactMap { $0 }.min()
+        link.send(.smpHello(.init(node: config.nodeID, pid: Int(getpid()), dataEndpoint: dataEndpoint,
+                                  workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
+                                  committedStep: committed, stagedStep: store.stagedStep)))
+    }
+
+    private func handleCoordinator() throws {
+        guard let link else { return }
+        for (message, _) in link.drain() {
+            switch message {
+            case .welcome, .ack, .pause:
+                break
+            case .helloRequired:
+                sendHello()
+            case .commit(let step):
+                if store.allHaveStaged(step) {
+                    store.commit(step: step)
+                    logger.debug("committed step \(step)")
+                } else if store.committedStep != step {
+                    logger.warning("commit(\(step)) but not every local worker holds it staged")
+                }
+            case .abort(let step):
+                store.abort(step: step)
+                logger.info("snapshot round \(step) aborted by the coordinator")
+            case .restore(let step, _):
+                if !store.prepareRestore(step: step) {
+                    logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
+                }
+            case .restartWorkers(let ids):
+                for id in ids where children[id] == nil {
+                    restarts[id, default: 0] += 1
+                    try spawn(workerID: id)
+                }
+            case .fenced(let reason):
+                logger.error("fenced by the coordinator: \(reason); stopping")
+                exitCode = 3
+                stopRequested = true
+            case .stop(let reason, let failed):
+                logger.info("job stopped by the coordinator: \(reason)", metadata: ["failed": "\(failed)"])
+                exitCode = failed ? 1 : 0
+                stopRequested = true
+            default:
+                logger.debug("ignored \(message.type) from the coordinator")
+            }
+        }
     }
 
     private func drainRequests() throws {
@@ -214,10 +307,25 @@ public final class SMPServer: @unchecked Sendable {
                 case .skip(let reason): return reply(.beginReply(slot: nil, reason: reason))
                 }
             case .staged(let step, let slot, let crcs):
-                _ = try store.staged(worker: sender, step: step, slot: slot, crcs: crcs)
+                if case .allStaged(let s) = try store.staged(worker: sender, step: step, slot: slot, crcs: crcs) {
+                    link?.send(.protected(step: s))
+                }
                 return reply(.stagedReply(committedStep: store.workers[sender]?.lastCommitted))
-            case .restoreQuery:
-                return reply(.restoreReply(try store.restorePoint(worker: sender)))
+            case .restoreQuery(let expected):
+                if let expected, store.committedStep != expected, store.allHaveStaged(expected) {
+                    // Its commit is decided and on its way: the worker carries the decision.
+                    store.commit(step: expected)
+                }
+                store.workerExited(sender)  // any round of its in flight is void
+                let point = try store.restorePoint(worker: sender)
+                if let expected, point?.step != expected {
+                    throw StoreError(.nothingCommitted, "node \(config.nodeID) holds step \(point.map { String($0.step) } ?? "none") "
+                        + "committed for \(sender), not step \(expected)")
+                }
+                return reply(.restoreReply(point))
+            case .roundQuery:
+                let pending = store.workers.values.contains { $0.slots.contains { if case .staged = $0 { true } else { false } } }
+                return reply(.roundReply(committedStep: store.committedStep, pending: pending))
             case .fetchSlice(let rank, let size, let tensor):
                 return try slice(rank: rank, size: size, tensor: tensor)
             case .status:
@@ -261,13 +369,16 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: children
 
-    private func spawn(workerID: String, dpRank: Int) throws {
+    private func spawn(workerID: String) throws {
+        let dpRank = config.rankOffset + (Int(workerID.dropFirst()) ?? 0)
         var env = ProcessInfo.processInfo.environment.merging(config.extraEnvironment) { $1 }
         env["FT_JOB_ID"] = config.jobID
         env["FT_NODE_ID"] = config.nodeID
         env["FT_WORKER_ID"] = workerID
         env["FT_DP_RANK"] = "\(dpRank)"
-        env["FT_DP_SIZE"] = "\(config.workerCount)"
+        env["FT_DP_SIZE"] = "\(config.worldSize ?? config.workerCount)"
+        if let c = config.coordinatorEndpoint { env["FT_COORDINATOR_ENDPOINT"] = c }
+        if let k = config.keysDirectory { env["FT_KEYS_DIR"] = k }
         env["FT_SMP_ENDPOINT"] = boundEndpoint
         env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
         env["FT_RUN_DIR"] = config.runDirectory
@@ -290,6 +401,11 @@ public final class SMPServer: @unchecked Sendable {
             finished.insert(id)
             return
         }
+        if let link {
+            // The coordinator decides what happens next (and restarts it through us).
+            link.send(.childExited(worker: id, status: "\(status)"))
+            return
+        }
         guard totalRestarts < config.maxRestarts else {
             logger.error("worker \(id) failed and the restart budget (\(config.maxRestarts)) is spent; not restarting")
             finished.insert(id)
@@ -297,7 +413,7 @@ public final class SMPServer: @unchecked Sendable {
         }
         totalRestarts += 1
         restarts[id, default: 0] += 1
-        try spawn(workerID: id, dpRank: Int(id.dropFirst()) ?? 0)
+        try spawn(workerID: id)
     }
 
     private func shutdown() {
@@ -313,6 +429,7 @@ public final class SMPServer: @unchecked Sendable {
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
         router.close()
+        link?.close()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
         unlink(config.runDirectory + "/pids/\(config.nodeID).smp.pid")
         logger.info("smp down; shared memory freed")

@@ -21,6 +21,11 @@ public final class ToyModel: @unchecked Sendable {
         moments = .allocate(byteCount: elements * 4, alignment: 64)
         rng = .allocate(byteCount: 8, alignment: 8)
         meta = .allocate(byteCount: 8, alignment: 8)
+        reset()
+    }
+
+    /// Back to the initial state (step 0).
+    public func reset() {
         let p = params.bindMemory(to: UInt32.self)
         let m = moments.bindMemory(to: UInt32.self)
         for i in 0..<elements {

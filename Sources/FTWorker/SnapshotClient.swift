@@ -144,7 +144,22 @@ public final class SnapshotClient: @unchecked Sendable {
     /// returns its step, or nil when nothing is committed (a fresh start).
     /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
     /// worker, tensor and chunk, and leaves the tensors partly written.
-    public func restore() throws -> Int? { try engine.restore() }
+    public func restore() throws -> Int? { try engine.restore(expecting: nil, sources: []) }
+
+    /// Restores exactly `step`, as the coordinator decided; `sources[r]` is
+    /// the data endpoint of the SMP holding rank r's slices (empty: all local).
+    /// Throws if the node cannot give back that step.
+    public func restore(step: Int, sources: [String]) throws {
+        let restored = try engine.restore(expecting: step, sources: sources)
+        guard restored == step else {
+            throw SnapshotError(code: .refused, message: "restored \(restored.map(String.init) ?? "nothing"), the coordinator asked for step \(step)")
+        }
+    }
+
+    /// Whether a snapshot can start now: no copy of ours in flight and no
+    /// round pending (staged, not committed) on our node. Data-parallel ranks
+    /// agree on it collectively before they snapshot, so all or none do.
+    public func canSnapshot() throws -> Bool { try engine.canSnapshot() }
 
     func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) { try engine.request(message) }
 }
@@ -173,6 +188,7 @@ final class SnapshotEngine: @unchecked Sendable {
     private let context: ZMQContext
     private let socket: ZMQSocket
     private let rpcLock = NSLock()
+    private var peers: [String: ZMQSocket] = [:]
     private let requestTimeoutMilliseconds: Int
     private let chunkBytes: Int
 
@@ -205,7 +221,10 @@ final class SnapshotEngine: @unchecked Sendable {
         try socket.connect(identity.smpEndpoint)
     }
 
-    deinit { socket.close() }
+    deinit {
+        for p in peers.values { p.close() }
+        socket.close()
+    }
 
     func shutdown() {
         condition.lock()
@@ -402,10 +421,14 @@ final class SnapshotEngine: @unchecked Sendable {
     /// returns its step, or nil when nothing is committed (a fresh start).
     /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
     /// worker, tensor and chunk, and leaves the tensors partly written.
-    public func restore() throws -> Int? {
+    func restore(expecting expected: Int?, sources: [String]) throws -> Int? {
         guard let layout else { throw SnapshotError(code: .misuse, message: "restore before register") }
-        try waitForRound()
-        let (reply, _) = try request(.restoreQuery)
+        // A round in flight is void: let it finish, and forget how it ended.
+        condition.lock()
+        while roundActive { condition.wait() }
+        roundError = nil
+        condition.unlock()
+        let (reply, _) = try request(.restoreQuery(expected: expected))
         guard case .restoreReply(let point) = reply else { throw unexpected(reply, "restore") }
         guard let point else { return nil }
         guard point.crcs.count == layout.chunkCount, (0..<2).contains(point.slot) else {
@@ -434,7 +457,8 @@ final class SnapshotEngine: @unchecked Sendable {
         }
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
             for rank in 0..<identity.dpSize where rank != identity.dpRank {
-                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: tensors[index].buffer)
+                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: tensors[index].buffer,
+                               from: rank < sources.count && !sources[rank].isEmpty ? sources[rank] : nil)
             }
         }
         condition.lock()
@@ -443,8 +467,9 @@ final class SnapshotEngine: @unchecked Sendable {
         return point.step
     }
 
-    private func fetchSlice(of spec: TensorSpec, rank: Int, step: Int, into buffer: UnsafeMutableRawBufferPointer) throws {
-        let (reply, frames) = try request(.fetchSlice(dpRank: rank, dpSize: identity.dpSize, tensor: spec.name))
+    private func fetchSlice(of spec: TensorSpec, rank: Int, step: Int, into buffer: UnsafeMutableRawBufferPointer, from endpoint: String?) throws {
+        let message = SMPMessage.fetchSlice(dpRank: rank, dpSize: identity.dpSize, tensor: spec.name)
+        let (reply, frames) = try endpoint.map { try request(message, to: $0) } ?? request(message)
         guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 1 else {
             throw unexpected(reply, "fetch slice \(spec.name) of rank \(rank)")
         }
@@ -476,6 +501,14 @@ final class SnapshotEngine: @unchecked Sendable {
                       corruption: .init(worker: worker, tensor: tensor, chunk: chunk, expected: expected, actual: actual))
     }
 
+    func canSnapshot() throws -> Bool {
+        let busy = condition.withLock { roundActive || pendingStep != nil }
+        if busy { return false }
+        let (reply, _) = try request(.roundQuery)
+        guard case .roundReply(_, let pending) = reply else { throw unexpected(reply, "round query") }
+        return !pending
+    }
+
     // MARK: messaging
 
     /// Sends one request and waits for its reply (the reply's extra frames too).
@@ -483,10 +516,30 @@ final class SnapshotEngine: @unchecked Sendable {
     func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) {
         rpcLock.lock()
         defer { rpcLock.unlock() }
+        return try exchange(message, on: socket, endpoint: identity.smpEndpoint)
+    }
+
+    /// The same, with another node's SMP (for DP slices it holds).
+    func request(_ message: SMPMessage, to endpoint: String) throws -> (SMPMessage, [ZMQMessage]) {
+        rpcLock.lock()
+        defer { rpcLock.unlock() }
+        let peer: ZMQSocket
+        if let existing = peers[endpoint] {
+            peer = existing
+        } else {
+            peer = try context.socket(.dealer)
+            try peer.setLinger(milliseconds: 0)
+            try peer.connect(endpoint)
+            peers[endpoint] = peer
+        }
+        return try exchange(message, on: peer, endpoint: endpoint)
+    }
+
+    private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String) throws -> (SMPMessage, [ZMQMessage]) {
         let frame = message.envelope(sender: identity.workerID).encoded()
         try socket.send([frame])
         guard let frames = try socket.receiveMessages(timeoutMilliseconds: requestTimeoutMilliseconds) else {
-            throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(identity.smpEndpoint) within \(requestTimeoutMilliseconds) ms")
+            throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(endpoint) within \(requestTimeoutMilliseconds) ms")
         }
         let (reply, _) = try SMPMessage.decode(frames[0].bytes)
         if case .error(let code, let text) = reply {

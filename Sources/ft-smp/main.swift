@@ -38,6 +38,18 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Most worker restarts in total before the SMP stops restarting.")
     var maxRestarts: Int = 100
 
+    @Option(help: "Coordinator endpoint (tcp://HOST:PORT). Without it, a step commits when every local worker staged it.")
+    var coordinator: String?
+
+    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, member.key).")
+    var keys: String?
+
+    @Option(help: "Global DP rank of this node's first worker.")
+    var rankOffset: Int = 0
+
+    @Option(help: "DP size of the whole job (default: --workers).")
+    var worldSize: Int?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -50,6 +62,11 @@ struct FTSMPCommand: ParsableCommand {
             throw ValidationError("give the worker command after --, e.g. -- ft-toy-worker --steps 100")
         }
         guard maxRestarts >= 0 else { throw ValidationError("--max-restarts must be at least 0") }
+        guard rankOffset >= 0 else { throw ValidationError("--rank-offset must be at least 0") }
+        if let worldSize, worldSize < rankOffset + workers {
+            throw ValidationError("--world-size \(worldSize) is smaller than --rank-offset + --workers (\(rankOffset + workers))")
+        }
+        if keys != nil && coordinator == nil { throw ValidationError("--keys is for the coordinator link; give --coordinator too") }
     }
 
     func run() throws {
@@ -60,14 +77,20 @@ struct FTSMPCommand: ParsableCommand {
             return handler
         }
         let logger = Logger(label: "ft-smp.\(nodeId)")
-        let config = SMPConfiguration(jobID: jobId, nodeID: nodeId, endpoint: endpoint, runDirectory: runDir,
+        var config = SMPConfiguration(jobID: jobId, nodeID: nodeId, endpoint: endpoint, runDirectory: runDir,
                                       workerCount: workers, workerCommand: workerCommand, maxRestarts: maxRestarts)
+        config.coordinatorEndpoint = coordinator
+        config.keysDirectory = keys
+        config.rankOffset = rankOffset
+        config.worldSize = worldSize
+        let code: Int32
         do {
             let server = try SMPServer(config: config, logger: logger, watchSignals: true)
-            try server.run()
+            code = try server.run()
         } catch let error as SMPError {
             throw ValidationError(error.description)
         }
+        if code != 0 { throw ExitCode(code) }
     }
 }
 

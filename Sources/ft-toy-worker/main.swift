@@ -1,4 +1,5 @@
 import ArgumentParser
+import FTControl
 import FTCore
 import FTSystem
 import FTToy
@@ -48,6 +49,10 @@ struct ToyWorker: ParsableCommand {
         }
         let model = ToyModel(elements: stateKib * 256, dpRank: identity.dpRank)
         try client.register(model.tensors.map { RegisteredTensor(spec: $0.0, buffer: $0.1) })
+        if let coordinator = env["FT_COORDINATOR_ENDPOINT"] {
+            try runCoordinated(client: client, model: model, identity: identity, coordinator: coordinator, env: env)
+            return
+        }
         var first = 1
         if let step = try client.restore() {
             say("restored step=\(step) hash=\(model.hash)")
@@ -69,6 +74,72 @@ struct ToyWorker: ParsableCommand {
         try client.waitForRound()
         let stats = client.stats
         say("final step=\(model.step) hash=\(model.hash) staged=\(stats.snapshotsStaged) skipped=\(stats.snapshotsSkipped)")
+    }
+}
+
+extension ToyWorker {
+    /// Under a coordinator: restore and resume when told, agree with the other
+    /// ranks every step (a barrier, and whether to snapshot), stop at once on a pause.
+    func runCoordinated(client: SnapshotClient, model: ToyModel, identity: WorkerIdentity, coordinator: String,
+                        env: [String: String]) throws {
+        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize)
+        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        let node = env["FT_NODE_ID"] ?? "n0"
+        let control = try WorkerControl(
+            info: .init(node: node, worker: identity.workerID, rank: identity.dpRank, worldSize: identity.dpSize,
+                        pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
+            coordinatorEndpoint: coordinator, keys: keys)
+        control.start()
+        defer { control.shutdown() }
+        var skipped = 0
+        while true {
+            switch control.nextInstruction() {
+            case .restore(let step, let sources, let epoch):
+                if let step {
+                    try client.restore(step: step, sources: sources)
+                    say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
+                } else {
+                    model.reset()
+                    say("fresh start epoch=\(epoch)")
+                }
+                control.setStep(model.step)
+                control.ready(restoredStep: step)
+            case .resume(let from, let peers, let epoch):
+                try ring.connect(peers: peers, epoch: epoch)
+                control.markRunning()
+                say("resume from=\(from) epoch=\(epoch)")
+                do {
+                    if from <= steps {
+                        for s in from...steps {
+                            if control.isPaused { throw Interrupted() }
+                            // The step's compute: interruptible at once by a pause.
+                            if stepMs > 0 {
+                                var p = pollfd(fd: control.interruptFD, events: Int16(POLLIN), revents: 0)
+                                if poll(&p, 1, Int32(stepMs)) > 0 { throw Interrupted() }
+                            }
+                            let snapshotNow = try ring.allAgree(try client.canSnapshot(), interrupt: control.interruptFD)
+                            try client.waitBeforeUpdate()
+                            model.apply(step: s)
+                            if snapshotNow { try client.snapshot(step: s) } else { skipped += 1 }
+                            control.setStep(s)
+                            if s % 50 == 0 { say("step=\(s)") }
+                        }
+                    }
+                    try client.waitForRound()
+                    say("final step=\(model.step) hash=\(model.hash) skipped=\(skipped)")
+                    control.done(finalStep: model.step)
+                } catch is Interrupted {
+                    say("paused at step=\(model.step)")
+                }
+            case .stop(let reason, let failed):
+                say("stop: \(reason)")
+                if failed { throw ExitCode(1) }
+                return
+            case .fenced(let reason):
+                say("fenced: \(reason)")
+                throw ExitCode(3)
+            }
+        }
     }
 }
 

@@ -142,7 +142,7 @@ struct ControlSimulation {
                     violations.append("commit(\(s)) in epoch \(coordinator.epoch) but \(node) never protected it in that epoch")
                 }
             }
-        case .restore(let s) where workers[to] != nil:
+        case .restore(let s, _) where workers[to] != nil:
             // Invariant: one restore step per epoch, and the worker's SMP holds it.
             if let previous = restoredInEpoch[coordinator.epoch], previous != s {
                 violations.append("epoch \(coordinator.epoch): restore \(String(describing: s)) after restore \(String(describing: previous))")
@@ -195,7 +195,7 @@ struct ControlSimulation {
         switch e.message {
         case .commit(let step): s.committed = step; s.staged = nil
         case .abort(let step): if s.staged == step { s.staged = nil }
-        case .restore(let step):
+        case .restore(let step, _):
             if let step, s.staged == step { s.committed = step }
             s.staged = nil
         case .restartWorkers(let ids):
@@ -222,7 +222,7 @@ struct ControlSimulation {
         switch e.message {
         case .welcome: if w.phase == .hello { w.phase = .waiting }
         case .pause: if w.phase == .running && e.epoch > w.resumedEpoch { w.phase = .waiting }
-        case .restore(let step):
+        case .restore(let step, _):
             if w.phase == .running { w.phase = .waiting }
             if w.phase == .hello { w.phase = .waiting }
             // The SMP holds the step committed, or staged with its commit still in flight

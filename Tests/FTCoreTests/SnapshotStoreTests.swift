@@ -39,7 +39,7 @@ struct SnapshotStoreTests {
             #expect(slot != committedBefore)
             if let previous { #expect(slot != previous) }
             previous = slot
-            #expect(try store.staged(worker: "w0", step: step, slot: slot, crcs: crcs(store, "w0")) == step)
+            #expect(try store.staged(worker: "w0", step: step, slot: slot, crcs: crcs(store, "w0")) == .committed(step: step))
             #expect(store.workers["w0"]!.committedSlot == slot)
             #expect(try store.restorePoint(worker: "w0")?.step == step)
         }
@@ -74,7 +74,7 @@ struct SnapshotStoreTests {
                 default:
                     if let (step, slot) = writing[id] {
                         writing[id] = nil
-                        if let committed = try store.staged(worker: id, step: step, slot: slot, crcs: crcs(store, id)) {
+                        if case .committed(let committed) = try store.staged(worker: id, step: step, slot: slot, crcs: crcs(store, id)) {
                             for w in store.workers.values { #expect(w.lastCommitted == committed, "seed \(seed)") }
                         }
                     }
@@ -115,7 +115,7 @@ struct SnapshotStoreTests {
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
         guard case .write(let a) = try store.begin(worker: "w0", step: 1) else { return }
-        #expect(try store.staged(worker: "w0", step: 1, slot: a, crcs: crcs(store, "w0")) == nil)
+        #expect(try store.staged(worker: "w0", step: 1, slot: a, crcs: crcs(store, "w0")) == .waiting)
         guard case .skip(let reason) = try store.begin(worker: "w0", step: 2) else {
             Issue.record("not skipped")
             return
@@ -142,7 +142,7 @@ struct SnapshotStoreTests {
             return
         }
         #expect(store.workers["w0"]!.aborted == 1)
-        #expect(try store.staged(worker: "w0", step: 3, slot: c, crcs: crcs(store, "w0")) == 3)
+        #expect(try store.staged(worker: "w0", step: 3, slot: c, crcs: crcs(store, "w0")) == .committed(step: 3))
     }
 
     @Test("bad requests are typed errors")
@@ -217,6 +217,43 @@ struct ShardLayoutTests {
     }
 }
 
+@Suite("Coordinator commit rule on the node")
+struct CoordinatorRuleTests {
+    @Test("under a coordinator, all-staged is reported, not committed; commit, abort and prepareRestore act on it")
+    func coordinatorRule() throws {
+        var store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
+        _ = try store.register(registration("w0", rank: 0, size: 2))
+        _ = try store.register(registration("w1", rank: 1, size: 2))
+        func stage(_ id: String, _ step: Int) throws -> SnapshotStoreInstance.StagedOutcome {
+            guard case .write(let slot) = try store.begin(worker: id, step: step) else { return .waiting }
+            return try store.staged(worker: id, step: step, slot: slot, crcs: Array(repeating: 1, count: store.workers[id]!.layout.chunkCount))
+        }
+        #expect(try stage("w0", 1) == .waiting)
+        #expect(try stage("w1", 1) == .allStaged(step: 1))
+        #expect(store.stagedStep == 1)
+        #expect(store.committedStep == nil)
+        store.commit(step: 1)
+        #expect(store.committedStep == 1)
+        #expect(try stage("w0", 2) == .waiting)
+        #expect(try stage("w1", 2) == .allStaged(step: 2))
+        store.abort(step: 2)
+        #expect(store.stagedStep == nil)
+        #expect(try stage("w0", 3) == .waiting)
+        #expect(try stage("w1", 3) == .allStaged(step: 3))
+        // The commit of 3 is decided but its message lost: a restore of 3 commits it.
+        let held3 = store.prepareRestore(step: 3)
+        #expect(held3)
+        #expect(try store.restorePoint(worker: "w0")?.step == 3)
+        #expect(try stage("w0", 4) == .waiting)
+        // A restore of 3 drops the half-staged round 4.
+        let heldAgain = store.prepareRestore(step: 3)
+        #expect(heldAgain)
+        #expect(store.workers["w0"]!.slots.allSatisfy { if case .staged = $0 { false } else { true } })
+        let held9 = store.prepareRestore(step: 9)
+        #expect(!held9)
+    }
+}
+
 @Suite("SMP messages")
 struct SMPMessageTests {
     @Test("every message round-trips through the wire envelope")
@@ -227,7 +264,8 @@ struct SMPMessageTests {
             .registered(slotNames: ["/a", "/b"], slotBytes: 123, committedStep: 9),
             .begin(step: 4), .beginReply(slot: 1, reason: ""), .beginReply(slot: nil, reason: "busy"),
             .staged(step: 4, slot: 1, crcs: [1, 2, 3]), .stagedReply(committedStep: 4), .stagedReply(committedStep: nil),
-            .restoreQuery, .restoreReply(nil), .restoreReply(.init(step: 3, slot: 0, crcs: [9])),
+            .restoreQuery(expected: nil), .restoreQuery(expected: 7), .restoreReply(nil), .roundQuery,
+            .roundReply(committedStep: 3, pending: true), .roundReply(committedStep: nil, pending: false), .restoreReply(.init(step: 3, slot: 0, crcs: [9])),
             .fetchSlice(dpRank: 1, dpSize: 4, tensor: "params"), .sliceReply(step: 3, range: 10..<20, crcs: [5]),
             .status, .statusReply("{}"), .error(code: "unknown_worker", message: "who?"),
         ]
@@ -249,9 +287,9 @@ struct SMPMessageTests {
         #expect(throws: WireError.self) { try SMPMessage(env) }
         var rng = LCG(seed: 42)
         for _ in 0..<3000 {
-            let type = UInt16(rng.next() % 14)
+            let type = UInt16(rng.next() % 16)
             let payload = (0..<Int(rng.next() % 40)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-            _ = try? SMPMessage(WireEnvelope(type: type == 13 ? 99 : type, epoch: 0, sender: "x", payload: payload))
+            _ = try? SMPMessage(WireEnvelope(type: type == 15 ? 99 : type, epoch: 0, sender: "x", payload: payload))
         }
     }
 }

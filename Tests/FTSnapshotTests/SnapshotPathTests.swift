@@ -61,7 +61,7 @@ struct SnapshotPathTests {
         model.apply(step: 1)
         try client.snapshot(step: 1)
         try client.waitForRound()
-        let (reply, _) = try client.request(.restoreQuery)
+        let (reply, _) = try client.request(.restoreQuery(expected: nil))
         guard case .restoreReply(let point?) = reply else {
             Issue.record("no restore point: \(reply)")
             return

@@ -1,0 +1,239 @@
+import FTCore
+import FTSystem
+import FTZMQ
+import Foundation
+import Logging
+
+public struct CoordinatorServerConfig: Sendable {
+    public var settings: CoordinatorSettings
+    /// Where to bind, e.g. `tcp://127.0.0.1:5555` or `tcp://127.0.0.1:*`.
+    public var endpoint: String
+    /// CURVE keys (see `JobKeys`); nil runs without encryption (tests only).
+    public var keysDirectory: String?
+    /// Written here: `coordinator.endpoint`, `coordinator.pid`, `status.json` at exit.
+    public var runDirectory: String?
+    /// After the job stopped or failed, keep answering (members get `stop`, ftctl a last status) this long.
+    public var lingerSeconds: Double = 1.0
+
+    public init(settings: CoordinatorSettings, endpoint: String, keysDirectory: String?, runDirectory: String?) {
+        self.settings = settings
+        self.endpoint = endpoint
+        self.keysDirectory = keysDirectory
+        self.runDirectory = runDirectory
+    }
+}
+
+/// The `ft-coordinator` shell: one ROUTER, `CoordinatorInstance` for every
+/// decision, a clock, and the socket work its directives ask for.
+///
+/// Every frame is decoded defensively: a malformed frame is counted, logged and
+/// dropped; an unauthenticated client never gets a frame through (ZAP refuses
+/// its handshake; refusals are counted). Status queries are answered from the
+/// instance's view (`CoordinatorStatus`).
+public final class CoordinatorServer: @unchecked Sendable {
+    public let config: CoordinatorServerConfig
+    private let logger: Logger
+    private var instance: CoordinatorInstance
+    private let context: ZMQContext
+    private let router: ZMQSocket
+    private let zap: ZAPAuthenticator?
+    private var identities: [String: [UInt8]] = [:]
+    private let signals: SignalWatcher?
+    private let stopPipe: (read: Int32, write: Int32)
+    public private(set) var boundEndpoint: String
+    public private(set) var malformedFrames = 0
+    private let startedAt = monotonicSeconds()
+
+    public init(config: CoordinatorServerConfig, logger: Logger, watchSignals: Bool) throws {
+        self.config = config
+        self.logger = logger
+        instance = CoordinatorInstance(settings: config.settings)
+        signals = watchSignals ? try SignalWatcher(signals: [SIGTERM, SIGINT]) : nil
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
+        stopPipe = (fds[0], fds[1])
+        context = try ZMQContext()
+        if let dir = config.keysDirectory {
+            let keys = try JobKeys.load(from: dir, withServerSecret: true)
+            zap = try ZAPAuthenticator(context: context, allowedClientKeys: [keys.member.publicKey]) { [logger] line in
+                logger.warning("unauthenticated: \(line)")
+            }
+            router = try context.socket(.router)
+            try router.setZAPDomain("ft")
+            try router.makeCurveServer(keys.server!)
+        } else {
+            zap = nil
+            router = try context.socket(.router)
+        }
+        try router.setLinger(milliseconds: 0)
+        try router.setRouterMandatory(false)
+        boundEndpoint = try router.bind(config.endpoint)
+        if let dir = config.runDirectory {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            try (boundEndpoint + "\n").write(toFile: dir + "/coordinator.endpoint", atomically: true, encoding: .utf8)
+            try "\(getpid())\n".write(toFile: dir + "/coordinator.pid", atomically: true, encoding: .utf8)
+        }
+    }
+
+    deinit {
+        close(stopPipe.read)
+        close(stopPipe.write)
+    }
+
+    public func stop() {
+        var b: UInt8 = 1
+        _ = write(stopPipe.write, &b, 1)
+    }
+
+    /// Handshakes refused by the authenticator.
+    public var unauthenticated: Int { zap?.denied ?? 0 }
+
+    /// Runs until the job ends (returns its final state) or SIGTERM / `stop()`.
+    @discardableResult
+    public func run() throws -> CoordinatorInstance.JobState {
+        logger.info("coordinator up", metadata: ["job": "\(config.settings.jobID)", "endpoint": "\(boundEndpoint)",
+                                                "nodes": "\(config.settings.nodes)", "workers.per.node": "\(config.settings.workersPerNode)",
+                                                "curve": "\(zap != nil)"])
+        var endedAt: Double?
+        loop: while true {
+            var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
+            if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
+            let wait = Int(config.settings.heartbeatInterval * 500)
+            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: max(wait, 5))
+            if ready[1].isReadable { logger.info("coordinator stopping on request"); break loop }
+            if let signals, ready[2].isReadable, let sig = signals.next() {
+                logger.info("coordinator stopping on signal \(sig)")
+                break loop
+            }
+            if ready[0].isReadable { drain() }
+            execute(instance.tick(now: monotonicSeconds()))
+            if instance.state == .stopped || instance.state == .failed {
+                let now = monotonicSeconds()
+                if endedAt == nil { endedAt = now }
+                if now - endedAt! > config.lingerSeconds { break loop }
+            }
+        }
+        writeFinalStatus()
+        zap?.stop()
+        router.close()
+        logger.info("coordinator down", metadata: ["state": "\(instance.state.rawValue)"])
+        return instance.state
+    }
+
+    private func drain() {
+        while let frames = try? router.receiveNow() {
+            guard frames.count == 2 else {
+                countMalformed("a message of \(frames.count) frames")
+                continue
+            }
+            let identity = frames[0]
+            let decoded: (ControlMessage, WireEnvelope)
+            do {
+                decoded = try ControlMessage.decode(frames[1])
+            } catch {
+                countMalformed("\(error)")
+                continue
+            }
+            let (message, envelope) = decoded
+            if case .statusQuery = message {
+                let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
+                                                  unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt)
+                send(identity, .statusReply(json))
+                continue
+            }
+            identities[envelope.sender] = identity
+            let before = (instance.state, instance.epoch, instance.committedStep)
+            execute(instance.receive(message, from: envelope.sender, epoch: envelope.epoch, now: monotonicSeconds()))
+            if before != (instance.state, instance.epoch, instance.committedStep) {
+                logger.debug("state \(instance.state.rawValue), epoch \(instance.epoch), committed \(instance.committedStep.map(String.init) ?? "none")")
+            }
+        }
+    }
+
+    private func execute(_ directives: [CoordinatorInstance.Directive]) {
+        for d in directives {
+            switch d {
+            case .log(let line):
+                logger.info("\(line)")
+            case .send(let to, let message):
+                guard let identity = identities[to] else {
+                    logger.debug("no route to \(to) for \(message.type)")
+                    continue
+                }
+                send(identity, message)
+            }
+        }
+    }
+
+    private func send(_ identity: [UInt8], _ message: ControlMessage) {
+        let frame = message.envelope(sender: "coordinator", epoch: instance.epoch).encoded()
+        do {
+            try router.send([identity, frame], dontWait: true)
+        } catch {
+            logger.debug("send failed: \(error)")
+        }
+    }
+
+    private func countMalformed(_ what: String) {
+        malformedFrames += 1
+        logger.warning("dropped a malformed frame: \(what)", metadata: ["malformed.total": "\(malformedFrames)"])
+    }
+
+    private func writeFinalStatus() {
+        guard let dir = config.runDirectory else { return }
+        let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
+                                          unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt)
+        try? (json + "\n").write(toFile: dir + "/status.json", atomically: true, encoding: .utf8)
+    }
+}
+
+/// The `ftctl status --json` document, schema 1 (stable; README, "ftctl status"):
+///
+///     {"schema": 1, "job", "state", "epoch", "committed_step" (-1: none),
+///      "committed_age_ms" (-1: none), "snapshot_interval", "uptime_s",
+///      "nodes": [{"id", "smp", "pid", "data_bytes", "parity_bytes", "ec_group",
+///                 "ec_health", "workers": [{"id", "rank", "state", "step", "pid"}]}],
+///      "last_failure": null | {"what", "kind", "detected_by", "age_ms",
+///                              "detected_at_s" (CLOCK_MONOTONIC seconds), "epoch",
+///                              "outcome", "phases": [{"phase", "ms", "reason"}]},
+///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages",
+///      "malformed_frames", "unauthenticated"}
+public enum CoordinatorStatus {
+    public static let schema = 1
+
+    public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double) -> [String: Any] {
+        var nodes: [[String: Any]] = []
+        for n in c.nodes.values.sorted(by: { $0.id < $1.id }) {
+            let ws = c.workers.values.filter { $0.info.node == n.id }.sorted { $0.info.rank < $1.info.rank }
+            let smpState: String
+            if n.state == .alive, c.detector.liveness(n.id, now: now) == .suspect { smpState = "suspect" } else { smpState = n.state.rawValue }
+            nodes.append([
+                "id": n.id, "smp": smpState, "pid": n.pid, "data_bytes": n.dataBytes, "parity_bytes": n.parityBytes,
+                "ec_group": "none", "ec_health": n.state == .alive ? "no-ec" : "lost",
+                "workers": ws.map { ["id": $0.info.worker, "rank": $0.info.rank, "state": $0.state.rawValue, "step": $0.step, "pid": $0.info.pid] },
+            ])
+        }
+        var failure: Any = NSNull()
+        if let f = c.lastFailure {
+            failure = ["what": f.what, "kind": f.kind, "detected_by": f.detectedBy, "age_ms": Int((now - f.detectedAt) * 1000),
+                       "detected_at_s": f.detectedAt,
+                       "epoch": f.epoch, "outcome": f.outcome,
+                       "phases": f.phases.map { ["phase": $0.phase.rawValue, "ms": ($0.seconds * 1000 * 1000).rounded() / 1000, "reason": $0.reason] }]
+        }
+        return [
+            "schema": schema, "job": c.settings.jobID, "state": c.state.rawValue, "epoch": c.epoch,
+            "committed_step": c.committedStep ?? -1,
+            "committed_age_ms": c.committedAt.map { Int((now - $0) * 1000) } ?? -1,
+            "snapshot_interval": c.settings.snapshotInterval, "uptime_s": (uptime * 10).rounded() / 10,
+            "nodes": nodes, "last_failure": failure, "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
+            "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages,
+            "malformed_frames": malformed, "unauthenticated": unauthenticated,
+        ]
+    }
+
+    public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double) -> String {
+        let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, uptime: uptime)
+        let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])) ?? Data("{}".utf8)
+        return String(decoding: data, as: UTF8.self)
+    }
+}

@@ -1,0 +1,81 @@
+import FTCore
+import FTSystem
+import FTZMQ
+import Foundation
+
+/// A job's CURVE keys, in one directory (mode 0700, files 0600):
+///
+///     coordinator.key   the coordinator's key pair (server)
+///     coordinator.pub   its public key, which every member needs
+///     member.key        the key pair every SMP, worker and ftctl presents
+///
+/// The coordinator admits only clients presenting `member.key`'s public key.
+public struct JobKeys: Sendable {
+    public var server: CurveKeyPair?
+    public var serverPublicKey: String
+    public var member: CurveKeyPair
+
+    public static func generate(in directory: String) throws -> JobKeys {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o700])
+        let server = try CurveKeyPair.generate()
+        let member = try CurveKeyPair.generate()
+        try server.write(to: directory + "/coordinator.key")
+        try member.write(to: directory + "/member.key")
+        try ("# ft coordinator public key (Z85)\n" + server.publicKey + "\n")
+            .write(toFile: directory + "/coordinator.pub", atomically: true, encoding: .utf8)
+        return JobKeys(server: server, serverPublicKey: server.publicKey, member: member)
+    }
+
+    /// Loads what a member needs (`withServerSecret`: the coordinator's pair too).
+    public static func load(from directory: String, withServerSecret: Bool = false) throws(ZMQError) -> JobKeys {
+        let member = try CurveKeyPair.load(from: directory + "/member.key")
+        let pub = try loadPublicKey(from: directory + "/coordinator.pub")
+        let server = withServerSecret ? try CurveKeyPair.load(from: directory + "/coordinator.key") : nil
+        return JobKeys(server: server, serverPublicKey: pub, member: member)
+    }
+}
+
+/// A member's DEALER to the coordinator, for shells with their own poll loop
+/// (the SMP) or their own thread (the worker control). It adopts the highest
+/// epoch it hears and stamps it on everything it sends. Sends never block:
+/// while the coordinator is away, messages that cannot be queued are dropped
+/// (heartbeats and hellos are repeated anyway).
+public final class CoordinatorLink: @unchecked Sendable {
+    public let memberID: String
+    public let endpoint: String
+    public let socket: ZMQSocket
+    public private(set) var epoch: UInt64 = 0
+    public private(set) var lastHeard: Double
+
+    public init(context: ZMQContext, endpoint: String, memberID: String, keys: JobKeys?) throws {
+        self.memberID = memberID
+        self.endpoint = endpoint
+        socket = try context.socket(.dealer)
+        try socket.setLinger(milliseconds: 0)
+        try socket.setReconnectInterval(milliseconds: 100)
+        try socket.setSendHighWaterMark(1000)
+        if let keys { try socket.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member) }
+        try socket.connect(endpoint)
+        lastHeard = monotonicSeconds()
+    }
+
+    public func send(_ message: ControlMessage) {
+        let frame = message.envelope(sender: memberID, epoch: epoch).encoded()
+        _ = try? socket.send([frame], dontWait: true)
+    }
+
+    /// Every message waiting now (none when nothing arrived).
+    public func drain() -> [(ControlMessage, UInt64)] {
+        var out: [(ControlMessage, UInt64)] = []
+        while let frames = try? socket.receiveNow() {
+            guard let first = frames.first, let (message, envelope) = try? ControlMessage.decode(first) else { continue }
+            epoch = max(epoch, envelope.epoch)
+            lastHeard = monotonicSeconds()
+            out.append((message, envelope.epoch))
+        }
+        return out
+    }
+
+    public func close() { socket.close() }
+}

@@ -1,0 +1,87 @@
+import ArgumentParser
+import FTControl
+import FTCore
+import Foundation
+import Logging
+
+struct FTCoordinatorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ft-coordinator",
+        abstract: "The job's coordinator: membership, failure detection, snapshot commit, recovery.",
+        discussion: """
+            SMPs and workers connect to it as ZeroMQ DEALERs. With --keys, every connection is
+            CURVE-encrypted and only clients presenting the job's member key are admitted.
+            It writes RUN_DIR/coordinator.endpoint and coordinator.pid at start and
+            RUN_DIR/status.json at exit. Exit status: 0 when the job completed or on SIGTERM,
+            1 when it stopped the job as unrecoverable.
+
+            Example:
+              ft-coordinator --job-id demo --nodes 2 --workers-per-node 2 --run-dir /tmp/ft-demo \\
+                  --endpoint tcp://127.0.0.1:5555 --keys /tmp/ft-demo/keys
+            """)
+
+    @Option(help: "Job id.")
+    var jobId: String
+
+    @Option(help: "Number of nodes (SMPs) in the job.")
+    var nodes: Int
+
+    @Option(help: "Workers per node.")
+    var workersPerNode: Int
+
+    @Option(help: "Endpoint to bind (tcp://127.0.0.1:PORT; PORT * picks a free one).")
+    var endpoint = "tcp://127.0.0.1:*"
+
+    @Option(help: "Run directory (coordinator.endpoint, coordinator.pid, status.json).")
+    var runDir: String?
+
+    @Option(help: "Directory with the job's CURVE keys (coordinator.key, coordinator.pub, member.key); see `ftctl keygen`.")
+    var keys: String?
+
+    @Option(help: "Heartbeat interval in milliseconds.")
+    var heartbeatMs = 100
+
+    @Option(help: "Silence after which an SMP or worker is dead, in milliseconds.")
+    var timeoutMs = 500
+
+    @Option(help: "Seconds a recovery phase may take before it is retried (then escalated).")
+    var phaseTimeout = 30.0
+
+    @Option(help: "After the job ends, keep answering this many milliseconds (members get the stop, ftctl a last status).")
+    var lingerMs = 1000
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .info
+
+    func validate() throws {
+        guard nodes >= 1 else { throw ValidationError("--nodes must be at least 1") }
+        guard workersPerNode >= 1 else { throw ValidationError("--workers-per-node must be at least 1") }
+        guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (>= 1)") }
+        guard endpoint.hasPrefix("tcp://") || endpoint.hasPrefix("ipc://") else {
+            throw ValidationError("--endpoint must be tcp://HOST:PORT or ipc://PATH")
+        }
+        guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
+    }
+
+    func run() throws {
+        let level = logLevel
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        var settings = CoordinatorSettings(jobID: jobId, nodes: nodes, workersPerNode: workersPerNode)
+        settings.heartbeatInterval = Double(heartbeatMs) / 1000
+        settings.heartbeatTimeout = Double(timeoutMs) / 1000
+        settings.phaseTimeout = phaseTimeout
+        var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
+        config.lingerSeconds = Double(lingerMs) / 1000
+        let server = try CoordinatorServer(config: config, logger: Logger(label: "ft-coordinator"), watchSignals: true)
+        let state = try server.run()
+        if state == .failed { throw ExitCode(1) }
+    }
+}
+
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+FTCoordinatorCommand.main()
