@@ -57,6 +57,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FTToy", dependencies: ["FTCore", "FTErasure"]),
+        .target(name: "FTLauncher", dependencies: ["FTControl", "FTCore", "FTSystem", "FTZMQ"]),
         .target(name: "FTControl", dependencies: [
             "FTCore", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
@@ -80,7 +81,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [
-            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem",
+            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem", "FTLauncher",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-bench", dependencies: [
@@ -98,7 +99,7 @@ let package = Package(
         ]),
         .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
         .testTarget(name: "FTControlTests", dependencies: [
-            "FTControl", "FTCore", "FTSystem", "FTToy", "FTZMQ", "FTWorker",
+            "FTControl", "FTCore", "FTSystem", "FTToy", "FTZMQ", "FTWorker", "FTLauncher",
         ]),
         .testTarget(name: "FTSnapshotTests", dependencies: [
             "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",

@@ -196,7 +196,7 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///      "last_failure": null | {"what", "kind", "detected_by", "age_ms",
 ///                              "detected_at_s" (CLOCK_MONOTONIC seconds), "epoch",
 ///                              "outcome", "phases": [{"phase", "ms", "reason"}]},
-///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages",
+///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "skipped_snapshots",
 ///      "malformed_frames", "unauthenticated"}
 public enum CoordinatorStatus {
     public static let schema = 1
@@ -227,6 +227,7 @@ public enum CoordinatorStatus {
             "snapshot_interval": c.settings.snapshotInterval, "uptime_s": (uptime * 10).rounded() / 10,
             "nodes": nodes, "last_failure": failure, "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
             "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages,
+            "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
             "malformed_frames": malformed, "unauthenticated": unauthenticated,
         ]
     }

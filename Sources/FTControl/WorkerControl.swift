@@ -32,6 +32,7 @@ public final class WorkerControl: @unchecked Sendable {
     private let stopping = Atomic<Bool>(false)
     private let interruptPipe: (read: Int32, write: Int32)
     private var step = 0
+    private var skipped = 0
     private var running = false
     private var resumedEpoch: UInt64 = 0
     private var thread: Thread?
@@ -90,6 +91,9 @@ public final class WorkerControl: @unchecked Sendable {
     /// The training loop reached `step` (sent with the next heartbeat).
     public func setStep(_ s: Int) { condition.withLock { step = s } }
 
+    /// Snapshots skipped so far (sent with the next heartbeat).
+    public func setSkipped(_ n: Int) { condition.withLock { skipped = n } }
+
     /// Restored (nil: initialized fresh) and ready to resume.
     public func ready(restoredStep: Int?) { enqueue(.ready(restoredStep: restoredStep)) }
 
@@ -133,8 +137,8 @@ public final class WorkerControl: @unchecked Sendable {
                 nextHello = now + 0.5
             }
             if now >= nextBeat {
-                let (s, r) = condition.withLock { (step, running) }
-                if welcomed { link.send(.workerHeartbeat(step: s, running: r)) }
+                let (s, r, k) = condition.withLock { (step, running, skipped) }
+                if welcomed { link.send(.workerHeartbeat(step: s, running: r, skipped: k)) }
                 nextBeat = now + interval
             }
             for m in condition.withLock({ () -> [ControlMessage] in defer { pendingOut.removeAll() }; return pendingOut }) {

@@ -21,8 +21,9 @@ public enum ControlMessage: Sendable, Equatable {
     case protected(step: Int)
     // worker -> coordinator
     case workerHello(WorkerInfo)
-    /// `running`: the worker is training (not paused or waiting for resume).
-    case workerHeartbeat(step: Int, running: Bool)
+    /// `running`: the worker is training (not paused or waiting for resume);
+    /// `skipped`: snapshots it skipped because a round was still pending.
+    case workerHeartbeat(step: Int, running: Bool, skipped: Int)
     case ready(restoredStep: Int?)
     case workerDone(finalStep: Int)
     // coordinator -> members
@@ -132,8 +133,8 @@ public enum ControlMessage: Sendable, Equatable {
         case .workerHello(let i):
             w.string(i.node); w.string(i.worker); w.i64(Int64(i.rank)); w.i64(Int64(i.worldSize)); w.i64(Int64(i.pid))
             w.string(i.collectiveEndpoint)
-        case .workerHeartbeat(let step, let running):
-            w.i64(Int64(step)); w.bool(running)
+        case .workerHeartbeat(let step, let running, let skipped):
+            w.i64(Int64(step)); w.bool(running); w.i64(Int64(skipped))
         case .ready(let s):
             w.i64(Int64(s ?? -1))
         case .restore(let s, let sources):
@@ -198,7 +199,8 @@ public enum ControlMessage: Sendable, Equatable {
                                       collectiveEndpoint: try r.string(field: "collective endpoint", max: 1024)))
         case 112:
             let step = try int("step")
-            self = .workerHeartbeat(step: step, running: try r.bool(field: "running"))
+            let running = try r.bool(field: "running")
+            self = .workerHeartbeat(step: step, running: running, skipped: try int("skipped"))
         case 113: self = .ready(restoredStep: try optional("restored step"))
         case 114: self = .workerDone(finalStep: try int("final step"))
         case 121: self = .welcome(state: try r.string(field: "state", max: 64))

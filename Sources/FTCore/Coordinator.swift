@@ -77,6 +77,8 @@ public struct CoordinatorInstance: Sendable {
         public var step = 0
         /// Restored and ready in the current epoch.
         public var ready = false
+        /// Snapshots skipped (the ranks skip together).
+        public var skipped = 0
     }
 
     public struct PhaseRecord: Sendable, Equatable {
@@ -157,8 +159,9 @@ public struct CoordinatorInstance: Sendable {
             nodes[sender]?.dataBytes = data
             nodes[sender]?.parityBytes = parity
             return [.send(to: sender, .ack(state: state.rawValue))]
-        case .workerHeartbeat(let step, let running):
+        case .workerHeartbeat(let step, let running, let skipped):
             workers[sender]?.step = step
+            workers[sender]?.skipped = skipped
             var out: [Directive] = [.send(to: sender, .ack(state: state.rawValue))]
             if current, !running, state == .running, let resume = lastResume, workers[sender]?.state == .alive {
                 // It missed the resume (or started late): say it again.

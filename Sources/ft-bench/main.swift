@@ -13,7 +13,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -95,6 +95,38 @@ struct Snapshot: ParsableCommand {
         bench.stepSeconds = stepMs.map { $0 / 1000 }
         let report = try bench.run(progress: { line in
             FileHandle.standardError.write(Data("ft-bench snapshot: \(line)\n".utf8))
+        })
+        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+    }
+}
+
+struct Detect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Failure detection latency: worker SIGKILL (reported by its SMP) and SMP SIGSTOP (heartbeat timeout).",
+        discussion: """
+            Starts real jobs (ft-coordinator, two ft-smp, ft-toy-worker from this binary's directory)
+            on loopback. figures.detect_sigkill_ms_p50/p99 and figures.detect_sigstop_ms_p50/p99.
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "SIGKILL trials.")
+    var killTrials = 10
+
+    @Option(help: "SIGSTOP trials (each starts a fresh job: a stopped SMP without erasure coding ends it).")
+    var stopTrials = 5
+
+    func validate() throws {
+        guard killTrials >= 1, stopTrials >= 1 else { throw ValidationError("trials must be at least 1") }
+    }
+
+    func run() throws {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var bench = DetectBench(binaries: (exe as NSString).deletingLastPathComponent)
+        bench.killTrials = killTrials
+        bench.stopTrials = stopTrials
+        let report = try bench.run(progress: { line in
+            FileHandle.standardError.write(Data("ft-bench detect: \(line)\n".utf8))
         })
         print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
     }

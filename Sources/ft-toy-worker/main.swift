@@ -120,7 +120,7 @@ extension ToyWorker {
                             let snapshotNow = try ring.allAgree(try client.canSnapshot(), interrupt: control.interruptFD)
                             try client.waitBeforeUpdate()
                             model.apply(step: s)
-                            if snapshotNow { try client.snapshot(step: s) } else { skipped += 1 }
+                            if snapshotNow { try client.snapshot(step: s) } else { skipped += 1; control.setSkipped(skipped) }
                             control.setStep(s)
                             if s % 50 == 0 { say("step=\(s)") }
                         }

@@ -344,7 +344,7 @@ struct ControlSimulation {
                     w = workers[key]!
                     w.nextHeartbeat = now + 0.3
                 } else if now >= w.nextHeartbeat {
-                    send(from: key, to: "coordinator", .workerHeartbeat(step: w.step, running: w.phase == .running), epoch: w.epoch)
+                    send(from: key, to: "coordinator", .workerHeartbeat(step: w.step, running: w.phase == .running, skipped: 0), epoch: w.epoch)
                     w.nextHeartbeat = now + 0.1
                 }
                 if let at = w.readyAt, at <= now, let step = w.readyStep {
