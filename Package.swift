@@ -20,6 +20,7 @@ let package = Package(
         .executable(name: "ft-toy-worker", targets: ["ft-toy-worker"]),
         .executable(name: "ft-coordinator", targets: ["ft-coordinator"]),
         .executable(name: "ftctl", targets: ["ftctl"]),
+        .executable(name: "ft-demo-trainer", targets: ["ft-demo-trainer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -35,6 +36,8 @@ let package = Package(
         // No pkgConfig on purpose: libzmq.pc drags in Kerberos -isystem flags that
         // SwiftPM rejects with a warning on every build. The module map links `zmq`.
         .systemLibrary(name: "CZMQ", providers: [.apt(["libzmq3-dev"])]),
+        // OpenBLAS's CBLAS for the demo model's matrix products.
+        .systemLibrary(name: "CBLAS", providers: [.apt(["libopenblas-dev"])]),
         // verbs.h hides most of its API behind function-like macros and static
         // inlines, which Swift cannot import reliably; this C target wraps them.
         .target(name: "CVerbsShim", linkerSettings: [.linkedLibrary("ibverbs")]),
@@ -45,6 +48,7 @@ let package = Package(
         .target(name: "FTErasure", dependencies: ["CISAL"]),
         .target(name: "FTZMQ", dependencies: ["CZMQ"]),
         .target(name: "FTSystem", dependencies: ["CPlatform"]),
+        .target(name: "FTBLAS", dependencies: ["CBLAS"]),
         .target(name: "FTVerbs", dependencies: [
             "CVerbsShim",
             .product(name: "Logging", package: "swift-log"),
@@ -56,7 +60,9 @@ let package = Package(
             "FTCore", "FTErasure", "FTSystem", "FTZMQ", "FTControl",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .target(name: "FTToy", dependencies: ["FTCore", "FTErasure"]),
+        .target(name: "FTToy", dependencies: ["FTCore", "FTErasure", "FTTraining", "FTWorker"]),
+        .target(name: "FTTraining", dependencies: ["FTControl", "FTCore", "FTWorker"]),
+        .target(name: "FTDemo", dependencies: ["FTBLAS", "FTCore", "FTErasure", "FTTraining", "FTWorker"]),
         .target(name: "FTLauncher", dependencies: ["FTControl", "FTCore", "FTSystem", "FTZMQ"]),
         .target(name: "FTControl", dependencies: [
             "FTCore", "FTSystem", "FTZMQ",
@@ -76,8 +82,12 @@ let package = Package(
             "FTControl", "FTCore", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "ft-demo-trainer", dependencies: [
+            "FTDemo", "FTToy", "FTTraining", "FTWorker", "FTControl", "FTSystem",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "ft-toy-worker", dependencies: [
-            "FTToy", "FTWorker", "FTSystem", "FTControl",
+            "FTToy", "FTWorker", "FTSystem", "FTControl", "FTTraining",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [

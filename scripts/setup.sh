@@ -3,7 +3,7 @@
 # installs only packages that are missing, and does nothing when all are there.
 set -euo pipefail
 
-packages=(libisal-dev libzmq3-dev libibverbs-dev pkg-config)
+packages=(libisal-dev libzmq3-dev libibverbs-dev libopenblas-dev pkg-config)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -10,6 +10,8 @@ public struct CoordinatorSettings: Sendable, Equatable {
     /// A recovery phase that takes longer is retried, then escalated.
     public var phaseTimeout: Double = 30
     public var phaseRetries = 2
+    /// Failures in a row without a resume before the job is stopped (a crash loop).
+    public var maxFailuresWithoutResume = 10
     /// Steps between snapshots (informational: workers decide collectively).
     public var snapshotInterval = 1
 
@@ -124,6 +126,7 @@ public struct CoordinatorInstance: Sendable {
     private var recovery: Recovery?
     private var roundStartedAt: [Int: Double] = [:]
     private var lastResume: ControlMessage?
+    private var failuresWithoutResume = 0
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
 
@@ -390,6 +393,11 @@ public struct CoordinatorInstance: Sendable {
 
     private mutating func failure(what: String, kind: String, detectedBy: String, now: Double) -> [Directive] {
         if state == .stopped || state == .failed { return [] }
+        failuresWithoutResume += 1
+        if failuresWithoutResume > settings.maxFailuresWithoutResume {
+            return fail("\(failuresWithoutResume) failures in a row without resuming (the last: \(kind) \(what), \(detectedBy)); "
+                + "stopping instead of looping", now: now)
+        }
         epoch += 1
         let previous = state
         state = .recovering
@@ -444,6 +452,7 @@ public struct CoordinatorInstance: Sendable {
         let from = (r.step ?? 0) + 1
         state = .running
         recovery = nil
+        failuresWithoutResume = 0
         let peers = workers.values.sorted { $0.info.rank < $1.info.rank }.map(\.info.collectiveEndpoint)
         if lastFailure != nil && lastFailure!.outcome == "in progress" {
             lastFailure!.phases.append(PhaseRecord(phase: .restart, seconds: restartSeconds,

@@ -53,18 +53,24 @@ public protocol CommitRule: Sendable {
     /// Called when every registered worker of the node has staged `step`.
     /// Returns true to commit it now.
     func allStaged(step: Int) -> Bool
+    /// Whether a fully staged round is reported to someone who may commit it.
+    /// Such a round must survive its workers' deaths until it is committed or
+    /// aborted: the commit may already be on its way.
+    var roundsAreReported: Bool { get }
 }
 
 /// "Committed" on one node means "all local workers staged this step".
 public struct LocalCommitRule: CommitRule {
     public init() {}
     public func allStaged(step: Int) -> Bool { true }
+    public var roundsAreReported: Bool { false }
 }
 
 /// Under a coordinator: a step commits only on its global `commit(s)`.
 public struct CoordinatorCommitRule: CommitRule {
     public init() {}
     public func allStaged(step: Int) -> Bool { false }
+    public var roundsAreReported: Bool { true }
 }
 
 /// The SMP's bookkeeping for its workers' snapshot slots, as a value type with
@@ -81,7 +87,9 @@ public struct CoordinatorCommitRule: CommitRule {
 ///     writing(s) -> staged(s)      staged(s)
 ///     writing(s) -> empty          worker exit or re-registration (torn copy dropped)
 ///     staged(s)  -> committed(s)   the commit rule commits s
-///     staged(s)  -> empty          worker exit or re-registration (uncommitted round dropped)
+///     staged(s)  -> empty          worker exit or re-registration, when the round was
+///                                  never reported; otherwise abort(s) or a restore
+///                                  of another step
 ///     committed  -> empty          the other slot commits a newer step (previous version freed)
 ///
 /// Invariants: at most one slot of a worker is committed; a committed slot is
@@ -166,7 +174,7 @@ public struct SnapshotStoreInstance: Sendable {
                                  "worker \(registration.workerID) registered again with different tensors or DP placement; "
                                      + "the SMP holds snapshots for the first registration (\(existing.layout.slotBytes) bytes per slot)")
             }
-            dropUncommitted(registration.workerID)
+            dropUncommitted(registration.workerID, keepStaged: rule.roundsAreReported)
             return .rejoined(committedStep: workers[registration.workerID]!.lastCommitted)
         }
         for other in workers.values where other.registration.dpSize == registration.dpSize
@@ -271,7 +279,7 @@ public struct SnapshotStoreInstance: Sendable {
     @discardableResult
     public mutating func prepareRestore(step: Int?) -> Bool {
         if let step, committedStep != step, allHaveStaged(step) { commit(step: step) }
-        for id in workers.keys { dropUncommitted(id) }
+        for id in workers.keys { dropUncommitted(id, keepStaged: false) }
         guard let step else { return true }
         return workers.values.allSatisfy { $0.lastCommitted == step }
     }
@@ -297,21 +305,30 @@ public struct SnapshotStoreInstance: Sendable {
         workers[id] = nil
     }
 
-    /// The worker's process ended (or restarted): a copy in flight is torn and
-    /// an uncommitted round is dropped; the committed slot stands.
+    /// The worker's process ended (or restarted): a copy in flight is torn
+    /// and dropped; the committed slot stands. A staged round is dropped too,
+    /// unless it was reported (under a coordinator): then it stays until the
+    /// coordinator commits it or restores something else.
     public mutating func workerExited(_ id: String) {
-        dropUncommitted(id)
+        dropUncommitted(id, keepStaged: rule.roundsAreReported)
     }
 
-    private mutating func dropUncommitted(_ id: String) {
+    /// The worker restores the committed step: every round of its own that is
+    /// not committed is void.
+    public mutating func discardUncommitted(worker id: String) {
+        dropUncommitted(id, keepStaged: false)
+    }
+
+    private mutating func dropUncommitted(_ id: String, keepStaged: Bool = false) {
         guard var w = workers[id] else { return }
         for i in 0..<2 {
             switch w.slots[i] {
-            case .writing, .staged: w.slots[i] = .empty
+            case .writing: w.slots[i] = .empty
+            case .staged where !keepStaged: w.slots[i] = .empty
             default: break
             }
         }
-        w.lastStaged = w.lastCommitted
+        if !keepStaged { w.lastStaged = w.lastCommitted }
         workers[id] = w
     }
 

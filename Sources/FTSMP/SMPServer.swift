@@ -316,7 +316,7 @@ public final class SMPServer: @unchecked Sendable {
                     // Its commit is decided and on its way: the worker carries the decision.
                     store.commit(step: expected)
                 }
-                store.workerExited(sender)  // any round of its in flight is void
+                store.discardUncommitted(worker: sender)  // any round of its in flight is void
                 let point = try store.restorePoint(worker: sender)
                 if let expected, point?.step != expected {
                     throw StoreError(.nothingCommitted, "node \(config.nodeID) holds step \(point.map { String($0.step) } ?? "none") "

@@ -1,3 +1,4 @@
+import FTErasure
 import FTSystem
 import FTZMQ
 import Foundation
@@ -29,13 +30,17 @@ public final class RingCollective: @unchecked Sendable {
     private var push: ZMQSocket?
     public let endpoint: String
     private var epoch: UInt64 = 0
+    private let jobTag: UInt64
     private var sequence: UInt64 = 0
     /// How long a receive may wait with no message before failing (a peer that
     /// died without the coordinator noticing); the interrupt normally comes first.
     public var receiveTimeoutSeconds = 60.0
 
-    public init(rank: Int, worldSize: Int, host: String = "127.0.0.1") throws {
+    /// `job` tags every message, so a process of another job that reaches this
+    /// port (a stale one, a reused port) is ignored.
+    public init(rank: Int, worldSize: Int, job: String = "", host: String = "127.0.0.1") throws {
         precondition(worldSize >= 1 && (0..<worldSize).contains(rank))
+        jobTag = UInt64(CRC32C.checksum(Array(job.utf8))) | UInt64(job.utf8.count) << 32
         self.rank = rank
         self.worldSize = worldSize
         context = try ZMQContext()
@@ -100,10 +105,11 @@ public final class RingCollective: @unchecked Sendable {
     }
 
     private func send(phase: UInt8, _ payload: UnsafeMutableRawBufferPointer) throws {
-        var header = [UInt8](repeating: 0, count: 17)
+        var header = [UInt8](repeating: 0, count: 25)
         withUnsafeBytes(of: epoch.littleEndian) { header.replaceSubrange(0..<8, with: $0) }
         withUnsafeBytes(of: sequence.littleEndian) { header.replaceSubrange(8..<16, with: $0) }
         header[16] = phase
+        withUnsafeBytes(of: jobTag.littleEndian) { header.replaceSubrange(17..<25, with: $0) }
         try push!.send([.bytes(header), .bytes(Array(payload))])
     }
 
@@ -118,8 +124,10 @@ public final class RingCollective: @unchecked Sendable {
                 }
                 continue
             }
-            guard let frames = try pull.receiveMessages(timeoutMilliseconds: 0), frames.count == 2, frames[0].count == 17 else { continue }
+            guard let frames = try pull.receiveMessages(timeoutMilliseconds: 0), frames.count == 2, frames[0].count == 25 else { continue }
             let h = frames[0].bytes
+            let tag = h[17..<25].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
+            if tag != jobTag { continue }  // another job's process
             let e = h[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
             let q = h[8..<16].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * $1.offset) }
             // Left over from an abandoned collective (older epoch or sequence): drop.

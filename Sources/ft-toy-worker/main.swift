@@ -3,6 +3,7 @@ import FTControl
 import FTCore
 import FTSystem
 import FTToy
+import FTTraining
 import FTWorker
 import Foundation
 
@@ -78,67 +79,23 @@ struct ToyWorker: ParsableCommand {
 }
 
 extension ToyWorker {
-    /// Under a coordinator: restore and resume when told, agree with the other
-    /// ranks every step (a barrier, and whether to snapshot), stop at once on a pause.
+    /// Under a coordinator: the fault-tolerant training loop of `FTTraining`.
     func runCoordinated(client: SnapshotClient, model: ToyModel, identity: WorkerIdentity, coordinator: String,
                         env: [String: String]) throws {
-        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize)
+        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
         let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
-        let node = env["FT_NODE_ID"] ?? "n0"
         let control = try WorkerControl(
-            info: .init(node: node, worker: identity.workerID, rank: identity.dpRank, worldSize: identity.dpSize,
-                        pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
+            info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
+                        worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
             coordinatorEndpoint: coordinator, keys: keys)
         control.start()
         defer { control.shutdown() }
-        var skipped = 0
-        while true {
-            switch control.nextInstruction() {
-            case .restore(let step, let sources, let epoch):
-                if let step {
-                    try client.restore(step: step, sources: sources)
-                    say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
-                } else {
-                    model.reset()
-                    say("fresh start epoch=\(epoch)")
-                }
-                control.setStep(model.step)
-                control.ready(restoredStep: step)
-            case .resume(let from, let peers, let epoch):
-                try ring.connect(peers: peers, epoch: epoch)
-                control.markRunning()
-                say("resume from=\(from) epoch=\(epoch)")
-                do {
-                    if from <= steps {
-                        for s in from...steps {
-                            if control.isPaused { throw Interrupted() }
-                            // The step's compute: interruptible at once by a pause.
-                            if stepMs > 0 {
-                                var p = pollfd(fd: control.interruptFD, events: Int16(POLLIN), revents: 0)
-                                if poll(&p, 1, Int32(stepMs)) > 0 { throw Interrupted() }
-                            }
-                            let snapshotNow = try ring.allAgree(try client.canSnapshot(), interrupt: control.interruptFD)
-                            try client.waitBeforeUpdate()
-                            model.apply(step: s)
-                            if snapshotNow { try client.snapshot(step: s) } else { skipped += 1; control.setSkipped(skipped) }
-                            control.setStep(s)
-                            if s % 50 == 0 { say("step=\(s)") }
-                        }
-                    }
-                    try client.waitForRound()
-                    say("final step=\(model.step) hash=\(model.hash) skipped=\(skipped)")
-                    control.done(finalStep: model.step)
-                } catch is Interrupted {
-                    say("paused at step=\(model.step)")
-                }
-            case .stop(let reason, let failed):
-                say("stop: \(reason)")
-                if failed { throw ExitCode(1) }
-                return
-            case .fenced(let reason):
-                say("fenced: \(reason)")
-                throw ExitCode(3)
-            }
+        let loop = CoordinatedTrainingLoop(model: ToyTrainable(model: model, stepMilliseconds: stepMs), client: client,
+                                           control: control, ring: ring, steps: steps, say: say)
+        switch try loop.run() {
+        case .completed: return
+        case .stopped(_, let failed): if failed { throw ExitCode(1) }
+        case .fenced: throw ExitCode(3)
         }
     }
 }

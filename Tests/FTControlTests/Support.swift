@@ -34,7 +34,7 @@ final class LocalJob: @unchecked Sendable {
     let stateKiB: Int
 
     init(tag: String, nodes: Int, workersPerNode: Int, steps: Int, stateKiB: Int = 64, stepMs: Int = 5,
-         lingerMs: Int = 1000, curve: Bool = true) throws {
+         lingerMs: Int = 1000, curve: Bool = true, command: [String]? = nil) throws {
         var o = FTLauncher.LocalJob.Options(binaries: productsDirectory,
                                             runDirectory: "/tmp/ft-ctl-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))",
                                             jobID: "c\(tag)\(getpid())x\(UInt32.random(in: 0...999_999))")
@@ -42,7 +42,8 @@ final class LocalJob: @unchecked Sendable {
         o.workersPerNode = workersPerNode
         o.lingerMs = lingerMs
         o.curve = curve
-        o.workerCommand = [productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(stateKiB)", "--step-ms", "\(stepMs)"]
+        o.workerCommand = command
+            ?? [productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(stateKiB)", "--step-ms", "\(stepMs)"]
         inner = try FTLauncher.LocalJob(o)
         self.steps = steps
         self.stateKiB = stateKiB
@@ -56,7 +57,8 @@ final class LocalJob: @unchecked Sendable {
     func workerPID(node: Int, worker: Int) -> Int32? { inner.workerPID(node: node, worker: worker) }
     func workerLog(node: Int, worker: Int) -> String { inner.workerLog(node: node, worker: worker) }
     func startCoordinator() throws { try inner.startCoordinator() }
-    func cleanUp() { inner.stop() }
+    /// Ends what the job started; FT_KEEP_TEST_DIRS=1 keeps its run directory (logs) for a look.
+    func cleanUp() { inner.stop(removeFiles: ProcessInfo.processInfo.environment["FT_KEEP_TEST_DIRS"] == nil) }
 
     /// Expected final hash of every rank: the same toy training, uninterrupted, in this process.
     func expectedFinalHashes() -> [String] {

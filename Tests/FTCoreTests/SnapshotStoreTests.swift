@@ -302,3 +302,28 @@ struct LCG {
         return state >> 17
     }
 }
+
+@Suite("Reported rounds survive worker deaths")
+struct ReportedRoundTests {
+    @Test("under a coordinator, a staged round outlives its worker until committed; locally it is dropped")
+    func keepsReportedRound() throws {
+        for reported in [true, false] {
+            var store = reported ? SnapshotStoreInstance(rule: CoordinatorCommitRule()) : SnapshotStoreInstance()
+            _ = try store.register(registration("w0", rank: 0, size: 2))
+            _ = try store.register(registration("w1", rank: 1, size: 2))
+            for id in ["w0", "w1"] {
+                guard case .write(let slot) = try store.begin(worker: id, step: 1) else { return }
+                _ = try store.staged(worker: id, step: 1, slot: slot, crcs: Array(repeating: 1, count: store.workers[id]!.layout.chunkCount))
+            }
+            if reported {
+                #expect(store.stagedStep == 1)  // protected(1) was reported
+                store.workerExited("w0")        // w0 dies before commit(1) arrives
+                #expect(store.allHaveStaged(1))
+                store.commit(step: 1)
+                #expect(try store.restorePoint(worker: "w0")?.step == 1)
+            } else {
+                #expect(store.committedStep == 1)
+            }
+        }
+    }
+}
