@@ -112,3 +112,33 @@ public struct CoordinatedTrainingLoop {
         }
     }
 }
+
+extension CoordinatedTrainingLoop {
+    /// Sets up everything a worker started by `ft-smp` under a coordinator
+    /// needs (the ring, the control thread from the FT_* environment) and runs
+    /// the loop. `client` must have registered `model.tensors`. Returns the
+    /// process exit code: 0 when the job completed, 1 when it was stopped as
+    /// failed, 3 when this worker was fenced.
+    public static func runUnderCoordinator(model: Trainable, client: SnapshotClient, steps: Int,
+                                           environment env: [String: String] = ProcessInfo.processInfo.environment,
+                                           say: @escaping (String) -> Void) throws -> Int32 {
+        let identity = client.identity
+        guard let coordinator = env["FT_COORDINATOR_ENDPOINT"] else {
+            throw SnapshotError(code: .misuse, message: "FT_COORDINATOR_ENDPOINT is not set (ft-smp --coordinator)")
+        }
+        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
+        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        let control = try WorkerControl(
+            info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
+                        worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
+            coordinatorEndpoint: coordinator, keys: keys)
+        control.start()
+        defer { control.shutdown() }
+        let loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps, say: say)
+        switch try loop.run() {
+        case .completed: return 0
+        case .stopped(_, let failed): return failed ? 1 : 0
+        case .fenced: return 3
+        }
+    }
+}

@@ -36,6 +36,13 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
     }
 
     public var description: String { "\(code.rawValue): \(message)" }
+
+    public init(code: Code, message: String, smpCode: String? = nil, corruption: Corruption? = nil) {
+        self.code = code
+        self.message = message
+        self.smpCode = smpCode
+        self.corruption = corruption
+    }
 }
 
 /// One tensor the training loop owns, registered for snapshots.

@@ -93,8 +93,7 @@ struct DemoTrainer: ParsableCommand {
             try runAlone()
             return
         }
-        let env = ProcessInfo.processInfo.environment
-        guard let coordinator = env["FT_COORDINATOR_ENDPOINT"] else {
+        guard ProcessInfo.processInfo.environment["FT_COORDINATOR_ENDPOINT"] != nil else {
             throw ValidationError("started by ft-smp without a coordinator: data-parallel training needs one (ft-smp --coordinator)")
         }
         let model = try makeModel(rank: identity.dpRank, worldSize: identity.dpSize)
@@ -103,20 +102,8 @@ struct DemoTrainer: ParsableCommand {
         }
         let client = try SnapshotClient(identity: identity)
         try client.register(model.tensors)
-        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
-        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
-        let control = try WorkerControl(
-            info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
-                        worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
-            coordinatorEndpoint: coordinator, keys: keys)
-        control.start()
-        defer { control.shutdown() }
-        let loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps, say: say)
-        switch try loop.run() {
-        case .completed: return
-        case .stopped(_, let failed): if failed { throw ExitCode(1) }
-        case .fenced: throw ExitCode(3)
-        }
+        let code = try CoordinatedTrainingLoop.runUnderCoordinator(model: model, client: client, steps: steps, say: say)
+        if code != 0 { throw ExitCode(code) }
     }
 
     /// Alone: no SMP, no snapshots, a ring of one.

@@ -50,8 +50,10 @@ struct ToyWorker: ParsableCommand {
         }
         let model = ToyModel(elements: stateKib * 256, dpRank: identity.dpRank)
         try client.register(model.tensors.map { RegisteredTensor(spec: $0.0, buffer: $0.1) })
-        if let coordinator = env["FT_COORDINATOR_ENDPOINT"] {
-            try runCoordinated(client: client, model: model, identity: identity, coordinator: coordinator, env: env)
+        if env["FT_COORDINATOR_ENDPOINT"] != nil {
+            let code = try CoordinatedTrainingLoop.runUnderCoordinator(
+                model: ToyTrainable(model: model, stepMilliseconds: stepMs), client: client, steps: steps, say: say)
+            if code != 0 { throw ExitCode(code) }
             return
         }
         var first = 1
@@ -75,28 +77,6 @@ struct ToyWorker: ParsableCommand {
         try client.waitForRound()
         let stats = client.stats
         say("final step=\(model.step) hash=\(model.hash) staged=\(stats.snapshotsStaged) skipped=\(stats.snapshotsSkipped)")
-    }
-}
-
-extension ToyWorker {
-    /// Under a coordinator: the fault-tolerant training loop of `FTTraining`.
-    func runCoordinated(client: SnapshotClient, model: ToyModel, identity: WorkerIdentity, coordinator: String,
-                        env: [String: String]) throws {
-        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
-        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
-        let control = try WorkerControl(
-            info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
-                        worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
-            coordinatorEndpoint: coordinator, keys: keys)
-        control.start()
-        defer { control.shutdown() }
-        let loop = CoordinatedTrainingLoop(model: ToyTrainable(model: model, stepMilliseconds: stepMs), client: client,
-                                           control: control, ring: ring, steps: steps, say: say)
-        switch try loop.run() {
-        case .completed: return
-        case .stopped(_, let failed): if failed { throw ExitCode(1) }
-        case .fenced: throw ExitCode(3)
-        }
     }
 }
 
