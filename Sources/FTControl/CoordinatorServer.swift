@@ -141,9 +141,19 @@ public final class CoordinatorServer: @unchecked Sendable {
                 send(identity, .statusReply(json))
                 continue
             }
-            identities[envelope.sender] = identity
             let before = (instance.state, instance.epoch, instance.committedStep)
-            execute(instance.receive(message, from: envelope.sender, epoch: envelope.epoch, now: monotonicSeconds()))
+            var directives = instance.receive(message, from: envelope.sender, epoch: envelope.epoch, now: monotonicSeconds())
+            // A fenced sender may be a zombie under a live member's id: answer it
+            // on its own connection, and do not let it take over the member's route.
+            directives.removeAll { d in
+                if case .send(let to, .fenced) = d, to == envelope.sender {
+                    if case .send(_, let m) = d { send(identity, m) }
+                    return true
+                }
+                return false
+            }
+            if !directives.isEmpty || identities[envelope.sender] == nil { identities[envelope.sender] = identity }
+            execute(directives)
             if before != (instance.state, instance.epoch, instance.committedStep) {
                 logger.debug("state \(instance.state.rawValue), epoch \(instance.epoch), committed \(instance.committedStep.map(String.init) ?? "none")")
             }

@@ -42,6 +42,13 @@ public enum ControlMessage: Sendable, Equatable {
     case resume(fromStep: Int, peers: [String])
     case fenced(reason: String)
     case stop(reason: String, failed: Bool)
+    /// To every SMP: the EC groups, chunk length and peers' data endpoints.
+    case ecLayout(ECLayout)
+    /// To a replacement SMP: rebuild this node's data and parity for `step`
+    /// from its group; `lost` are the nodes whose chunks are gone.
+    case rebuild(step: Int?, lost: [String])
+    /// From an SMP: rebuilt (or failed to, with the reason).
+    case rebuilt(step: Int?, error: String)
     // operator
     case statusQuery
     case statusReply(String)
@@ -114,6 +121,9 @@ public enum ControlMessage: Sendable, Equatable {
         case .stop: 131
         case .statusQuery: 141
         case .statusReply: 142
+        case .ecLayout: 151
+        case .rebuild: 152
+        case .rebuilt: 153
         }
     }
 
@@ -149,6 +159,16 @@ public enum ControlMessage: Sendable, Equatable {
             w.i64(Int64(from)); w.u32(UInt32(peers.count)); for p in peers { w.string(p) }
         case .stop(let reason, let failed):
             w.string(reason); w.bool(failed)
+        case .ecLayout(let l):
+            w.i64(Int64(l.k)); w.i64(Int64(l.m)); w.i64(Int64(l.chunkBytes))
+            w.u32(UInt32(l.groups.count))
+            for g in l.groups { w.u32(UInt32(g.count)); for x in g { w.string(x) } }
+            let eps = l.endpoints.sorted { $0.key < $1.key }
+            w.u32(UInt32(eps.count)); for (k, v) in eps { w.string(k); w.string(v) }
+        case .rebuild(let s, let lost):
+            w.i64(Int64(s ?? -1)); w.u32(UInt32(lost.count)); for x in lost { w.string(x) }
+        case .rebuilt(let s, let error):
+            w.i64(Int64(s ?? -1)); w.string(error)
         }
         return WireEnvelope(type: type, epoch: epoch, sender: sender, payload: w.buffer)
     }
@@ -220,6 +240,26 @@ public enum ControlMessage: Sendable, Equatable {
         case 131:
             let reason = try r.string(field: "reason", max: 1 << 16)
             self = .stop(reason: reason, failed: try r.bool(field: "failed"))
+        case 151:
+            let k = try int("k"), m = try int("m"), chunk = try int("chunk bytes")
+            let ng = Int(try r.u32(field: "group count"))
+            guard ng <= 4096 else { throw WireError(.badLength, "group count \(ng)") }
+            var groups: [[String]] = []
+            for _ in 0..<ng { groups.append(try strings("node")) }
+            let ne = Int(try r.u32(field: "endpoint count"))
+            guard ne <= 65536 else { throw WireError(.badLength, "endpoint count \(ne)") }
+            var eps: [String: String] = [:]
+            for _ in 0..<ne {
+                let key = try r.string(field: "node", max: 255)
+                eps[key] = try r.string(field: "endpoint", max: 1024)
+            }
+            self = .ecLayout(ECLayout(k: k, m: m, chunkBytes: chunk, groups: groups, endpoints: eps))
+        case 152:
+            let step = try optional("step")
+            self = .rebuild(step: step, lost: try strings("lost node"))
+        case 153:
+            let step = try optional("step")
+            self = .rebuilt(step: step, error: try r.string(field: "error", max: 1 << 16))
         case 141: self = .statusQuery
         case 142: self = .statusReply(try r.string(field: "status", max: 1 << 22))
         default: throw WireError(.unknownType, "message type \(e.type) is not a control message")

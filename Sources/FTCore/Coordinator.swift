@@ -14,6 +14,17 @@ public struct CoordinatorSettings: Sendable, Equatable {
     public var maxFailuresWithoutResume = 10
     /// Steps between snapshots (informational: workers decide collectively).
     public var snapshotInterval = 1
+    /// Erasure coding across nodes: groups of `k + m` consecutive nodes
+    /// (n0..n(k+m-1), …); nil for none.
+    public var erasure: (k: Int, m: Int)?
+
+    public static func == (a: CoordinatorSettings, b: CoordinatorSettings) -> Bool {
+        a.jobID == b.jobID && a.nodes == b.nodes && a.workersPerNode == b.workersPerNode
+            && a.erasure?.k == b.erasure?.k && a.erasure?.m == b.erasure?.m
+    }
+
+    /// The node ids of the job, in order.
+    public var nodeIDs: [String] { (0..<nodes).map { "n\($0)" } }
 
     public init(jobID: String, nodes: Int, workersPerNode: Int) {
         self.jobID = jobID
@@ -71,6 +82,9 @@ public struct CoordinatorInstance: Sendable {
         public var protectedStep: Int?
         public var dataBytes = 0
         public var parityBytes = 0
+        /// The epoch in which this process (pid) joined: older messages under
+        /// this id come from a process it replaced, and are fenced.
+        public var admittedEpoch: UInt64 = 0
     }
 
     public struct Worker: Sendable, Equatable {
@@ -81,6 +95,8 @@ public struct CoordinatorInstance: Sendable {
         public var ready = false
         /// Snapshots skipped (the ranks skip together).
         public var skipped = 0
+        /// The epoch in which this process (pid) joined (see `Node`).
+        public var admittedEpoch: UInt64 = 0
     }
 
     public struct PhaseRecord: Sendable, Equatable {
@@ -111,6 +127,11 @@ public struct CoordinatorInstance: Sendable {
         var phaseStartedAt: Double
         var retries = 0
         var restartWorkers: [String: [String]]
+        /// Nodes to rebuild from parity, and the pids of their lost SMPs.
+        var rebuildNodes: [String] = []
+        var lostPIDs: [String: Int] = [:]
+        var rebuilt: Set<String> = []
+        var rebuildStartedAt: Double = 0
     }
 
     public let settings: CoordinatorSettings
@@ -126,6 +147,7 @@ public struct CoordinatorInstance: Sendable {
     private var recovery: Recovery?
     private var roundStartedAt: [Int: Double] = [:]
     private var lastResume: ControlMessage?
+    public private(set) var lastLayout: ECLayout?
     private var failuresWithoutResume = 0
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
@@ -161,7 +183,7 @@ public struct CoordinatorInstance: Sendable {
         case .smpHeartbeat(let data, let parity):
             nodes[sender]?.dataBytes = data
             nodes[sender]?.parityBytes = parity
-            return [.send(to: sender, .ack(state: state.rawValue))]
+            return [.send(to: sender, .ack(state: state.rawValue))] + layoutDirectives()
         case .workerHeartbeat(let step, let running, let skipped):
             workers[sender]?.step = step
             workers[sender]?.skipped = skipped
@@ -196,6 +218,8 @@ public struct CoordinatorInstance: Sendable {
             w.state = .alive
             workers[sender] = w
             return maybeResume(now: now)
+        case .rebuilt(let step, let error):
+            return rebuildDone(sender, step: step, error: error, now: now)
         case .workerDone(let final):
             guard current, state == .running else { return [] }
             workers[sender]?.state = .done
@@ -244,13 +268,15 @@ public struct CoordinatorInstance: Sendable {
             }
         }
         if state == .recovering, var r = recovery, now - r.phaseStartedAt > settings.phaseTimeout {
-            let waiting = workers.values.filter { !$0.ready }.map(\.info.key).sorted()
+            let waiting = r.phase == .rebuild
+                ? r.rebuildNodes.filter { !r.rebuilt.contains($0) }.map { "the rebuild of \($0)" }
+                : workers.values.filter { !$0.ready }.map(\.info.key).sorted()
             if r.retries < settings.phaseRetries {
                 r.retries += 1
                 r.phaseStartedAt = now
                 recovery = r
                 out.append(.log("recovery phase \(r.phase.rawValue) timed out waiting for \(waiting.joined(separator: ", ")); retry \(r.retries)"))
-                out += restartDirectives(r)
+                out += r.phase == .rebuild ? rebuildDirectives(now: now) : restartDirectives(r)
             } else {
                 out += fail("recovery phase \(r.phase.rawValue) timed out \(settings.phaseRetries + 1) times waiting for "
                     + waiting.joined(separator: ", "), now: now)
@@ -263,7 +289,37 @@ public struct CoordinatorInstance: Sendable {
 
     private mutating func smpHello(_ inv: ControlMessage.SMPInventory, sender: String, senderEpoch: UInt64, now: Double) -> [Directive] {
         guard inv.node == sender else { return [.log("SMP \(sender) said hello as \(inv.node); ignored")] }
+        if let r = recovery, r.phase == .rebuild, r.rebuildNodes.contains(sender), let lostPID = r.lostPIDs[sender],
+           inv.pid != lostPID, nodes[sender]?.state != .alive || nodes[sender]?.pid == inv.pid {
+            // The replacement of a lost node: a new process under its id.
+            var node = nodes[sender]!
+            node.state = .alive
+            node.pid = inv.pid
+            node.dataEndpoint = inv.dataEndpoint
+            node.committedStep = nil
+            node.stagedStep = nil
+            node.protectedStep = nil
+            node.admittedEpoch = epoch
+            nodes[sender] = node
+            detector.heard(sender, now: now)
+            return [.send(to: sender, .welcome(state: state.rawValue)), .log("replacement SMP for \(sender) (pid \(inv.pid))")]
+                + rebuildDirectives(now: now)
+        }
         if let fence = fenceIfDead(sender, senderEpoch: senderEpoch) { return fence }
+        if state != .starting, let known = nodes[sender], known.state == .alive, known.pid != inv.pid, inv.pid > 0 {
+            // The node's SMP was restarted (by the launcher) before its silence
+            // was noticed: the old process and its memory are gone.
+            nodes[sender]?.state = .dead
+            for w in known.workers {
+                let key = "\(sender)/\(w)"
+                if workers[key]?.state == .alive || workers[key]?.state == .restarting { workers[key]?.state = .dead }
+                detector.forget(key)
+            }
+            detector.forget(sender)
+            var out = failure(what: sender, kind: "smp", detectedBy: "restarted as pid \(inv.pid) (was \(known.pid))", now: now)
+            if state == .recovering { out += smpHello(inv, sender: sender, senderEpoch: senderEpoch, now: now) }
+            return out
+        }
         if state == .stopped || state == .failed {
             return [.send(to: sender, .stop(reason: stopReason ?? "job over", failed: state == .failed))]
         }
@@ -299,6 +355,7 @@ public struct CoordinatorInstance: Sendable {
             return [.send(to: sender, .fenced(reason: "worker \(sender) is already running as pid \(existing.info.pid)"))]
         }
         var w = workers[sender] ?? Worker(info: info)
+        if workers[sender] != nil && w.info.pid != info.pid { w.admittedEpoch = epoch }
         w.info = info
         w.ready = false
         if w.state != .done || state == .starting { w.state = .alive }
@@ -316,6 +373,15 @@ public struct CoordinatorInstance: Sendable {
     /// message from a worker being replaced (the replacement says hello anew).
     private mutating func fenceIfDead(_ sender: String, senderEpoch: UInt64) -> [Directive]? {
         let dead: Bool
+        if let n = nodes[sender], n.state == .alive, senderEpoch < n.admittedEpoch {
+            // A replaced process still talking under the id of its replacement.
+            fencedMessages += 1
+            return [.send(to: sender, .fenced(reason: "\(sender) was replaced in epoch \(n.admittedEpoch)"))]
+        }
+        if let w = workers[sender], w.state == .alive, senderEpoch < w.admittedEpoch {
+            fencedMessages += 1
+            return [.send(to: sender, .fenced(reason: "\(sender) was replaced in epoch \(w.admittedEpoch)"))]
+        }
         if let n = nodes[sender] {
             dead = n.state == .dead || n.state == .fenced
             if dead { nodes[sender]?.state = .fenced }
@@ -417,20 +483,75 @@ public struct CoordinatorInstance: Sendable {
         for w in workers.values where (w.state == .dead || w.state == .restarting) && !lostNodes.contains(w.info.node) {
             lostWorkers[w.info.node, default: []].append(w.info.worker)
         }
+        let groups = settings.erasure.flatMap { try? ECLayout.groups(of: settings.nodeIDs, k: $0.k, m: $0.m) } ?? []
         let plan = RecoveryPlanner.plan(.init(nodes: nodes.keys.sorted(), lostNodes: lostNodes, lostWorkers: lostWorkers,
-                                              committedStep: committedStep))
+                                              committedStep: committedStep, ecGroups: groups, parityPerGroup: settings.erasure?.m ?? 0))
         switch plan {
         case .unrecoverable(let reason):
             lastFailure!.phases.append(PhaseRecord(phase: .plan, seconds: now - planStart, reason: reason))
             return out + fail(reason, now: now)
-        case .restore(let step, let restarts, let reason):
+        case .restore(let step, let restarts, let rebuildNodes, let reason):
             lastFailure!.phases.append(PhaseRecord(phase: .plan, seconds: now - planStart, reason: reason))
-            lastFailure!.phases.append(PhaseRecord(phase: .rebuild, seconds: 0, reason: "nothing to rebuild: snapshot memory intact on every node"))
             for (node, ids) in restarts { for id in ids { workers["\(node)/\(id)"]?.state = .restarting } }
-            let r = Recovery(step: step, phase: .restart, phaseStartedAt: now, restartWorkers: restarts)
+            if rebuildNodes.isEmpty {
+                lastFailure!.phases.append(PhaseRecord(phase: .rebuild, seconds: 0, reason: "nothing to rebuild: snapshot memory intact on every node"))
+                let r = Recovery(step: step, phase: .restart, phaseStartedAt: now, restartWorkers: restarts)
+                recovery = r
+                return out + restartDirectives(r)
+            }
+            // Wait for a replacement SMP of each lost node (the same node restarted
+            // empty, or a spare under its id), then have it rebuild from its group.
+            var r = Recovery(step: step, phase: .rebuild, phaseStartedAt: now, restartWorkers: restarts, rebuildNodes: rebuildNodes)
+            r.rebuildStartedAt = now
+            for id in rebuildNodes { r.lostPIDs[id] = nodes[id]?.pid ?? -1 }
+            // Replacements that already said hello keep their place in the rebuild.
+            if let old = recovery, old.phase == .rebuild {
+                r.lostPIDs.merge(old.lostPIDs) { current, _ in current }
+                r.rebuilt = old.rebuilt.intersection(rebuildNodes)
+            }
             recovery = r
-            return out + restartDirectives(r)
+            out.append(.log("waiting for replacement SMPs of \(rebuildNodes.joined(separator: ", ")) to rebuild from parity"))
+            return out + rebuildDirectives(now: now)
         }
+    }
+
+    /// Rebuild orders for replacements that are here and not yet rebuilt.
+    private mutating func rebuildDirectives(now: Double) -> [Directive] {
+        guard let r = recovery, r.phase == .rebuild else { return [] }
+        var out = layoutDirectives(force: true)
+        for id in r.rebuildNodes where nodes[id]?.state == .alive && !r.rebuilt.contains(id) {
+            out.append(.send(to: id, .rebuild(step: r.step, lost: r.rebuildNodes)))
+        }
+        return out
+    }
+
+    private mutating func rebuildDone(_ node: String, step: Int?, error: String, now: Double) -> [Directive] {
+        guard state == .recovering, var r = recovery, r.phase == .rebuild, r.rebuildNodes.contains(node), step == r.step else { return [] }
+        guard error.isEmpty else {
+            return fail("rebuild of node \(node) failed: \(error)", now: now)
+        }
+        r.rebuilt.insert(node)
+        recovery = r
+        guard r.rebuilt.count == r.rebuildNodes.count else { return [.log("node \(node) rebuilt")] }
+        lastFailure?.phases.append(PhaseRecord(phase: .rebuild, seconds: now - r.rebuildStartedAt,
+                                               reason: "rebuilt \(r.rebuildNodes.joined(separator: ", ")) from parity"))
+        r.phase = .restart
+        r.phaseStartedAt = now
+        r.retries = 0
+        recovery = r
+        return [.log("rebuilt \(r.rebuildNodes.joined(separator: ", ")); restoring")] + restartDirectives(r)
+    }
+
+    /// The EC layout, sent when it is known or changed (or when forced).
+    private mutating func layoutDirectives(force: Bool = false) -> [Directive] {
+        guard let ec = settings.erasure, let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
+        guard nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.dataBytes > 0 || $0.state != .alive }) else { return [] }
+        let chunk = groups.map { g in ParityPlacement.chunkBytes(forNodeBytes: g.compactMap { nodes[$0]?.dataBytes }, k: ec.k) }.max()!
+        let layout = ECLayout(k: ec.k, m: ec.m, chunkBytes: max(chunk, lastLayout?.chunkBytes ?? 0), groups: groups,
+                              endpoints: Dictionary(uniqueKeysWithValues: nodes.values.map { ($0.id, $0.dataEndpoint) }))
+        guard force || layout != lastLayout else { return [] }
+        lastLayout = layout
+        return broadcastToNodes(.ecLayout(layout))
     }
 
     private func restartDirectives(_ r: Recovery) -> [Directive] {

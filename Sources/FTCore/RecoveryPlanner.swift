@@ -28,9 +28,10 @@ public enum RecoveryPlanner {
     }
 
     public enum Plan: Sendable, Equatable {
-        /// Every worker restores `step` (nil: the initial state); the SMPs
-        /// listed respawn those of their workers that died.
-        case restore(step: Int?, restartWorkers: [String: [String]], reason: String)
+        /// Replacements of `rebuildNodes` rebuild those nodes' data and parity
+        /// from their EC groups; then every worker restores `step` (nil: the
+        /// initial state); the SMPs listed respawn those of their workers that died.
+        case restore(step: Int?, restartWorkers: [String: [String]], rebuildNodes: [String], reason: String)
         /// Memory cannot give back a consistent state: stop, with the reason.
         case unrecoverable(reason: String)
     }
@@ -50,13 +51,16 @@ public enum RecoveryPlanner {
                         + "(\(lostHere.joined(separator: ", "))), more than the \(input.parityPerGroup) it can repair; last committed: \(step)")
                 }
             }
-            return .unrecoverable(reason: "rebuilding lost nodes from parity is not available yet; lost \(lost.joined(separator: ", ")); last committed: \(step)")
+            let restarts = input.lostWorkers.filter { !$0.value.isEmpty && !input.lostNodes.contains($0.key) }.mapValues { $0.sorted() }
+            return .restore(step: input.committedStep, restartWorkers: restarts, rebuildNodes: lost,
+                            reason: "rebuild \(lost.joined(separator: ", ")) from parity (at most \(input.parityPerGroup) lost per group); "
+                                + "then every worker restores \(step)")
         }
         let restarts = input.lostWorkers.filter { !$0.value.isEmpty }.mapValues { $0.sorted() }
         let count = restarts.values.reduce(0) { $0 + $1.count }
         let reason = count == 0
             ? "no process lost; every worker restores \(step)"
             : "respawn \(count) worker\(count == 1 ? "" : "s") on \(restarts.keys.sorted().joined(separator: ", ")); snapshot memory intact on every node; every worker restores \(step)"
-        return .restore(step: input.committedStep, restartWorkers: restarts, reason: reason)
+        return .restore(step: input.committedStep, restartWorkers: restarts, rebuildNodes: [], reason: reason)
     }
 }

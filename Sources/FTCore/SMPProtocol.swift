@@ -33,6 +33,14 @@ public enum SMPMessage: Sendable, Equatable {
     /// Whether a snapshot round is pending (staged, not committed) on the node.
     case roundQuery
     case roundReply(committedStep: Int?, pending: Bool)
+    // SMP to SMP (erasure coding). A chunk's bytes follow in extra frames.
+    /// Data chunk `dataIndex` of `row` for `step`; its CRC32C over all its frames.
+    case ecChunk(step: Int, row: Int, dataIndex: Int, crc: UInt32)
+    /// The holder folded it (error empty) or refused it.
+    case ecAck(step: Int, row: Int, dataIndex: Int, error: String)
+    /// Codeword index `index` of `row` for `step` (data or parity), for a repair.
+    case ecFetch(step: Int, row: Int, index: Int)
+    case ecChunkData(step: Int, row: Int, index: Int, crc: UInt32)
     case error(code: String, message: String)
 
     public var type: UInt16 {
@@ -51,6 +59,10 @@ public enum SMPMessage: Sendable, Equatable {
         case .statusReply: 12
         case .roundQuery: 13
         case .roundReply: 14
+        case .ecChunk: 21
+        case .ecAck: 22
+        case .ecFetch: 23
+        case .ecChunkData: 24
         case .error: 99
         }
     }
@@ -95,6 +107,12 @@ public enum SMPMessage: Sendable, Equatable {
         case .roundReply(let committed, let pending):
             w.i64(Int64(committed ?? -1))
             w.bool(pending)
+        case .ecChunk(let step, let row, let index, let crc), .ecChunkData(let step, let row, let index, let crc):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.u32(crc)
+        case .ecAck(let step, let row, let index, let error):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.string(error)
+        case .ecFetch(let step, let row, let index):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index))
         case .restoreReply(let point):
             w.i64(Int64(point?.step ?? -1))
             w.i64(Int64(point?.slot ?? -1))
@@ -189,6 +207,16 @@ public enum SMPMessage: Sendable, Equatable {
         case 14:
             let committed = try Self.optionalInt(&r, "committed step")
             self = .roundReply(committedStep: committed, pending: try r.bool(field: "pending"))
+        case 21, 22, 23, 24:
+            let step = try Self.int(&r, "step")
+            let row = try Self.int(&r, "row")
+            let index = try Self.int(&r, "index")
+            switch envelope.type {
+            case 21: self = .ecChunk(step: step, row: row, dataIndex: index, crc: try r.u32(field: "crc"))
+            case 22: self = .ecAck(step: step, row: row, dataIndex: index, error: try r.string(field: "error"))
+            case 23: self = .ecFetch(step: step, row: row, index: index)
+            default: self = .ecChunkData(step: step, row: row, index: index, crc: try r.u32(field: "crc"))
+            }
         case 99:
             let code = try r.string(field: "code", max: 255)
             self = .error(code: code, message: try r.string(field: "message", max: 1 << 16))

@@ -300,6 +300,22 @@ public struct SnapshotStoreInstance: Sendable {
         committedStep = step
     }
 
+    /// Installs `step` as the committed snapshot of a worker from bytes
+    /// rebuilt elsewhere (a replacement node rebuilt from parity): its slot
+    /// `slot` holds them, checked against `crcs` by the caller.
+    public mutating func installCommitted(worker id: String, step: Int, slot: Int, crcs: [UInt32]) throws(StoreError) {
+        guard var w = workers[id] else { throw Self.unknown(id) }
+        guard (0..<2).contains(slot), crcs.count == w.layout.chunkCount else {
+            throw StoreError(.sizeMismatch, "worker \(id): \(crcs.count) CRCs for a layout of \(w.layout.chunkCount) chunks")
+        }
+        w.slots = [.empty, .empty]
+        w.slots[slot] = .committed(step: step, crcs: crcs)
+        w.lastCommitted = step
+        w.lastStaged = step
+        workers[id] = w
+        committedStep = workers.values.allSatisfy({ $0.lastCommitted == step }) ? step : committedStep
+    }
+
     /// Forgets a worker entirely (its registration could not be carried out).
     public mutating func remove(worker id: String) {
         workers[id] = nil

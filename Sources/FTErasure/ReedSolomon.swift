@@ -125,6 +125,30 @@ public final class ReedSolomon: Sendable {
         }
     }
 
+    /// Folds data chunk `dataIndex` into parity chunk `parityRow` only (a node
+    /// holding one parity chunk of a codeword computes just its own). `chunk`
+    /// may be a piece of the data chunk: it is folded into the same range of
+    /// `parity` (`parity.count == chunk.count`), so a chunk can arrive in pieces.
+    public func update(parityRow: Int, dataIndex: Int, chunk: UnsafeRawBufferPointer,
+                       parity: UnsafeMutableRawBufferPointer) throws(ErasureError) {
+        guard (0..<parityCount).contains(parityRow) else {
+            throw ErasureError(.invalidIndex, "parity row must be in 0..<\(parityCount), got \(parityRow)")
+        }
+        guard (0..<dataCount).contains(dataIndex) else {
+            throw ErasureError(.invalidIndex, "data chunk index must be in 0..<\(dataCount), got \(dataIndex)")
+        }
+        let length = try Self.commonLength([chunk.count, parity.count])
+        guard length > 0 else { return }
+        Self.withPointers([parity.baseAddress!]) { dst in
+            encodeTables.withUnsafeBufferPointer { t in
+                ec_encode_data_update(Int32(length), Int32(dataCount), 1, Int32(dataIndex),
+                                      UnsafeMutablePointer(mutating: t.baseAddress! + parityRow * 32 * dataCount),
+                                      UnsafeMutablePointer(mutating: chunk.baseAddress!.assumingMemoryBound(to: UInt8.self)),
+                                      dst)
+            }
+        }
+    }
+
     // MARK: reconstruct
 
     /// Rebuilds the chunks at the indices in `missing` from the others.

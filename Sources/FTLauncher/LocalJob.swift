@@ -18,6 +18,10 @@ public final class LocalJob: @unchecked Sendable {
         public var lingerMs = 1000
         public var heartbeatMs = 100
         public var timeoutMs = 500
+        /// Erasure coding across nodes, e.g. (3, 1).
+        public var erasure: (k: Int, m: Int)?
+        /// Extra environment of the first SMP of a node (not of its replacements).
+        public var smpEnvironment: [Int: [String: String]] = [:]
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -48,16 +52,34 @@ public final class LocalJob: @unchecked Sendable {
                            "--workers-per-node", "\(options.workersPerNode)", "--endpoint", endpoint, "--run-dir", options.runDirectory,
                            "--linger-ms", "\(options.lingerMs)", "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
+            + (options.erasure.map { ["--ec", "\($0.k)+\($0.m)"] } ?? [])
         try startCoordinator()
-        for n in 0..<options.nodes {
-            var args = [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", "n\(n)", "--run-dir", options.runDirectory,
+        for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
+        try writePIDs()
+    }
+
+    /// Starts (or restarts, as the replacement of a lost node) the SMP of node `n`.
+    @discardableResult
+    public func startSMP(node n: Int, environment extra: [String: String] = [:]) throws -> ChildProcess {
+        var args = [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", "n\(n)", "--run-dir", options.runDirectory,
                         "--workers", "\(options.workersPerNode)", "--coordinator", endpoint,
                         "--rank-offset", "\(n * options.workersPerNode)", "--world-size", "\(options.nodes * options.workersPerNode)"]
-            if options.curve { args += ["--keys", options.runDirectory + "/keys"] }
-            args += ["--"] + options.workerCommand
-            smps.append(try ChildProcess(arguments: args, environment: ProcessInfo.processInfo.environment,
-                                         outputPath: options.runDirectory + "/smp-n\(n).log"))
+        if options.curve { args += ["--keys", options.runDirectory + "/keys"] }
+        args += ["--"] + options.workerCommand
+        let smp = try ChildProcess(arguments: args, environment: ProcessInfo.processInfo.environment.merging(extra) { $1 },
+                                   outputPath: options.runDirectory + "/smp-n\(n).log")
+        if n < smps.count {
+            retired.append(smps[n])
+            smps[n] = smp
+            try writePIDs()
         }
+        return smp
+    }
+
+    /// SMP processes replaced by `startSMP` (still ended by `stop()`).
+    public private(set) var retired: [ChildProcess] = []
+
+    private func writePIDs() throws {
         var pids = "coordinator \(coordinator!.pid)\n"
         for (n, s) in smps.enumerated() { pids += "smp-n\(n) \(s.pid)\n" }
         try pids.write(toFile: options.runDirectory + "/job.pids", atomically: true, encoding: .utf8)
@@ -105,7 +127,7 @@ public final class LocalJob: @unchecked Sendable {
                 if let pid = workerPID(node: n, worker: w), pid > 0 { kill(pid, SIGCONT); kill(pid, SIGKILL) }
             }
         }
-        for smp in smps where smp.poll() == nil {
+        for smp in smps + retired where smp.poll() == nil {
             kill(smp.pid, SIGCONT)
             smp.kill(SIGKILL)
             smp.wait(timeoutSeconds: 5)

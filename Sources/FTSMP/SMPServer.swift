@@ -76,13 +76,13 @@ public struct SMPError: Error, Sendable, CustomStringConvertible {
 /// them exited successfully (a clean job end, which also frees every segment).
 public final class SMPServer: @unchecked Sendable {
     public let config: SMPConfiguration
-    private let logger: Logger
-    private var store: SnapshotStoreInstance
-    private let context: ZMQContext
-    private let router: ZMQSocket
+    let logger: Logger
+    var store: SnapshotStoreInstance
+    let context: ZMQContext
+    let router: ZMQSocket
     public private(set) var boundEndpoint: String
-    private var segments: [String: [SharedMemorySegment]] = [:]
-    private var children: [String: ChildProcess] = [:]
+    var segments: [String: [SharedMemorySegment]] = [:]
+    var children: [String: ChildProcess] = [:]
     private var restarts: [String: Int] = [:]
     private var finished: Set<String> = []
     private var totalRestarts = 0
@@ -90,9 +90,15 @@ public final class SMPServer: @unchecked Sendable {
     private let stopPipe: (read: Int32, write: Int32)
     /// Counted and dropped: frames that could not be decoded.
     public private(set) var malformedFrames = 0
-    private var link: CoordinatorLink?
+    var link: CoordinatorLink?
+    /// Erasure coding across nodes, once the coordinator sent the layout.
+    var erasure: ErasureState?
+    /// Test-only fault injection (FT_FAULT_KILL_DURING_EC_STEP): SIGKILL this
+    /// SMP halfway through sending its chunks of that step.
+    let faultKillDuringECStep = ProcessInfo.processInfo.environment["FT_FAULT_KILL_DURING_EC_STEP"].flatMap(Int.init)
     public private(set) var dataEndpoint: String = ""
     private var exitCode: Int32 = 0
+    private var welcomed = false
     private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
@@ -117,6 +123,13 @@ public final class SMPServer: @unchecked Sendable {
             unlink(String(config.endpoint.dropFirst(6)))
         }
         boundEndpoint = try router.bind(config.endpoint)
+        // Segments left by a previous SMP of this node that died: its memory is
+        // lost by definition (a replacement rebuilds from parity), and the names
+        // must be free for this one.
+        let prefix = "ft-\(config.jobID)-\(config.nodeID)-"
+        let stale = ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []).filter { $0.hasPrefix(prefix) }
+        for name in stale { SharedMemorySegment.unlink(name: "/" + name) }
+        if !stale.isEmpty { logger.info("removed \(stale.count) shared-memory segments left by a previous SMP of \(config.nodeID)") }
         if let coordinator = config.coordinatorEndpoint {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try router.bind("tcp://127.0.0.1:*")
@@ -152,16 +165,25 @@ public final class SMPServer: @unchecked Sendable {
         for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
         sendHello()
         var nextHeartbeat = 0.0
+        var nextHello = monotonicSeconds() + 0.5
         loop: while true {
             let now = monotonicSeconds()
             if let link, now >= nextHeartbeat {
-                link.send(.smpHeartbeat(dataBytes: bytesHeld, parityBytes: 0))
+                // Heartbeats only once welcomed (they carry the epoch the welcome
+                // brings); until then the hello is repeated.
+                if welcomed {
+                    link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+                } else if now >= nextHello {
+                    sendHello()
+                    nextHello = now + 0.5
+                }
                 nextHeartbeat = now + config.heartbeatInterval
             }
             var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
             if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let childIDs = children.keys.sorted()
             for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
+            if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
             if let link { items.append(.init(link.socket, .readable)) }
             let wait = link == nil ? 1000 : max(1, Int((nextHeartbeat - monotonicSeconds()) * 1000))
             let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
@@ -179,6 +201,7 @@ public final class SMPServer: @unchecked Sendable {
             }
             if ready[0].isReadable { try drainRequests() }
             if link != nil, ready.last!.isReadable { try handleCoordinator() }
+            drainPeerAcks()
             if stopRequested { break loop }
             if config.workerCount > 0 && finished.count == config.workerCount {
                 logger.info("all workers finished; clean end")
@@ -190,6 +213,25 @@ public final class SMPServer: @unchecked Sendable {
     }
 
     // MARK: coordinator
+
+    private func applyLayout(_ layout: ECLayout) {
+        if let ec = erasure, ec.layout.k == layout.k, ec.layout.m == layout.m, ec.layout.chunkBytes == layout.chunkBytes,
+           ec.layout.groups == layout.groups {
+            if ec.layout.endpoints != layout.endpoints {
+                for s in ec.peers.values { s.close() }
+                ec.peers.removeAll()
+                ec.layout = layout
+            }
+            return
+        }
+        do {
+            erasure = try ErasureState(layout: layout, node: config.nodeID)
+            logger.info("EC layout: RS(\(layout.k)+\(layout.m)), chunk \(layout.chunkBytes) bytes, group \(erasure!.group) position \(erasure!.position)")
+            if let s = store.stagedStep { startProtecting(step: s) }
+        } catch {
+            logger.error("EC layout refused: \(error)")
+        }
+    }
 
     private var bytesHeld: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
 
@@ -206,11 +248,21 @@ public final class SMPServer: @unchecked Sendable {
         guard let link else { return }
         for (message, _) in link.drain() {
             switch message {
-            case .welcome, .ack, .pause:
+            case .welcome, .ack:
+                welcomed = true
+            case .pause:
                 break
             case .helloRequired:
+                welcomed = false
                 sendHello()
+            case .ecLayout(let layout):
+                applyLayout(layout)
+            case .rebuild(let step, let lost):
+                let error = rebuild(step: step, lost: lost)
+                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
+                link.send(.rebuilt(step: step, error: error))
             case .commit(let step):
+                erasure?.dropParity { $0 < step }
                 if store.allHaveStaged(step) {
                     store.commit(step: step)
                     logger.debug("committed step \(step)")
@@ -219,8 +271,10 @@ public final class SMPServer: @unchecked Sendable {
                 }
             case .abort(let step):
                 store.abort(step: step)
+                erasure?.dropParity { $0 == step }
                 logger.info("snapshot round \(step) aborted by the coordinator")
             case .restore(let step, _):
+                erasure?.dropParity { $0 != step }
                 if !store.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
@@ -254,7 +308,22 @@ public final class SMPServer: @unchecked Sendable {
             let reply: [ZMQFrame]
             do {
                 let (message, envelope) = try SMPMessage.decode(frames[1].bytes)
-                reply = handle(message, from: envelope.sender)
+                switch message {
+                case .ecChunk(let step, let row, let index, let crc):
+                    reply = [.bytes(receiveChunk(step: step, row: row, dataIndex: index, crc: crc, frames: frames[2...])
+                        .envelope(sender: config.nodeID).encoded())]
+                case .ecFetch(let step, let row, let index):
+                    do {
+                        let bytes = try chunkBytes(step: step, row: row, index: index)
+                        reply = [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, crc: CRC32C.checksum(bytes))
+                            .envelope(sender: config.nodeID).encoded()), .bytes(bytes)]
+                    } catch {
+                        reply = [.bytes(SMPMessage.error(code: StoreError.Code.nothingCommitted.rawValue, message: "\(error)")
+                            .envelope(sender: config.nodeID).encoded())]
+                    }
+                default:
+                    reply = handle(message, from: envelope.sender)
+                }
             } catch {
                 malformedFrames += 1
                 logger.warning("dropped a malformed frame: \(error)", metadata: ["malformed.total": "\(malformedFrames)"])
@@ -308,7 +377,7 @@ public final class SMPServer: @unchecked Sendable {
                 }
             case .staged(let step, let slot, let crcs):
                 if case .allStaged(let s) = try store.staged(worker: sender, step: step, slot: slot, crcs: crcs) {
-                    link?.send(.protected(step: s))
+                    startProtecting(step: s)
                 }
                 return reply(.stagedReply(committedStep: store.workers[sender]?.lastCommitted))
             case .restoreQuery(let expected):
@@ -317,6 +386,7 @@ public final class SMPServer: @unchecked Sendable {
                     store.commit(step: expected)
                 }
                 store.discardUncommitted(worker: sender)  // any round of its in flight is void
+                try verifyAndRepair(worker: sender)
                 let point = try store.restorePoint(worker: sender)
                 if let expected, point?.step != expected {
                     throw StoreError(.nothingCommitted, "node \(config.nodeID) holds step \(point.map { String($0.step) } ?? "none") "
@@ -345,6 +415,7 @@ public final class SMPServer: @unchecked Sendable {
             throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
         }
         let id = owner.registration.workerID
+        try verifyAndRepair(worker: id)
         guard let point = try store.restorePoint(worker: id) else {
             throw StoreError(.nothingCommitted, "worker \(id) has no committed snapshot")
         }

@@ -65,7 +65,14 @@ public struct CoordinatedTrainingLoop {
             switch control.nextInstruction() {
             case .restore(let step, let sources, let epoch):
                 if let step {
-                    try client.restore(step: step, sources: sources)
+                    do {
+                        try client.restore(step: step, sources: sources)
+                    } catch {
+                        // A source may have died meanwhile: the coordinator will say
+                        // what to restore next (a new epoch, or a retry); do not crash.
+                        say("restore of step \(step) failed (epoch \(epoch)): \(error)")
+                        continue
+                    }
                     say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
                 } else {
                     model.reset()

@@ -539,14 +539,23 @@ final class SnapshotEngine: @unchecked Sendable {
             try peer.connect(endpoint)
             peers[endpoint] = peer
         }
-        return try exchange(message, on: peer, endpoint: endpoint)
+        do {
+            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 5000))
+        } catch {
+            // A late reply must not be taken for the next request's: start afresh.
+            peer.close()
+            peers[endpoint] = nil
+            throw error
+        }
     }
 
-    private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String) throws -> (SMPMessage, [ZMQMessage]) {
+    private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String,
+                          timeoutMilliseconds: Int? = nil) throws -> (SMPMessage, [ZMQMessage]) {
         let frame = message.envelope(sender: identity.workerID).encoded()
         try socket.send([frame])
-        guard let frames = try socket.receiveMessages(timeoutMilliseconds: requestTimeoutMilliseconds) else {
-            throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(endpoint) within \(requestTimeoutMilliseconds) ms")
+        let timeout = timeoutMilliseconds ?? requestTimeoutMilliseconds
+        guard let frames = try socket.receiveMessages(timeoutMilliseconds: timeout) else {
+            throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(endpoint) within \(timeout) ms")
         }
         let (reply, _) = try SMPMessage.decode(frames[0].bytes)
         if case .error(let code, let text) = reply {

@@ -47,6 +47,9 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "Seconds a recovery phase may take before it is retried (then escalated).")
     var phaseTimeout = 30.0
 
+    @Option(help: "Erasure coding across nodes as K+M (e.g. 3+1): groups of K+M consecutive nodes survive M lost nodes each.")
+    var ec: String?
+
     @Option(help: "After the job ends, keep answering this many milliseconds (members get the stop, ftctl a last status).")
     var lingerMs = 1000
 
@@ -61,6 +64,19 @@ struct FTCoordinatorCommand: ParsableCommand {
             throw ValidationError("--endpoint must be tcp://HOST:PORT or ipc://PATH")
         }
         guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
+        if ec != nil { _ = try parsedEC() }
+    }
+
+    func parsedEC() throws -> (k: Int, m: Int)? {
+        guard let ec else { return nil }
+        let parts = ec.split(separator: "+").map { Int($0) }
+        guard parts.count == 2, let k = parts[0], let m = parts[1] else { throw ValidationError("--ec takes K+M, e.g. 3+1") }
+        do {
+            _ = try ECLayout.groups(of: (0..<nodes).map { "n\($0)" }, k: k, m: m)
+        } catch {
+            throw ValidationError(error.description)
+        }
+        return (k, m)
     }
 
     func run() throws {
@@ -74,6 +90,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.heartbeatInterval = Double(heartbeatMs) / 1000
         settings.heartbeatTimeout = Double(timeoutMs) / 1000
         settings.phaseTimeout = phaseTimeout
+        settings.erasure = try parsedEC()
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
         config.lingerSeconds = Double(lingerMs) / 1000
         let server = try CoordinatorServer(config: config, logger: Logger(label: "ft-coordinator"), watchSignals: true)

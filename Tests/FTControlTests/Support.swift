@@ -34,7 +34,8 @@ final class LocalJob: @unchecked Sendable {
     let stateKiB: Int
 
     init(tag: String, nodes: Int, workersPerNode: Int, steps: Int, stateKiB: Int = 64, stepMs: Int = 5,
-         lingerMs: Int = 1000, curve: Bool = true, command: [String]? = nil) throws {
+         lingerMs: Int = 1000, curve: Bool = true, command: [String]? = nil,
+         configure: (inout FTLauncher.LocalJob.Options) -> Void = { _ in }) throws {
         var o = FTLauncher.LocalJob.Options(binaries: productsDirectory,
                                             runDirectory: "/tmp/ft-ctl-\(tag)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))",
                                             jobID: "c\(tag)\(getpid())x\(UInt32.random(in: 0...999_999))")
@@ -44,6 +45,7 @@ final class LocalJob: @unchecked Sendable {
         o.curve = curve
         o.workerCommand = command
             ?? [productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(stateKiB)", "--step-ms", "\(stepMs)"]
+        configure(&o)
         inner = try FTLauncher.LocalJob(o)
         self.steps = steps
         self.stateKiB = stateKiB

@@ -186,3 +186,31 @@ struct CRC32CTests {
         #expect(CRC32C.checksum(bytes) != before)
     }
 }
+
+@Suite("Reed-Solomon single-row update")
+struct SingleRowUpdateTests {
+    @Test("folding chunks in pieces into one parity row equals that row of encode", arguments: smallCodes.map { [$0.0, $0.1] })
+    func pieces(code: [Int]) throws {
+        let (k, m) = (code[0], code[1])
+        let rs = try ReedSolomon(dataCount: k, parityCount: m)
+        var rng = SeededBytes(seed: UInt64(3000 + k * 31 + m))
+        let len = 1000
+        let data = (0..<k).map { _ in rng.bytes(len) }
+        let expected = try rs.encode(data)
+        for row in 0..<m {
+            var parity = [UInt8](repeating: 0, count: len)
+            for d in (0..<k).reversed() {
+                // In three uneven pieces, as frames of a transfer would arrive.
+                for range in [0..<1, 1..<333, 333..<len] {
+                    try data[d].withUnsafeBytes { c in
+                        try parity.withUnsafeMutableBytes { p in
+                            try rs.update(parityRow: row, dataIndex: d, chunk: UnsafeRawBufferPointer(rebasing: c[range]),
+                                          parity: UnsafeMutableRawBufferPointer(rebasing: p[range]))
+                        }
+                    }
+                }
+            }
+            #expect(parity == expected[row], "RS(\(k)+\(m)) row \(row)")
+        }
+    }
+}

@@ -1,0 +1,108 @@
+import FTLauncher
+import FTSystem
+import Foundation
+import Testing
+
+/// Nodes lost and rebuilt from parity, with real processes.
+@Suite("Erasure coding across nodes (real processes)", .serialized)
+struct ErasureIntegrationTests {
+    /// A job of `nodes` nodes with one toy worker each, under EC k+m.
+    func makeJob(_ tag: String, nodes: Int, k: Int, m: Int, steps: Int, smpEnvironment: [Int: [String: String]] = [:]) throws -> LocalJob {
+        try LocalJob(tag: tag, nodes: nodes, workersPerNode: 1, steps: steps, stateKiB: 512, stepMs: 5) { o in
+            o.erasure = (k, m)
+            o.smpEnvironment = smpEnvironment
+        }
+    }
+
+    /// Kills node `n` like a host dying: its worker and its SMP, SIGKILL.
+    func killNode(_ job: LocalJob, _ n: Int) {
+        if let pid = job.workerPID(node: n, worker: 0) { kill(pid, SIGKILL) }
+        kill(job.smps[n].pid, SIGKILL)
+    }
+
+    func expectBitExact(_ job: LocalJob, sourceLocation: SourceLocation = #_sourceLocation) {
+        #expect(waitUntil(seconds: 150) { job.coordinator?.poll() != nil }, "job did not end\n\(job.logs)", sourceLocation: sourceLocation)
+        #expect(job.coordinator?.status == .exited(0), "\(job.logs)", sourceLocation: sourceLocation)
+        let expected = job.expectedFinalHashes()
+        for n in 0..<job.nodes {
+            #expect(job.finalHash(node: n, worker: 0) == expected[n], "rank \(n)\n\(job.workerLog(node: n, worker: 0))",
+                    sourceLocation: sourceLocation)
+        }
+    }
+
+    @Test("RS(3+1): a node killed (SMP and worker) is rebuilt from parity and the run ends bit-exact", .timeLimit(.minutes(3)))
+    func oneNode() throws {
+        let job = try makeJob("ec31", nodes: 4, k: 3, m: 1, steps: 500)
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
+        killNode(job, 2)
+        #expect(waitUntil(seconds: 10) { (job.status()?["state"] as? String) == "recovering" })
+        try job.inner.startSMP(node: 2)  // the launcher's part: the same node, restarted empty
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        let phases = ((job.status()?["last_failure"] as? [String: Any])?["phases"] as? [[String: Any]]) ?? []
+        #expect(phases.contains { $0["phase"] as? String == "rebuild" && ($0["reason"] as? String ?? "").contains("from parity") },
+                "\(phases)")
+        #expect(readText(job.dir + "/smp-n2.log").contains("rebuilt node n2"))
+        expectBitExact(job)
+    }
+
+    @Test("RS(4+2): two nodes killed at once are rebuilt and the run ends bit-exact", .timeLimit(.minutes(3)))
+    func twoNodes() throws {
+        let job = try makeJob("ec42", nodes: 6, k: 4, m: 2, steps: 400)
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 80 }, "\(job.logs)")
+        killNode(job, 1)
+        killNode(job, 4)
+        #expect(waitUntil(seconds: 10) { (job.status()?["state"] as? String) == "recovering" })
+        try job.inner.startSMP(node: 1)
+        try job.inner.startSMP(node: 4)
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        for n in [1, 4] { #expect(readText(job.dir + "/smp-n\(n).log").contains("rebuilt node n\(n)")) }
+        expectBitExact(job)
+    }
+
+    @Test("RS(3+1): a node killed in the middle of an encoding round; the previous committed step stands and is rebuilt",
+          .timeLimit(.minutes(3)))
+    func duringEncoding() throws {
+        let job = try makeJob("ecmid", nodes: 4, k: 3, m: 1, steps: 400, smpEnvironment: [1: ["FT_FAULT_KILL_DURING_EC_STEP": "60"]])
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { job.smps[1].poll() != nil }, "the fault did not fire\n\(job.logs)")
+        if let pid = job.workerPID(node: 1, worker: 0) { kill(pid, SIGKILL) }
+        #expect(readText(job.dir + "/smp-n1.log").contains("fault injection: SIGKILL during the EC round of step 60"))
+        #expect(jsonInt(job.status()?["committed_step"]) < 60)
+        try job.inner.startSMP(node: 1)
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        expectBitExact(job)
+    }
+
+    @Test("a flipped byte in a stored chunk is repaired from parity instead of failing the restore", .timeLimit(.minutes(3)))
+    func flippedByte() throws {
+        let job = try makeJob("ecflip", nodes: 4, k: 3, m: 1, steps: 600)
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
+        // Pause the job (kill a worker on another node), then corrupt the committed slot of n2 before it restores.
+        kill(job.smps[2].pid, SIGSTOP)
+        if let pid = job.workerPID(node: 0, worker: 0) { kill(pid, SIGKILL) }
+        usleep(100_000)
+        var flipped = 0
+        for slot in 0..<2 {
+            let path = "/dev/shm/ft-\(job.job)-n2-w0-s\(slot)"
+            guard let h = FileHandle(forUpdatingAtPath: path) else { continue }
+            try h.seek(toOffset: 100_000)
+            let b = try h.read(upToCount: 1) ?? Data([0])
+            try h.seek(toOffset: 100_000)
+            try h.write(contentsOf: Data([b[0] ^ 0x40]))
+            try h.close()
+            flipped += 1
+        }
+        #expect(flipped == 2)
+        kill(job.smps[2].pid, SIGCONT)
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        #expect(readText(job.dir + "/smp-n2.log").contains("repaired worker w0"), "\(readText(job.dir + "/smp-n2.log"))")
+        expectBitExact(job)
+    }
+}
