@@ -305,7 +305,6 @@ public struct CoordinatorInstance: Sendable {
             return [.send(to: sender, .welcome(state: state.rawValue)), .log("replacement SMP for \(sender) (pid \(inv.pid))")]
                 + rebuildDirectives(now: now)
         }
-        if let fence = fenceIfDead(sender, senderEpoch: senderEpoch) { return fence }
         if state != .starting, let known = nodes[sender], known.state == .alive, known.pid != inv.pid, inv.pid > 0 {
             // The node's SMP was restarted (by the launcher) before its silence
             // was noticed: the old process and its memory are gone.
@@ -320,6 +319,8 @@ public struct CoordinatorInstance: Sendable {
             if state == .recovering { out += smpHello(inv, sender: sender, senderEpoch: senderEpoch, now: now) }
             return out
         }
+        if nodes[sender]?.pid != inv.pid || nodes[sender]?.state != .alive,
+           let fence = fenceIfDead(sender, senderEpoch: senderEpoch) { return fence }
         if state == .stopped || state == .failed {
             return [.send(to: sender, .stop(reason: stopReason ?? "job over", failed: state == .failed))]
         }
@@ -478,7 +479,9 @@ public struct CoordinatorInstance: Sendable {
         out += broadcastToWorkers(.pause(reason: "\(kind) \(what) failed"))
 
         let planStart = now
-        let lostNodes = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
+        var lostNodes = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
+        // A replacement that has not finished rebuilding holds nothing yet: still lost.
+        if let old = recovery, old.phase == .rebuild { lostNodes.formUnion(Set(old.rebuildNodes).subtracting(old.rebuilt)) }
         var lostWorkers: [String: [String]] = [:]
         for w in workers.values where (w.state == .dead || w.state == .restarting) && !lostNodes.contains(w.info.node) {
             lostWorkers[w.info.node, default: []].append(w.info.worker)
@@ -506,7 +509,7 @@ public struct CoordinatorInstance: Sendable {
             for id in rebuildNodes { r.lostPIDs[id] = nodes[id]?.pid ?? -1 }
             // Replacements that already said hello keep their place in the rebuild.
             if let old = recovery, old.phase == .rebuild {
-                r.lostPIDs.merge(old.lostPIDs) { current, _ in current }
+                r.lostPIDs.merge(old.lostPIDs) { _, original in original }
                 r.rebuilt = old.rebuilt.intersection(rebuildNodes)
             }
             recovery = r
@@ -545,7 +548,13 @@ public struct CoordinatorInstance: Sendable {
     /// The EC layout, sent when it is known or changed (or when forced).
     private mutating func layoutDirectives(force: Bool = false) -> [Directive] {
         guard let ec = settings.erasure, let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
-        guard nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.dataBytes > 0 || $0.state != .alive }) else { return [] }
+        guard nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.dataBytes > 0 || $0.state != .alive }) else {
+            // Sizes unknown (a replacement has no workers yet): the last layout, with today's endpoints.
+            guard force, var layout = lastLayout else { return [] }
+            layout.endpoints = Dictionary(uniqueKeysWithValues: nodes.values.map { ($0.id, $0.dataEndpoint) })
+            lastLayout = layout
+            return broadcastToNodes(.ecLayout(layout))
+        }
         let chunk = groups.map { g in ParityPlacement.chunkBytes(forNodeBytes: g.compactMap { nodes[$0]?.dataBytes }, k: ec.k) }.max()!
         let layout = ECLayout(k: ec.k, m: ec.m, chunkBytes: max(chunk, lastLayout?.chunkBytes ?? 0), groups: groups,
                               endpoints: Dictionary(uniqueKeysWithValues: nodes.values.map { ($0.id, $0.dataEndpoint) }))

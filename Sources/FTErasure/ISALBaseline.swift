@@ -83,6 +83,14 @@ public final class ISALBaseline {
         ec_encode_data(Int32(length), Int32(k), Int32(m), &encodeTables, data, parity)
     }
 
+    /// Folds data chunk `dataIndex` into parity row 0 only, as a parity holder
+    /// does (one `ec_encode_data_update` with the row's tables).
+    public func updateRow(dataIndex: Int) {
+        encodeTables.withUnsafeMutableBufferPointer { t in
+            ec_encode_data_update(Int32(length), Int32(k), 1, Int32(dataIndex), t.baseAddress!, data[dataIndex], parity)
+        }
+    }
+
     /// One decode of the prepared loss pattern over the prepared buffers.
     public func reconstruct() {
         ec_encode_data(Int32(length), Int32(k), Int32(errs), &decodeTables, survivors, outputs)

@@ -89,6 +89,10 @@ final class ErasureState {
     /// The round being protected: step, its image pieces, acks still missing.
     var outgoing: (step: Int, manifest: [UInt8], pending: Set<String>)?
     var peers: [String: ZMQSocket] = [:]
+    /// When each round started protecting (for the staged-to-committed time).
+    var stagedAt: [Int: Double] = [:]
+    /// Bytes folded and seconds spent folding, per step.
+    var foldStats: [Int: (bytes: Int, seconds: Double)] = [:]
 
     init(layout: ECLayout, node: String) throws {
         guard let (g, p) = layout.locate(node) else { throw SMPError("node \(node) is in no EC group of the layout") }
@@ -183,6 +187,7 @@ extension SMPServer {
             return
         }
         guard let entries = imageEntries(step: step, committedOnly: false) else { return }
+        ec.stagedAt[step] = monotonicSeconds()
         let manifest = NodeImage(step: step, entries: entries.map(\.entry)).manifest()
         var pending = Set<String>()
         ec.outgoing = (step, manifest, [])
@@ -207,7 +212,7 @@ extension SMPServer {
                         continue
                     }
                     pending.insert("\(row)/\(dataIndex)/\(node)")
-                    if let killStep = faultKillDuringECStep, killStep == step, pending.count >= 2 {
+                    if let killStep = faultKillDuringECStep, step >= killStep, pending.count >= 2 {
                         // Test fault injection: die with the round half sent.
                         logger.warning("fault injection: SIGKILL during the EC round of step \(step)")
                         kill(getpid(), SIGKILL)
@@ -248,6 +253,11 @@ extension SMPServer {
             return "node \(config.nodeID) holds no parity of row \(row)"
         }
         var offset = 0
+        let started = monotonicSeconds()
+        defer {
+            let s = ec.foldStats[step] ?? (0, 0)
+            ec.foldStats[step] = (s.bytes + offset, s.seconds + monotonicSeconds() - started)
+        }
         for p in pieces {
             guard offset + p.count <= buffer.count else { return "chunk longer than \(buffer.count) bytes" }
             do {
@@ -353,9 +363,14 @@ extension SMPServer {
         for index in 0..<n where have.count < k && !exclude.contains(index) {
             let node = ec.members[ec.placement.position(ofCodewordIndex: index, row: row)]
             guard !lost.contains(node), node != config.nodeID else { continue }
-            if let bytes = try? fetch(node: node, step: step, row: row, index: index), bytes.count == L {
+            keepAlive()
+            do {
+                let bytes = try fetch(node: node, step: step, row: row, index: index)
+                guard bytes.count == L else { throw SMPError("chunk of \(bytes.count) bytes, expected \(L)") }
                 chunks[index] = bytes
                 have.append(index)
+            } catch {
+                logger.warning("row \(row) of step \(step): no chunk \(index) from \(node): \(error)")
             }
         }
         guard have.count == k else {
@@ -379,9 +394,13 @@ extension SMPServer {
         try s.setLinger(milliseconds: 0)
         try s.connect(endpoint)
         try s.send([SMPMessage.ecFetch(step: step, row: row, index: index).envelope(sender: config.nodeID).encoded()])
-        guard let frames = try s.receiveMessages(timeoutMilliseconds: 5000), frames.count == 2,
-              case .ecChunkData(_, _, _, let crc)? = try? SMPMessage.decode(frames[0].bytes).0 else {
-            throw SMPError("no chunk \(row)/\(index) of step \(step) from \(node)")
+        guard let frames = try s.receiveMessages(timeoutMilliseconds: 2000) else {
+            throw SMPError("no answer from \(endpoint) within 2 s")
+        }
+        let reply = try? SMPMessage.decode(frames[0].bytes).0
+        if case .error(_, let message)? = reply { throw SMPError(message) }
+        guard frames.count == 2, case .ecChunkData(_, _, _, let crc)? = reply else {
+            throw SMPError("unexpected answer from \(endpoint)")
         }
         let bytes = frames[1].bytes
         guard CRC32C.checksum(bytes) == crc else { throw SMPError("chunk \(row)/\(index) from \(node) failed its CRC32C") }

@@ -93,12 +93,14 @@ public final class SMPServer: @unchecked Sendable {
     var link: CoordinatorLink?
     /// Erasure coding across nodes, once the coordinator sent the layout.
     var erasure: ErasureState?
-    /// Test-only fault injection (FT_FAULT_KILL_DURING_EC_STEP): SIGKILL this
-    /// SMP halfway through sending its chunks of that step.
+    /// Test-only fault injection (FT_FAULT_KILL_DURING_EC_STEP=S): SIGKILL this
+    /// SMP halfway through sending its chunks of the first round at or after step S.
     let faultKillDuringECStep = ProcessInfo.processInfo.environment["FT_FAULT_KILL_DURING_EC_STEP"].flatMap(Int.init)
     public private(set) var dataEndpoint: String = ""
     private var exitCode: Int32 = 0
     private var welcomed = false
+    private var lastKeepAlive = 0.0
+    private var pendingRebuild: (step: Int?, lost: [String])?
     private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
@@ -214,6 +216,14 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: coordinator
 
+    /// Heartbeats while a long task (a rebuild) holds the event loop.
+    func keepAlive() {
+        let now = monotonicSeconds()
+        guard let link, welcomed, now - lastKeepAlive >= config.heartbeatInterval else { return }
+        lastKeepAlive = now
+        link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+    }
+
     private func applyLayout(_ layout: ECLayout) {
         if let ec = erasure, ec.layout.k == layout.k, ec.layout.m == layout.m, ec.layout.chunkBytes == layout.chunkBytes,
            ec.layout.groups == layout.groups {
@@ -228,6 +238,12 @@ public final class SMPServer: @unchecked Sendable {
             erasure = try ErasureState(layout: layout, node: config.nodeID)
             logger.info("EC layout: RS(\(layout.k)+\(layout.m)), chunk \(layout.chunkBytes) bytes, group \(erasure!.group) position \(erasure!.position)")
             if let s = store.stagedStep { startProtecting(step: s) }
+            if let (step, lost) = pendingRebuild {
+                pendingRebuild = nil
+                let error = rebuild(step: step, lost: lost)
+                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
+                link?.send(.rebuilt(step: step, error: error))
+            }
         } catch {
             logger.error("EC layout refused: \(error)")
         }
@@ -258,10 +274,23 @@ public final class SMPServer: @unchecked Sendable {
             case .ecLayout(let layout):
                 applyLayout(layout)
             case .rebuild(let step, let lost):
+                guard erasure != nil else {
+                    pendingRebuild = (step, lost)  // the layout is on its way
+                    continue
+                }
                 let error = rebuild(step: step, lost: lost)
                 if !error.isEmpty { logger.error("rebuild failed: \(error)") }
                 link.send(.rebuilt(step: step, error: error))
             case .commit(let step):
+                if let ec = erasure, let t0 = ec.stagedAt.removeValue(forKey: step) {
+                    let fold = ec.foldStats.removeValue(forKey: step) ?? (0, 0)
+                    logger.info("round \(step) committed", metadata: [
+                        "staged_to_committed_ms": "\(String(format: "%.1f", (monotonicSeconds() - t0) * 1000))",
+                        "image_bytes": "\(imageBytes)", "folded_bytes": "\(fold.bytes)",
+                        "fold_ms": "\(String(format: "%.1f", fold.seconds * 1000))"])
+                    ec.stagedAt = ec.stagedAt.filter { $0.key > step }
+                    ec.foldStats = ec.foldStats.filter { $0.key > step }
+                }
                 erasure?.dropParity { $0 < step }
                 if store.allHaveStaged(step) {
                     store.commit(step: step)

@@ -14,9 +14,13 @@ public final class ToyModel: @unchecked Sendable {
     public let rng: UnsafeMutableRawBufferPointer
     public let meta: UnsafeMutableRawBufferPointer
 
-    public init(elements: Int, dpRank: Int) {
+    /// Whether parameters and moments are registered as replicated (DP-sliced).
+    public let replicated: Bool
+
+    public init(elements: Int, dpRank: Int, replicated: Bool = true) {
         self.elements = elements
         self.dpRank = dpRank
+        self.replicated = replicated
         params = .allocate(byteCount: elements * 4, alignment: 64)
         moments = .allocate(byteCount: elements * 4, alignment: 64)
         rng = .allocate(byteCount: 8, alignment: 8)
@@ -46,8 +50,8 @@ public final class ToyModel: @unchecked Sendable {
     /// The tensors as the worker library registers them.
     public var tensors: [(TensorSpec, UnsafeMutableRawBufferPointer)] {
         [
-            (TensorSpec(name: "params", dtype: .u8, shape: [elements * 4], role: .param, replicated: true), params),
-            (TensorSpec(name: "moments", dtype: .u8, shape: [elements * 4], role: .optimizer, replicated: true), moments),
+            (TensorSpec(name: "params", dtype: .u8, shape: [elements * 4], role: .param, replicated: replicated), params),
+            (TensorSpec(name: "moments", dtype: .u8, shape: [elements * 4], role: .optimizer, replicated: replicated), moments),
             (TensorSpec(name: "rng", dtype: .u8, shape: [8], role: .rng, replicated: false), rng),
             (TensorSpec(name: "meta", dtype: .i64, shape: [1], role: .meta, replicated: false), meta),
         ]

@@ -13,7 +13,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self, Detect.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -127,6 +127,44 @@ struct Detect: ParsableCommand {
         bench.stopTrials = stopTrials
         let report = try bench.run(progress: { line in
             FileHandle.standardError.write(Data("ft-bench detect: \(line)\n".utf8))
+        })
+        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+    }
+}
+
+struct ECCluster: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ec-cluster",
+        abstract: "Erasure coding across real local SMPs: staged-to-committed, parity folding, node repair, against memcpy, raw ISA-L and disk.",
+        discussion: """
+            Starts real jobs (ft-coordinator, ft-smp, ft-toy-worker from this binary's directory): RS(3+1) on 4 nodes
+            and RS(4+2) on 6. ratios.commit_vs_memcpy, ratios.encode_vs_isal and ratios.repair_vs_disk_read
+            (cold disk read time over repair time) are for RS(3+1) at 1 GiB per node.
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "Snapshot sizes per node in MiB, comma-separated.")
+    var sizesMib = "256,1024"
+
+    @Option(help: "Largest size tried for RS(4+2) on 6 nodes, in MiB (memory).")
+    var maxWideMib = 256
+
+    @Option(help: "Directory of the disk file for the disk floor.")
+    var diskDir = "/tmp"
+
+    func run() throws {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var bench = ECClusterBench(binaries: (exe as NSString).deletingLastPathComponent)
+        let sizes = sizesMib.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !sizes.isEmpty, sizes.allSatisfy({ $0 >= 1 && $0 <= 4096 }) else {
+            throw ValidationError("--sizes-mib takes sizes in MiB between 1 and 4096")
+        }
+        bench.sizesMiB = sizes
+        bench.maxMiBForWideCodes = maxWideMib
+        bench.diskDirectory = diskDir
+        let report = try bench.run(progress: { line in
+            FileHandle.standardError.write(Data("ft-bench ec-cluster: \(line)\n".utf8))
         })
         print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
     }

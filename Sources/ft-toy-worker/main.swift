@@ -30,6 +30,9 @@ struct ToyWorker: ParsableCommand {
     @Option(help: "Simulated compute per step, in milliseconds.")
     var stepMs = 0.0
 
+    @Flag(help: "Register parameters and moments as per-rank (not DP-sliced): each node snapshots all of its state.")
+    var noReplicate = false
+
     func validate() throws {
         guard steps >= 1 else { throw ValidationError("--steps must be at least 1") }
         guard stateKib >= 1 && stateKib <= 16 << 20 else { throw ValidationError("--state-kib must be in 1...16777216") }
@@ -48,7 +51,7 @@ struct ToyWorker: ParsableCommand {
         if identity.restartCount == 0, let s = env["FT_FAULT_KILL_MID_COPY_STEP"].flatMap(Int.init) {
             client.killMidCopyAtStep = s
         }
-        let model = ToyModel(elements: stateKib * 256, dpRank: identity.dpRank)
+        let model = ToyModel(elements: stateKib * 256, dpRank: identity.dpRank, replicated: !noReplicate)
         try client.register(model.tensors.map { RegisteredTensor(spec: $0.0, buffer: $0.1) })
         if env["FT_COORDINATOR_ENDPOINT"] != nil {
             let code = try CoordinatedTrainingLoop.runUnderCoordinator(

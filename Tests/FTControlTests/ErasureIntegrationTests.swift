@@ -20,6 +20,15 @@ struct ErasureIntegrationTests {
         kill(job.smps[n].pid, SIGKILL)
     }
 
+    /// Waits until the coordinator has declared these nodes dead (the launcher
+    /// starts replacements once a node is known lost).
+    func waitDeclaredDead(_ job: LocalJob, _ nodes: [Int]) -> Bool {
+        waitUntil(seconds: 20) {
+            let ns = (job.status()?["nodes"] as? [[String: Any]]) ?? []
+            return nodes.allSatisfy { n in ns.contains { $0["id"] as? String == "n\(n)" && ($0["smp"] as? String == "dead" || $0["smp"] as? String == "fenced") } }
+        }
+    }
+
     func expectBitExact(_ job: LocalJob, sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(waitUntil(seconds: 150) { job.coordinator?.poll() != nil }, "job did not end\n\(job.logs)", sourceLocation: sourceLocation)
         #expect(job.coordinator?.status == .exited(0), "\(job.logs)", sourceLocation: sourceLocation)
@@ -36,7 +45,7 @@ struct ErasureIntegrationTests {
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
         killNode(job, 2)
-        #expect(waitUntil(seconds: 10) { (job.status()?["state"] as? String) == "recovering" })
+        #expect(waitDeclaredDead(job, [2]), "\(job.logs)")
         try job.inner.startSMP(node: 2)  // the launcher's part: the same node, restarted empty
         #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
                 "\(job.logs)")
@@ -54,7 +63,7 @@ struct ErasureIntegrationTests {
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 80 }, "\(job.logs)")
         killNode(job, 1)
         killNode(job, 4)
-        #expect(waitUntil(seconds: 10) { (job.status()?["state"] as? String) == "recovering" })
+        #expect(waitDeclaredDead(job, [1, 4]), "\(job.logs)")
         try job.inner.startSMP(node: 1)
         try job.inner.startSMP(node: 4)
         #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
@@ -70,11 +79,20 @@ struct ErasureIntegrationTests {
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { job.smps[1].poll() != nil }, "the fault did not fire\n\(job.logs)")
         if let pid = job.workerPID(node: 1, worker: 0) { kill(pid, SIGKILL) }
-        #expect(readText(job.dir + "/smp-n1.log").contains("fault injection: SIGKILL during the EC round of step 60"))
-        #expect(jsonInt(job.status()?["committed_step"]) < 60)
+        let line = readText(job.dir + "/smp-n1.log").split(separator: "\n").first { $0.contains("fault injection: SIGKILL during the EC round of step") }
+        let killedStep = try #require(line.flatMap { Int($0.split(separator: " ").last ?? "") }, "\(job.logs)")
+        #expect(waitDeclaredDead(job, [1]), "\(job.logs)")
         try job.inner.startSMP(node: 1)
         #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
                 "\(job.logs)")
+        // The round being encoded never committed: everyone went back to a step before it.
+        for n in 0..<4 {
+            let restored = job.workerLog(node: n, worker: 0).split(separator: "\n").filter { $0.hasPrefix("restored step=") }
+            for r in restored {
+                let step = Int(r.dropFirst("restored step=".count).prefix { $0 != " " }) ?? .max
+                #expect(step < killedStep, "node \(n) restored \(step), the interrupted round was \(killedStep)")
+            }
+        }
         expectBitExact(job)
     }
 

@@ -26,6 +26,17 @@ func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
 
 func freePort() throws -> Int { try FTLauncher.LocalJob.freePort() }
 
+/// Jobs of real processes share two cores: one at a time, whatever suite they
+/// are in, so that timing-based detection (500 ms) is not fooled by load.
+let realProcessJobs = Gate()
+
+/// A lock that may be released by another thread than the one that took it.
+final class Gate: @unchecked Sendable {
+    private let semaphore = DispatchSemaphore(value: 1)
+    func lock() { semaphore.wait() }
+    func unlock() { semaphore.signal() }
+}
+
 /// A job of toy workers for the tests, over `FTLauncher.LocalJob`.
 @dynamicMemberLookup
 final class LocalJob: @unchecked Sendable {
@@ -46,7 +57,13 @@ final class LocalJob: @unchecked Sendable {
         o.workerCommand = command
             ?? [productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(stateKiB)", "--step-ms", "\(stepMs)"]
         configure(&o)
-        inner = try FTLauncher.LocalJob(o)
+        realProcessJobs.lock()
+        do {
+            inner = try FTLauncher.LocalJob(o)
+        } catch {
+            realProcessJobs.unlock()
+            throw error
+        }
         self.steps = steps
         self.stateKiB = stateKiB
     }
@@ -60,7 +77,10 @@ final class LocalJob: @unchecked Sendable {
     func workerLog(node: Int, worker: Int) -> String { inner.workerLog(node: node, worker: worker) }
     func startCoordinator() throws { try inner.startCoordinator() }
     /// Ends what the job started; FT_KEEP_TEST_DIRS=1 keeps its run directory (logs) for a look.
-    func cleanUp() { inner.stop(removeFiles: ProcessInfo.processInfo.environment["FT_KEEP_TEST_DIRS"] == nil) }
+    func cleanUp() {
+        inner.stop(removeFiles: ProcessInfo.processInfo.environment["FT_KEEP_TEST_DIRS"] == nil)
+        realProcessJobs.unlock()
+    }
 
     /// Expected final hash of every rank: the same toy training, uninterrupted, in this process.
     func expectedFinalHashes() -> [String] {

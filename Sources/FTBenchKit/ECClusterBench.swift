@@ -1,0 +1,207 @@
+import FTErasure
+import FTLauncher
+import FTSystem
+import Foundation
+
+/// `ft-bench ec-cluster`: erasure coding across real local SMPs.
+///
+/// For each code (RS(3+1) on 4 nodes, RS(4+2) on 6) and snapshot size S per
+/// node, one job of real processes (coordinator, SMPs, one toy worker per node
+/// whose whole state is per-rank, so each node's image is S) takes a few
+/// snapshots spaced apart; each SMP logs the time from "all local workers
+/// staged s" to "commit(s) arrived" and how long it spent folding chunks into
+/// parity. Then one node is killed and restarted empty, and (for m = 2) two;
+/// the replacements log how long the rebuild from parity took.
+///
+/// Floors, measured in this process in the same run: memcpy of S bytes; raw
+/// ISA-L single-row updates on chunks of the same length; writing S bytes to
+/// a file on local disk with fsync and reading them back after evicting them
+/// from the page cache (`posix_fadvise(DONTNEED)`).
+public struct ECClusterBench {
+    public var binaries: String
+    public var sizesMiB = [256, 1024]
+    public var codes: [(k: Int, m: Int)] = [(3, 1), (4, 2)]
+    /// The largest size tried for codes other than RS(3+1) (memory: 6 nodes × (2 slots + worker + parity)).
+    public var maxMiBForWideCodes = 256
+    public var rounds = 3
+    public var diskDirectory = "/tmp"
+
+    public init(binaries: String) { self.binaries = binaries }
+
+    struct Measured {
+        var commitMs: [Double] = []
+        var foldGBps: [Double] = []
+        var repairMs: [Int: [Double]] = [:]
+    }
+
+    public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
+        var report = BenchReport(section: "ec-cluster")
+        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "fold GB/s", "ISA-L row GB/s",
+                         "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
+        for code in codes {
+            for mib in sizesMiB where code == (3, 1) || mib <= maxMiBForWideCodes {
+                let bytes = mib << 20
+                let nodes = code.k + code.m
+                let tag = "rs\(code.k)_\(code.m)_\(mib)mib"
+                progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: floors")
+                let memcpyGBps = measureMemcpy(bytes)
+                let chunk = (bytes + code.k - 1) / code.k
+                let rawRow = measureRawRowUpdate(k: code.k, m: code.m, chunkBytes: chunk)
+                let disk = try measureDisk(bytes)
+                progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: the job")
+                let m = try measureJob(k: code.k, m: code.m, bytes: bytes, progress: progress)
+                let commit = median(m.commitMs)
+                let commitGBps = Double(bytes) / (commit / 1000) / 1e9
+                let fold = median(m.foldGBps)
+                report.figure("commit_ms_p50_\(tag)", commit)
+                report.figure("commit_gbps_per_node_\(tag)", commitGBps)
+                report.figure("memcpy_gbps_\(tag)", memcpyGBps)
+                report.figure("encode_fold_gbps_\(tag)", fold)
+                report.figure("encode_isal_row_gbps_\(tag)", rawRow)
+                report.figure("disk_write_fsync_ms_\(tag)", disk.write * 1000)
+                report.figure("disk_read_cold_ms_\(tag)", disk.read * 1000)
+                for (lost, ms) in m.repairMs.sorted(by: { $0.key < $1.key }) {
+                    report.figure("repair_\(lost)_nodes_ms_\(tag)", median(ms))
+                }
+                let repair1 = m.repairMs[1].map(median) ?? .nan
+                report.ratio("commit_vs_memcpy_\(tag)", commitGBps / memcpyGBps)
+                report.ratio("encode_vs_isal_\(tag)", fold / rawRow)
+                report.ratio("repair_vs_disk_read_\(tag)", disk.read * 1000 / repair1)
+                if code == (3, 1) && mib == 1024 {
+                    report.ratio("commit_vs_memcpy", commitGBps / memcpyGBps)
+                    report.ratio("encode_vs_isal", fold / rawRow)
+                    report.ratio("repair_vs_disk_read", disk.read * 1000 / repair1)
+                }
+                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(fold), f(rawRow),
+                                     f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)])
+            }
+        }
+        report.notes.append("All nodes share this machine's cores and memory bandwidth: a real cluster gives each node its own. "
+                            + "commit = staged to committed per node (median over nodes and rounds); fold = in-system parity folding "
+                            + "at the holders; repair = the replacement's rebuild from parity; disk read after evicting the file "
+                            + "from the page cache. Ratios without a suffix are RS(3+1) at 1 GiB per node.")
+        return report
+    }
+
+    func measureJob(k: Int, m: Int, bytes: Int, progress: (String) -> Void) throws -> Measured {
+        let nodes = k + m
+        var o = LocalJob.Options(binaries: binaries, runDirectory: "/tmp/ft-bench-ec-\(getpid())-\(k)\(m)-\(bytes >> 20)",
+                                 jobID: "ecb\(getpid())x\(k)\(m)x\(bytes >> 20)")
+        o.nodes = nodes
+        o.workersPerNode = 1
+        o.erasure = (k, m)
+        o.timeoutMs = 3000  // large copies on a shared 2-core machine must not look like deaths
+        o.heartbeatMs = 200
+        let stepMs = max(2000, (bytes >> 20) * 12)
+        o.workerCommand = [binaries + "/ft-toy-worker", "--steps", "1000000", "--state-kib", "\(bytes >> 11)", "--no-replicate",
+                           "--step-ms", "\(stepMs)"]
+        let job = try LocalJob(o)
+        defer { job.stop() }
+        var result = Measured()
+        func smpLog(_ n: Int) -> String { (try? String(contentsOfFile: job.dir + "/smp-n\(n).log", encoding: .utf8)) ?? "" }
+        func waitFor(_ seconds: Double, _ what: String, _ condition: () -> Bool) throws {
+            let deadline = monotonicSeconds() + seconds
+            while !condition() {
+                if job.status()?["state"] as? String == "failed" {
+                    throw BenchError("the job failed while waiting for \(what):\n\(job.logs.suffix(6000))")
+                }
+                if monotonicSeconds() > deadline { throw BenchError("\(what) did not happen within \(Int(seconds)) s:\n\(job.logs.suffix(4000))") }
+                usleep(50_000)
+            }
+        }
+        try waitFor(240, "\(rounds) committed rounds") { jsonInt(job.status()?["committed_step"]) >= rounds }
+        for n in 0..<nodes {
+            for line in smpLog(n).split(separator: "\n") where line.contains("committed") && line.contains("staged_to_committed_ms=") {
+                let fields = Dictionary(uniqueKeysWithValues: line.split(separator: " ").compactMap { f -> (String, String)? in
+                    let kv = f.split(separator: "=", maxSplits: 1)
+                    return kv.count == 2 ? (String(kv[0]), String(kv[1])) : nil
+                })
+                if let ms = fields["staged_to_committed_ms"].flatMap(Double.init) { result.commitMs.append(ms) }
+                if let b = fields["folded_bytes"].flatMap(Double.init), let t = fields["fold_ms"].flatMap(Double.init), t > 0 {
+                    result.foldGBps.append(b / (t / 1000) / 1e9)
+                }
+            }
+        }
+        // Repairs: one node, then (m = 2) two at once.
+        for lost in 1...min(m, 2) {
+            progress("RS(\(k)+\(m)): killing \(lost) node\(lost > 1 ? "s" : "") and rebuilding")
+            let victims = Array(0..<lost).map { ($0 * 2 + 1) % nodes }
+            let epoch = jsonInt(job.status()?["epoch"])
+            for n in victims {
+                if let pid = job.workerPID(node: n, worker: 0) { kill(pid, SIGKILL) }
+                kill(job.smps[n].pid, SIGKILL)
+            }
+            // Like the launcher: start replacements once the nodes are known lost.
+            try waitFor(30, "the detection of \(victims)") {
+                let ns = (job.status()?["nodes"] as? [[String: Any]]) ?? []
+                return victims.allSatisfy { v in ns.contains { $0["id"] as? String == "n\(v)" && $0["smp"] as? String != "alive" } }
+            }
+            for n in victims { try job.startSMP(node: n) }
+            try waitFor(240, "the rebuild of \(victims)") {
+                guard let s = job.status(), jsonInt(s["epoch"]) > epoch, s["state"] as? String == "running" else { return false }
+                return victims.allSatisfy { smpLog($0).components(separatedBy: "rebuilt node").count > lost }
+            }
+            for n in victims {
+                let lines = smpLog(n).split(separator: "\n").filter { $0.contains("rebuilt node") }
+                if let line = lines.last, let ms = line.split(separator: " ").first(where: { $0.hasPrefix("ms=") }).flatMap({ Double($0.dropFirst(3)) }) {
+                    result.repairMs[lost, default: []].append(ms)
+                }
+            }
+            try waitFor(240, "a commit after the rebuild") { jsonInt(job.status()?["committed_step"]) > rounds + lost }
+        }
+        return result
+    }
+
+    func measureMemcpy(_ bytes: Int) -> Double {
+        let src = AlignedBuffer(count: bytes, fill: 1)
+        let dst = AlignedBuffer(count: bytes, fill: 2)
+        let t = (0..<3).map { _ in timeSeconds { memcpy(dst.base, src.base, bytes) } }
+        return Double(bytes) / median(t) / 1e9
+    }
+
+    func measureRawRowUpdate(k: Int, m: Int, chunkBytes: Int) -> Double {
+        let buffer = AlignedBuffer(count: (k + m) * chunkBytes)
+        buffer.randomize(seed: 3)
+        let chunks = (0..<(k + m)).map { buffer.slice($0 * chunkBytes, chunkBytes) }
+        let raw = ISALBaseline(k: k, m: m, chunks: chunks, missing: [0])
+        let t = (0..<3).map { _ in timeSeconds { for d in 0..<k { raw.updateRow(dataIndex: d) } } }
+        return Double(k * chunkBytes) / median(t) / 1e9
+    }
+
+    /// Write with fsync, evict from the page cache, read back.
+    func measureDisk(_ bytes: Int) throws -> (write: Double, read: Double) {
+        let path = diskDirectory + "/ft-bench-disk-\(getpid()).bin"
+        defer { unlink(path) }
+        let buffer = AlignedBuffer(count: 64 << 20)
+        buffer.randomize(seed: 9)
+        let fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0o600)
+        guard fd >= 0 else { throw BenchError("cannot create \(path): errno \(errno)") }
+        let write = timeSeconds {
+            var left = bytes
+            while left > 0 {
+                let n = Glibc.write(fd, buffer.base, min(left, buffer.count))
+                if n <= 0 { break }
+                left -= n
+            }
+            fsync(fd)
+        }
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+        close(fd)
+        let rfd = open(path, O_RDONLY)
+        guard rfd >= 0 else { throw BenchError("cannot read \(path)") }
+        posix_fadvise(rfd, 0, 0, POSIX_FADV_DONTNEED)
+        let target = AlignedBuffer(count: bytes)
+        let read = timeSeconds {
+            var done = 0
+            while done < bytes {
+                let n = Glibc.read(rfd, target.base + done, bytes - done)
+                if n <= 0 { break }
+                done += n
+            }
+        }
+        close(rfd)
+        return (write, read)
+    }
+
+    private func f(_ v: Double) -> String { v.isFinite ? String(format: "%.1f", v) : "-" }
+}
