@@ -177,6 +177,19 @@ extension SMPServer {
         return pieces
     }
 
+    /// CRC32C of a large buffer in 64 MiB pieces, heartbeating between them.
+    func checksumResponsively(_ buffer: UnsafeRawBufferPointer, continuing crc: UInt32) -> UInt32 {
+        var c = crc
+        var done = 0
+        while done < buffer.count {
+            let n = min(64 << 20, buffer.count - done)
+            c = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[done..<done + n]), continuing: c)
+            done += n
+            keepAlive()
+        }
+        return c
+    }
+
     // MARK: protecting a round
 
     /// Every local worker staged `step`: send each data chunk to its row's
@@ -204,7 +217,7 @@ extension SMPServer {
                 let range = (c * L)..<min((c + 1) * L, total)
                 let pieces = range.isEmpty ? [] : imagePieces(manifest: manifest, entries: entries, range: range, manifestPointer: mp.baseAddress!)
                 var crc: UInt32 = 0
-                for p in pieces { crc = CRC32C.checksum(p, continuing: crc) }
+                for p in pieces { crc = checksumResponsively(p, continuing: crc) }
                 for holder in ec.placement.parityHolders(row: row) {
                     let node = ec.members[holder]
                     if holder == ec.position {
@@ -260,11 +273,20 @@ extension SMPServer {
         }
         for p in pieces {
             guard offset + p.count <= buffer.count else { return "chunk longer than \(buffer.count) bytes" }
-            do {
-                try ec.codec.update(parityRow: index, dataIndex: dataIndex, chunk: p,
-                                    parity: UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<offset + p.count]))
-            } catch {
-                return "\(error)"
+            // In 64 MiB pieces, heartbeating between them: a holder may fold a
+            // gigabyte, and the coordinator must not take it for dead meanwhile.
+            var done = 0
+            while done < p.count {
+                let n = min(64 << 20, p.count - done)
+                do {
+                    try ec.codec.update(parityRow: index, dataIndex: dataIndex,
+                                        chunk: UnsafeRawBufferPointer(rebasing: p[done..<done + n]),
+                                        parity: UnsafeMutableRawBufferPointer(rebasing: buffer[offset + done..<offset + done + n]))
+                } catch {
+                    return "\(error)"
+                }
+                done += n
+                keepAlive()
             }
             offset += p.count
         }
@@ -275,7 +297,7 @@ extension SMPServer {
     /// A peer's data chunk arrived: check it, fold it, acknowledge.
     func receiveChunk(step: Int, row: Int, dataIndex: Int, crc: UInt32, frames: ArraySlice<ZMQMessage>) -> SMPMessage {
         var actual: UInt32 = 0
-        for f in frames { f.withUnsafeBytes { actual = CRC32C.checksum($0, continuing: actual) } }
+        for f in frames { f.withUnsafeBytes { actual = checksumResponsively($0, continuing: actual) } }
         guard actual == crc else {
             return .ecAck(step: step, row: row, dataIndex: dataIndex, error: "chunk CRC32C mismatch in transfer")
         }
@@ -437,7 +459,7 @@ extension SMPServer {
             for e in parsed.entries {
                 let id = e.registration.workerID
                 if case .new(let bytes) = try store.register(e.registration) {
-                    segments[id] = try (0..<2).map { try SharedMemorySegment.create(name: segmentName(worker: id, slot: $0), count: bytes) }
+                    segments[id] = try (0..<2).map { try createSlot(name: segmentName(worker: id, slot: $0), count: bytes) }
                 }
                 let segment = segments[id]![0]
                 guard offset + e.slotBytes <= image.count, segment.count == e.slotBytes else { return "image entry \(id) out of bounds" }

@@ -216,6 +216,20 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: coordinator
 
+    /// A slot segment, pre-faulted in 64 MiB pieces with heartbeats between
+    /// (a 1 GiB slot takes about a second to fault in).
+    func createSlot(name: String, count: Int) throws -> SharedMemorySegment {
+        let segment = try SharedMemorySegment.create(name: name, count: count, prefault: false)
+        var offset = 0
+        while offset < count {
+            let n = min(64 << 20, count - offset)
+            try segment.prefault(offset..<offset + n)
+            offset += n
+            keepAlive()
+        }
+        return segment
+    }
+
     /// Heartbeats while a long task (a rebuild) holds the event loop.
     func keepAlive() {
         let now = monotonicSeconds()
@@ -387,7 +401,7 @@ public final class SMPServer: @unchecked Sendable {
                 switch outcome {
                 case .new(let bytes):
                     do {
-                        segments[registration.workerID] = try names.map { try SharedMemorySegment.create(name: $0, count: bytes) }
+                        segments[registration.workerID] = try names.map { try createSlot(name: $0, count: bytes) }
                     } catch {
                         store.remove(worker: registration.workerID)
                         throw StoreError(.internalError, "could not allocate 2 × \(bytes) bytes of shared memory: \(error)")

@@ -68,6 +68,15 @@ public final class SharedMemorySegment: @unchecked Sendable {
         return SharedMemorySegment(name: name, count: count, base: base)
     }
 
+    /// Faults in `range` of the mapping for writing (see `create(prefault:)`);
+    /// lets a caller pre-fault a large segment in pieces and stay responsive.
+    public func prefault(_ range: Range<Int>) throws(SystemError) {
+        guard !range.isEmpty else { return }
+        if ft_prefault(base + range.lowerBound, range.count) != 0 {
+            throw SystemError("prefault \(name) bytes \(range)", errno: errno)
+        }
+    }
+
     /// Removes the name; the memory goes when the last mapping does.
     @discardableResult
     public static func unlink(name: String) -> Bool { shm_unlink(name) == 0 }
