@@ -442,25 +442,50 @@ final class SnapshotEngine: @unchecked Sendable {
             throw SnapshotError(code: .refused, message: "restore point does not match the layout")
         }
         let slot = slots[point.slot]
+        // Every chunk: check its CRC piece by piece (pulling the piece into
+        // cache) and copy it from there. Training is paused during a restore,
+        // so the chunks are split over this thread and one helper.
+        struct Job: Sendable { var index: Int; var chunk: Int }
+        var jobs: [Job] = []
         for (index, entry) in layout.entries.enumerated() {
+            for chunk in 0..<entry.chunkCount { jobs.append(Job(index: index, chunk: chunk)) }
+        }
+        let tensors = self.tensors
+        let workerID = identity.workerID
+        let restoreChunk: @Sendable (Job) -> SnapshotError.Corruption? = { job in
+            let entry = layout.entries[job.index]
             let src = UnsafeRawPointer(slot.base + entry.slotOffset)
-            let dst = tensors[index].buffer.baseAddress! + entry.storedRange.lowerBound
-            for chunk in 0..<entry.chunkCount {
-                let range = layout.chunkRange(entry, chunk: chunk)
-                // Piece by piece: the CRC pulls a piece into cache, the copy reads it from there.
-                var actual: UInt32 = 0
-                var offset = range.lowerBound
-                while offset < range.upperBound {
-                    let n = min(Self.copyPiece, range.upperBound - offset)
-                    actual = CRC32C.checksum(UnsafeRawBufferPointer(start: src + offset, count: n), continuing: actual)
-                    memcpy(dst + offset, src + offset, n)
-                    offset += n
-                }
-                let expected = point.crcs[entry.firstChunk + chunk]
-                guard actual == expected else {
-                    throw corrupt(worker: identity.workerID, tensor: entry.spec.name, chunk: chunk, expected: expected, actual: actual)
-                }
+            let dst = tensors[job.index].buffer.baseAddress! + entry.storedRange.lowerBound
+            let range = layout.chunkRange(entry, chunk: job.chunk)
+            var actual: UInt32 = 0
+            var offset = range.lowerBound
+            while offset < range.upperBound {
+                let n = min(Self.copyPiece, range.upperBound - offset)
+                actual = CRC32C.checksum(UnsafeRawBufferPointer(start: src + offset, count: n), continuing: actual)
+                memcpy(dst + offset, src + offset, n)
+                offset += n
             }
+            let expected = point.crcs[entry.firstChunk + job.chunk]
+            return actual == expected ? nil
+                : .init(worker: workerID, tensor: entry.spec.name, chunk: job.chunk, expected: expected, actual: actual)
+        }
+        let half = jobs.count / 2
+        let helperResult = Locked<SnapshotError.Corruption?>(nil)
+        let helperDone = DispatchSemaphore(value: 0)
+        let helperJobs = Array(jobs[half...])
+        if !helperJobs.isEmpty && half > 0 {
+            Thread {
+                for j in helperJobs { if let c = restoreChunk(j) { helperResult.set(c); break } }
+                helperDone.signal()
+            }.start()
+        } else {
+            helperDone.signal()
+        }
+        var mine: SnapshotError.Corruption?
+        for j in (half > 0 ? Array(jobs[..<half]) : jobs) { if let c = restoreChunk(j) { mine = c; break } }
+        helperDone.wait()
+        if let c = mine ?? helperResult.get() {
+            throw corrupt(worker: c.worker, tensor: c.tensor, chunk: c.chunk, expected: c.expected, actual: c.actual)
         }
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
             for rank in 0..<identity.dpSize where rank != identity.dpRank {
@@ -567,6 +592,15 @@ final class SnapshotEngine: @unchecked Sendable {
     private func unexpected(_ reply: SMPMessage, _ what: String) -> SnapshotError {
         SnapshotError(code: .transport, message: "unexpected reply to \(what): \(reply)")
     }
+}
+
+/// A value behind a lock, for results handed between threads.
+final class Locked<T>: @unchecked Sendable {
+    private var value: T
+    private let lock = NSLock()
+    init(_ v: T) { value = v }
+    func get() -> T { lock.lock(); defer { lock.unlock() }; return value }
+    func set(_ v: T) { lock.lock(); value = v; lock.unlock() }
 }
 
 func hex(_ v: UInt32) -> String {
