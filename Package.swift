@@ -21,6 +21,7 @@ let package = Package(
         .executable(name: "ft-coordinator", targets: ["ft-coordinator"]),
         .executable(name: "ftctl", targets: ["ftctl"]),
         .executable(name: "ft-demo-trainer", targets: ["ft-demo-trainer"]),
+        .executable(name: "ft-launch", targets: ["ft-launch"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -80,6 +81,10 @@ let package = Package(
         ]),
         .executableTarget(name: "ftctl", dependencies: [
             "FTControl", "FTCore", "FTZMQ",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "ft-launch", dependencies: [
+            "FTLauncher", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ft-demo-trainer", dependencies: [

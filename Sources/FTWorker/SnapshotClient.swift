@@ -565,7 +565,9 @@ final class SnapshotEngine: @unchecked Sendable {
             peers[endpoint] = peer
         }
         do {
-            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 5000))
+            // Short: a source that does not answer at once is likely dead, and the
+            // coordinator's next restore order (with live sources) is on its way.
+            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000))
         } catch {
             // A late reply must not be taken for the next request's: start afresh.
             peer.close()

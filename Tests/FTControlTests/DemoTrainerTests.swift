@@ -70,3 +70,20 @@ struct DemoTrainerTests {
         }
     }
 }
+
+@Suite("The README's demo")
+struct ReadmeDemoTests {
+    @Test("ft-launch demo kills a node midway, recovers from memory and ends with equal hashes", .timeLimit(.minutes(6)))
+    func demo() throws {
+        realProcessJobs.lock()
+        defer { realProcessJobs.unlock() }
+        let dir = "/tmp/ft-demo-test-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (status, output, _) = try runTool("ft-launch", ["demo", "--steps", "80", "--run-dir", dir], timeout: 300)
+        #expect(status == .exited(0), "\(output.suffix(4000))")
+        #expect(output.contains("killed node n1"))
+        #expect(output.contains("rebuilt n1 from parity"))
+        #expect(output.contains("EQUAL") && !output.contains("DIFFERENT"))
+        for phase in ["detect", "plan", "rebuild", "restart", "resume"] { #expect(output.contains("  \(phase) ")) }
+    }
+}
