@@ -89,6 +89,9 @@ final class ErasureState {
     /// The round being protected: step, its image pieces, acks still missing.
     var outgoing: (step: Int, manifest: [UInt8], pending: Set<String>)?
     var peers: [String: ZMQSocket] = [:]
+    static let noLayout = "no EC layout"
+    /// When to send the outgoing round again (a holder had no layout yet).
+    var resendAt: Double?
     /// When each round started protecting (for the staged-to-committed time).
     var stagedAt: [Int: Double] = [:]
     /// Bytes folded and seconds spent folding, per step.
@@ -260,7 +263,7 @@ extension SMPServer {
     /// Folds the pieces of one data chunk into this node's parity of `row`.
     @discardableResult
     func fold(step: Int, row: Int, dataIndex: Int, pieces: [UnsafeRawBufferPointer]) -> String {
-        guard let ec = erasure else { return "no EC layout" }
+        guard let ec = erasure else { return ErasureState.noLayout }
         if ec.folded[step]?[row]?.contains(dataIndex) == true { return "" }  // a duplicate: folding twice would cancel it
         guard let buffer = ec.parityBuffer(step: step, row: row), let index = ec.parity[step]?[row]?.index else {
             return "node \(config.nodeID) holds no parity of row \(row)"
@@ -313,15 +316,24 @@ extension SMPServer {
         return .ecAck(step: step, row: row, dataIndex: dataIndex, error: error)
     }
 
-    /// Acks from the holders of our chunks.
+    /// Acks from the holders of our chunks (and a pending resend).
     func drainPeerAcks() {
         guard let ec = erasure else { return }
+        if let at = ec.resendAt, monotonicSeconds() >= at {
+            ec.resendAt = nil
+            if let step = ec.outgoing?.step { startProtecting(step: step) }
+        }
         for (node, socket) in ec.peers {
             while let frames = try? socket.receiveNow() {
                 guard let first = frames.first, let (message, _) = try? SMPMessage.decode(first),
                       case .ecAck(let step, let row, let index, let error) = message else { continue }
                 guard error.isEmpty else {
                     logger.warning("\(node) refused chunk \(row)/\(index) of step \(step): \(error)")
+                    if error == ErasureState.noLayout, ec.outgoing?.step == step {
+                        // It has not got the layout yet: send the round again shortly
+                        // (holders ignore the chunks they already folded).
+                        ec.resendAt = monotonicSeconds() + 0.1
+                    }
                     continue
                 }
                 if ec.outgoing?.step == step {

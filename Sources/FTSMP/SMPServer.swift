@@ -187,7 +187,8 @@ public final class SMPServer: @unchecked Sendable {
             for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
             if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
             if let link { items.append(.init(link.socket, .readable)) }
-            let wait = link == nil ? 1000 : max(1, Int((nextHeartbeat - monotonicSeconds()) * 1000))
+            var wait = link == nil ? 1000 : max(1, Int((nextHeartbeat - monotonicSeconds()) * 1000))
+            if let at = erasure?.resendAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
             let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
             if ready[1].isReadable {
                 logger.info("smp stopping on request")
