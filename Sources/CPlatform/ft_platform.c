@@ -2,6 +2,7 @@
 #include "ft_platform.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -82,6 +83,38 @@ pid_t ft_spawn(const char *path, char *const argv[], char *const envp[],
     if (rc != 0) { *err = rc; return -1; }
     *err = 0;
     return pid;
+}
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+void ft_copy_nontemporal(void *dst, const void *src, size_t n) {
+#if defined(__SSE2__)
+    unsigned char *d = (unsigned char *)dst;
+    const unsigned char *s = (const unsigned char *)src;
+    // Head up to 16-byte alignment of the destination.
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(d, s, head);
+    d += head; s += head; n -= head;
+    size_t blocks = n / 64;
+    for (size_t i = 0; i < blocks; i++) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(s + 0));
+        __m128i b = _mm_loadu_si128((const __m128i *)(s + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(s + 32));
+        __m128i e = _mm_loadu_si128((const __m128i *)(s + 48));
+        _mm_stream_si128((__m128i *)(d + 0), a);
+        _mm_stream_si128((__m128i *)(d + 16), b);
+        _mm_stream_si128((__m128i *)(d + 32), c);
+        _mm_stream_si128((__m128i *)(d + 48), e);
+        d += 64; s += 64;
+    }
+    _mm_sfence();
+    memcpy(d, s, n - blocks * 64);
+#else
+    memcpy(dst, src, n);
+#endif
 }
 
 int ft_set_parent_death_signal(int sig) {

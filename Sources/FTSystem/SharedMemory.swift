@@ -3,6 +3,12 @@ import CPlatform
 import Glibc
 #endif
 
+/// Copies with non-temporal stores (see `ft_copy_nontemporal`): for bulk
+/// copies whose destination will not be read again soon.
+public func copyNonTemporal(_ destination: UnsafeMutableRawPointer, _ source: UnsafeRawPointer, _ count: Int) {
+    ft_copy_nontemporal(destination, source, count)
+}
+
 /// A POSIX shared-memory segment (`/dev/shm/NAME`), mapped read-write.
 ///
 /// Created with mode 0600 and `O_EXCL` (a name already in use is an error,

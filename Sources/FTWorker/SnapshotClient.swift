@@ -397,8 +397,10 @@ final class SnapshotEngine: @unchecked Sendable {
                 var offset = range.lowerBound
                 while offset < range.upperBound {
                     let n = min(Self.copyPiece, range.upperBound - offset)
-                    memcpy(dst + offset, src + offset, n)
-                    crc = CRC32C.checksum(UnsafeRawBufferPointer(start: dst + offset, count: n), continuing: crc)
+                    // The CRC reads the piece into cache; the copy then streams it
+                    // to the slot without reading the slot's lines first.
+                    crc = CRC32C.checksum(UnsafeRawBufferPointer(start: src + offset, count: n), continuing: crc)
+                    copyNonTemporal(dst + offset, src + offset, n)
                     offset += n
                     copiedBytes += n
                     if let killStep = killMidCopyAtStep, killStep == step, copiedBytes * 2 >= totalBytes {

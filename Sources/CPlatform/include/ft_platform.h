@@ -35,6 +35,11 @@ int ft_signalfd_read(int fd);
 pid_t ft_spawn(const char *path, char *const argv[], char *const envp[],
                int new_process_group, const char *output_path, int *err);
 
+/// Copies `n` bytes with non-temporal stores where the CPU has them (the
+/// destination bypasses the cache: no read-for-ownership of its lines), as
+/// glibc's memcpy does only for very large copies. Falls back to memcpy.
+void ft_copy_nontemporal(void *dst, const void *src, size_t n);
+
 /// The calling process receives `sig` when its parent dies (PR_SET_PDEATHSIG).
 int ft_set_parent_death_signal(int sig);
 
