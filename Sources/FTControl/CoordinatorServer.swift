@@ -201,8 +201,10 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///
 ///     {"schema": 1, "job", "state", "epoch", "committed_step" (-1: none),
 ///      "committed_age_ms" (-1: none), "snapshot_interval", "uptime_s",
-///      "nodes": [{"id", "smp", "pid", "data_bytes", "parity_bytes", "ec_group",
-///                 "ec_health", "workers": [{"id", "rank", "state", "step", "pid"}]}],
+///      "nodes": [{"id", "smp", "pid", "data_bytes", "parity_bytes",
+///                 "ec_group" (index as text, "none" without EC),
+///                 "ec_health" ("ok", "degraded", "lost"; "no-ec" without EC),
+///                 "workers": [{"id", "rank", "state", "step", "pid"}]}],
 ///      "last_failure": null | {"what", "kind", "detected_by", "age_ms",
 ///                              "detected_at_s" (CLOCK_MONOTONIC seconds), "epoch",
 ///                              "outcome", "phases": [{"phase", "ms", "reason"}]},
@@ -219,7 +221,8 @@ public enum CoordinatorStatus {
             if n.state == .alive, c.detector.liveness(n.id, now: now) == .suspect { smpState = "suspect" } else { smpState = n.state.rawValue }
             nodes.append([
                 "id": n.id, "smp": smpState, "pid": n.pid, "data_bytes": n.dataBytes, "parity_bytes": n.parityBytes,
-                "ec_group": "none", "ec_health": n.state == .alive ? "no-ec" : "lost",
+                "ec_group": c.ecHealth(of: n.id).map { "\($0.group)" } ?? "none",
+                "ec_health": c.ecHealth(of: n.id)?.health ?? (n.state == .alive ? "no-ec" : "lost"),
                 "workers": ws.map { ["id": $0.info.worker, "rank": $0.info.rank, "state": $0.state.rawValue, "step": $0.step, "pid": $0.info.pid] },
             ])
         }

@@ -1,5 +1,5 @@
 /// The coordinator's settings.
-public struct CoordinatorSettings: Sendable, Equatable {
+public struct CoordinatorSettings: Sendable {
     public var jobID: String
     public var nodes: Int
     public var workersPerNode: Int
@@ -17,11 +17,6 @@ public struct CoordinatorSettings: Sendable, Equatable {
     /// Erasure coding across nodes: groups of `k + m` consecutive nodes
     /// (n0..n(k+m-1), …); nil for none.
     public var erasure: (k: Int, m: Int)?
-
-    public static func == (a: CoordinatorSettings, b: CoordinatorSettings) -> Bool {
-        a.jobID == b.jobID && a.nodes == b.nodes && a.workersPerNode == b.workersPerNode
-            && a.erasure?.k == b.erasure?.k && a.erasure?.m == b.erasure?.m
-    }
 
     /// The node ids of the job, in order.
     public var nodeIDs: [String] { (0..<nodes).map { "n\($0)" } }
@@ -611,6 +606,16 @@ public struct CoordinatorInstance: Sendable {
     }
 
     // MARK: helpers
+
+    /// A node's EC group (index) and its health: "ok" when every member is
+    /// alive, "degraded" when at most m are lost, "lost" beyond; nil without EC.
+    public func ecHealth(of node: String) -> (group: Int, health: String)? {
+        guard let ec = settings.erasure, let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m),
+              let g = groups.firstIndex(where: { $0.contains(node) }) else { return nil }
+        let rebuilding = Set(recovery?.rebuildNodes ?? []).subtracting(recovery?.rebuilt ?? [])
+        let lost = groups[g].filter { nodes[$0]?.state != .alive || rebuilding.contains($0) }.count
+        return (g, lost == 0 ? "ok" : lost <= ec.m ? "degraded" : "lost")
+    }
 
     /// For each DP rank, the data endpoint of the SMP holding its slices.
     var sliceSources: [String] {

@@ -311,8 +311,7 @@ extension SMPServer {
         var keep: [ZMQMessage] = []
         for f in frames { keep.append(f); f.withUnsafeBytes { pieces.append($0) } }
         let error = withExtendedLifetime(keep) { fold(step: step, row: row, dataIndex: dataIndex, pieces: pieces) }
-        if error.isEmpty, let s = erasure?.outgoing?.step, s == step { checkProtected(step: step) }
-        else if error.isEmpty { checkProtected(step: step) }
+        if error.isEmpty { checkProtected(step: step) }
         return .ecAck(step: step, row: row, dataIndex: dataIndex, error: error)
     }
 

@@ -264,8 +264,6 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
-    private var bytesHeld: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
-
     private func sendHello() {
         guard let link else { return }
         let steps = store.workers.values.map { $0.lastCommitted }

@@ -78,9 +78,9 @@ struct Status: ParsableCommand {
             if json {
                 print(text)
             } else {
+                // Unbuffered: with --watch each refresh must reach a pipe or a file at once.
                 let table = StatusTable.render(json: text)
-                if watch { print("\u{1B}[H\u{1B}[2J", terminator: "") }
-                print(table, terminator: "")
+                FileHandle.standardOutput.write(Data(((watch ? "\u{1B}[H\u{1B}[2J" : "") + table).utf8))
             }
             if watch { usleep(UInt32(interval * 1_000_000)) }
         } while watch

@@ -127,6 +127,12 @@ struct FtctlTests {
         #expect(table.contains("last failure: worker n0/w0, reported by SMP n0"))
         for phase in ["detect", "plan", "rebuild", "restart", "resume"] { #expect(table.contains("\n\(phase) ")) }
 
+        // --watch refreshes in place until interrupted: clear the screen, redraw.
+        let (watchStatus, watched, _) = try runTool("ftctl", ["status", "--run-dir", job.dir, "--watch", "--interval", "0.2"], timeout: 1.5)
+        #expect(watchStatus == nil, "--watch ended by itself: \(watched)")
+        #expect(watched.components(separatedBy: "\u{1B}[H\u{1B}[2J").count >= 3, "\(watched)")
+        #expect(watched.components(separatedBy: "job \(job.job)  state").count >= 3)
+
         let (helpStatus, help, _) = try runTool("ftctl", ["status", "--help"])
         #expect(helpStatus == .exited(0))
         for option in ["--endpoint", "--run-dir", "--keys", "--json", "--watch", "--timeout"] { #expect(help.contains(option)) }

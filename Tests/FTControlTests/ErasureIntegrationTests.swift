@@ -44,8 +44,12 @@ struct ErasureIntegrationTests {
         let job = try makeJob("ec31", nodes: 4, k: 3, m: 1, steps: 500)
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
+        let healthy = (job.status()?["nodes"] as? [[String: Any]]) ?? []
+        #expect(healthy.allSatisfy { $0["ec_group"] as? String == "0" && $0["ec_health"] as? String == "ok" }, "\(healthy)")
         killNode(job, 2)
         #expect(waitDeclaredDead(job, [2]), "\(job.logs)")
+        let degraded = (job.status()?["nodes"] as? [[String: Any]]) ?? []
+        #expect(degraded.allSatisfy { $0["ec_health"] as? String == "degraded" }, "\(degraded)")
         try job.inner.startSMP(node: 2)  // the launcher's part: the same node, restarted empty
         #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
                 "\(job.logs)")
