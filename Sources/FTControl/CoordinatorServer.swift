@@ -38,6 +38,11 @@ public final class CoordinatorServer: @unchecked Sendable {
     private let router: ZMQSocket
     private let zap: ZAPAuthenticator?
     private var identities: [String: [UInt8]] = [:]
+    /// Connection (ZeroMQ routing id) -> the member and process (pid) whose
+    /// hello was accepted on it: a process that was replaced is fenced by who
+    /// it is, not only by the epoch it knows (a stopped process may have heard
+    /// the very epoch its replacement joined in before it was stopped).
+    private var connections: [[UInt8]: (member: String, pid: Int)] = [:]
     private let signals: SignalWatcher?
     private let stopPipe: (read: Int32, write: Int32)
     public private(set) var boundEndpoint: String
@@ -141,8 +146,32 @@ public final class CoordinatorServer: @unchecked Sendable {
                 send(identity, .statusReply(json))
                 continue
             }
+            let helloPID: Int?
+            switch message {
+            case .smpHello(let inventory): helloPID = inventory.pid
+            case .workerHello(let info): helloPID = info.pid
+            default: helloPID = nil
+            }
+            if helloPID == nil, let current = currentPID(of: envelope.sender) {
+                if let known = connections[identity], known.member == envelope.sender, known.pid != current {
+                    // A replaced process (a zombie) under its successor's id.
+                    fencedByIncarnation += 1
+                    send(identity, .fenced(reason: "\(envelope.sender) was replaced by pid \(current); this process (pid \(known.pid)) is not it"))
+                    continue
+                }
+                if connections[identity] == nil, let route = identities[envelope.sender], route != identity {
+                    // A connection nobody said hello on, for a member that has one: who is it?
+                    send(identity, .helloRequired)
+                    continue
+                }
+            }
             let before = (instance.state, instance.epoch, instance.committedStep)
             var directives = instance.receive(message, from: envelope.sender, epoch: envelope.epoch, now: monotonicSeconds())
+            if let pid = helloPID, directives.contains(where: { if case .send(envelope.sender, .welcome) = $0 { true } else { false } }) {
+                for (c, known) in connections where known.member == envelope.sender { connections[c] = nil }
+                connections[identity] = (envelope.sender, pid)
+                identities[envelope.sender] = identity
+            }
             // A fenced sender may be a zombie under a live member's id: answer it
             // on its own connection, and do not let it take over the member's route.
             directives.removeAll { d in
@@ -158,6 +187,14 @@ public final class CoordinatorServer: @unchecked Sendable {
                 logger.debug("state \(instance.state.rawValue), epoch \(instance.epoch), committed \(instance.committedStep.map(String.init) ?? "none")")
             }
         }
+    }
+
+    /// Messages refused because their connection belongs to a replaced process.
+    private(set) var fencedByIncarnation = 0
+
+    /// The pid of the process the coordinator knows as `member` (an SMP or a worker), if any.
+    private func currentPID(of member: String) -> Int? {
+        instance.nodes[member]?.pid ?? instance.workers[member]?.info.pid
     }
 
     private func execute(_ directives: [CoordinatorInstance.Directive]) {
@@ -207,7 +244,12 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///                 "workers": [{"id", "rank", "state", "step", "pid"}]}],
 ///      "last_failure": null | {"what", "kind", "detected_by", "age_ms",
 ///                              "detected_at_s" (CLOCK_MONOTONIC seconds), "epoch",
-///                              "outcome", "phases": [{"phase", "ms", "reason"}]},
+///                              "outcome", "phases": [{"phase", "ms", "reason"}],
+///                              "steps_reached", "restored_step" (-1: initial state or not yet),
+///                              "steps_lost" (-1: not resumed), "recovery_ms" (-1: not resumed)},
+///      "failures_total", "failures": [the last 256 failures, oldest first, each like
+///                                     last_failure without age_ms; a failure during a
+///                                     recovery ends the one before with outcome "superseded by …"],
 ///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "skipped_snapshots",
 ///      "malformed_frames", "unauthenticated"}
 public enum CoordinatorStatus {
@@ -226,19 +268,26 @@ public enum CoordinatorStatus {
                 "workers": ws.map { ["id": $0.info.worker, "rank": $0.info.rank, "state": $0.state.rawValue, "step": $0.step, "pid": $0.info.pid] },
             ])
         }
+        func report(_ f: CoordinatorInstance.FailureReport) -> [String: Any] {
+            ["what": f.what, "kind": f.kind, "detected_by": f.detectedBy, "detected_at_s": f.detectedAt,
+             "epoch": f.epoch, "outcome": f.outcome,
+             "phases": f.phases.map { ["phase": $0.phase.rawValue, "ms": ($0.seconds * 1000 * 1000).rounded() / 1000, "reason": $0.reason] },
+             "steps_reached": f.stepsReached, "restored_step": f.restoredStep ?? -1, "steps_lost": f.stepsLost ?? -1,
+             "recovery_ms": f.recoveryMs.map { ($0 * 1000).rounded() / 1000 } ?? -1]
+        }
         var failure: Any = NSNull()
         if let f = c.lastFailure {
-            failure = ["what": f.what, "kind": f.kind, "detected_by": f.detectedBy, "age_ms": Int((now - f.detectedAt) * 1000),
-                       "detected_at_s": f.detectedAt,
-                       "epoch": f.epoch, "outcome": f.outcome,
-                       "phases": f.phases.map { ["phase": $0.phase.rawValue, "ms": ($0.seconds * 1000 * 1000).rounded() / 1000, "reason": $0.reason] }]
+            var o = report(f)
+            o["age_ms"] = Int((now - f.detectedAt) * 1000)
+            failure = o
         }
         return [
             "schema": schema, "job": c.settings.jobID, "state": c.state.rawValue, "epoch": c.epoch,
             "committed_step": c.committedStep ?? -1,
             "committed_age_ms": c.committedAt.map { Int((now - $0) * 1000) } ?? -1,
             "snapshot_interval": c.settings.snapshotInterval, "uptime_s": (uptime * 10).rounded() / 10,
-            "nodes": nodes, "last_failure": failure, "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
+            "nodes": nodes, "last_failure": failure, "failures_total": c.failureCount, "failures": c.failureHistory.map(report),
+            "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
             "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages,
             "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
             "malformed_frames": malformed, "unauthenticated": unauthenticated,

@@ -88,6 +88,9 @@ public final class WorkerControl: @unchecked Sendable {
         return instructions.removeFirst()
     }
 
+    /// Whether an instruction is waiting for `nextInstruction()`.
+    public var hasPendingInstruction: Bool { condition.withLock { !instructions.isEmpty } }
+
     /// The training loop reached `step` (sent with the next heartbeat).
     public func setStep(_ s: Int) { condition.withLock { step = s } }
 

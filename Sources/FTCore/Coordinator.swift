@@ -109,7 +109,30 @@ public struct CoordinatorInstance: Sendable {
         public var epoch: UInt64
         public var phases: [PhaseRecord] = []
         public var outcome: String = "in progress"
+        /// The furthest step any worker reported before the job resumed.
+        public var stepsReached = 0
+        /// The step every worker restored (nil: the initial state), once resumed.
+        public var restoredStep: Int?
+        /// Steps computed again because of this failure (reached - restored), once resumed.
+        public var stepsLost: Int?
+        /// Milliseconds from detection to resume, once resumed.
+        public var recoveryMs: Double?
     }
+
+    /// Failures since this coordinator started, oldest first (at most
+    /// `historyLimit`); a failure during a recovery ends the one before it
+    /// with the outcome "superseded".
+    public private(set) var failureHistory: [FailureReport] = []
+    public static let historyLimit = 256
+    /// All failures since this coordinator started (the history keeps the last `historyLimit`).
+    public private(set) var failureCount = 0
+
+    private mutating func record(_ f: FailureReport) {
+        failureHistory.append(f)
+        if failureHistory.count > Self.historyLimit { failureHistory.removeFirst(failureHistory.count - Self.historyLimit) }
+    }
+
+    private var workersFurthestStep: Int { workers.values.map(\.step).max() ?? 0 }
 
     public enum Directive: Sendable, Equatable {
         case send(to: String, ControlMessage)
@@ -300,6 +323,12 @@ public struct CoordinatorInstance: Sendable {
             return [.send(to: sender, .welcome(state: state.rawValue)), .log("replacement SMP for \(sender) (pid \(inv.pid))")]
                 + rebuildDirectives(now: now)
         }
+        if state != .starting, let known = nodes[sender], known.state == .alive, known.pid != inv.pid, senderEpoch > 0 {
+            // Another process under a live node's id that was welcomed before
+            // (it knows an epoch): an old incarnation come back, never a replacement.
+            fencedMessages += 1
+            return [.send(to: sender, .fenced(reason: "\(sender) is pid \(known.pid); pid \(inv.pid) was replaced"))]
+        }
         if state != .starting, let known = nodes[sender], known.state == .alive, known.pid != inv.pid, inv.pid > 0 {
             // The node's SMP was restarted (by the launcher) before its silence
             // was noticed: the old process and its memory are gone.
@@ -426,6 +455,8 @@ public struct CoordinatorInstance: Sendable {
         if rebuilding {
             lastFailure = FailureReport(what: "coordinator", kind: "coordinator", detectedBy: "restarted; view rebuilt from \(nodes.count) SMP reports",
                                         detectedAt: now, epoch: epoch)
+            lastFailure!.stepsReached = workersFurthestStep
+            failureCount += 1
             lastFailure!.phases = [PhaseRecord(phase: .detect, seconds: 0, reason: "coordinator restart"),
                                    PhaseRecord(phase: .plan, seconds: 0, reason: "restore committed \(committed.map { "step \($0)" } ?? "nothing") on every worker"),
                                    PhaseRecord(phase: .rebuild, seconds: 0, reason: "snapshot memory intact on every node")]
@@ -466,7 +497,15 @@ public struct CoordinatorInstance: Sendable {
         roundStartedAt.removeAll()
         for id in nodes.keys { nodes[id]?.protectedStep = nil }
         for id in workers.keys { workers[id]?.ready = false }
+        var reached = workersFurthestStep
+        if var superseded = lastFailure, superseded.outcome == "in progress" {
+            superseded.outcome = "superseded by \(kind) \(what)"
+            reached = max(reached, superseded.stepsReached)
+            record(superseded)
+        }
         lastFailure = FailureReport(what: what, kind: kind, detectedBy: detectedBy, detectedAt: now, epoch: epoch)
+        lastFailure!.stepsReached = reached
+        failureCount += 1
         lastFailure!.phases.append(PhaseRecord(phase: .detect, seconds: 0, reason: detectedBy))
         var out: [Directive] = [.log("\(kind) \(what) failed (\(detectedBy)); epoch \(epoch); pausing the job"
             + (previous == .recovering ? " (during recovery)" : ""))]
@@ -584,6 +623,13 @@ public struct CoordinatorInstance: Sendable {
                                                    reason: "\(workers.count) workers restored \(r.step.map { "step \($0)" } ?? "the initial state")"))
             lastFailure!.phases.append(PhaseRecord(phase: .resume, seconds: 0, reason: "resume from step \(from)"))
             lastFailure!.outcome = "resumed"
+            // Paused workers kept reporting their step: the furthest is what was reached.
+            let reached = max(lastFailure!.stepsReached, workersFurthestStep)
+            lastFailure!.stepsReached = reached
+            lastFailure!.restoredStep = r.step
+            lastFailure!.stepsLost = max(0, reached - (r.step ?? 0))
+            lastFailure!.recoveryMs = (now - lastFailure!.detectedAt) * 1000
+            record(lastFailure!)
         }
         for id in workers.keys { workers[id]?.step = from - 1 }
         lastResume = .resume(fromStep: from, peers: peers)
@@ -594,10 +640,14 @@ public struct CoordinatorInstance: Sendable {
         state = .failed
         stopReason = reason
         recovery = nil
-        if lastFailure == nil {
+        if lastFailure == nil || lastFailure!.outcome != "in progress" {
+            // Not part of a recovery in progress (the last one, if any, is in the history already).
             lastFailure = FailureReport(what: "job", kind: "job", detectedBy: reason, detectedAt: now, epoch: epoch)
+            failureCount += 1
         }
         lastFailure!.outcome = "stopped: \(reason)"
+        lastFailure!.stepsReached = max(lastFailure!.stepsReached, workersFurthestStep)
+        record(lastFailure!)
         for n in nodes.values { detector.forget(n.id) }
         for w in workers.values { detector.forget(w.info.key) }
         return [.log("job stopped: \(reason)")]

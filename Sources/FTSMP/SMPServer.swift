@@ -36,7 +36,9 @@ public struct SMPConfiguration: Sendable {
         self.jobID = jobID
         self.nodeID = nodeID
         self.runDirectory = runDirectory
-        self.endpoint = endpoint ?? "ipc://\(runDirectory)/\(nodeID).smp.sock"
+        // The pid keeps a stopped-then-continued SMP of this node (a zombie the
+        // coordinator fences) from unlinking its replacement's socket file.
+        self.endpoint = endpoint ?? "ipc://\(runDirectory)/\(nodeID)-p\(getpid()).smp.sock"
         self.workerCount = workerCount
         self.workerCommand = workerCommand
         self.maxRestarts = maxRestarts
@@ -164,6 +166,7 @@ public final class SMPServer: @unchecked Sendable {
         logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
                                         "pid": "\(getpid())"])
         writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
+        appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
         for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
         sendHello()
         var nextHeartbeat = 0.0
@@ -499,6 +502,9 @@ public final class SMPServer: @unchecked Sendable {
                                      outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
         children[workerID] = child
         writeFile(config.runDirectory + "/pids/\(config.nodeID)-\(workerID).pid", "\(child.pid)\n")
+        // Every worker ever started, for a stop that also ends workers of a
+        // replaced (stopped, later continued) SMP of this node.
+        appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) \(workerID) \(child.pid)")
         logger.info("worker started", metadata: ["worker": "\(workerID)", "pid": "\(child.pid)",
                                                  "restarts": "\(restarts[workerID, default: 0])"])
     }
@@ -544,12 +550,19 @@ public final class SMPServer: @unchecked Sendable {
         router.close()
         link?.close()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
-        unlink(config.runDirectory + "/pids/\(config.nodeID).smp.pid")
+        // Only our own record: a replacement of this node may have written its pid there.
+        let pidFile = config.runDirectory + "/pids/\(config.nodeID).smp.pid"
+        if (try? String(contentsOfFile: pidFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(getpid())" {
+            unlink(pidFile)
+        }
         logger.info("smp down; shared memory freed")
     }
 
+    /// `/ft-JOB-NODE-pPID-WORKER-sSLOT`: the SMP's pid is in the name so that
+    /// an SMP that was stopped, replaced and then continued (and fenced) frees
+    /// only its own segments, never its replacement's.
     func segmentName(worker: String, slot: Int) -> String {
-        "/ft-\(config.jobID)-\(config.nodeID)-\(worker)-s\(slot)"
+        "/ft-\(config.jobID)-\(config.nodeID)-p\(getpid())-\(worker)-s\(slot)"
     }
 
     // MARK: status
@@ -578,6 +591,14 @@ public final class SMPServer: @unchecked Sendable {
                                      "malformed_frames": malformedFrames, "workers": workers]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
+    }
+
+    private func appendLine(_ path: String, _ line: String) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }  // one write: lines never interleave
     }
 
     private func writeFile(_ path: String, _ text: String) {

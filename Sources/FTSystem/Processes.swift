@@ -89,7 +89,8 @@ public final class ChildProcess: @unchecked Sendable {
         return sig == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(sig)
     }
 
-    static func resolve(_ name: String) -> String? {
+    /// The path `posix_spawn` would run for `name`: itself when it has a slash, else the first match in PATH.
+    public static func resolve(_ name: String) -> String? {
         if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
         let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
         for dir in path.split(separator: ":") {

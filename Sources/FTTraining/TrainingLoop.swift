@@ -38,15 +38,26 @@ public struct CoordinatedTrainingLoop {
     public let control: WorkerControl
     public let ring: RingCollective
     public let steps: Int
+    /// Snapshot when at least this many steps passed since the last one (1:
+    /// every step).
+    public let snapshotInterval: Int
+    /// At a due step whose previous round is still in flight: wait for it
+    /// (true, the default: at most one round in flight, so a failure loses at
+    /// most about one interval of steps) or skip this snapshot and try again
+    /// next step (false: training never waits on a commit, but a failure
+    /// while rounds are slow, or while the coordinator is gone, loses more).
+    public let waitForPreviousRound: Bool
     public let say: (String) -> Void
 
     public init(model: Trainable, client: SnapshotClient, control: WorkerControl, ring: RingCollective, steps: Int,
-                say: @escaping (String) -> Void) {
+                snapshotInterval: Int = 1, waitForPreviousRound: Bool = true, say: @escaping (String) -> Void) {
         self.model = model
         self.client = client
         self.control = control
         self.ring = ring
         self.steps = steps
+        self.snapshotInterval = max(1, snapshotInterval)
+        self.waitForPreviousRound = waitForPreviousRound
         self.say = say
     }
 
@@ -61,12 +72,18 @@ public struct CoordinatedTrainingLoop {
     public func run() throws -> Outcome {
         var skipped = 0
         var finished = false
+        // The step of the last snapshot (or restore): the same on every rank,
+        // because every rank restores the same step and agrees on each snapshot.
+        var lastSnapshot = 0
         while true {
             switch control.nextInstruction() {
             case .restore(let step, let sources, let epoch):
                 if let step {
                     do {
-                        try client.restore(step: step, sources: sources)
+                        // Given up as soon as the coordinator moves on (a newer epoch or
+                        // instruction): a dead source must not hold the recovery up.
+                        try client.restore(step: step, sources: sources,
+                                           abandon: { [control] in control.epoch != epoch || control.hasPendingInstruction })
                     } catch {
                         // A source may have died meanwhile: the coordinator will say
                         // what to restore next (a new epoch, or a retry); do not crash.
@@ -74,7 +91,9 @@ public struct CoordinatedTrainingLoop {
                         continue
                     }
                     say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
+                    lastSnapshot = step
                 } else {
+                    lastSnapshot = 0
                     model.reset()
                     say("fresh start epoch=\(epoch)")
                 }
@@ -89,12 +108,23 @@ public struct CoordinatedTrainingLoop {
                         for s in from...steps {
                             if control.isPaused { throw Interrupted() }
                             try model.computeGradients(step: s, collective: ring, interrupt: control.interruptFD)
-                            let snapshotNow = try ring.allAgree(try client.canSnapshot(), interrupt: control.interruptFD)
+                            // Only due steps ask the ranks (every rank knows which steps are due).
+                            let due = s - lastSnapshot >= snapshotInterval
+                            var ready = due ? try client.canSnapshot() : false
+                            while due && !ready && waitForPreviousRound {
+                                // The previous round is still being protected (or the coordinator
+                                // that commits it is gone): wait rather than run ahead of it.
+                                if control.isPaused { throw Interrupted() }
+                                usleep(200)
+                                ready = try client.canSnapshot()
+                            }
+                            let snapshotNow = due ? try ring.allAgree(ready, interrupt: control.interruptFD) : false
                             try client.waitBeforeUpdate()
                             model.applyUpdate(step: s)
                             if snapshotNow {
                                 try client.snapshot(step: s)
-                            } else {
+                                lastSnapshot = s
+                            } else if due {
                                 skipped += 1
                                 control.setSkipped(skipped)
                             }
@@ -126,10 +156,26 @@ extension CoordinatedTrainingLoop {
     /// the loop. `client` must have registered `model.tensors`. Returns the
     /// process exit code: 0 when the job completed, 1 when it was stopped as
     /// failed, 3 when this worker was fenced.
+    ///
+    /// Environment besides the FT_* identity: `FT_SNAPSHOT_INTERVAL=N`
+    /// snapshots every N steps (default 1); `FT_SNAPSHOT_SKIP_IF_BUSY=1` skips
+    /// a due snapshot whose previous round is still in flight instead of
+    /// waiting for it (see `waitForPreviousRound`). Test fault injection:
+    /// `FT_FAULT_KILL_MID_COPY_STEP=S` (with `FT_FAULT_RANK=R`, only on DP rank
+    /// R) makes the first incarnation SIGKILL itself halfway through copying
+    /// the first snapshot at or after step S.
     public static func runUnderCoordinator(model: Trainable, client: SnapshotClient, steps: Int,
                                            environment env: [String: String] = ProcessInfo.processInfo.environment,
                                            say: @escaping (String) -> Void) throws -> Int32 {
         let identity = client.identity
+        let interval = env["FT_SNAPSHOT_INTERVAL"].map { Int($0) ?? 0 } ?? 1
+        guard interval >= 1 else {
+            throw SnapshotError(code: .misuse, message: "FT_SNAPSHOT_INTERVAL must be a positive number of steps, not '\(env["FT_SNAPSHOT_INTERVAL"]!)'")
+        }
+        if identity.restartCount == 0, let s = env["FT_FAULT_KILL_MID_COPY_STEP"].flatMap(Int.init),
+           env["FT_FAULT_RANK"].flatMap(Int.init).map({ $0 == identity.dpRank }) ?? true {
+            client.killMidCopyAtStep = s
+        }
         guard let coordinator = env["FT_COORDINATOR_ENDPOINT"] else {
             throw SnapshotError(code: .misuse, message: "FT_COORDINATOR_ENDPOINT is not set (ft-smp --coordinator)")
         }
@@ -141,7 +187,8 @@ extension CoordinatedTrainingLoop {
             coordinatorEndpoint: coordinator, keys: keys)
         control.start()
         defer { control.shutdown() }
-        let loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps, say: say)
+        let loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps,
+                                          snapshotInterval: interval, waitForPreviousRound: env["FT_SNAPSHOT_SKIP_IF_BUSY"] != "1", say: say)
         switch try loop.run() {
         case .completed: return 0
         case .stopped(_, let failed): return failed ? 1 : 0

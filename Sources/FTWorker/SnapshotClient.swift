@@ -18,6 +18,8 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
         case transport
         /// The API was used out of order (e.g. snapshot before register).
         case misuse
+        /// Given up on request (a restore the coordinator superseded).
+        case interrupted
     }
 
     public var code: Code
@@ -123,7 +125,7 @@ public final class SnapshotClient: @unchecked Sendable {
     public var stats: Stats { engine.stats }
 
     /// Test-only fault injection: the copier kills its own process with
-    /// SIGKILL halfway through copying this step.
+    /// SIGKILL halfway through copying the first snapshot at or after this step.
     public var killMidCopyAtStep: Int? {
         get { engine.killMidCopyAtStep }
         set { engine.killMidCopyAtStep = newValue }
@@ -156,7 +158,13 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Restores exactly `step`, as the coordinator decided; `sources[r]` is
     /// the data endpoint of the SMP holding rank r's slices (empty: all local).
     /// Throws if the node cannot give back that step.
-    public func restore(step: Int, sources: [String]) throws {
+    ///
+    /// `abandon` is asked while a peer's answer is awaited: when it says yes
+    /// (the coordinator moved on, e.g. a source died), the restore stops at
+    /// once with `.interrupted` instead of waiting out the peer timeout.
+    public func restore(step: Int, sources: [String], abandon: @escaping () -> Bool = { false }) throws {
+        engine.abandonRestore = abandon
+        defer { engine.abandonRestore = { false } }
         let restored = try engine.restore(expecting: step, sources: sources)
         guard restored == step else {
             throw SnapshotError(code: .refused, message: "restored \(restored.map(String.init) ?? "nothing"), the coordinator asked for step \(step)")
@@ -188,10 +196,12 @@ final class SnapshotEngine: @unchecked Sendable {
     typealias Stats = SnapshotStats
 
     /// Test-only fault injection: the copier kills its own process with
-    /// SIGKILL halfway through copying this step.
+    /// SIGKILL halfway through copying the first snapshot at or after this step.
     public var killMidCopyAtStep: Int?
 
     public let identity: WorkerIdentity
+    /// Asked while a peer's slice is awaited during a restore (see `SnapshotClient.restore(step:sources:abandon:)`).
+    var abandonRestore: () -> Bool = { false }
     private let context: ZMQContext
     private let socket: ZMQSocket
     private let rpcLock = NSLock()
@@ -403,7 +413,7 @@ final class SnapshotEngine: @unchecked Sendable {
                     copyNonTemporal(dst + offset, src + offset, n)
                     offset += n
                     copiedBytes += n
-                    if let killStep = killMidCopyAtStep, killStep == step, copiedBytes * 2 >= totalBytes {
+                    if let killStep = killMidCopyAtStep, step >= killStep, copiedBytes * 2 >= totalBytes {
                         // Fault injection: die with the slot half written.
                         kill(getpid(), SIGKILL)
                     }
@@ -569,7 +579,8 @@ final class SnapshotEngine: @unchecked Sendable {
         do {
             // Short: a source that does not answer at once is likely dead, and the
             // coordinator's next restore order (with live sources) is on its way.
-            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000))
+            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000),
+                                abandon: abandonRestore)
         } catch {
             // A late reply must not be taken for the next request's: start afresh.
             peer.close()
@@ -579,11 +590,26 @@ final class SnapshotEngine: @unchecked Sendable {
     }
 
     private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String,
-                          timeoutMilliseconds: Int? = nil) throws -> (SMPMessage, [ZMQMessage]) {
+                          timeoutMilliseconds: Int? = nil, abandon: (() -> Bool)? = nil) throws -> (SMPMessage, [ZMQMessage]) {
         let frame = message.envelope(sender: identity.workerID).encoded()
         try socket.send([frame])
         let timeout = timeoutMilliseconds ?? requestTimeoutMilliseconds
-        guard let frames = try socket.receiveMessages(timeoutMilliseconds: timeout) else {
+        var frames: [ZMQMessage]?
+        if let abandon {
+            // In 20 ms slices, asking between them whether to give up.
+            var waited = 0
+            while frames == nil && waited < timeout {
+                if abandon() {
+                    throw SnapshotError(code: .interrupted, message: "abandoned waiting for \(endpoint): the coordinator moved on")
+                }
+                let slice = min(20, timeout - waited)
+                frames = try socket.receiveMessages(timeoutMilliseconds: slice)
+                waited += slice
+            }
+        } else {
+            frames = try socket.receiveMessages(timeoutMilliseconds: timeout)
+        }
+        guard let frames else {
             throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(endpoint) within \(timeout) ms")
         }
         let (reply, _) = try SMPMessage.decode(frames[0].bytes)

@@ -50,6 +50,9 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "Erasure coding across nodes as K+M (e.g. 3+1): groups of K+M consecutive nodes survive M lost nodes each.")
     var ec: String?
 
+    @Option(help: "The workers' snapshot interval in steps (FT_SNAPSHOT_INTERVAL), shown by ftctl status.")
+    var snapshotInterval = 1
+
     @Option(help: "After the job ends, keep answering this many milliseconds (members get the stop, ftctl a last status).")
     var lingerMs = 1000
 
@@ -58,6 +61,7 @@ struct FTCoordinatorCommand: ParsableCommand {
 
     func validate() throws {
         guard nodes >= 1 else { throw ValidationError("--nodes must be at least 1") }
+        guard snapshotInterval >= 1 else { throw ValidationError("--snapshot-interval must be at least 1") }
         guard workersPerNode >= 1 else { throw ValidationError("--workers-per-node must be at least 1") }
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (>= 1)") }
         guard endpoint.hasPrefix("tcp://") || endpoint.hasPrefix("ipc://") else {
@@ -91,6 +95,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.heartbeatTimeout = Double(timeoutMs) / 1000
         settings.phaseTimeout = phaseTimeout
         settings.erasure = try parsedEC()
+        settings.snapshotInterval = snapshotInterval
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
         config.lingerSeconds = Double(lingerMs) / 1000
         let server = try CoordinatorServer(config: config, logger: Logger(label: "ft-coordinator"), watchSignals: true)

@@ -9,12 +9,17 @@ struct FTSMPCommand: ParsableCommand {
         abstract: "The snapshot management process of one node.",
         discussion: """
             Owns the node's snapshot memory (two pre-faulted POSIX shared-memory slots per
-            worker, mode 0600, named /ft-<job>-<node>-<worker>-s<slot>), spawns the node's
+            worker, mode 0600, named /ft-<job>-<node>-p<pid>-<worker>-s<slot>), spawns the node's
             workers with the FT_* environment the worker library reads, restarts a worker
             that dies (its committed snapshot stays in memory), and serves snapshots and
             restores over ZeroMQ. Logs go to stderr; worker output to RUN_DIR/logs, PIDs
             to RUN_DIR/pids. SIGTERM stops the workers and frees all shared memory; so does
             a clean end, when every spawned worker exits 0.
+
+            A spare (--standby FILE, given instead of a node's identity) starts, then waits
+            until FILE exists and holds "NODE_ID RANK_OFFSET": it then takes that node's
+            place (a launcher assigns it when a node is lost); it ends if its parent ends
+            before that.
 
             Example:
               ft-smp --job-id demo --node-id n0 --run-dir /tmp/ft-demo --workers 2 -- ft-toy-worker --steps 100
@@ -23,13 +28,16 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Job id (A-Z a-z 0-9 - _); part of every shared-memory name.")
     var jobId: String
 
-    @Option(help: "This node's id (A-Z a-z 0-9 - _).")
+    @Option(help: "This node's id (A-Z a-z 0-9 - _); with --standby, a placeholder until assigned.")
     var nodeId: String
+
+    @Option(help: "Be a spare: wait until this file holds \"NODE_ID RANK_OFFSET\", then take that node's place.")
+    var standby: String?
 
     @Option(help: "Run directory for the endpoint socket, logs and PID files.")
     var runDir: String
 
-    @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/NODE.smp.sock).")
+    @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/NODE-pPID.smp.sock).")
     var endpoint: String?
 
     @Option(help: "Number of workers to spawn.")
@@ -75,6 +83,25 @@ struct FTSMPCommand: ParsableCommand {
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
+        }
+        var nodeId = self.nodeId
+        var rankOffset = self.rankOffset
+        if let standby {
+            let parent = getppid()
+            Logger(label: "ft-smp.spare").info("spare waiting for an assignment in \(standby)", metadata: ["pid": "\(getpid())"])
+            while true {
+                if let text = try? String(contentsOfFile: standby, encoding: .utf8) {
+                    let parts = text.split(whereSeparator: { $0 == " " || $0 == "\n" })
+                    guard parts.count == 2, let offset = Int(parts[1]) else {
+                        throw ValidationError("\(standby) must hold \"NODE_ID RANK_OFFSET\", not '\(text)'")
+                    }
+                    nodeId = String(parts[0])
+                    rankOffset = offset
+                    break
+                }
+                if getppid() != parent { return }  // the launcher is gone: nothing will assign us
+                usleep(10_000)
+            }
         }
         let logger = Logger(label: "ft-smp.\(nodeId)")
         var config = SMPConfiguration(jobID: jobId, nodeID: nodeId, endpoint: endpoint, runDirectory: runDir,

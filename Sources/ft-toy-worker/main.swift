@@ -48,7 +48,8 @@ struct ToyWorker: ParsableCommand {
         }
         let client = try SnapshotClient(identity: identity)
         let env = ProcessInfo.processInfo.environment
-        if identity.restartCount == 0, let s = env["FT_FAULT_KILL_MID_COPY_STEP"].flatMap(Int.init) {
+        // (Under a coordinator, the training loop reads the fault variables itself.)
+        if env["FT_COORDINATOR_ENDPOINT"] == nil, identity.restartCount == 0, let s = env["FT_FAULT_KILL_MID_COPY_STEP"].flatMap(Int.init) {
             client.killMidCopyAtStep = s
         }
         let model = ToyModel(elements: stateKib * 256, dpRank: identity.dpRank, replicated: !noReplicate)

@@ -102,7 +102,8 @@ struct FtctlTests {
         let top: [String: String] = ["schema": "n", "job": "s", "state": "s", "epoch": "n", "committed_step": "n",
                                      "committed_age_ms": "n", "snapshot_interval": "n", "uptime_s": "n", "nodes": "a",
                                      "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n",
-                                     "malformed_frames": "n", "unauthenticated": "n", "skipped_snapshots": "n"]
+                                     "malformed_frames": "n", "unauthenticated": "n", "skipped_snapshots": "n",
+                                     "failures_total": "n", "failures": "a"]
         #expect(Set(o.keys) == Set(top.keys))
         for (key, kind) in top { #expect(matches(o[key], kind), "\(key): \(String(describing: o[key]))") }
         #expect(int(o["schema"]) == 1)
@@ -115,8 +116,18 @@ struct FtctlTests {
             }
         }
         let failure = try #require(o["last_failure"] as? [String: Any])
-        #expect(Set(failure.keys) == ["what", "kind", "detected_by", "age_ms", "detected_at_s", "epoch", "outcome", "phases"])
+        let reportKeys: Set<String> = ["what", "kind", "detected_by", "detected_at_s", "epoch", "outcome", "phases",
+                                       "steps_reached", "restored_step", "steps_lost", "recovery_ms"]
+        #expect(Set(failure.keys) == reportKeys.union(["age_ms"]))
         for p in try #require(failure["phases"] as? [[String: Any]]) { #expect(Set(p.keys) == ["phase", "ms", "reason"]) }
+        // The resumed failure is in the history, with what it cost.
+        #expect(int(o["failures_total"]) >= 1)
+        let history = try #require(o["failures"] as? [[String: Any]])
+        let resumed = try #require(history.last { $0["outcome"] as? String == "resumed" }, "\(history)")
+        #expect(Set(resumed.keys) == reportKeys)
+        #expect(int(resumed["steps_lost"]) >= 0 && int(resumed["steps_lost"]) <= int(resumed["steps_reached"]))
+        #expect(int(resumed["restored_step"]) >= 5)
+        #expect(((resumed["recovery_ms"] as? Double) ?? -1) > 0)
 
         let (tableStatus, table, _) = try runTool("ftctl", ["status", "--run-dir", job.dir])
         #expect(tableStatus == .exited(0))

@@ -111,7 +111,7 @@ struct ErasureIntegrationTests {
         usleep(100_000)
         var flipped = 0
         for slot in 0..<2 {
-            let path = "/dev/shm/ft-\(job.job)-n2-w0-s\(slot)"
+            let path = "/dev/shm/ft-\(job.job)-n2-p\(job.smps[2].pid)-w0-s\(slot)"
             guard let h = FileHandle(forUpdatingAtPath: path) else { continue }
             try h.seek(toOffset: 100_000)
             let b = try h.read(upToCount: 1) ?? Data([0])

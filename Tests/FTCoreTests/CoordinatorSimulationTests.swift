@@ -471,6 +471,29 @@ struct CoordinatorSimulationTests {
         #expect(sim.violations.isEmpty, "\(sim.violations)")
     }
 
+    @Test("an old incarnation's hello (it knows an epoch, another pid) is fenced and never displaces the live SMP; a fresh process's is a restart")
+    func zombieHello() {
+        var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "z", nodes: 1, workersPerNode: 1))
+        let inventory = { (pid: Int) in
+            ControlMessage.SMPInventory(node: "n0", pid: pid, dataEndpoint: "tcp://n0", workers: ["w0"], rankOffset: 0,
+                                        committedStep: nil, stagedStep: nil)
+        }
+        _ = c.receive(.smpHello(inventory(100)), from: "n0", epoch: 0, now: 0)
+        _ = c.receive(.workerHello(.init(node: "n0", worker: "w0", rank: 0, worldSize: 1, pid: 101, collectiveEndpoint: "ring://0")),
+                      from: "n0/w0", epoch: 0, now: 0)
+        #expect(c.state == .recovering || c.state == .running)
+        let epoch = c.epoch
+        // pid 99 says hello as n0 and has been welcomed before (epoch > 0): a zombie.
+        let out = c.receive(.smpHello(inventory(99)), from: "n0", epoch: epoch, now: 0.1)
+        #expect(out.contains { if case .send("n0", .fenced) = $0 { true } else { false } }, "\(out)")
+        #expect(c.nodes["n0"]?.pid == 100 && c.nodes["n0"]?.state == .alive)
+        #expect(c.epoch == epoch)
+        // A fresh process (epoch 0) under the id: the SMP was restarted; a failure.
+        _ = c.receive(.smpHello(inventory(102)), from: "n0", epoch: 0, now: 0.2)
+        #expect(c.epoch > epoch)
+        #expect(c.lastFailure?.detectedBy.contains("restarted as pid 102") == true)
+    }
+
     @Test("a fresh coordinator rebuilds its view from the SMPs and resumes without losing the committed step")
     func coordinatorRestart() {
         var sim = ControlSimulation(seed: 21)

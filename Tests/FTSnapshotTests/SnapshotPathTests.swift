@@ -68,7 +68,7 @@ struct SnapshotPathTests {
         }
         let layout = ShardLayout(specs: model.tensors.map(\.0), dpRank: 0, dpSize: 1)
         let entry = layout.entry(named: "moments")!
-        let name = "/ft-\(smp.jobID)-n0-w0-s\(point.slot)"
+        let name = "/ft-\(smp.jobID)-n0-p\(getpid())-w0-s\(point.slot)"
         let segment = try SharedMemorySegment.open(name: name, count: layout.slotBytes, writable: true)
         segment.base.storeBytes(of: segment.base.load(fromByteOffset: entry.slotOffset + (1 << 20) + 12345, as: UInt8.self) ^ 0x01,
                                 toByteOffset: entry.slotOffset + (1 << 20) + 12345, as: UInt8.self)
@@ -131,7 +131,7 @@ struct SnapshotPathTests {
         }
         for c in clients { try c.waitForRound() }
         let layout = ShardLayout(specs: models[1].tensors.map(\.0), dpRank: 1, dpSize: 2)
-        let segment = try SharedMemorySegment.open(name: "/ft-\(smp.jobID)-n0-w1-s0", count: layout.slotBytes, writable: true)
+        let segment = try SharedMemorySegment.open(name: "/ft-\(smp.jobID)-n0-p\(getpid())-w1-s0", count: layout.slotBytes, writable: true)
         let offset = layout.entry(named: "params")!.slotOffset + 10
         segment.base.storeBytes(of: segment.base.load(fromByteOffset: offset, as: UInt8.self) ^ 0x80, toByteOffset: offset, as: UInt8.self)
         do {
