@@ -87,6 +87,10 @@ let package = Package(
             "FTLauncher", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
+        .executableTarget(name: "ft-chaos", dependencies: [
+            "FTLauncher", "FTSystem",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .executableTarget(name: "ft-demo-trainer", dependencies: [
             "FTDemo", "FTToy", "FTTraining", "FTWorker", "FTControl", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README): installs what is missing, builds, runs
-# every test. Works from a fresh clone; CI runs exactly this.
+# every test, then the chaos smoke subset. Works from a fresh clone; CI runs
+# exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +28,13 @@ set -e
 passed=$(grep '^✔ Test .* passed' "$log" | grep -vc '^✔ Test run with' || true)
 failed=$(grep '^✘ Test .* failed' "$log" | grep -vc '^✘ Test run with' || true)
 echo "tests: ${passed} passed, ${failed} failed"
-exit "$status"
+
+# The chaos smoke subset against real jobs, with the debug binaries just built.
+echo "test: chaos smoke (chaos/run --smoke)"
+set +e
+FT_BIN="$(swift build --show-bin-path)" ./chaos/run --smoke --steps 200
+chaos_status=$?
+set -e
+echo "chaos smoke: $([[ $chaos_status -eq 0 ]] && echo passed || echo "FAILED (exit $chaos_status)")"
+if [[ $status -ne 0 ]]; then exit "$status"; fi
+exit "$chaos_status"

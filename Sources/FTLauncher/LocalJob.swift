@@ -5,9 +5,11 @@ import FTZMQ
 import Foundation
 
 /// A job of real processes on this host: a coordinator and `nodes` SMPs, each
-/// spawning its workers, all on loopback with per-job CURVE keys. Every
-/// process it starts is recorded (the SMPs record their workers in
-/// `RUN_DIR/pids`) and `stop()` ends exactly those, by PID.
+/// spawning its workers, all on loopback with per-job CURVE keys. Each SMP
+/// (a node: the SMP and its workers) and the coordinator run in a process
+/// group of their own. Every process it starts is recorded in
+/// `RUN_DIR/job.pids` (the SMPs record their workers in `RUN_DIR/pids`) and
+/// `stop()` ends exactly those, by PID.
 public final class LocalJob: @unchecked Sendable {
     public struct Options: Sendable {
         public var nodes = 2
@@ -22,6 +24,14 @@ public final class LocalJob: @unchecked Sendable {
         public var erasure: (k: Int, m: Int)?
         /// Extra environment of the first SMP of a node (not of its replacements).
         public var smpEnvironment: [Int: [String: String]] = [:]
+        /// Extra environment of every SMP (and so of every worker).
+        public var environment: [String: String] = [:]
+        /// The coordinator's loopback port (nil: a free one).
+        public var coordinatorPort: Int?
+        /// Spare SMPs started in standby; a lost node is taken over by one while any is left.
+        public var spares = 0
+        /// Workers snapshot every this many steps (FT_SNAPSHOT_INTERVAL).
+        public var snapshotInterval = 1
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -38,6 +48,9 @@ public final class LocalJob: @unchecked Sendable {
     public let endpoint: String
     public private(set) var coordinator: ChildProcess?
     public private(set) var smps: [ChildProcess] = []
+    /// Spares still in standby, and (index, node) of those assigned so far.
+    public private(set) var spares: [(index: Int, process: ChildProcess)] = []
+    public private(set) var sparesUsed: [(index: Int, node: Int)] = []
     private let coordinatorArgs: [String]
 
     public var dir: String { options.runDirectory }
@@ -47,26 +60,64 @@ public final class LocalJob: @unchecked Sendable {
         self.options = options
         try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true)
         if options.curve { _ = try JobKeys.generate(in: options.runDirectory + "/keys") }
-        endpoint = "tcp://127.0.0.1:\(try Self.freePort())"
+        try (options.jobID + "\n").write(toFile: options.runDirectory + "/job.id", atomically: true, encoding: .utf8)
+        endpoint = "tcp://127.0.0.1:\(try options.coordinatorPort ?? Self.freePort())"
         coordinatorArgs = [options.binaries + "/ft-coordinator", "--job-id", options.jobID, "--nodes", "\(options.nodes)",
                            "--workers-per-node", "\(options.workersPerNode)", "--endpoint", endpoint, "--run-dir", options.runDirectory,
                            "--linger-ms", "\(options.lingerMs)", "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.erasure.map { ["--ec", "\($0.k)+\($0.m)"] } ?? [])
+            + ["--snapshot-interval", "\(options.snapshotInterval)"]
         try startCoordinator()
         for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
+        if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }
+        for i in 0..<options.spares {
+            let args = smpArguments(node: "spare\(i)", rankOffset: 0) + ["--standby", dir + "/spares/spare\(i).assign", "--"] + options.workerCommand
+            spares.append((i, try ChildProcess(arguments: args, environment: smpEnvironment([:]), newProcessGroup: true,
+                                               outputPath: dir + "/spare\(i).log")))
+        }
         try writePIDs()
+    }
+
+    private func smpArguments(node: String, rankOffset: Int) -> [String] {
+        [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", node, "--run-dir", options.runDirectory,
+         "--workers", "\(options.workersPerNode)", "--coordinator", endpoint,
+         "--rank-offset", "\(rankOffset)", "--world-size", "\(options.nodes * options.workersPerNode)"]
+            + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
+    }
+
+    private func smpEnvironment(_ extra: [String: String]) -> [String: String] {
+        var env = ProcessInfo.processInfo.environment.merging(options.environment) { $1 }.merging(extra) { $1 }
+        env["FT_SNAPSHOT_INTERVAL"] = "\(options.snapshotInterval)"
+        return env
+    }
+
+    /// A lost node's replacement: a spare in standby if one is left (it is
+    /// told the node's identity), otherwise the node's SMP started again.
+    /// Returns what it did.
+    @discardableResult
+    public func replaceNode(_ n: Int) throws -> String {
+        guard !spares.isEmpty else {
+            try startSMP(node: n)
+            return "started a replacement SMP for n\(n)"
+        }
+        let spare = spares.removeFirst()
+        let path = dir + "/spares/spare\(spare.index).assign"
+        // Written whole then renamed: the spare never reads half an assignment.
+        try "n\(n) \(n * options.workersPerNode)\n".write(toFile: path + ".tmp", atomically: false, encoding: .utf8)
+        guard rename(path + ".tmp", path) == 0 else { throw SystemError("rename \(path)", errno: errno) }
+        retired.append(smps[n])
+        smps[n] = spare.process
+        sparesUsed.append((spare.index, n))
+        try writePIDs()
+        return "spare\(spare.index) (pid \(spare.process.pid)) took over n\(n)"
     }
 
     /// Starts (or restarts, as the replacement of a lost node) the SMP of node `n`.
     @discardableResult
     public func startSMP(node n: Int, environment extra: [String: String] = [:]) throws -> ChildProcess {
-        var args = [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", "n\(n)", "--run-dir", options.runDirectory,
-                        "--workers", "\(options.workersPerNode)", "--coordinator", endpoint,
-                        "--rank-offset", "\(n * options.workersPerNode)", "--world-size", "\(options.nodes * options.workersPerNode)"]
-        if options.curve { args += ["--keys", options.runDirectory + "/keys"] }
-        args += ["--"] + options.workerCommand
-        let smp = try ChildProcess(arguments: args, environment: ProcessInfo.processInfo.environment.merging(extra) { $1 },
+        let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode) + ["--"] + options.workerCommand
+        let smp = try ChildProcess(arguments: args, environment: smpEnvironment(extra), newProcessGroup: true,
                                    outputPath: options.runDirectory + "/smp-n\(n).log")
         if n < smps.count {
             retired.append(smps[n])
@@ -79,16 +130,26 @@ public final class LocalJob: @unchecked Sendable {
     /// SMP processes replaced by `startSMP` (still ended by `stop()`).
     public private(set) var retired: [ChildProcess] = []
 
+    /// `RUN_DIR/job.pids`: one "ROLE PID" line per process this object
+    /// started, current and past (SMPs record their workers in `RUN_DIR/pids`).
     private func writePIDs() throws {
-        var pids = "coordinator \(coordinator!.pid)\n"
+        var pids = "launcher \(getpid())\n"
+        for c in coordinators { pids += "coordinator \(c.pid)\n" }
         for (n, s) in smps.enumerated() { pids += "smp-n\(n) \(s.pid)\n" }
+        for s in spares { pids += "spare\(s.index) \(s.process.pid)\n" }
+        for s in retired { pids += "retired-smp \(s.pid)\n" }
         try pids.write(toFile: options.runDirectory + "/job.pids", atomically: true, encoding: .utf8)
     }
 
+    private var coordinators: [ChildProcess] = []
+
     /// Starts (or restarts) the coordinator on the job's endpoint.
     public func startCoordinator() throws {
-        coordinator = try ChildProcess(arguments: coordinatorArgs, environment: ProcessInfo.processInfo.environment,
-                                       outputPath: options.runDirectory + "/coordinator.log")
+        let c = try ChildProcess(arguments: coordinatorArgs, environment: ProcessInfo.processInfo.environment, newProcessGroup: true,
+                                 outputPath: options.runDirectory + "/coordinator.log")
+        coordinator = c
+        coordinators.append(c)
+        if !smps.isEmpty { try writePIDs() }
     }
 
     public func workerPID(node: Int, worker: Int) -> Int32? {
@@ -122,25 +183,23 @@ public final class LocalJob: @unchecked Sendable {
     /// Ends every process this job started, by recorded PID (continuing any
     /// stopped one first), and frees the job's shared memory.
     public func stop(removeFiles: Bool = true) {
-        for n in 0..<options.nodes {
-            for w in 0..<options.workersPerNode {
-                if let pid = workerPID(node: n, worker: w), pid > 0 { kill(pid, SIGCONT); kill(pid, SIGKILL) }
-            }
+        for pid in RecordedProcesses.workerPIDs(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) {
+            kill(pid, SIGCONT)
+            kill(pid, SIGKILL)
         }
-        for smp in smps + retired where smp.poll() == nil {
-            kill(smp.pid, SIGCONT)
-            smp.kill(SIGKILL)
-            smp.wait(timeoutSeconds: 5)
+        for p in smps + retired + spares.map(\.process) + coordinators where p.poll() == nil {
+            kill(p.pid, SIGCONT)
+            p.kill(SIGKILL)
+            p.wait(timeoutSeconds: 5)
         }
-        if let c = coordinator, c.poll() == nil {
-            kill(c.pid, SIGCONT)
-            c.kill(SIGKILL)
-            c.wait(timeoutSeconds: 5)
-        }
-        for name in ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []) where name.hasPrefix("ft-\(job)-") {
-            _ = SharedMemorySegment.unlink(name: "/" + name)
-        }
+        RecordedProcesses.freeSharedMemory(job: job)
         if removeFiles { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
+    /// Recorded processes of this job still alive (workers included), and its shared-memory segments left.
+    public func leftovers() -> (pids: [Int32], segments: [String]) {
+        (RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) },
+         RecordedProcesses.segments(job: job))
     }
 
     /// A loopback TCP port that was free a moment ago.
@@ -154,6 +213,56 @@ public final class LocalJob: @unchecked Sendable {
     }
 
     static func read(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
+}
+
+/// The PIDs a job recorded in its run directory, and checks that a PID still
+/// names a process of that job before anything signals it (PIDs are reused).
+public enum RecordedProcesses {
+    /// Every worker any SMP of the job started (`RUN_DIR/pids/history`, plus the current pid files).
+    public static func workerPIDs(runDirectory dir: String) -> [Int32] {
+        var pids: [Int32] = []
+        for line in LocalJob.read(dir + "/pids/history").split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 3, parts[1] != "smp", let pid = Int32(parts[2]) { pids.append(pid) }
+        }
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir + "/pids")) ?? [] where name.hasSuffix(".pid") && !name.hasSuffix(".smp.pid") {
+            if let pid = Int32(LocalJob.read(dir + "/pids/" + name).trimmingCharacters(in: .whitespacesAndNewlines)) { pids.append(pid) }
+        }
+        return Array(Set(pids)).sorted()
+    }
+
+    /// Every process of `RUN_DIR/job.pids` (but the launcher) and every worker.
+    public static func all(runDirectory dir: String) -> [Int32] {
+        var pids = workerPIDs(runDirectory: dir)
+        for line in LocalJob.read(dir + "/job.pids").split(separator: "\n") where !line.hasPrefix("launcher ") {
+            if let pid = line.split(separator: " ").last.flatMap({ Int32($0) }) { pids.append(pid) }
+        }
+        for line in LocalJob.read(dir + "/pids/history").split(separator: "\n") {
+            if let pid = line.split(separator: " ").last.flatMap({ Int32($0) }) { pids.append(pid) }
+        }
+        return Array(Set(pids)).sorted()
+    }
+
+    /// Whether `pid` is alive and is a process of job `job`: its command line
+    /// has `--job-id JOB` (coordinator, SMPs) or its environment `FT_JOB_ID=JOB` (workers).
+    public static func belongs(_ pid: Int32, toJob job: String) -> Bool {
+        guard pid > 0, kill(pid, 0) == 0 else { return false }
+        func contents(_ file: String) -> [UInt8] {
+            (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/\(file)"))).map { [UInt8]($0) } ?? []
+        }
+        let args = contents("cmdline").split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
+        if let i = args.firstIndex(of: "--job-id"), i + 1 < args.count, args[i + 1] == job { return true }
+        return contents("environ").split(separator: 0).contains { String(decoding: $0, as: UTF8.self) == "FT_JOB_ID=\(job)" }
+    }
+
+    /// The job's shared-memory segments still in /dev/shm.
+    public static func segments(job: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []).filter { $0.hasPrefix("ft-\(job)-") }.sorted()
+    }
+
+    public static func freeSharedMemory(job: String) {
+        for name in segments(job: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
+    }
 }
 
 /// An integer from a JSON value (Int or Double), -999 when absent.

@@ -7,7 +7,7 @@ struct Launch: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ft-launch",
         abstract: "Start a local fault-tolerant training job, stop one, or run the demo.",
-        subcommands: [Demo.self, Stop.self])
+        subcommands: [Start.self, Stop.self, Demo.self])
 }
 
 /// Where this binary's siblings (ft-coordinator, ft-smp, ft-demo-trainer) are.
@@ -17,6 +17,174 @@ nonisolated var binaries: String {
 }
 
 nonisolated func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
+
+struct Start: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Start a job from a config file and/or flags, keep it whole until it ends (cluster/launch).",
+        discussion: """
+            Every node runs locally as its own process group (its SMP and the SMP's workers) on loopback; the
+            coordinator too. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any
+            spares, waits until the job runs, prints where the logs are, then stays in the foreground: it starts a
+            replacement for a node the coordinator declared lost (a spare while one is left, otherwise the node's SMP
+            restarted empty; either rebuilds from parity) and restarts a dead coordinator. It ends with the job:
+            exit status 0 when the job completed, 1 when it stopped as failed. Ctrl-C (or SIGTERM, or
+            `cluster/stop RUN_DIR` from elsewhere) ends every process of the job, by recorded PID.
+
+            Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or
+            none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms.
+            See cluster/example.conf.
+            """)
+
+    @Option(help: "A config file (key = value lines).")
+    var config: String?
+
+    @Option(help: "Nodes (default 4).")
+    var nodes: Int?
+
+    @Option(help: "Workers per node (default 2).")
+    var workersPerNode: Int?
+
+    @Option(help: "Erasure coding across nodes, K+M or none (default 3+1).")
+    var ec: String?
+
+    @Option(help: "Spare SMPs in standby (default 0; needs ec).")
+    var spares: Int?
+
+    @Option(help: "Snapshot every this many steps (default 1).")
+    var snapshotInterval: Int?
+
+    @Option(help: "Steps, for the default worker command (default 2000).")
+    var steps: Int?
+
+    @Option(help: "The coordinator's loopback port (default: a free one).")
+    var port: Int?
+
+    @Option(help: "Run directory (default /tmp/ft-job-JOB).")
+    var runDir: String?
+
+    @Option(help: "Job id (default: job<pid>).")
+    var jobId: String?
+
+    @Option(help: "Heartbeat interval in milliseconds (default 100).")
+    var heartbeatMs: Int?
+
+    @Option(help: "Silence after which a process is dead, in milliseconds (default 500).")
+    var timeoutMs: Int?
+
+    @Option(help: "Seconds to wait for the job to start running.")
+    var startTimeout = 120.0
+
+    @Argument(parsing: .postTerminator, help: "The worker command, after -- (default: ft-demo-trainer --steps STEPS).")
+    var workerCommand: [String] = []
+
+    func validate() throws { _ = try resolved() }
+
+    func resolved() throws -> ClusterConfig {
+        var c = ClusterConfig()
+        do {
+            if let config {
+                guard let text = try? String(contentsOfFile: config, encoding: .utf8) else {
+                    throw ValidationError("cannot read the config file \(config)")
+                }
+                try c.apply(file: text, name: config)
+            }
+            if let nodes { c.nodes = nodes }
+            if let workersPerNode { c.workersPerNode = workersPerNode }
+            if let ec { c.erasure = try ClusterConfig.ErasureCode.parse(ec) }
+            if let spares { c.spares = spares }
+            if let snapshotInterval { c.snapshotInterval = snapshotInterval }
+            if let steps { c.steps = steps }
+            if let port { c.port = port }
+            if let runDir { c.runDirectory = runDir }
+            if let jobId { c.jobID = jobId }
+            if let heartbeatMs { c.heartbeatMs = heartbeatMs }
+            if let timeoutMs { c.timeoutMs = timeoutMs }
+            if !workerCommand.isEmpty { c.workerCommand = workerCommand }
+            try c.validate(binaries: binaries)
+        } catch let error as ClusterConfig.ConfigError {
+            throw ValidationError("bad config: \(error.description)")
+        }
+        return c
+    }
+
+    func run() throws {
+        let c = try resolved()
+        let job = c.jobID ?? "job\(getpid())"
+        let dir = c.runDirectory ?? "/tmp/ft-job-\(job)"
+        let signals = try SignalWatcher(signals: [SIGINT, SIGTERM])
+        let ec = c.erasure.map { "RS(\($0.k)+\($0.m))" } ?? "no erasure coding"
+        say("starting job \(job): \(c.nodes) nodes x \(c.workersPerNode) workers, \(ec), \(c.spares) spare\(c.spares == 1 ? "" : "s"), "
+            + "a snapshot every \(c.snapshotInterval) step\(c.snapshotInterval == 1 ? "" : "s")")
+        let local = try LocalJob(c.jobOptions(binaries: binaries, runDirectory: dir, jobID: job))
+        var code: Int32 = 0
+        defer { local.stop(removeFiles: false) }
+        let started = monotonicSeconds()
+        while (local.status(timeout: 0.5)?["state"] as? String) != "running" {
+            if local.coordinator?.poll() != nil || monotonicSeconds() - started > startTimeout {
+                say("the job did not start running (\(local.coordinator?.poll() != nil ? "the coordinator ended" : "timeout")); logs under \(dir):")
+                say(String(local.logs.suffix(4000)))
+                throw ExitCode(1)
+            }
+            if signals.next() != nil { say("interrupted; stopping"); throw ExitCode(130) }
+            usleep(100_000)
+        }
+        say("""
+            job \(job) is running (started in \(String(format: "%.1f", monotonicSeconds() - started)) s); coordinator \(local.endpoint)
+              run directory  \(dir)
+              logs           \(dir)/coordinator.log, \(dir)/smp-n*.log, \(dir)/logs/NODE-WORKER.log
+              watch          \(binaries)/ftctl status --run-dir \(dir) --watch
+              PIDs           \(dir)/job.pids (+ \(dir)/pids/)
+              stop           cluster/stop \(dir)   (or Ctrl-C here)
+            """)
+        let supervisor = Supervisor(job: local)
+        var announced = 0  // failures announced (failures_total)
+        var reported = Set<String>()  // history entries reported (detection time and what)
+        var lastState = "running"
+        while true {
+            if let sig = signals.next() {
+                say("signal \(sig): ending every process of the job")
+                throw ExitCode(128 + sig)
+            }
+            for action in supervisor.tick() { say("launcher: \(action)") }
+            if let s = supervisor.lastStatus {
+                let total = jsonInt(s["failures_total"])
+                if total > announced, let f = s["last_failure"] as? [String: Any] {
+                    say("failure: \(f["kind"] as? String ?? "?") \(f["what"] as? String ?? "?") (\(f["detected_by"] as? String ?? "?"))")
+                    announced = total
+                }
+                let history = (s["failures"] as? [[String: Any]]) ?? []
+                for f in history where reported.insert("\(f["detected_at_s"] ?? "")|\(f["what"] ?? "")").inserted {
+                    let what = "\(f["kind"] as? String ?? "?") \(f["what"] as? String ?? "?")"
+                    let outcome = f["outcome"] as? String ?? "?"
+                    if outcome == "resumed" {
+                        let phases = ((f["phases"] as? [[String: Any]]) ?? []).map {
+                            "\($0["phase"] as? String ?? "?") \(String(format: "%.0f", ($0["ms"] as? Double) ?? 0)) ms"
+                        }
+                        say("recovered from \(what): every worker restored step \(jsonInt(f["restored_step"])), \(jsonInt(f["steps_lost"])) steps lost, "
+                            + "\(String(format: "%.0f", (f["recovery_ms"] as? Double) ?? -1)) ms (\(phases.joined(separator: ", ")))")
+                    } else {
+                        say("\(what): \(outcome)")
+                    }
+                }
+                let state = s["state"] as? String ?? "?"
+                if state != lastState, state != "running", state != "recovering" { say("job \(state)") }
+                lastState = state
+            }
+            if let coordinator = local.coordinator, let status = coordinator.poll() {
+                if (try? String(contentsOfFile: dir + "/status.json", encoding: .utf8)) != nil {
+                    let final = (try? String(contentsOfFile: dir + "/status.json", encoding: .utf8))
+                        .flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
+                    code = status.isSuccess ? 0 : 1
+                    say("job \(final["state"] as? String ?? "ended"): \(final["stop_reason"] as? String ?? "completed"); "
+                        + "committed step \(jsonInt(final["committed_step"])), \(jsonInt(final["failures_total"])) failure(s)")
+                    break
+                }
+            }
+            usleep(200_000)
+        }
+        if code != 0 { throw ExitCode(code) }
+    }
+}
 
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -128,27 +296,53 @@ struct Demo: ParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "End every process a job recorded (RUN_DIR/job.pids and RUN_DIR/pids/*.pid), by PID.")
+        abstract: "End every process a job recorded (RUN_DIR/job.pids, RUN_DIR/pids), by PID, and free its shared memory.",
+        discussion: """
+            SIGTERM first (a launcher then ends its job itself, an SMP frees its memory), SIGKILL after --grace
+            seconds to whatever of the job is left. A PID is signalled only while it still names a process of the
+            job (its command line or environment carries the job id), so a reused PID is never hit.
+            """)
 
     @Argument(help: "The job's run directory.")
     var runDir: String
 
+    @Option(help: "Seconds to wait after SIGTERM before SIGKILL.")
+    var grace = 5.0
+
     func run() throws {
-        var pids: [Int32] = []
-        if let text = try? String(contentsOfFile: runDir + "/job.pids", encoding: .utf8) {
-            pids += text.split(separator: "\n").compactMap { $0.split(separator: " ").last.flatMap { Int32($0) } }
+        guard let job = (try? String(contentsOfFile: runDir + "/job.id", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) else {
+            throw ValidationError("\(runDir) is not a job's run directory (no job.id)")
         }
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: runDir + "/pids")) ?? [] {
-            if let text = try? String(contentsOfFile: runDir + "/pids/" + name, encoding: .utf8),
-               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) { pids.append(pid) }
+        let launcher = (try? String(contentsOfFile: runDir + "/job.pids", encoding: .utf8))?.split(separator: "\n")
+            .first { $0.hasPrefix("launcher ") }.flatMap { Int32($0.split(separator: " ")[1]) }
+        var targets = RecordedProcesses.all(runDirectory: runDir).filter { RecordedProcesses.belongs($0, toJob: job) }
+        // The launcher is not of the job by its arguments; it is recorded, and it is an ft-launch.
+        let launcherAlive = launcher.map { pid in
+            kill(pid, 0) == 0 && ((try? String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)) ?? "").contains("ft-launch")
+        } ?? false
+        guard !targets.isEmpty || launcherAlive else {
+            RecordedProcesses.freeSharedMemory(job: job)
+            say("job \(job): nothing of it is running")
+            return
         }
-        guard !pids.isEmpty else { throw ValidationError("no recorded PIDs under \(runDir)") }
-        var ended = 0
-        for pid in Set(pids) where kill(pid, 0) == 0 {
-            kill(pid, SIGTERM)
-            ended += 1
+        if launcherAlive, let launcher { targets.append(launcher) }
+        for pid in targets { kill(pid, SIGCONT); kill(pid, SIGTERM) }
+        say("sent SIGTERM to \(targets.count) recorded process\(targets.count == 1 ? "" : "es") of job \(job)")
+        let deadline = monotonicSeconds() + grace
+        var left = targets
+        while monotonicSeconds() < deadline {
+            left = left.filter { kill($0, 0) == 0 && ($0 == launcher || RecordedProcesses.belongs($0, toJob: job)) }
+            if left.isEmpty { break }
+            usleep(50_000)
         }
-        say("sent SIGTERM to \(ended) recorded process\(ended == 1 ? "" : "es") of \(runDir)")
+        for pid in left { kill(pid, SIGKILL) }
+        if !left.isEmpty { say("SIGKILL to \(left.count) that outlived SIGTERM for \(grace) s") }
+        usleep(100_000)
+        RecordedProcesses.freeSharedMemory(job: job)
+        let remaining = RecordedProcesses.all(runDirectory: runDir).filter { RecordedProcesses.belongs($0, toJob: job) }
+        let segments = RecordedProcesses.segments(job: job)
+        say("job \(job) stopped: \(remaining.count) recorded processes alive, \(segments.count) shared-memory segments left")
+        if !remaining.isEmpty || !segments.isEmpty { throw ExitCode(1) }
     }
 }
 

@@ -1,0 +1,188 @@
+import FTSystem
+import Foundation
+
+/// What `cluster/launch` (`ft-launch start`) starts: read from a small
+/// `key = value` file, then overridden by flags, then checked as a whole
+/// before any process starts.
+///
+///     # cluster/example.conf
+///     nodes = 4
+///     workers_per_node = 2
+///     ec = 3+1              # or "none"
+///     spares = 1
+///     snapshot_interval = 1
+///     steps = 2000          # for the default worker command
+///     worker_command = /path/to/ft-demo-trainer --steps 2000   # default: ft-demo-trainer
+///     port = 0              # the coordinator's loopback port (0: a free one)
+///     run_dir = /tmp/ft-job
+///     job_id = myjob
+///     heartbeat_ms = 100
+///     timeout_ms = 500
+public struct ClusterConfig: Equatable, Sendable {
+    public var nodes = 4
+    public var workersPerNode = 2
+    public var erasure: ErasureCode? = ErasureCode(k: 3, m: 1)
+    public var spares = 0
+    public var snapshotInterval = 1
+    public var steps = 2000
+    /// Empty: the demo trainer next to the launcher, with `steps`.
+    public var workerCommand: [String] = []
+    public var port = 0
+    public var runDirectory: String?
+    public var jobID: String?
+    public var heartbeatMs = 100
+    public var timeoutMs = 500
+
+    public struct ErasureCode: Equatable, Sendable {
+        public var k: Int
+        public var m: Int
+        public init(k: Int, m: Int) { self.k = k; self.m = m }
+
+        /// "K+M", or nil for "none".
+        public static func parse(_ text: String) throws(ConfigError) -> ErasureCode? {
+            let t = text.trimmingCharacters(in: .whitespaces)
+            if t == "none" || t == "off" { return nil }
+            let parts = t.split(separator: "+")
+            guard parts.count == 2, let k = Int(parts[0]), let m = Int(parts[1]) else {
+                throw ConfigError("ec must be K+M (e.g. 3+1) or none, not '\(text)'")
+            }
+            return ErasureCode(k: k, m: m)
+        }
+    }
+
+    public struct ConfigError: Error, CustomStringConvertible, Equatable {
+        public var description: String
+        public init(_ description: String) { self.description = description }
+    }
+
+    public init() {}
+
+    static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
+                                    "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms"]
+
+    /// Applies a config file's text (`key = value` lines; `#` starts a comment).
+    public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
+        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+            guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
+            guard let eq = line.firstIndex(of: "=") else {
+                throw ConfigError("\(name):\(i + 1): expected key = value, got '\(raw)'")
+            }
+            let key = line[..<eq].trimmingCharacters(in: .whitespaces)
+            let value = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+            do {
+                try set(key, value)
+            } catch {
+                throw ConfigError("\(name):\(i + 1): \(error.description)")
+            }
+        }
+    }
+
+    /// Sets one key from its text.
+    public mutating func set(_ key: String, _ value: String) throws(ConfigError) {
+        func int() throws(ConfigError) -> Int {
+            guard let v = Int(value) else { throw ConfigError("\(key) must be a whole number, not '\(value)'") }
+            return v
+        }
+        switch key {
+        case "nodes": nodes = try int()
+        case "workers_per_node": workersPerNode = try int()
+        case "ec": erasure = try ErasureCode.parse(value)
+        case "spares": spares = try int()
+        case "snapshot_interval": snapshotInterval = try int()
+        case "steps": steps = try int()
+        case "worker_command": workerCommand = value.split(separator: " ").map(String.init)
+        case "port": port = try int()
+        case "run_dir": runDirectory = value
+        case "job_id": jobID = value
+        case "heartbeat_ms": heartbeatMs = try int()
+        case "timeout_ms": timeoutMs = try int()
+        default:
+            throw ConfigError("unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
+        }
+    }
+
+    /// Everything that can be checked before anything starts: numbers, the
+    /// EC groups against the node count, the binaries, the worker command,
+    /// the port, the run directory. `binaries`: where ft-coordinator and ft-smp are.
+    public func validate(binaries: String) throws(ConfigError) {
+        guard nodes >= 1 && nodes <= 256 else { throw ConfigError("nodes must be in 1...256, not \(nodes)") }
+        guard workersPerNode >= 1 && workersPerNode <= 64 else {
+            throw ConfigError("workers_per_node must be in 1...64, not \(workersPerNode)")
+        }
+        if let ec = erasure {
+            guard ec.k >= 1, ec.m >= 1, ec.k + ec.m <= 255 else { throw ConfigError("ec \(ec.k)+\(ec.m): K and M must be at least 1") }
+            guard ec.k + ec.m <= nodes else {
+                throw ConfigError("ec \(ec.k)+\(ec.m) needs groups of \(ec.k + ec.m) nodes, and the job has only \(nodes)")
+            }
+            guard nodes % (ec.k + ec.m) == 0 else {
+                throw ConfigError("ec \(ec.k)+\(ec.m) cuts the nodes into groups of \(ec.k + ec.m): \(nodes) nodes do not divide into them")
+            }
+        }
+        guard spares >= 0 && spares <= 64 else { throw ConfigError("spares must be in 0...64, not \(spares)") }
+        guard spares == 0 || erasure != nil else {
+            throw ConfigError("spares need ec: a spare rebuilds a lost node from its group's parity")
+        }
+        guard snapshotInterval >= 1 else { throw ConfigError("snapshot_interval must be at least 1 step, not \(snapshotInterval)") }
+        guard steps >= 1 else { throw ConfigError("steps must be at least 1, not \(steps)") }
+        guard heartbeatMs >= 10, timeoutMs >= 3 * heartbeatMs else {
+            throw ConfigError("heartbeat_ms must be at least 10 and timeout_ms at least 3 heartbeats (have \(heartbeatMs) and \(timeoutMs))")
+        }
+        if let jobID {
+            let ok = !jobID.isEmpty && jobID.count <= 32 && jobID.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) && $0.isASCII || $0 == "_" }
+            guard ok else { throw ConfigError("job_id '\(jobID)' must be 1-32 characters of A-Z, a-z, 0-9 or _") }
+        }
+        for b in ["ft-coordinator", "ft-smp"] where access(binaries + "/" + b, X_OK) != 0 {
+            throw ConfigError("\(binaries)/\(b) is missing or not executable: build first (swift build -c release)")
+        }
+        let command = resolvedWorkerCommand(binaries: binaries)
+        var isDirectory: ObjCBool = false
+        guard let path = ChildProcess.resolve(command[0]), FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory),
+              !isDirectory.boolValue else {
+            throw ConfigError("worker command '\(command[0])' is not an executable file, nor found in PATH")
+        }
+        guard port >= 0 && port <= 65535 else { throw ConfigError("port must be in 0...65535, not \(port)") }
+        if port != 0, let reason = Self.portUnavailable(port) {
+            throw ConfigError("port \(port) on 127.0.0.1 is not available (\(reason)): choose another, or 0 for a free one")
+        }
+        if let dir = runDirectory, FileManager.default.fileExists(atPath: dir + "/job.pids"),
+           let job = try? String(contentsOfFile: dir + "/job.id", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
+           RecordedProcesses.all(runDirectory: dir).contains(where: { RecordedProcesses.belongs($0, toJob: job) }) {
+            throw ConfigError("run directory \(dir) belongs to job \(job), which is still running: stop it (cluster/stop \(dir)) or choose another")
+        }
+    }
+
+    public func resolvedWorkerCommand(binaries: String) -> [String] {
+        workerCommand.isEmpty ? [binaries + "/ft-demo-trainer", "--steps", "\(steps)", "--report-every", "100"] : workerCommand
+    }
+
+    /// Why binding 127.0.0.1:`port` fails, or nil when it is free.
+    public static func portUnavailable(_ port: Int) -> String? {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return String(cString: strerror(errno)) }
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        return result == 0 ? nil : String(cString: strerror(errno))
+    }
+
+    /// The launcher's job options for this config.
+    public func jobOptions(binaries: String, runDirectory: String, jobID: String) -> LocalJob.Options {
+        var o = LocalJob.Options(binaries: binaries, runDirectory: runDirectory, jobID: jobID)
+        o.nodes = nodes
+        o.workersPerNode = workersPerNode
+        o.erasure = erasure.map { ($0.k, $0.m) }
+        o.spares = spares
+        o.snapshotInterval = snapshotInterval
+        o.workerCommand = resolvedWorkerCommand(binaries: binaries)
+        o.coordinatorPort = port == 0 ? nil : port
+        o.heartbeatMs = heartbeatMs
+        o.timeoutMs = timeoutMs
+        return o
+    }
+}

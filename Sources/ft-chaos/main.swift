@@ -1,0 +1,134 @@
+import ArgumentParser
+import FTLauncher
+import FTSystem
+import Foundation
+
+/// `chaos/run`: the failure scenario matrix and the soak (see `ChaosRunner`).
+struct Chaos: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ft-chaos",
+        abstract: "Run failure scenarios against real local jobs and check them against an uninterrupted run.",
+        discussion: """
+            Each scenario starts a job (ft-coordinator, ft-smp, ft-demo-trainer workers; 4 nodes x 2 workers with
+            RS(3+1), or 4 x 1 with RS(2+2) for the multi-node losses), injects its fault at a seeded random step,
+            keeps the job whole as the launcher does, and checks: the final parameter hash of every worker equals
+            the golden uninterrupted run's, each failure lost at most the snapshot interval in steps, every failure
+            was resumed from (kill-m+1-nodes: the job stopped with its report and nothing resumed), and no recorded
+            process or shared-memory segment was left. Processes are signalled only by their recorded PIDs.
+
+            Scenarios:
+            \(ChaosRunner.scenarios.map { "  \($0.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \($0.about)" }.joined(separator: "\n"))
+
+            Every run prints its seed; --seed replays it. --soak SECONDS kills something (worker, SMP, node,
+            coordinator, or SIGSTOP of a node) at exponential intervals of mean --mtbf seconds, one at a time.
+            Exit status 0 when every scenario passed.
+            """)
+
+    @Option(help: "Run only this scenario (repeatable).")
+    var scenario: [String] = []
+
+    @Flag(help: "Run the CI smoke subset (\(ChaosRunner.smoke.joined(separator: ", "))).")
+    var smoke = false
+
+    @Option(help: "Seed of every scenario run (default: a random one each, printed).")
+    var seed: UInt64?
+
+    @Option(help: "Training steps per job.")
+    var steps = 400
+
+    @Option(help: "Snapshot interval in steps.")
+    var snapshotInterval = 1
+
+    @Option(help: "Soak for this many seconds instead of running scenarios.")
+    var soak: Double?
+
+    @Option(help: "Soak: mean time between failures in seconds.")
+    var mtbf = 20.0
+
+    @Flag(help: "One JSON object instead of the table.")
+    var json = false
+
+    @Flag(help: "Keep every run directory (failed runs are always kept).")
+    var keep = false
+
+    @Option(help: "Where run directories go (default: a new directory under /tmp).")
+    var workDir: String?
+
+    @Flag(help: "List the scenarios and exit.")
+    var list = false
+
+    func validate() throws {
+        for s in scenario where !ChaosRunner.scenarios.contains(where: { $0.name == s }) {
+            throw ValidationError("unknown scenario '\(s)'; known: \(ChaosRunner.scenarios.map(\.name).joined(separator: ", "))")
+        }
+        guard steps >= 40 else { throw ValidationError("--steps must be at least 40") }
+        guard snapshotInterval >= 1 else { throw ValidationError("--snapshot-interval must be at least 1") }
+        if let soak { guard soak > 0 && mtbf > 0 else { throw ValidationError("--soak and --mtbf must be positive") } }
+        if smoke && !scenario.isEmpty { throw ValidationError("give either --smoke or --scenario") }
+        for b in ["ft-coordinator", "ft-smp", "ft-demo-trainer"] where access(binaries + "/" + b, X_OK) != 0 {
+            throw ValidationError("\(binaries)/\(b) is missing: build first (swift build -c release)")
+        }
+    }
+
+    var binaries: String {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return (exe as NSString).deletingLastPathComponent
+    }
+
+    func run() throws {
+        if list {
+            for s in ChaosRunner.scenarios { print("\(s.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \(s.about)") }
+            return
+        }
+        let dir = workDir ?? "/tmp/ft-chaos-\(getpid())"
+        var options = ChaosRunner.Options(binaries: binaries, workDirectory: dir)
+        options.steps = steps
+        options.snapshotInterval = snapshotInterval
+        options.keepDirectories = keep
+        options.progress = { line in FileHandle.standardError.write(Data("chaos: \(line)\n".utf8)) }
+        let runner = try ChaosRunner(options)
+        var results: [ChaosRunner.Result] = []
+        if let soak {
+            let s = seed ?? UInt64.random(in: 1...UInt64(Int64.max))
+            options.progress("soak seed \(s) (replay with --seed \(s))")
+            results.append(runner.soak(duration: soak, mtbf: mtbf, seed: s))
+        } else {
+            let names = smoke ? ChaosRunner.smoke : scenario.isEmpty ? ChaosRunner.scenarios.map(\.name) : scenario
+            for name in names {
+                let s = seed ?? UInt64.random(in: 1...UInt64(Int64.max))
+                let r = runner.run(name, seed: s)
+                options.progress("\(name): \(r.passed ? "PASSED" : "FAILED") in \(String(format: "%.1f", r.seconds)) s (seed \(s); replay: chaos/run --scenario \(name) --seed \(s))"
+                    + (r.passed ? "" : " — \(r.detail)"))
+                results.append(r)
+            }
+        }
+        if json {
+            let o: [String: Any] = ["scenarios": results.map(\.json), "steps": steps, "snapshot_interval": snapshotInterval]
+            let data = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(table(results))
+        }
+        if !results.allSatisfy(\.passed) { throw ExitCode(1) }
+    }
+
+    func table(_ results: [ChaosRunner.Result]) -> String {
+        var rows = [["scenario", "passed", "hash equal", "steps lost", "detect ms", "recovery ms", "failures", "seed", "notes"]]
+        for r in results {
+            rows.append([r.name, r.passed ? "yes" : "NO", r.finalHashEqual.map { $0 ? "yes" : "NO" } ?? "n/a (stop)",
+                         "\(r.stepsLost)", r.detectMs < 0 ? "-" : String(format: "%.0f", r.detectMs),
+                         r.recoveryMs < 0 ? "-" : String(format: "%.0f", r.recoveryMs), "\(r.failures)", "\(r.seed)",
+                         String(r.detail.prefix(160))])
+        }
+        let widths = (0..<rows[0].count - 1).map { c in rows.map { $0[c].count }.max()! }
+        return rows.enumerated().map { i, row in
+            var line = ""
+            for (c, cell) in row.enumerated() {
+                line += c < widths.count ? cell.padding(toLength: widths[c] + 2, withPad: " ", startingAt: 0) : cell
+            }
+            return line + (i == 0 ? "\n" + widths.map { String(repeating: "-", count: $0) + "  " }.joined() + "-----" : "")
+        }.joined(separator: "\n")
+    }
+}
+
+Chaos.main()

@@ -1,0 +1,157 @@
+import FTLauncher
+import FTSystem
+import Foundation
+import Testing
+
+@Suite("cluster launcher config")
+struct ClusterConfigTests {
+    func config(_ text: String) throws -> ClusterConfig {
+        var c = ClusterConfig()
+        try c.apply(file: text, name: "test.conf")
+        return c
+    }
+
+    func error(_ c: ClusterConfig, binaries: String = productsDirectory) -> String? {
+        do {
+            try c.validate(binaries: binaries)
+            return nil
+        } catch {
+            return error.description
+        }
+    }
+
+    @Test("a config file sets every key; comments and blank lines are fine; unknown keys and bad values name their line")
+    func parsing() throws {
+        let c = try config("""
+            # a job
+            nodes = 6
+            workers_per_node = 1   # one each
+
+            ec = 4+2
+            spares = 2
+            snapshot_interval = 5
+            steps = 100
+            worker_command = /bin/sleep 1000
+            port = 0
+            run_dir = /tmp/x
+            job_id = abc
+            heartbeat_ms = 50
+            timeout_ms = 300
+            """)
+        #expect(c.nodes == 6 && c.workersPerNode == 1 && c.erasure == .init(k: 4, m: 2) && c.spares == 2)
+        #expect(c.snapshotInterval == 5 && c.steps == 100 && c.workerCommand == ["/bin/sleep", "1000"])
+        #expect(c.runDirectory == "/tmp/x" && c.jobID == "abc" && c.heartbeatMs == 50 && c.timeoutMs == 300)
+        #expect(try config("ec = none").erasure == nil)
+        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, nodes, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+            try config("nodes = 4\nnodez = 4")
+        }
+        #expect(throws: ClusterConfig.ConfigError("test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
+        #expect(throws: ClusterConfig.ConfigError("test.conf:1: expected key = value, got 'nodes 4'")) { try config("nodes 4") }
+        #expect(throws: ClusterConfig.ConfigError("test.conf:1: ec must be K+M (e.g. 3+1) or none, not '3-1'")) { try config("ec = 3-1") }
+    }
+
+    @Test("bad configs are refused before anything starts, each with a clear reason")
+    func validation() throws {
+        var c = ClusterConfig()
+        #expect(error(c) == nil)
+        c.nodes = 3
+        #expect(error(c) == "ec 3+1 needs groups of 4 nodes, and the job has only 3")
+        c.nodes = 6
+        #expect(error(c) == "ec 3+1 cuts the nodes into groups of 4: 6 nodes do not divide into them")
+        c = ClusterConfig()
+        c.erasure = nil
+        c.spares = 1
+        #expect(error(c) == "spares need ec: a spare rebuilds a lost node from its group's parity")
+        c = ClusterConfig()
+        c.snapshotInterval = 0
+        #expect(error(c) == "snapshot_interval must be at least 1 step, not 0")
+        c = ClusterConfig()
+        #expect(error(c, binaries: "/nonexistent")?.hasPrefix("/nonexistent/ft-coordinator is missing or not executable") == true)
+        c.workerCommand = ["/nonexistent/trainer"]
+        #expect(error(c) == "worker command '/nonexistent/trainer' is not an executable file, nor found in PATH")
+        c.workerCommand = ["/tmp"]
+        #expect(error(c) == "worker command '/tmp' is not an executable file, nor found in PATH")
+        c.workerCommand = ["sleep", "10"]
+        #expect(error(c) == nil)
+
+        // A port something listens on.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        _ = listen(fd, 1)
+        _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+        c.port = Int(UInt16(bigEndian: address.sin_port))
+        #expect(error(c)?.hasPrefix("port \(c.port) on 127.0.0.1 is not available (Address already in use)") == true, "\(error(c) ?? "")")
+    }
+}
+
+@Suite("cluster launcher (real processes)", .serialized)
+struct LauncherProcessTests {
+    @Test("ft-launch start runs a job in its own process groups, a spare takes over a killed node, ft-launch stop ends exactly the recorded PIDs",
+          .timeLimit(.minutes(3)))
+    func startSpareStop() throws {
+        realProcessJobs.lock()
+        defer { realProcessJobs.unlock() }
+        let dir = "/tmp/ft-ctl-launch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let job = "launch\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let out = dir + ".out"
+        defer { unlink(out) }
+        let launcher = try ChildProcess(
+            arguments: [productsDirectory + "/ft-launch", "start", "--nodes", "4", "--workers-per-node", "1", "--ec", "3+1", "--spares", "1",
+                        "--snapshot-interval", "2", "--run-dir", dir, "--job-id", job, "--",
+                        productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "5"],
+            environment: ProcessInfo.processInfo.environment, outputPath: out)
+        defer {
+            if launcher.poll() == nil { launcher.kill(SIGKILL); launcher.wait(timeoutSeconds: 5) }
+            RecordedProcesses.freeSharedMemory(job: job)
+        }
+        #expect(waitUntil(seconds: 60) { readText(out).contains("is running") }, "\(readText(out))")
+        #expect(readText(out).contains("ftctl status --run-dir \(dir) --watch"))
+        let pids = readText(dir + "/job.pids")
+        for role in ["launcher", "coordinator", "smp-n0", "smp-n3", "spare0"] { #expect(pids.contains(role + " "), "\(pids)") }
+        // Each node is its own process group, led by its SMP.
+        let smp1 = try #require(pids.split(separator: "\n").first { $0.hasPrefix("smp-n1 ") }.flatMap { Int32($0.split(separator: " ")[1]) })
+        #expect(getpgid(smp1) == smp1)
+        let worker1 = try #require(Int32(readText(dir + "/pids/n1-w0.pid").trimmingCharacters(in: .whitespacesAndNewlines)))
+        #expect(getpgid(worker1) == smp1)
+        // The coordinator reports the interval the workers use.
+        let (_, status, _) = try runTool("ftctl", ["status", "--run-dir", dir, "--json"])
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])
+        #expect(int(o["snapshot_interval"]) == 2)
+        #expect(waitUntil(seconds: 30) { int((try? JSONSerialization.jsonObject(with: Data(runTool("ftctl", ["status", "--run-dir", dir, "--json"]).1.utf8)) as? [String: Any])?["committed_step"]) >= 10 })
+
+        // Kill node n1: the spare takes its place and rebuilds it.
+        kill(worker1, SIGKILL)
+        kill(smp1, SIGKILL)
+        // (The last failure of the loss, the SMP or one of its workers, is the one recovery resumes from.)
+        #expect(waitUntil(seconds: 60) { readText(out).contains("recovered from") }, "\(readText(out))")
+        #expect(readText(out).contains("launcher: spare0 (pid"), "\(readText(out))")
+        #expect(readText(dir + "/spare0.log").contains("rebuilt node n1"), "\(readText(dir + "/spare0.log"))")
+        let all = RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) }
+        #expect(all.count >= 9)  // coordinator, 4 SMPs (one the former spare), 4 workers
+
+        let (stopStatus, stopText, _) = try runTool("ft-launch", ["stop", dir])
+        #expect(stopStatus == .exited(0), "\(stopText)")
+        #expect(stopText.contains("0 recorded processes alive, 0 shared-memory segments left"), "\(stopText)")
+        #expect(launcher.wait(timeoutSeconds: 10) != nil)
+        #expect(all.allSatisfy { kill($0, 0) != 0 })
+        #expect(RecordedProcesses.segments(job: job).isEmpty)
+        let (again, againText, _) = try runTool("ft-launch", ["stop", dir])
+        #expect(again == .exited(0) && againText.contains("nothing of it is running"), "\(againText)")
+    }
+
+    @Test("a bad config is refused before any process starts")
+    func refusedConfig() throws {
+        let dir = "/tmp/ft-ctl-launchbad-\(getpid())"
+        let (status, text, _) = try runTool("ft-launch", ["start", "--nodes", "3", "--ec", "3+1", "--run-dir", dir])
+        #expect(status == .exited(64), "\(text)")
+        #expect(text.contains("ec 3+1 needs groups of 4 nodes, and the job has only 3"), "\(text)")
+        #expect(!FileManager.default.fileExists(atPath: dir))
+    }
+}
