@@ -30,6 +30,14 @@ public struct CoordinatorServerConfig: Sendable {
 /// dropped; an unauthenticated client never gets a frame through (ZAP refuses
 /// its handshake; refusals are counted). Status queries are answered from the
 /// instance's view (`CoordinatorStatus`).
+///
+/// Fencing by incarnation: the server remembers which member and process
+/// (pid) said an accepted hello on each connection. A message on a connection
+/// whose process is no longer the member's (it was replaced) is answered
+/// `fenced` on that connection and goes no further, whatever epoch it
+/// carries; a message for a member on a connection nobody said hello on, while
+/// the member has another, is answered `helloRequired`. Epoch fencing in the
+/// instance stays for everything else.
 public final class CoordinatorServer: @unchecked Sendable {
     public let config: CoordinatorServerConfig
     private let logger: Logger
