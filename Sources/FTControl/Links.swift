@@ -60,7 +60,15 @@ public final class CoordinatorLink: @unchecked Sendable {
         lastHeard = monotonicSeconds()
     }
 
+    /// The step of the last `protected` this link sent (an SMP's hello says it
+    /// again while that round is still staged); `forgetProtected()` when the
+    /// round is voided.
+    public private(set) var lastProtected: Int?
+
+    public func forgetProtected() { lastProtected = nil }
+
     public func send(_ message: ControlMessage) {
+        if case .protected(let step) = message { lastProtected = step }
         let frame = message.envelope(sender: memberID, epoch: epoch).encoded()
         _ = try? socket.send([frame], dontWait: true)
     }

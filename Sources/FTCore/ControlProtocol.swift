@@ -64,9 +64,13 @@ public enum ControlMessage: Sendable, Equatable {
         public var committedStep: Int?
         /// A step every local worker has staged but not committed.
         public var stagedStep: Int?
+        /// That staged step, if this SMP reported it `protected` (its chunks are at
+        /// their holders, its parity complete): a coordinator that restarts
+        /// commits a step every node protected.
+        public var protectedStep: Int?
 
         public init(node: String, pid: Int, dataEndpoint: String, workers: [String], rankOffset: Int,
-                    committedStep: Int?, stagedStep: Int?) {
+                    committedStep: Int?, stagedStep: Int?, protectedStep: Int? = nil) {
             self.node = node
             self.pid = pid
             self.dataEndpoint = dataEndpoint
@@ -74,6 +78,7 @@ public enum ControlMessage: Sendable, Equatable {
             self.rankOffset = rankOffset
             self.committedStep = committedStep
             self.stagedStep = stagedStep
+            self.protectedStep = protectedStep
         }
     }
 
@@ -134,6 +139,7 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(i.node); w.i64(Int64(i.pid)); w.string(i.dataEndpoint)
             w.u32(UInt32(i.workers.count)); for x in i.workers { w.string(x) }
             w.i64(Int64(i.rankOffset)); w.i64(Int64(i.committedStep ?? -1)); w.i64(Int64(i.stagedStep ?? -1))
+            w.i64(Int64(i.protectedStep ?? -1))
         case .smpHeartbeat(let d, let p):
             w.i64(Int64(d)); w.i64(Int64(p))
         case .childExited(let worker, let status):
@@ -201,7 +207,8 @@ public enum ControlMessage: Sendable, Equatable {
             let offset = try int("rank offset")
             let committed = try optional("committed step")
             self = .smpHello(.init(node: node, pid: pid, dataEndpoint: data, workers: workers, rankOffset: offset,
-                                   committedStep: committed, stagedStep: try optional("staged step")))
+                                   committedStep: committed, stagedStep: try optional("staged step"),
+                                   protectedStep: try optional("protected step")))
         case 102:
             let d = try int("data bytes")
             self = .smpHeartbeat(dataBytes: d, parityBytes: try int("parity bytes"))

@@ -75,6 +75,8 @@ public struct CoordinatorInstance: Sendable {
         public var committedStep: Int?
         public var stagedStep: Int?
         public var protectedStep: Int?
+        /// The staged step the SMP's hello said it had protected (for a coordinator that restarts).
+        public var helloProtectedStep: Int?
         public var dataBytes = 0
         public var parityBytes = 0
         /// The epoch in which this process (pid) joined: older messages under
@@ -359,6 +361,7 @@ public struct CoordinatorInstance: Sendable {
         node.rankOffset = inv.rankOffset
         node.committedStep = inv.committedStep
         node.stagedStep = inv.stagedStep
+        node.helloProtectedStep = inv.protectedStep
         nodes[sender] = node
         detector.heard(sender, now: now)
         if state == .starting { epoch = max(epoch, senderEpoch) }
@@ -431,8 +434,17 @@ public struct CoordinatorInstance: Sendable {
     private mutating func maybeStart(now: Double) -> [Directive] {
         guard state == .starting, nodes.count == settings.nodes,
               workers.count == expectedWorkers, workers.values.allSatisfy({ $0.state == .alive }) else { return [] }
-        let committed = nodes.values.compactMap(\.committedStep).max()
+        var committed = nodes.values.compactMap(\.committedStep).max()
         var out: [Directive] = []
+        // A round every node reported protected is committable, whether or not the
+        // old coordinator got to broadcast its commit: commit it (fewer steps lost).
+        if let p = nodes.values.first?.helloProtectedStep, p > (committed ?? -1),
+           nodes.values.allSatisfy({ $0.helloProtectedStep == p && $0.stagedStep == p }) {
+            out.append(.log("every node protected step \(p): committing it"))
+            out += broadcastToNodes(.commit(step: p))
+            for id in nodes.keys { nodes[id]?.committedStep = p; nodes[id]?.stagedStep = nil; nodes[id]?.helloProtectedStep = nil }
+            committed = p
+        }
         if let s = committed {
             // A commit the old coordinator broadcast may have reached some SMPs only;
             // every node holds `s` committed or staged (it reported protected(s)).

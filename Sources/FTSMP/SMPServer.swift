@@ -273,7 +273,8 @@ public final class SMPServer: @unchecked Sendable {
         let committed: Int? = steps.isEmpty || steps.contains(where: { $0 == nil }) ? nil : steps.compactMap { $0 }.min()
         link.send(.smpHello(.init(node: config.nodeID, pid: Int(getpid()), dataEndpoint: dataEndpoint,
                                   workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
-                                  committedStep: committed, stagedStep: store.stagedStep)))
+                                  committedStep: committed, stagedStep: store.stagedStep,
+                                  protectedStep: link.lastProtected.flatMap { $0 == store.stagedStep ? $0 : nil })))
     }
 
     private func handleCoordinator() throws {
@@ -315,10 +316,12 @@ public final class SMPServer: @unchecked Sendable {
                     logger.warning("commit(\(step)) but not every local worker holds it staged")
                 }
             case .abort(let step):
+                link.forgetProtected()
                 store.abort(step: step)
                 erasure?.dropParity { $0 == step }
                 logger.info("snapshot round \(step) aborted by the coordinator")
             case .restore(let step, _):
+                link.forgetProtected()  // any staged round is void now
                 erasure?.dropParity { $0 != step }
                 if !store.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")

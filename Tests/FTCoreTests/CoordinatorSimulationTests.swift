@@ -108,7 +108,9 @@ struct ControlSimulation {
     mutating func sendHello(_ node: String) {
         let s = smps[node]!
         send(from: node, to: "coordinator", .smpHello(.init(node: node, pid: 1, dataEndpoint: "tcp://\(node)", workers: s.workers,
-                                                             rankOffset: s.rankOffset, committedStep: s.committed, stagedStep: s.staged)),
+                                                             rankOffset: s.rankOffset, committedStep: s.committed, stagedStep: s.staged,
+                                                             // A simulated SMP reports protected(s) as it stages s.
+                                                             protectedStep: s.staged)),
              epoch: s.epoch)
     }
 
@@ -492,6 +494,35 @@ struct CoordinatorSimulationTests {
         _ = c.receive(.smpHello(inventory(102)), from: "n0", epoch: 0, now: 0.2)
         #expect(c.epoch > epoch)
         #expect(c.lastFailure?.detectedBy.contains("restarted as pid 102") == true)
+    }
+
+    @Test("a restarted coordinator commits a round every SMP's hello says it protected, and restores that step")
+    func restartCommitsProtectedRound() throws {
+        let hello = { (node: String, committed: Int?, staged: Int?, protected: Int?) in
+            ControlMessage.smpHello(.init(node: node, pid: 7, dataEndpoint: "tcp://\(node)", workers: ["w0"], rankOffset: node == "n0" ? 0 : 1,
+                                          committedStep: committed, stagedStep: staged, protectedStep: protected))
+        }
+        // The field survives the wire.
+        let (decoded, _) = try ControlMessage.decode(hello("n0", 4, 5, 5).envelope(sender: "n0", epoch: 2).encoded())
+        #expect(decoded == hello("n0", 4, 5, 5))
+        func start(_ p1: Int?) -> (CoordinatorInstance, [CoordinatorInstance.Directive]) {
+            var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "r", nodes: 2, workersPerNode: 1))
+            var out = c.receive(hello("n0", 4, 5, 5), from: "n0", epoch: 3, now: 0)
+            out += c.receive(hello("n1", 4, 5, p1), from: "n1", epoch: 3, now: 0)
+            for (i, n) in ["n0", "n1"].enumerated() {
+                out += c.receive(.workerHello(.init(node: n, worker: "w0", rank: i, worldSize: 2, pid: 10 + i, collectiveEndpoint: "r\(i)")),
+                                 from: "\(n)/w0", epoch: 3, now: 0)
+            }
+            return (c, out)
+        }
+        let (c, out) = start(5)
+        #expect(c.committedStep == 5)
+        #expect(out.contains { if case .send("n1", .commit(step: 5)) = $0 { true } else { false } })
+        #expect(out.contains { if case .send("n0/w0", .restore(step: 5, _)) = $0 { true } else { false } })
+        // One node had not protected it: step 4 stays the committed one.
+        let (c2, out2) = start(nil)
+        #expect(c2.committedStep == 4)
+        #expect(!out2.contains { if case .send(_, .commit(step: 5)) = $0 { true } else { false } })
     }
 
     @Test("a fresh coordinator rebuilds its view from the SMPs and resumes without losing the committed step")
