@@ -242,11 +242,7 @@ public final class SMPServer: @unchecked Sendable {
     private func applyLayout(_ layout: ECLayout) {
         if let ec = erasure, ec.layout.k == layout.k, ec.layout.m == layout.m, ec.layout.chunkBytes == layout.chunkBytes,
            ec.layout.groups == layout.groups {
-            if ec.layout.endpoints != layout.endpoints {
-                for s in ec.peers.values { s.close() }
-                ec.peers.removeAll()
-                ec.layout = layout
-            }
+            if ec.layout.endpoints != layout.endpoints { ec.updateEndpoints(layout) }
             return
         }
         do {
@@ -255,9 +251,7 @@ public final class SMPServer: @unchecked Sendable {
             if let s = store.stagedStep { startProtecting(step: s) }
             if let (step, lost) = pendingRebuild {
                 pendingRebuild = nil
-                let error = rebuild(step: step, lost: lost)
-                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
-                link?.send(.rebuilt(step: step, error: error))
+                startRebuild(step: step, lost: lost)
             }
         } catch {
             logger.error("EC layout refused: \(error)")
@@ -291,9 +285,7 @@ public final class SMPServer: @unchecked Sendable {
                     pendingRebuild = (step, lost)  // the layout is on its way
                     continue
                 }
-                let error = rebuild(step: step, lost: lost)
-                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
-                link.send(.rebuilt(step: step, error: error))
+                startRebuild(step: step, lost: lost)  // reports `rebuilt` when done; the loop goes on meanwhile
             case .commit(let step):
                 if let ec = erasure, let t0 = ec.stagedAt.removeValue(forKey: step) {
                     let fold = ec.foldStats.removeValue(forKey: step) ?? (0, 0)
@@ -351,18 +343,10 @@ public final class SMPServer: @unchecked Sendable {
             do {
                 let (message, envelope) = try SMPMessage.decode(frames[1].bytes)
                 switch message {
-                case .ecChunk(let step, let row, let index, let crc):
-                    reply = [.bytes(receiveChunk(step: step, row: row, dataIndex: index, crc: crc, frames: frames[2...])
-                        .envelope(sender: config.nodeID).encoded())]
-                case .ecFetch(let step, let row, let index):
-                    do {
-                        let bytes = try chunkBytes(step: step, row: row, index: index)
-                        reply = [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, crc: CRC32C.checksum(bytes))
-                            .envelope(sender: config.nodeID).encoded()), .bytes(bytes)]
-                    } catch {
-                        reply = [.bytes(SMPMessage.error(code: StoreError.Code.nothingCommitted.rawValue, message: "\(error)")
-                            .envelope(sender: config.nodeID).encoded())]
-                    }
+                case .ecChunk, .ecFetch:
+                    // A chunk's frames are acked once all are folded: most get no reply.
+                    guard let r = peerRequest(message, frames: frames) else { continue }
+                    reply = r
                 default:
                     reply = handle(message, from: envelope.sender)
                 }
