@@ -4,6 +4,7 @@ import FTErasure
 import FTSystem
 import FTZMQ
 import Foundation
+import Synchronization
 
 /// A node's snapshot as erasure coding sees it: a manifest (what the node's
 /// workers registered, and each slot's chunk CRCs for the step) followed by
@@ -124,21 +125,37 @@ final class ErasureState {
         group = g
         position = p
         codec = try ReedSolomon(dataCount: layout.k, parityCount: layout.m)
+        // Received frames are malloc'd by libzmq (4 MiB each): keep such blocks
+        // off mmap and untrimmed, so they are reused rather than faulted in anew
+        // for every frame (page faults cost more than the fold).
+        _ = keepFreedBlocks(below: 32 << 20, trimAbove: 512 << 20)
     }
 
     deinit {
         for (_, rows) in parity { for (_, p) in rows { p.bytes.deallocate() } }
+        for b in spareParity { b.deallocate() }
         for s in peers.values { s.close() }
     }
 
     var parityBytesHeld: Int { parity.values.reduce(0) { $0 + $1.count * chunkBytes } }
 
-    /// The parity buffer of `row` for `step`, allocated (zeroed, pre-faulted) on first use.
-    func parityBuffer(step: Int, row: Int) -> UnsafeMutableRawBufferPointer? {
+    /// Parity buffers of dropped steps, kept (faulted in) for the next rounds.
+    var spareParity: [UnsafeMutableRawBufferPointer] = []
+
+    /// The parity buffer of `row` for `step`, on first use taken from the
+    /// spares or allocated, and zeroed in 64 MiB pieces with `between` called
+    /// after each (a gigabyte node's chunk takes a while to fault in).
+    func parityBuffer(step: Int, row: Int, between: () -> Void = {}) -> UnsafeMutableRawBufferPointer? {
         guard let index = placement.parityHolders(row: row).firstIndex(of: position) else { return nil }
         if let existing = parity[step]?[row] { return existing.bytes }
-        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBytes, alignment: 64)
-        memset(b.baseAddress!, 0, chunkBytes)
+        let b = spareParity.popLast() ?? UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBytes, alignment: 64)
+        var done = 0
+        while done < chunkBytes {
+            let n = min(64 << 20, chunkBytes - done)
+            memset(b.baseAddress! + done, 0, n)
+            done += n
+            between()
+        }
         parity[step, default: [:]][row] = (index, b)
         return b
     }
@@ -165,7 +182,11 @@ final class ErasureState {
     /// Drops parity of the steps `keep` rejects.
     func dropParity(where reject: (Int) -> Bool) {
         for step in parity.keys where reject(step) {
-            for (_, p) in parity[step]! { p.bytes.deallocate() }
+            for (_, p) in parity[step]! {
+                // Up to m spares: one round's worth. Safe to reuse: parity is never sent
+                // zero-copy outside a recovery, when no step is dropped.
+                if spareParity.count < layout.m { spareParity.append(p.bytes) } else { p.bytes.deallocate() }
+            }
             parity[step] = nil
             folded[step] = nil
         }
@@ -174,6 +195,18 @@ final class ErasureState {
     }
 }
 
+
+/// Zero-copy frames handed to libzmq and not yet released by it: slot and
+/// parity memory must not be unmapped or freed while this is above zero.
+enum ZeroCopyFrames {
+    static let outstanding = Atomic<Int>(0)
+
+    /// A frame over `bytes`, counted until libzmq releases it.
+    static func frame(_ bytes: UnsafeRawBufferPointer) -> ZMQFrame {
+        outstanding.add(1, ordering: .relaxed)
+        return .noCopy(bytes, release: { outstanding.subtract(1, ordering: .releasing) })
+    }
+}
 
 /// A replacement node's rebuild from its group (DESIGN.md, "Recovery", step 3),
 /// driven by the SMP's event loop so heartbeats and the coordinator's messages
@@ -305,8 +338,22 @@ extension SMPServer {
     func wireFrames(_ pieces: [UnsafeRawBufferPointer], manifest: UnsafeRawBufferPointer) -> [ZMQFrame] {
         pieces.map { p in
             if let b = p.baseAddress, let m = manifest.baseAddress, b >= m, b < m + manifest.count { return .bytes(Array(p)) }
-            return .noCopy(p, release: {})
+            return ZeroCopyFrames.frame(p)
         }
+    }
+
+    /// At shutdown: closes the peer sockets (the router is closed already) and
+    /// waits, at most 2 s, until libzmq has released every zero-copy frame.
+    func quiesceZeroCopy() {
+        if let ec = erasure {
+            for s in ec.peers.values { s.close() }
+            ec.peers.removeAll()
+        }
+        let deadline = monotonicSeconds() + 2
+        while ZeroCopyFrames.outstanding.load(ordering: .acquiring) > 0 && monotonicSeconds() < deadline { usleep(1000) }
+        let left = ZeroCopyFrames.outstanding.load(ordering: .acquiring)
+        if left > 0 { logger.warning("\(left) zero-copy frames still held by libzmq after 2 s; unmapping anyway") }
+        erasure = nil  // frees the parity buffers
     }
 
     // MARK: protecting a round
@@ -398,7 +445,7 @@ extension SMPServer {
                    pieces: [UnsafeRawBufferPointer]) -> (error: String, complete: Bool) {
         guard let ec = erasure else { return (ErasureState.noLayout, false) }
         if ec.folded[step]?[row]?.contains(dataIndex) == true { return ("", true) }
-        guard let buffer = ec.parityBuffer(step: step, row: row), let index = ec.parity[step]?[row]?.index else {
+        guard let buffer = ec.parityBuffer(step: step, row: row, between: keepAlive), let index = ec.parity[step]?[row]?.index else {
             return ("node \(config.nodeID) holds no parity of row \(row)", false)
         }
         let key = ErasureState.ChunkKey(step: step, row: row, index: dataIndex)
@@ -457,6 +504,9 @@ extension SMPServer {
     /// A peer's erasure-coding request on the data endpoint (`ecChunk`,
     /// `ecFetch`): the reply's frames, or nil when there is none (yet).
     func peerRequest(_ message: SMPMessage, frames: [ZMQMessage]) -> [ZMQFrame]? {
+        // The router is drained in one go and a round brings a gigabyte of frames:
+        // heartbeat between them, or the coordinator takes this node for dead.
+        defer { keepAlive() }
         switch message {
         case .ecChunk(let step, let row, let index, let offset, let length, let crc):
             return receiveChunk(step: step, row: row, dataIndex: index, offset: offset, length: length, crc: crc, frames: frames[2...])
@@ -537,7 +587,7 @@ extension SMPServer {
             }
             // Parity of the step being recovered stays until the next commit.
             let bytes = UnsafeRawBufferPointer(rebasing: p.bytes[offset..<offset + length])
-            return ([.noCopy(bytes, release: {})], CRC32C.checksum(bytes))
+            return ([ZeroCopyFrames.frame(bytes)], CRC32C.checksum(bytes))
         }
         guard let entries = imageEntries(step: step, committedOnly: false) else {
             throw SMPError("\(config.nodeID) does not hold step \(step)")
@@ -848,7 +898,7 @@ extension SMPServer {
                 let c = ec.placement.dataRows(of: ec.position).firstIndex(of: row)!
                 job.enqueue(row: row, length: max(0, min(L, offset - c * L))) { .image(c * L + $0) }
             } else {
-                _ = ec.parityBuffer(step: job.step, row: row)
+                _ = ec.parityBuffer(step: job.step, row: row, between: keepAlive)
                 job.enqueue(row: row, length: L) { _ in .parity(row: row) }
             }
         }

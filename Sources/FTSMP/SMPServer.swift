@@ -175,6 +175,7 @@ public final class SMPServer: @unchecked Sendable {
                 // brings); until then the hello is repeated.
                 if welcomed {
                     link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+                    noteHeartbeat(now)
                 } else if now >= nextHello {
                     sendHello()
                     nextHello = now + 0.5
@@ -235,8 +236,16 @@ public final class SMPServer: @unchecked Sendable {
     func keepAlive() {
         let now = monotonicSeconds()
         guard let link, welcomed, now - lastKeepAlive >= config.heartbeatInterval else { return }
-        lastKeepAlive = now
         link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+        noteHeartbeat(now)
+    }
+
+    /// Records a heartbeat sent; a gap of over a second is logged (the event loop was held).
+    func noteHeartbeat(_ now: Double) {
+        if lastKeepAlive > 0, now - lastKeepAlive > 1 {
+            logger.warning("no heartbeat sent for \(Int((now - lastKeepAlive) * 1000)) ms: the event loop was held")
+        }
+        lastKeepAlive = now
     }
 
     private func applyLayout(_ layout: ECLayout) {
@@ -523,9 +532,10 @@ public final class SMPServer: @unchecked Sendable {
             }
         }
         children.removeAll()
+        router.close()
+        quiesceZeroCopy()  // libzmq may still be reading slot memory: wait before unmapping it
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
-        router.close()
         link?.close()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
         unlink(config.runDirectory + "/pids/\(config.nodeID).smp.pid")
