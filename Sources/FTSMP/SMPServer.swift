@@ -101,6 +101,9 @@ public final class SMPServer: @unchecked Sendable {
     private var welcomed = false
     private var lastKeepAlive = 0.0
     private var pendingRebuild: (step: Int?, lost: [String])?
+    /// Workers' requests that arrived during a rebuild, answered once it is over.
+    private var heldRequests: [[ZMQMessage]] = []
+    private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil }
     private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
@@ -203,7 +206,7 @@ public final class SMPServer: @unchecked Sendable {
             for (offset, id) in childIDs.enumerated() where ready[base + offset].isReadable {
                 try childExited(id)
             }
-            if ready[0].isReadable { try drainRequests() }
+            if ready[0].isReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
             if link != nil, ready.last!.isReadable { try handleCoordinator() }
             drainPeerAcks()
             if stopRequested { break loop }
@@ -341,7 +344,11 @@ public final class SMPServer: @unchecked Sendable {
     }
 
     private func drainRequests() throws {
-        while let frames = try router.receiveMessages(timeoutMilliseconds: 0) {
+        func next() throws -> [ZMQMessage]? {
+            if !rebuildInProgress, !heldRequests.isEmpty { return heldRequests.removeFirst() }
+            return try router.receiveMessages(timeoutMilliseconds: 0)
+        }
+        while let frames = try next() {
             let identity = frames[0].bytes
             guard frames.count >= 2 else {
                 malformedFrames += 1
@@ -357,6 +364,11 @@ public final class SMPServer: @unchecked Sendable {
                     guard let r = peerRequest(message, frames: frames) else { continue }
                     reply = r
                 default:
+                    if rebuildInProgress {
+                        // This node's memory is being rebuilt: its workers wait for the answer.
+                        heldRequests.append(frames)
+                        continue
+                    }
                     reply = handle(message, from: envelope.sender)
                 }
             } catch {
