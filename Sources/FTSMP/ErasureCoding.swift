@@ -143,15 +143,16 @@ final class ErasureState {
     var spareParity: [UnsafeMutableRawBufferPointer] = []
 
     /// The parity buffer of `row` for `step`, on first use taken from the
-    /// spares or allocated, and zeroed in 64 MiB pieces with `between` called
-    /// after each (a gigabyte node's chunk takes a while to fault in).
+    /// spares or allocated, and zeroed in 8 MiB pieces with `between` called
+    /// after each (first-touched memory can fault in at tens of MB/s on a
+    /// loaded VM: a gigabyte node's chunk takes seconds).
     func parityBuffer(step: Int, row: Int, between: () -> Void = {}) -> UnsafeMutableRawBufferPointer? {
         guard let index = placement.parityHolders(row: row).firstIndex(of: position) else { return nil }
         if let existing = parity[step]?[row] { return existing.bytes }
         let b = spareParity.popLast() ?? UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBytes, alignment: 64)
         var done = 0
         while done < chunkBytes {
-            let n = min(64 << 20, chunkBytes - done)
+            let n = min(8 << 20, chunkBytes - done)
             memset(b.baseAddress! + done, 0, n)
             done += n
             between()

@@ -221,13 +221,13 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: coordinator
 
-    /// A slot segment, pre-faulted in 64 MiB pieces with heartbeats between
-    /// (a 1 GiB slot takes about a second to fault in).
+    /// A slot segment, pre-faulted in 16 MiB pieces with heartbeats between
+    /// (a 1 GiB slot takes a second to fault in, far longer on a loaded VM).
     func createSlot(name: String, count: Int) throws -> SharedMemorySegment {
         let segment = try SharedMemorySegment.create(name: name, count: count, prefault: false)
         var offset = 0
         while offset < count {
-            let n = min(64 << 20, count - offset)
+            let n = min(16 << 20, count - offset)
             try segment.prefault(offset..<offset + n)
             offset += n
             keepAlive()
