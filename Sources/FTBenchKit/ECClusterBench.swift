@@ -134,6 +134,9 @@ public struct ECClusterBench {
             progress("RS(\(k)+\(m)): killing \(lost) node\(lost > 1 ? "s" : "") and rebuilding")
             let victims = Array(0..<lost).map { ($0 * 2 + 1) % nodes }
             let epoch = jsonInt(job.status()?["epoch"])
+            // SMP logs append across replacements: wait for one more rebuild line than now.
+            func rebuilds(_ n: Int) -> Int { smpLog(n).components(separatedBy: "rebuilt node").count - 1 }
+            let before = Dictionary(uniqueKeysWithValues: victims.map { ($0, rebuilds($0)) })
             for n in victims {
                 if let pid = job.workerPID(node: n, worker: 0) { kill(pid, SIGKILL) }
                 kill(job.smps[n].pid, SIGKILL)
@@ -146,7 +149,7 @@ public struct ECClusterBench {
             for n in victims { try job.startSMP(node: n) }
             try waitFor(240, "the rebuild of \(victims)") {
                 guard let s = job.status(), jsonInt(s["epoch"]) > epoch, s["state"] as? String == "running" else { return false }
-                return victims.allSatisfy { smpLog($0).components(separatedBy: "rebuilt node").count > lost }
+                return victims.allSatisfy { rebuilds($0) > before[$0]! }
             }
             for n in victims {
                 let lines = smpLog(n).split(separator: "\n").filter { $0.contains("rebuilt node") }
