@@ -100,7 +100,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [
-            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem", "FTLauncher",
+            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem", "FTLauncher", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-bench", dependencies: [

@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <malloc.h>
 #include "ft_platform.h"
 
 #include <errno.h>
@@ -30,6 +31,12 @@ int ft_prefault(void *addr, size_t len) {
     for (size_t off = 0; off < len; off += (size_t)page) {
         p[off] = p[off];
     }
+    return 0;
+}
+
+int ft_keep_freed_blocks(int mmap_threshold, int trim_threshold) {
+    if (mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1) return -1;
+    if (mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1) return -1;
     return 0;
 }
 

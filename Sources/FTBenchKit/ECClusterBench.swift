@@ -1,6 +1,7 @@
 import FTErasure
 import FTLauncher
 import FTSystem
+import FTZMQ
 import Foundation
 
 /// `ft-bench ec-cluster`: erasure coding across real local SMPs.
@@ -36,7 +37,7 @@ public struct ECClusterBench {
 
     public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
         var report = BenchReport(section: "ec-cluster")
-        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "fold GB/s", "ISA-L row GB/s",
+        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "loopback GB/s", "fold GB/s", "ISA-L row GB/s",
                          "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
         for code in codes {
             for mib in sizesMiB where code == (3, 1) || mib <= maxMiBForWideCodes {
@@ -48,6 +49,7 @@ public struct ECClusterBench {
                 let chunk = (bytes + code.k - 1) / code.k
                 let rawRow = measureRawRowUpdate(k: code.k, m: code.m, chunkBytes: chunk)
                 let disk = try measureDisk(bytes)
+                let loopback = try measureLoopback(bytes)
                 progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: the job")
                 let m = try measureJob(k: code.k, m: code.m, bytes: bytes, progress: progress)
                 let commit = median(m.commitMs)
@@ -60,6 +62,7 @@ public struct ECClusterBench {
                 report.figure("encode_isal_row_gbps_\(tag)", rawRow)
                 report.figure("disk_write_fsync_ms_\(tag)", disk.write * 1000)
                 report.figure("disk_read_cold_ms_\(tag)", disk.read * 1000)
+                report.figure("loopback_zmq_gbps_\(tag)", loopback)
                 for (lost, ms) in m.repairMs.sorted(by: { $0.key < $1.key }) {
                     report.figure("repair_\(lost)_nodes_ms_\(tag)", median(ms))
                 }
@@ -67,19 +70,23 @@ public struct ECClusterBench {
                 report.ratio("commit_vs_memcpy_\(tag)", commitGBps / memcpyGBps)
                 report.ratio("encode_vs_isal_\(tag)", fold / rawRow)
                 report.ratio("repair_vs_disk_read_\(tag)", disk.read * 1000 / repair1)
+                report.ratio("commit_vs_loopback_\(tag)", commitGBps / loopback)
                 if code == (3, 1) && mib == 1024 {
                     report.ratio("commit_vs_memcpy", commitGBps / memcpyGBps)
                     report.ratio("encode_vs_isal", fold / rawRow)
                     report.ratio("repair_vs_disk_read", disk.read * 1000 / repair1)
                 }
-                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(fold), f(rawRow),
+                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(loopback), f(fold), f(rawRow),
                                      f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)])
             }
         }
         report.notes.append("All nodes share this machine's cores and memory bandwidth: a real cluster gives each node its own. "
                             + "commit = staged to committed per node (median over nodes and rounds); fold = in-system parity folding "
                             + "at the holders; repair = the replacement's rebuild from parity; disk read after evicting the file "
-                            + "from the page cache. Ratios without a suffix are RS(3+1) at 1 GiB per node.")
+                            + "from the page cache; loopback = one ZeroMQ stream of 4 MiB zero-copy frames over tcp://127.0.0.1 "
+                            + "in this process (the transport's ceiling on this machine, with nothing else running; during a round "
+                            + "every node sends m × S at once over the same cores). "
+                            + "Ratios without a suffix are RS(3+1) at 1 GiB per node.")
         return report
     }
 
@@ -96,7 +103,7 @@ public struct ECClusterBench {
         o.workerCommand = [binaries + "/ft-toy-worker", "--steps", "1000000", "--state-kib", "\(bytes >> 11)", "--no-replicate",
                            "--step-ms", "\(stepMs)"]
         let job = try LocalJob(o)
-        defer { job.stop() }
+        defer { job.stop(removeFiles: ProcessInfo.processInfo.environment["FT_KEEP_BENCH_DIRS"] == nil) }
         var result = Measured()
         func smpLog(_ n: Int) -> String { (try? String(contentsOfFile: job.dir + "/smp-n\(n).log", encoding: .utf8)) ?? "" }
         func waitFor(_ seconds: Double, _ what: String, _ condition: () -> Bool) throws {
@@ -127,6 +134,9 @@ public struct ECClusterBench {
             progress("RS(\(k)+\(m)): killing \(lost) node\(lost > 1 ? "s" : "") and rebuilding")
             let victims = Array(0..<lost).map { ($0 * 2 + 1) % nodes }
             let epoch = jsonInt(job.status()?["epoch"])
+            // SMP logs append across replacements: wait for one more rebuild line than now.
+            func rebuilds(_ n: Int) -> Int { smpLog(n).components(separatedBy: "rebuilt node").count - 1 }
+            let before = Dictionary(uniqueKeysWithValues: victims.map { ($0, rebuilds($0)) })
             for n in victims {
                 if let pid = job.workerPID(node: n, worker: 0) { kill(pid, SIGKILL) }
                 kill(job.smps[n].pid, SIGKILL)
@@ -139,7 +149,7 @@ public struct ECClusterBench {
             for n in victims { try job.startSMP(node: n) }
             try waitFor(240, "the rebuild of \(victims)") {
                 guard let s = job.status(), jsonInt(s["epoch"]) > epoch, s["state"] as? String == "running" else { return false }
-                return victims.allSatisfy { smpLog($0).components(separatedBy: "rebuilt node").count > lost }
+                return victims.allSatisfy { rebuilds($0) > before[$0]! }
             }
             for n in victims {
                 let lines = smpLog(n).split(separator: "\n").filter { $0.contains("rebuilt node") }
@@ -150,6 +160,39 @@ public struct ECClusterBench {
             try waitFor(240, "a commit after the rebuild") { jsonInt(job.status()?["committed_step"]) > rounds + lost }
         }
         return result
+    }
+
+    /// One ZeroMQ PUSH -> PULL stream over loopback TCP: `bytes` in 4 MiB
+    /// zero-copy frames (like the SMPs' transfers), median of 3, in GB/s.
+    func measureLoopback(_ bytes: Int) throws -> Double {
+        let frame = 4 << 20
+        let count = max(1, bytes / frame)
+        let source = AlignedBuffer(count: frame, fill: 7)
+        let context = try ZMQContext()
+        let pull = try context.socket(.pull)
+        let push = try context.socket(.push)
+        defer {
+            push.close()
+            pull.close()
+        }
+        try pull.setLinger(milliseconds: 0)
+        try push.setLinger(milliseconds: 0)
+        try push.setSendHighWaterMark(16)
+        let endpoint = try pull.bind("tcp://127.0.0.1:*")
+        try push.connect(endpoint)
+        var times: [Double] = []
+        for _ in 0..<3 {
+            let sender = Thread {
+                let view = UnsafeRawBufferPointer(start: source.base, count: frame)
+                for _ in 0..<count { try? push.send([.noCopy(view, release: {})]) }
+            }
+            let t = try timeSeconds { () throws -> Void in
+                sender.start()
+                for _ in 0..<count { _ = try pull.receiveMessages() }
+            }
+            times.append(t)
+        }
+        return withExtendedLifetime(source) { Double(count * frame) / median(times) / 1e9 }
     }
 
     func measureMemcpy(_ bytes: Int) -> Double {

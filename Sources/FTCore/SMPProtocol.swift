@@ -33,14 +33,30 @@ public enum SMPMessage: Sendable, Equatable {
     /// Whether a snapshot round is pending (staged, not committed) on the node.
     case roundQuery
     case roundReply(committedStep: Int?, pending: Bool)
-    // SMP to SMP (erasure coding). A chunk's bytes follow in extra frames.
-    /// Data chunk `dataIndex` of `row` for `step`; its CRC32C over all its frames.
-    case ecChunk(step: Int, row: Int, dataIndex: Int, crc: UInt32)
-    /// The holder folded it (error empty) or refused it.
+    // SMP to SMP (erasure coding, DESIGN.md "Planes"): bulk bytes travel in
+    // frames of at most `frameBytes` (1-4 MiB by default), each with its own
+    // CRC32C, as extra ZeroMQ frames after the envelope (sent zero-copy from
+    // slot or parity memory). A frame is folded or decoded as soon as it arrives.
+    //
+    //     owner of a data chunk               parity holder
+    //     ecChunk(offset, length, crc) + [bytes]   ->   (folded; no reply until the chunk is complete)
+    //     ...                                      ->   ecAck(error "") once all `length` bytes are folded,
+    //                                                   ecAck(error) at once for a refused frame
+    //     replacement / repairing node        any holder of the row
+    //     ecFetch(offset, length)             ->   ecChunkData(offset, crc, error "") + [bytes]
+    //                                              | ecChunkData(offset, 0, error) and no bytes
+    /// One frame of data chunk `dataIndex` of `row` for `step`: its bytes at
+    /// `offset` of the chunk follow (`length` is the whole chunk's byte count;
+    /// bytes past it are zeros and never sent); `crc` is the CRC32C of this frame.
+    case ecChunk(step: Int, row: Int, dataIndex: Int, offset: Int, length: Int, crc: UInt32)
+    /// The holder folded every frame of the chunk (error empty), or refused one.
     case ecAck(step: Int, row: Int, dataIndex: Int, error: String)
-    /// Codeword index `index` of `row` for `step` (data or parity), for a repair.
-    case ecFetch(step: Int, row: Int, index: Int)
-    case ecChunkData(step: Int, row: Int, index: Int, crc: UInt32)
+    /// Bytes `offset..<offset+length` of codeword index `index` of `row` for
+    /// `step` (data or parity), for a repair; `length` at most 64 MiB.
+    case ecFetch(step: Int, row: Int, index: Int, offset: Int, length: Int)
+    /// The answer to `ecFetch`: the bytes follow (CRC32C `crc` over all of
+    /// them), or `error` says why there are none.
+    case ecChunkData(step: Int, row: Int, index: Int, offset: Int, crc: UInt32, error: String)
     case error(code: String, message: String)
 
     public var type: UInt16 {
@@ -107,12 +123,14 @@ public enum SMPMessage: Sendable, Equatable {
         case .roundReply(let committed, let pending):
             w.i64(Int64(committed ?? -1))
             w.bool(pending)
-        case .ecChunk(let step, let row, let index, let crc), .ecChunkData(let step, let row, let index, let crc):
-            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.u32(crc)
+        case .ecChunk(let step, let row, let index, let offset, let length, let crc):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.i64(Int64(offset)); w.i64(Int64(length)); w.u32(crc)
+        case .ecChunkData(let step, let row, let index, let offset, let crc, let error):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.i64(Int64(offset)); w.u32(crc); w.string(error)
         case .ecAck(let step, let row, let index, let error):
             w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.string(error)
-        case .ecFetch(let step, let row, let index):
-            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index))
+        case .ecFetch(let step, let row, let index, let offset, let length):
+            w.i64(Int64(step)); w.i64(Int64(row)); w.i64(Int64(index)); w.i64(Int64(offset)); w.i64(Int64(length))
         case .restoreReply(let point):
             w.i64(Int64(point?.step ?? -1))
             w.i64(Int64(point?.slot ?? -1))
@@ -212,10 +230,20 @@ public enum SMPMessage: Sendable, Equatable {
             let row = try Self.int(&r, "row")
             let index = try Self.int(&r, "index")
             switch envelope.type {
-            case 21: self = .ecChunk(step: step, row: row, dataIndex: index, crc: try r.u32(field: "crc"))
+            case 21:
+                let offset = try Self.int(&r, "offset")
+                let length = try Self.int(&r, "length")
+                self = .ecChunk(step: step, row: row, dataIndex: index, offset: offset, length: length, crc: try r.u32(field: "crc"))
             case 22: self = .ecAck(step: step, row: row, dataIndex: index, error: try r.string(field: "error"))
-            case 23: self = .ecFetch(step: step, row: row, index: index)
-            default: self = .ecChunkData(step: step, row: row, index: index, crc: try r.u32(field: "crc"))
+            case 23:
+                let offset = try Self.int(&r, "offset")
+                let length = try Self.int(&r, "length")
+                guard length <= 64 << 20 else { throw WireError(.badLength, "fetch of \(length) bytes exceeds 64 MiB") }
+                self = .ecFetch(step: step, row: row, index: index, offset: offset, length: length)
+            default:
+                let offset = try Self.int(&r, "offset")
+                let crc = try r.u32(field: "crc")
+                self = .ecChunkData(step: step, row: row, index: index, offset: offset, crc: crc, error: try r.string(field: "error"))
             }
         case 99:
             let code = try r.string(field: "code", max: 255)

@@ -103,6 +103,9 @@ public final class SMPServer: @unchecked Sendable {
     private var welcomed = false
     private var lastKeepAlive = 0.0
     private var pendingRebuild: (step: Int?, lost: [String])?
+    /// Workers' requests that arrived during a rebuild, answered once it is over.
+    private var heldRequests: [[ZMQMessage]] = []
+    private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil }
     private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
@@ -178,6 +181,7 @@ public final class SMPServer: @unchecked Sendable {
                 // brings); until then the hello is repeated.
                 if welcomed {
                     link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+                    noteHeartbeat(now)
                 } else if now >= nextHello {
                     sendHello()
                     nextHello = now + 0.5
@@ -205,7 +209,7 @@ public final class SMPServer: @unchecked Sendable {
             for (offset, id) in childIDs.enumerated() where ready[base + offset].isReadable {
                 try childExited(id)
             }
-            if ready[0].isReadable { try drainRequests() }
+            if ready[0].isReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
             if link != nil, ready.last!.isReadable { try handleCoordinator() }
             drainPeerAcks()
             if stopRequested { break loop }
@@ -220,13 +224,13 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: coordinator
 
-    /// A slot segment, pre-faulted in 64 MiB pieces with heartbeats between
-    /// (a 1 GiB slot takes about a second to fault in).
+    /// A slot segment, pre-faulted in 16 MiB pieces with heartbeats between
+    /// (a 1 GiB slot takes a second to fault in, far longer on a loaded VM).
     func createSlot(name: String, count: Int) throws -> SharedMemorySegment {
         let segment = try SharedMemorySegment.create(name: name, count: count, prefault: false)
         var offset = 0
         while offset < count {
-            let n = min(64 << 20, count - offset)
+            let n = min(16 << 20, count - offset)
             try segment.prefault(offset..<offset + n)
             offset += n
             keepAlive()
@@ -238,18 +242,22 @@ public final class SMPServer: @unchecked Sendable {
     func keepAlive() {
         let now = monotonicSeconds()
         guard let link, welcomed, now - lastKeepAlive >= config.heartbeatInterval else { return }
-        lastKeepAlive = now
         link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
+        noteHeartbeat(now)
+    }
+
+    /// Records a heartbeat sent; a gap of over a second is logged (the event loop was held).
+    func noteHeartbeat(_ now: Double) {
+        if lastKeepAlive > 0, now - lastKeepAlive > 1 {
+            logger.warning("no heartbeat sent for \(Int((now - lastKeepAlive) * 1000)) ms: the event loop was held")
+        }
+        lastKeepAlive = now
     }
 
     private func applyLayout(_ layout: ECLayout) {
         if let ec = erasure, ec.layout.k == layout.k, ec.layout.m == layout.m, ec.layout.chunkBytes == layout.chunkBytes,
            ec.layout.groups == layout.groups {
-            if ec.layout.endpoints != layout.endpoints {
-                for s in ec.peers.values { s.close() }
-                ec.peers.removeAll()
-                ec.layout = layout
-            }
+            if ec.layout.endpoints != layout.endpoints { ec.updateEndpoints(layout) }
             return
         }
         do {
@@ -258,9 +266,7 @@ public final class SMPServer: @unchecked Sendable {
             if let s = store.stagedStep { startProtecting(step: s) }
             if let (step, lost) = pendingRebuild {
                 pendingRebuild = nil
-                let error = rebuild(step: step, lost: lost)
-                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
-                link?.send(.rebuilt(step: step, error: error))
+                startRebuild(step: step, lost: lost)
             }
         } catch {
             logger.error("EC layout refused: \(error)")
@@ -295,9 +301,7 @@ public final class SMPServer: @unchecked Sendable {
                     pendingRebuild = (step, lost)  // the layout is on its way
                     continue
                 }
-                let error = rebuild(step: step, lost: lost)
-                if !error.isEmpty { logger.error("rebuild failed: \(error)") }
-                link.send(.rebuilt(step: step, error: error))
+                startRebuild(step: step, lost: lost)  // reports `rebuilt` when done; the loop goes on meanwhile
             case .commit(let step):
                 if let ec = erasure, let t0 = ec.stagedAt.removeValue(forKey: step) {
                     let fold = ec.foldStats.removeValue(forKey: step) ?? (0, 0)
@@ -346,7 +350,11 @@ public final class SMPServer: @unchecked Sendable {
     }
 
     private func drainRequests() throws {
-        while let frames = try router.receiveMessages(timeoutMilliseconds: 0) {
+        func next() throws -> [ZMQMessage]? {
+            if !rebuildInProgress, !heldRequests.isEmpty { return heldRequests.removeFirst() }
+            return try router.receiveMessages(timeoutMilliseconds: 0)
+        }
+        while let frames = try next() {
             let identity = frames[0].bytes
             guard frames.count >= 2 else {
                 malformedFrames += 1
@@ -357,19 +365,16 @@ public final class SMPServer: @unchecked Sendable {
             do {
                 let (message, envelope) = try SMPMessage.decode(frames[1].bytes)
                 switch message {
-                case .ecChunk(let step, let row, let index, let crc):
-                    reply = [.bytes(receiveChunk(step: step, row: row, dataIndex: index, crc: crc, frames: frames[2...])
-                        .envelope(sender: config.nodeID).encoded())]
-                case .ecFetch(let step, let row, let index):
-                    do {
-                        let bytes = try chunkBytes(step: step, row: row, index: index)
-                        reply = [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, crc: CRC32C.checksum(bytes))
-                            .envelope(sender: config.nodeID).encoded()), .bytes(bytes)]
-                    } catch {
-                        reply = [.bytes(SMPMessage.error(code: StoreError.Code.nothingCommitted.rawValue, message: "\(error)")
-                            .envelope(sender: config.nodeID).encoded())]
-                    }
+                case .ecChunk, .ecFetch:
+                    // A chunk's frames are acked once all are folded: most get no reply.
+                    guard let r = peerRequest(message, frames: frames) else { continue }
+                    reply = r
                 default:
+                    if rebuildInProgress {
+                        // This node's memory is being rebuilt: its workers wait for the answer.
+                        heldRequests.append(frames)
+                        continue
+                    }
                     reply = handle(message, from: envelope.sender)
                 }
             } catch {
@@ -548,9 +553,10 @@ public final class SMPServer: @unchecked Sendable {
             }
         }
         children.removeAll()
+        router.close()
+        quiesceZeroCopy()  // libzmq may still be reading slot memory: wait before unmapping it
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
-        router.close()
         link?.close()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
         // Only our own record: a replacement of this node may have written its pid there.

@@ -5,6 +5,13 @@ import Glibc
 
 /// Copies with non-temporal stores (see `ft_copy_nontemporal`): for bulk
 /// copies whose destination will not be read again soon.
+/// Has malloc keep freed blocks below `bytes` for reuse (heap, not mmap; no
+/// trimming below `trimBytes`): a process that receives a stream of large
+/// network buffers then stops paying a page fault per page of each.
+public func keepFreedBlocks(below bytes: Int, trimAbove trimBytes: Int) -> Bool {
+    ft_keep_freed_blocks(Int32(clamping: bytes), Int32(clamping: trimBytes)) == 0
+}
+
 public func copyNonTemporal(_ destination: UnsafeMutableRawPointer, _ source: UnsafeRawPointer, _ count: Int) {
     ft_copy_nontemporal(destination, source, count)
 }

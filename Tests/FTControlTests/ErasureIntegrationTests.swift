@@ -60,6 +60,27 @@ struct ErasureIntegrationTests {
         expectBitExact(job)
     }
 
+    @Test("RS(3+1) with 4 KiB frames: chunks travel and are rebuilt in many frames, folded and decoded frame by frame, bit-exact",
+          .timeLimit(.minutes(3)))
+    func manyFrames() throws {
+        let small = ["FT_EC_FRAME_BYTES": "4096"]
+        let job = try makeJob("ecfrm", nodes: 4, k: 3, m: 1, steps: 400, smpEnvironment: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, small) }))
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 60 }, "\(job.logs)")
+        killNode(job, 1)
+        #expect(waitDeclaredDead(job, [1]), "\(job.logs)")
+        try job.inner.startSMP(node: 1, environment: small)
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        let log = readText(job.dir + "/smp-n1.log")
+        let line = try #require(log.split(separator: "\n").first { $0.contains("rebuilt node n1") }, "\(log)")
+        let frames = line.split(separator: " ").first { $0.hasPrefix("frames=") }.flatMap { Int($0.dropFirst("frames=".count)) } ?? 0
+        // 4 rows of chunks of 80+ KiB each (the image is over 256 KiB), in 4 KiB frames.
+        #expect(frames > 60, "\(line)")
+        #expect(log.contains("frame_bytes=4096"), "\(log)")
+        expectBitExact(job)
+    }
+
     @Test("RS(4+2): two nodes killed at once are rebuilt and the run ends bit-exact", .timeLimit(.minutes(3)))
     func twoNodes() throws {
         let job = try makeJob("ec42", nodes: 6, k: 4, m: 2, steps: 400)
@@ -102,7 +123,9 @@ struct ErasureIntegrationTests {
 
     @Test("a flipped byte in a stored chunk is repaired from parity instead of failing the restore", .timeLimit(.minutes(3)))
     func flippedByte() throws {
-        let job = try makeJob("ecflip", nodes: 4, k: 3, m: 1, steps: 600)
+        // Small frames: the repair of one tensor chunk spans several framed fetches.
+        let job = try makeJob("ecflip", nodes: 4, k: 3, m: 1, steps: 600,
+                              smpEnvironment: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, ["FT_EC_FRAME_BYTES": "4096"]) }))
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
         // Pause the job (kill a worker on another node), then corrupt the committed slot of n2 before it restores.

@@ -268,6 +268,11 @@ struct SMPMessageTests {
             .roundReply(committedStep: 3, pending: true), .roundReply(committedStep: nil, pending: false), .restoreReply(.init(step: 3, slot: 0, crcs: [9])),
             .fetchSlice(dpRank: 1, dpSize: 4, tensor: "params"), .sliceReply(step: 3, range: 10..<20, crcs: [5]),
             .status, .statusReply("{}"), .error(code: "unknown_worker", message: "who?"),
+            .ecChunk(step: 5, row: 2, dataIndex: 1, offset: 4 << 20, length: 341 << 20, crc: 0xDEAD_BEEF),
+            .ecAck(step: 5, row: 2, dataIndex: 1, error: ""), .ecAck(step: 5, row: 2, dataIndex: 1, error: "no EC layout"),
+            .ecFetch(step: 5, row: 0, index: 3, offset: 8 << 20, length: 4 << 20),
+            .ecChunkData(step: 5, row: 0, index: 3, offset: 8 << 20, crc: 7, error: ""),
+            .ecChunkData(step: 5, row: 0, index: 3, offset: 0, crc: 0, error: "no complete parity"),
         ]
         for m in messages {
             let (decoded, envelope) = try SMPMessage.decode(m.envelope(sender: "w0", epoch: 3).encoded())
@@ -285,6 +290,8 @@ struct SMPMessageTests {
         env = SMPMessage.begin(step: 1).envelope(sender: "x")
         env.payload = Array(repeating: 0xFF, count: 8)
         #expect(throws: WireError.self) { try SMPMessage(env) }
+        // A fetch of more than one 64 MiB frame is refused before anything is read.
+        #expect(throws: WireError.self) { try SMPMessage(SMPMessage.ecFetch(step: 1, row: 0, index: 0, offset: 0, length: 65 << 20).envelope(sender: "x")) }
         var rng = LCG(seed: 42)
         for _ in 0..<3000 {
             let type = UInt16(rng.next() % 16)

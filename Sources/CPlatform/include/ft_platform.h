@@ -20,6 +20,12 @@ int ft_pidfd_open(pid_t pid);
 /// page otherwise. Returns 0, or -1 with errno.
 int ft_prefault(void *addr, size_t len);
 
+/// glibc malloc: serve blocks below `mmap_threshold` from the heap and trim
+/// the heap only past `trim_threshold`, so large blocks freed and allocated
+/// again (network buffers) are reused instead of faulted in anew. Returns 0,
+/// or -1 when the C library refused.
+int ft_keep_freed_blocks(int mmap_threshold, int trim_threshold);
+
 /// Blocks `signals` for this thread (call before starting threads) and
 /// returns a signalfd that reads them. Returns -1 with errno.
 int ft_signalfd(const int *signals, int count);
