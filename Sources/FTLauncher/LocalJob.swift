@@ -97,6 +97,8 @@ public final class LocalJob: @unchecked Sendable {
     /// Returns what it did.
     @discardableResult
     public func replaceNode(_ n: Int) throws -> String {
+        // A spare that ended on its own (it crashed, or its launcher went) is no spare.
+        spares.removeAll { $0.process.poll() != nil }
         guard !spares.isEmpty else {
             try startSMP(node: n)
             return "started a replacement SMP for n\(n)"

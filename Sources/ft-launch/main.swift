@@ -137,7 +137,7 @@ struct Start: ParsableCommand {
               stop           cluster/stop \(dir)   (or Ctrl-C here)
             """)
         let supervisor = Supervisor(job: local)
-        var announced = 0  // failures announced (failures_total)
+        var announced = Set<String>()  // failures announced (detection time and what; a restarted coordinator counts anew)
         var reported = Set<String>()  // history entries reported (detection time and what)
         var lastState = "running"
         while true {
@@ -147,10 +147,9 @@ struct Start: ParsableCommand {
             }
             for action in supervisor.tick() { say("launcher: \(action)") }
             if let s = supervisor.lastStatus {
-                let total = jsonInt(s["failures_total"])
-                if total > announced, let f = s["last_failure"] as? [String: Any] {
+                if let f = s["last_failure"] as? [String: Any],
+                   announced.insert("\(f["detected_at_s"] ?? "")|\(f["what"] ?? "")").inserted {
                     say("failure: \(f["kind"] as? String ?? "?") \(f["what"] as? String ?? "?") (\(f["detected_by"] as? String ?? "?"))")
-                    announced = total
                 }
                 let history = (s["failures"] as? [[String: Any]]) ?? []
                 for f in history where reported.insert("\(f["detected_at_s"] ?? "")|\(f["what"] ?? "")").inserted {
