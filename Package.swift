@@ -104,7 +104,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-bench", dependencies: [
-            "FTBenchKit",
+            "FTBenchKit", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

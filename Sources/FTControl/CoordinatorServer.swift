@@ -150,7 +150,8 @@ public final class CoordinatorServer: @unchecked Sendable {
             let (message, envelope) = decoded
             if case .statusQuery = message {
                 let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
-                                                  unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt)
+                                                  unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt,
+                                                  fencedByServer: fencedByIncarnation)
                 send(identity, .statusReply(json))
                 continue
             }
@@ -197,8 +198,8 @@ public final class CoordinatorServer: @unchecked Sendable {
         }
     }
 
-    /// Messages refused because their connection belongs to a replaced process.
-    private(set) var fencedByIncarnation = 0
+    /// Messages refused because their connection belongs to a replaced process (in `fenced_messages`).
+    private var fencedByIncarnation = 0
 
     /// The pid of the process the coordinator knows as `member` (an SMP or a worker), if any.
     private func currentPID(of member: String) -> Int? {
@@ -237,7 +238,8 @@ public final class CoordinatorServer: @unchecked Sendable {
     private func writeFinalStatus() {
         guard let dir = config.runDirectory else { return }
         let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
-                                          unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt)
+                                          unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt,
+                                          fencedByServer: fencedByIncarnation)
         try? (json + "\n").write(toFile: dir + "/status.json", atomically: true, encoding: .utf8)
     }
 }
@@ -263,7 +265,9 @@ public final class CoordinatorServer: @unchecked Sendable {
 public enum CoordinatorStatus {
     public static let schema = 1
 
-    public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double) -> [String: Any] {
+    /// `fencedByServer`: messages the server fenced by incarnation, counted with the instance's in `fenced_messages`.
+    public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double,
+                              fencedByServer: Int = 0) -> [String: Any] {
         var nodes: [[String: Any]] = []
         for n in c.nodes.values.sorted(by: { $0.id < $1.id }) {
             let ws = c.workers.values.filter { $0.info.node == n.id }.sorted { $0.info.rank < $1.info.rank }
@@ -296,14 +300,15 @@ public enum CoordinatorStatus {
             "snapshot_interval": c.settings.snapshotInterval, "uptime_s": (uptime * 10).rounded() / 10,
             "nodes": nodes, "last_failure": failure, "failures_total": c.failureCount, "failures": c.failureHistory.map(report),
             "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
-            "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages,
+            "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages + fencedByServer,
             "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
             "malformed_frames": malformed, "unauthenticated": unauthenticated,
         ]
     }
 
-    public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double) -> String {
-        let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, uptime: uptime)
+    public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double,
+                            fencedByServer: Int = 0) -> String {
+        let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, uptime: uptime, fencedByServer: fencedByServer)
         let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

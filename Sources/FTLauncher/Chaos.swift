@@ -70,8 +70,8 @@ public final class ChaosRunner: @unchecked Sendable {
         ("flip-byte", "flip a byte in both stored slots of a worker, then force a restore: repaired from parity"),
     ]
 
-    /// The CI smoke subset: a worker, a node, a zombie node, the coordinator, and the clean stop; a few minutes in all.
-    public static let smoke = ["kill-worker", "kill-node", "sigstop-node", "kill-coordinator", "kill-m+1-nodes"]
+    /// The CI smoke subset: a worker (also mid-copy), a node, a zombie node, the coordinator, and the clean stop; a few minutes in all.
+    public static let smoke = ["kill-worker", "kill-worker-mid-copy", "kill-node", "sigstop-node", "kill-coordinator", "kill-m+1-nodes"]
 
     public let options: Options
     private var goldens: [Shape: String] = [:]
@@ -245,40 +245,23 @@ public final class ChaosRunner: @unchecked Sendable {
         var oldSMP: ChildProcess?
         let resumeLinesBefore = countLines(job, prefix: "resume from=")
 
-        func killNode(_ n: Int) {
-            for w in 0..<shape.workersPerNode { if let pid = job.workerPID(node: n, worker: w) { kill(pid, SIGKILL) } }
-            kill(job.smps[n].pid, SIGKILL)
-        }
-
         switch name {
-        case "kill-worker":
-            guard let pid = job.workerPID(node: node, worker: worker) else { throw ChaosError("no recorded PID for n\(node)/w\(worker)") }
-            kill(pid, SIGKILL)
+        case "kill-worker", "kill-smp", "kill-node", "kill-coordinator":
+            try inject(name, job, node: node, worker: worker)
             result.faults = 1
         case "kill-worker-mid-copy":
             result.faults = 1  // the worker does it itself at `target`
-        case "kill-smp":
-            kill(job.smps[node].pid, SIGKILL)
-            result.faults = 1
-        case "kill-node":
-            killNode(node)
-            result.faults = 1
         case "kill-m-nodes", "kill-m+1-nodes":
             let count = name == "kill-m-nodes" ? shape.m : shape.m + 1
             var victims = Array(0..<shape.nodes)
             victims.shuffle(using: &rng)
             victims = Array(victims.prefix(count)).sorted()
-            for n in victims { killNode(n) }
+            for n in victims { try inject("kill-node", job, node: n, worker: 0) }
             notes.append("killed \(victims.map { "n\($0)" }.joined(separator: ", "))")
             result.faults = count
         case "sigstop-node":
             oldSMP = job.smps[node]
-            stopped = (0..<shape.workersPerNode).compactMap { job.workerPID(node: node, worker: $0) } + [job.smps[node].pid]
-            for pid in stopped { kill(pid, SIGSTOP) }
-            result.faults = 1
-        case "kill-coordinator":
-            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
-            c.kill(SIGKILL)
+            stopped = try inject(name, job, node: node, worker: worker)
             result.faults = 1
         case "flip-byte":
             // Hold node `flipNode`'s SMP still, force a recovery (kill a worker
@@ -357,16 +340,8 @@ public final class ChaosRunner: @unchecked Sendable {
                 let recoveryMs = (last["recovery_ms"] as? Double) ?? Double(jsonInt(last["recovery_ms"]))
                 result.recoveryMs = selfInflicted ? recoveryMs : (watch.detectedAt(last) - injectedAt) * 1000 + recoveryMs
             }
-            let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0
-            let unfinished = watch.failures.values.filter {
-                let o = $0["outcome"] as? String ?? ""
-                return o != "resumed" && !o.hasPrefix("superseded")
-            }
-            var problems: [String] = []
-            if result.finalHashEqual != true { problems.append("final hashes \(hashes.map { $0 ?? "none" }) != golden \(expected)") }
+            var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed)
             if resumed.isEmpty { problems.append("no failure was detected and resumed from") }
-            if worstLost > options.snapshotInterval { problems.append("a failure lost \(worstLost) steps (> snapshot interval \(options.snapshotInterval))") }
-            if !unfinished.isEmpty { problems.append("failures not resumed: \(unfinished.map { "\($0["what"] ?? "?"): \($0["outcome"] ?? "?")" })") }
             if name == "flip-byte" {
                 let repaired = (0..<shape.nodes).contains { LocalJob.read(job.dir + "/smp-n\($0).log").contains("repaired worker") }
                 if !repaired { problems.append("no SMP log says it repaired the corrupt chunk") }
@@ -387,6 +362,50 @@ public final class ChaosRunner: @unchecked Sendable {
         result.detail = notes.joined(separator: "; ")
         keep = options.keepDirectories || !result.passed
         if !result.passed { result.detail += " (logs kept in \(job.dir))" }
+    }
+
+    /// One fault by recorded PID: `kill-worker` (worker `w` of node `n`),
+    /// `kill-smp`, `kill-node` (the SMP and all its workers at once),
+    /// `kill-coordinator`, or `sigstop-node` (SIGSTOP the node; returns the
+    /// stopped PIDs, the SMP's last, for the caller to continue later).
+    @discardableResult
+    func inject(_ kind: String, _ job: LocalJob, node n: Int, worker w: Int) throws -> [Int32] {
+        let workers = (0..<job.options.workersPerNode).compactMap { job.workerPID(node: n, worker: $0) }
+        switch kind {
+        case "kill-worker":
+            guard let pid = job.workerPID(node: n, worker: w) else { throw ChaosError("no recorded PID for n\(n)/w\(w)") }
+            kill(pid, SIGKILL)
+        case "kill-smp":
+            kill(job.smps[n].pid, SIGKILL)
+        case "kill-node":
+            for pid in workers { kill(pid, SIGKILL) }
+            kill(job.smps[n].pid, SIGKILL)
+        case "kill-coordinator":
+            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
+            c.kill(SIGKILL)
+        case "sigstop-node":
+            let pids = workers + [job.smps[n].pid]
+            for pid in pids { kill(pid, SIGSTOP) }
+            return pids
+        default:
+            throw ChaosError("no such fault: \(kind)")
+        }
+        return []
+    }
+
+    /// The checks every run that should end like its golden run shares: equal
+    /// final hashes, no failure left unresumed, at most the interval of steps lost.
+    func endProblems(hashes: [String?], expected: String, watch: Watch, resumed: [[String: Any]]) -> [String] {
+        var problems: [String] = []
+        if !hashes.allSatisfy({ $0 == expected }) { problems.append("final hashes \(hashes.map { $0 ?? "none" }) != golden \(expected)") }
+        let unfinished = watch.failures.values.filter {
+            let o = $0["outcome"] as? String ?? ""
+            return o != "resumed" && !o.hasPrefix("superseded")
+        }
+        if !unfinished.isEmpty { problems.append("failures not resumed: \(unfinished.map { "\($0["what"] ?? "?"): \($0["outcome"] ?? "?")" })") }
+        let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0
+        if worstLost > options.snapshotInterval { problems.append("a failure lost \(worstLost) steps (> snapshot interval \(options.snapshotInterval))") }
+        return problems
     }
 
     /// What the job left after it ended: recorded processes still alive, shm segments.
@@ -463,21 +482,9 @@ public final class ChaosRunner: @unchecked Sendable {
             let w = Int.random(in: 0..<shape.workersPerNode, using: &rng)
             options.progress("soak: \(Int(monotonicSeconds() - (soakEnd - duration))) s: \(kind) n\(n)/w\(w) (furthest step \(watch.furthestStep)/\(steps))")
             injections.append(monotonicSeconds())
-            switch kind {
-            case "kill-worker":
-                if let pid = job.workerPID(node: n, worker: w) { kill(pid, SIGKILL) }
-            case "kill-smp":
-                kill(job.smps[n].pid, SIGKILL)
-            case "kill-node":
-                for i in 0..<shape.workersPerNode { if let pid = job.workerPID(node: n, worker: i) { kill(pid, SIGKILL) } }
-                kill(job.smps[n].pid, SIGKILL)
-            case "kill-coordinator":
-                job.coordinator?.kill(SIGKILL)
-            default:  // sigstop-node: continued once the job resumed without it
-                let pids = (0..<shape.workersPerNode).compactMap { job.workerPID(node: n, worker: $0) } + [job.smps[n].pid]
-                for pid in pids { kill(pid, SIGSTOP) }
-                stoppedOld.append((job.smps[n], pids))
-            }
+            let smp = job.smps[n]
+            let stopped = try inject(kind, job, node: n, worker: w)
+            if !stopped.isEmpty { stoppedOld.append((smp, stopped)) }  // continued once the job resumed without it
             counts[kind, default: 0] += 1
             let injected = injections.last!
             // One fault at a time: wait until the job resumed from it.
@@ -502,18 +509,11 @@ public final class ChaosRunner: @unchecked Sendable {
         result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
         let recoveries = resumed.map { (($0["recovery_ms"] as? Double) ?? Double(jsonInt($0["recovery_ms"]))) }
         result.recoveryMs = recoveries.max() ?? -1
-        let unfinished = watch.failures.values.filter {
-            let o = $0["outcome"] as? String ?? ""
-            return o != "resumed" && !o.hasPrefix("superseded")
-        }
         let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0
         var notes = ["faults: " + counts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "),
                      "\(resumed.count) recoveries, detect-to-resume p50 \(Int(percentile(recoveries, 0.5))) ms, max \(Int(recoveries.max() ?? 0)) ms",
                      "worst steps lost per failure \(worstLost)"]
-        var problems: [String] = []
-        if result.finalHashEqual != true { problems.append("final hashes \(hashes.map { $0 ?? "none" }) != golden \(expected)") }
-        if !unfinished.isEmpty { problems.append("failures not resumed: \(unfinished.map { "\($0["what"] ?? "?"): \($0["outcome"] ?? "?")" })") }
-        if worstLost > options.snapshotInterval { problems.append("a failure lost \(worstLost) steps (> snapshot interval \(options.snapshotInterval))") }
+        var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed)
         let leftovers = awaitLeftovers(job)
         if !leftovers.isEmpty { problems.append("left behind: \(leftovers)") }
         result.passed = problems.isEmpty

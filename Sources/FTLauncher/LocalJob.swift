@@ -48,9 +48,8 @@ public final class LocalJob: @unchecked Sendable {
     public let endpoint: String
     public private(set) var coordinator: ChildProcess?
     public private(set) var smps: [ChildProcess] = []
-    /// Spares still in standby, and (index, node) of those assigned so far.
+    /// Spares still in standby.
     public private(set) var spares: [(index: Int, process: ChildProcess)] = []
-    public private(set) var sparesUsed: [(index: Int, node: Int)] = []
     private let coordinatorArgs: [String]
 
     public var dir: String { options.runDirectory }
@@ -110,7 +109,6 @@ public final class LocalJob: @unchecked Sendable {
         guard rename(path + ".tmp", path) == 0 else { throw SystemError("rename \(path)", errno: errno) }
         retired.append(smps[n])
         smps[n] = spare.process
-        sparesUsed.append((spare.index, n))
         try writePIDs()
         return "spare\(spare.index) (pid \(spare.process.pid)) took over n\(n)"
     }
@@ -220,26 +218,28 @@ public final class LocalJob: @unchecked Sendable {
 /// The PIDs a job recorded in its run directory, and checks that a PID still
 /// names a process of that job before anything signals it (PIDs are reused).
 public enum RecordedProcesses {
-    /// Every worker any SMP of the job started (`RUN_DIR/pids/history`, plus the current pid files).
-    public static func workerPIDs(runDirectory dir: String) -> [Int32] {
-        var pids: [Int32] = []
-        for line in LocalJob.read(dir + "/pids/history").split(separator: "\n") {
+    /// `RUN_DIR/pids/history`: "NODE ROLE PID" for every SMP ("smp") and worker an SMP of the job started.
+    static func history(_ dir: String) -> [(role: Substring, pid: Int32)] {
+        LocalJob.read(dir + "/pids/history").split(separator: "\n").compactMap { line in
             let parts = line.split(separator: " ")
-            if parts.count == 3, parts[1] != "smp", let pid = Int32(parts[2]) { pids.append(pid) }
+            guard parts.count == 3, let pid = Int32(parts[2]) else { return nil }
+            return (parts[1], pid)
         }
+    }
+
+    /// Every worker any SMP of the job started (the history, plus the current pid files).
+    public static func workerPIDs(runDirectory dir: String) -> [Int32] {
+        var pids = history(dir).filter { $0.role != "smp" }.map(\.pid)
         for name in (try? FileManager.default.contentsOfDirectory(atPath: dir + "/pids")) ?? [] where name.hasSuffix(".pid") && !name.hasSuffix(".smp.pid") {
             if let pid = Int32(LocalJob.read(dir + "/pids/" + name).trimmingCharacters(in: .whitespacesAndNewlines)) { pids.append(pid) }
         }
         return Array(Set(pids)).sorted()
     }
 
-    /// Every process of `RUN_DIR/job.pids` (but the launcher) and every worker.
+    /// Every process of `RUN_DIR/job.pids` (but the launcher), every SMP and every worker.
     public static func all(runDirectory dir: String) -> [Int32] {
-        var pids = workerPIDs(runDirectory: dir)
+        var pids = workerPIDs(runDirectory: dir) + history(dir).filter { $0.role == "smp" }.map(\.pid)
         for line in LocalJob.read(dir + "/job.pids").split(separator: "\n") where !line.hasPrefix("launcher ") {
-            if let pid = line.split(separator: " ").last.flatMap({ Int32($0) }) { pids.append(pid) }
-        }
-        for line in LocalJob.read(dir + "/pids/history").split(separator: "\n") {
             if let pid = line.split(separator: " ").last.flatMap({ Int32($0) }) { pids.append(pid) }
         }
         return Array(Set(pids)).sorted()

@@ -101,6 +101,17 @@ public final class ChildProcess: @unchecked Sendable {
     }
 }
 
+/// The directory of the running executable (`/proc/self/exe`): where a
+/// command finds its sibling binaries (`ft-smp`, `ft-coordinator`, …) and a
+/// test bundle the package's built products.
+public var executableDirectory: String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let exe = n > 0 ? String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+    guard let slash = exe.lastIndex(of: "/") else { return "." }
+    return slash == exe.startIndex ? "/" : String(exe[..<slash])
+}
+
 /// SIGTERM / SIGINT (and others) as a file descriptor to poll.
 public final class SignalWatcher: @unchecked Sendable {
     public let fd: Int32

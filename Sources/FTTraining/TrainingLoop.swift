@@ -111,11 +111,15 @@ public struct CoordinatedTrainingLoop {
                             // Only due steps ask the ranks (every rank knows which steps are due).
                             let due = s - lastSnapshot >= snapshotInterval
                             var ready = due ? try client.canSnapshot() : false
+                            var pollMicroseconds: UInt32 = 100
                             while due && !ready && waitForPreviousRound {
                                 // The previous round is still being protected (or the coordinator
                                 // that commits it is gone): wait rather than run ahead of it.
+                                // Each look may ask the SMP, which is busy protecting that very
+                                // round: back off to one look every 5 ms.
                                 if control.isPaused { throw Interrupted() }
-                                usleep(200)
+                                usleep(pollMicroseconds)
+                                pollMicroseconds = min(pollMicroseconds * 2, 5000)
                                 ready = try client.canSnapshot()
                             }
                             let snapshotNow = due ? try ring.allAgree(ready, interrupt: control.interruptFD) : false

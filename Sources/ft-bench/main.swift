@@ -1,5 +1,6 @@
 import ArgumentParser
 import FTBenchKit
+import FTSystem
 import Foundation
 
 struct FTBench: ParsableCommand {
@@ -121,8 +122,7 @@ struct Detect: ParsableCommand {
     }
 
     func run() throws {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        var bench = DetectBench(binaries: (exe as NSString).deletingLastPathComponent)
+        var bench = DetectBench(binaries: executableDirectory)
         bench.killTrials = killTrials
         bench.stopTrials = stopTrials
         let report = try bench.run(progress: { line in
@@ -154,8 +154,7 @@ struct ECCluster: ParsableCommand {
     var diskDir = "/tmp"
 
     func run() throws {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        var bench = ECClusterBench(binaries: (exe as NSString).deletingLastPathComponent)
+        var bench = ECClusterBench(binaries: executableDirectory)
         let sizes = sizesMib.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !sizes.isEmpty, sizes.allSatisfy({ $0 >= 1 && $0 <= 4096 }) else {
             throw ValidationError("--sizes-mib takes sizes in MiB between 1 and 4096")

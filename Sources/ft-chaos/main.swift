@@ -70,10 +70,7 @@ struct Chaos: ParsableCommand {
         }
     }
 
-    var binaries: String {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return (exe as NSString).deletingLastPathComponent
-    }
+    var binaries: String { executableDirectory }
 
     func run() throws {
         if list {

@@ -11,10 +11,7 @@ struct Launch: ParsableCommand {
 }
 
 /// Where this binary's siblings (ft-coordinator, ft-smp, ft-demo-trainer) are.
-nonisolated var binaries: String {
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    return (exe as NSString).deletingLastPathComponent
-}
+nonisolated var binaries: String { executableDirectory }
 
 nonisolated func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
 

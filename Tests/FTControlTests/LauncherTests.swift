@@ -124,7 +124,17 @@ struct LauncherProcessTests {
         let (_, status, _) = try runTool("ftctl", ["status", "--run-dir", dir, "--json"])
         let o = try #require(try JSONSerialization.jsonObject(with: Data(status.utf8)) as? [String: Any])
         #expect(int(o["snapshot_interval"]) == 2)
-        #expect(waitUntil(seconds: 30) { int((try? JSONSerialization.jsonObject(with: Data(runTool("ftctl", ["status", "--run-dir", dir, "--json"]).1.utf8)) as? [String: Any])?["committed_step"]) >= 10 })
+        func jobStatus() -> [String: Any] {
+            ((try? JSONSerialization.jsonObject(with: Data(runTool("ftctl", ["status", "--run-dir", dir, "--json"]).1.utf8))) as? [String: Any]) ?? [:]
+        }
+        // A snapshot every 2 steps: every committed step is even (workers wait for a
+        // pending round rather than skip, and restores land on committed steps).
+        var committed: [Int] = []
+        #expect(waitUntil(seconds: 30) {
+            committed.append(int(jobStatus()["committed_step"]))
+            return committed.last! >= 10
+        })
+        #expect(committed.allSatisfy { $0 == -1 || $0 % 2 == 0 }, "\(committed)")
 
         // Kill node n1: the spare takes its place and rebuilds it.
         kill(worker1, SIGKILL)
@@ -133,6 +143,10 @@ struct LauncherProcessTests {
         #expect(waitUntil(seconds: 60) { readText(out).contains("recovered from") }, "\(readText(out))")
         #expect(readText(out).contains("launcher: spare0 (pid"), "\(readText(out))")
         #expect(readText(dir + "/spare0.log").contains("rebuilt node n1"), "\(readText(dir + "/spare0.log"))")
+        let recovered = jobStatus()
+        let restored = ((recovered["failures"] as? [[String: Any]]) ?? []).filter { $0["outcome"] as? String == "resumed" }.map { int($0["restored_step"]) }
+        #expect(!restored.isEmpty && restored.allSatisfy { $0 % 2 == 0 }, "\(restored)")
+        #expect(int(recovered["committed_step"]) % 2 == 0)
         let all = RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) }
         #expect(all.count >= 9)  // coordinator, 4 SMPs (one the former spare), 4 workers
 

@@ -7,10 +7,7 @@ import FTZMQ
 import Foundation
 import Testing
 
-var productsDirectory: String {
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    return (exe as NSString).deletingLastPathComponent
-}
+var productsDirectory: String { executableDirectory }
 
 func readText(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
 

@@ -68,10 +68,7 @@ final class InProcessSMP: @unchecked Sendable {
 }
 
 /// The directory holding this package's built executables (beside the test bundle).
-var productsDirectory: String {
-    let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-    return (exe as NSString).deletingLastPathComponent
-}
+var productsDirectory: String { executableDirectory }
 
 func readText(_ path: String) -> String {
     (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
