@@ -22,6 +22,9 @@ let package = Package(
         .executable(name: "ftctl", targets: ["ftctl"]),
         .executable(name: "ft-demo-trainer", targets: ["ft-demo-trainer"]),
         .executable(name: "ft-launch", targets: ["ft-launch"]),
+        // The worker library's C interface (Sources/CFTWorker/include/ft_worker.h)
+        // as a shared library, for workers that are not written in Swift.
+        .library(name: "FTWorkerC", type: .dynamic, targets: ["FTWorkerC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -57,6 +60,10 @@ let package = Package(
 
         // MARK: shells and executables
         .target(name: "FTWorker", dependencies: ["FTCore", "FTErasure", "FTSystem", "FTZMQ"]),
+        // The C interface: the header (and its plain-C parts) and the Swift
+        // implementation behind it, built into libFTWorkerC.so.
+        .target(name: "CFTWorker"),
+        .target(name: "FTWorkerC", dependencies: ["CFTWorker", "FTControl", "FTCore", "FTWorker"]),
         .target(name: "FTSMP", dependencies: [
             "FTCore", "FTErasure", "FTSystem", "FTZMQ", "FTControl",
             .product(name: "Logging", package: "swift-log"),
@@ -123,6 +130,6 @@ let package = Package(
         .testTarget(name: "FTSnapshotTests", dependencies: [
             "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
-        ]),
+        ], exclude: ["ft_worker_test.c"]),  // a C program CProgramTests compiles against libFTWorkerC.so
     ]
 )

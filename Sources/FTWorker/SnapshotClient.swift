@@ -50,13 +50,28 @@ public struct SnapshotError: Error, Sendable, CustomStringConvertible {
 /// One tensor the training loop owns, registered for snapshots.
 public struct RegisteredTensor: @unchecked Sendable {
     public var spec: TensorSpec
-    /// The live bytes; must be `spec.byteCount` long and stay valid.
+    /// The live bytes; must be `spec.byteCount` long and stay valid. Empty
+    /// for an external tensor.
     public var buffer: UnsafeMutableRawBufferPointer
+    /// The caller copies this tensor's stored bytes into the slot itself
+    /// (device memory the library cannot read, e.g. a CUDA tensor copied
+    /// device-to-host straight into the slot), and says when they landed
+    /// (`SnapshotClient.externalCopiesLanded`); the library checksums them
+    /// there. A restore writes it into the buffer given by `setRestoreBuffer`.
+    public var external: Bool
 
     public init(spec: TensorSpec, buffer: UnsafeMutableRawBufferPointer) {
         precondition(buffer.count == spec.byteCount, "buffer of \(buffer.count) bytes for \(spec.name) of \(spec.byteCount) bytes")
         self.spec = spec
         self.buffer = buffer
+        external = false
+    }
+
+    /// A tensor whose bytes the caller copies into the slot (see `external`).
+    public init(externalSpec spec: TensorSpec) {
+        self.spec = spec
+        buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        external = true
     }
 }
 
@@ -145,6 +160,9 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Rethrows a failure of the round.
     public func waitBeforeUpdate(touching names: [String]? = nil) throws { try engine.waitBeforeUpdate(touching: names) }
 
+    /// The same for the first `count` registered tensors (registration order).
+    public func waitCopied(count: Int) throws { try engine.waitCopied(count: count) }
+
     /// Blocks until the round in flight is over (staged reply received or
     /// skipped). For tests, benchmarks and a clean shutdown.
     public func waitForRound() throws { try engine.waitForRound() }
@@ -175,6 +193,38 @@ public final class SnapshotClient: @unchecked Sendable {
     /// round pending (staged, not committed) on our node. Data-parallel ranks
     /// agree on it collectively before they snapshot, so all or none do.
     public func canSnapshot() throws -> Bool { try engine.canSnapshot() }
+
+    /// Whether a snapshot can start now for a worker whose last snapshot (or
+    /// restore) was `previous`: no copy of ours in flight, and `previous`
+    /// committed on our node or no round pending there. A round of the step
+    /// about to be taken, staged already by a faster rank of the node, does
+    /// not count: ranks that wait for their previous round need no barrier.
+    public func canSnapshot(after previous: Int?) throws -> Bool { try engine.canSnapshot(after: previous) }
+
+    // MARK: external tensors (the caller copies them into the slot)
+
+    /// The shared-memory slot `index` (0 or 1) as mapped here, for a caller
+    /// that copies external tensors into it (and may pin it for DMA).
+    public func slot(_ index: Int) throws -> UnsafeMutableRawBufferPointer { try engine.slot(index) }
+
+    /// Where registered tensor `index`'s stored bytes go in a slot, and which
+    /// bytes of the tensor they are (a replicated tensor stores its DP slice).
+    public func placement(ofTensor index: Int) throws -> (slotOffset: Int, sourceRange: Range<Int>) {
+        try engine.placement(ofTensor: index)
+    }
+
+    /// Blocks until the round in flight knows its slot; nil when there is no
+    /// round in flight or the SMP skipped it (nothing to copy).
+    public func roundSlot() throws -> Int? { try engine.roundSlot() }
+
+    /// The caller's copies of the external tensors of the round in flight
+    /// have landed in its slot (`ok`), or failed (the round fails).
+    public func externalCopiesLanded(ok: Bool = true) { engine.externalCopiesLanded(ok: ok) }
+
+    /// Where the next restore writes external tensor `index` (nil: nowhere yet).
+    public func setRestoreBuffer(_ buffer: UnsafeMutableRawBufferPointer?, forTensor index: Int) throws {
+        try engine.setRestoreBuffer(buffer, forTensor: index)
+    }
 
     func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) { try engine.request(message) }
 }
@@ -212,13 +262,23 @@ final class SnapshotEngine: @unchecked Sendable {
     private var tensors: [RegisteredTensor] = []
     private var layout: ShardLayout?
     private var slots: [SharedMemorySegment] = []
+    /// Where a restore writes each external tensor (by registration index).
+    private var restoreBuffers: [Int: UnsafeMutableRawBufferPointer] = [:]
 
     // Copier state, guarded by `condition`.
     private let condition = NSCondition()
     private var pendingStep: Int?
     private var roundActive = false
-    /// Tensors (in layout order) whose bytes are safely in the slot (or skipped).
+    /// Tensors (in layout order) whose bytes are safely in the slot (or
+    /// skipped); the copier steps over external tensors.
     private var copiedCount = 0
+    /// The slot of the round in flight once the SMP said which (nil: not yet,
+    /// or skipped: `roundSlotKnown` tells).
+    private var currentSlot: Int?
+    private var roundSlotKnown = false
+    /// The caller's copies of external tensors landed in the round's slot.
+    private var externalLanded = false
+    private var externalFailed = false
     private var roundError: SnapshotError?
     private var stopping = false
     private var _stats = Stats()
@@ -310,6 +370,10 @@ final class SnapshotEngine: @unchecked Sendable {
         pendingStep = step
         roundActive = true
         copiedCount = 0
+        currentSlot = nil
+        roundSlotKnown = false
+        externalLanded = false
+        externalFailed = false
         condition.broadcast()
     }
 
@@ -319,11 +383,14 @@ final class SnapshotEngine: @unchecked Sendable {
     public func waitBeforeUpdate(touching names: [String]? = nil) throws {
         guard let layout else { return }
         let needed: Int
+        let needsExternal: Bool
         if let names {
             let set = Set(names)
             needed = (layout.entries.lastIndex { set.contains($0.spec.name) } ?? -1) + 1
+            needsExternal = tensors.contains { $0.external && set.contains($0.spec.name) }
         } else {
             needed = layout.entries.count
+            needsExternal = tensors.contains(where: \.external)
         }
         let start = monotonicSeconds()
         condition.lock()
@@ -331,11 +398,20 @@ final class SnapshotEngine: @unchecked Sendable {
             _stats.blockedSeconds += monotonicSeconds() - start
             condition.unlock()
         }
-        while roundActive && copiedCount < needed && roundError == nil { condition.wait() }
+        while roundActive && (copiedCount < needed || (needsExternal && !externalLanded && !(roundSlotKnown && currentSlot == nil)))
+            && roundError == nil { condition.wait() }
         if let error = roundError {
             roundError = nil
             throw error
         }
+    }
+
+    func waitCopied(count: Int) throws {
+        guard let layout else { throw SnapshotError(code: .misuse, message: "wait before register") }
+        guard (0...layout.entries.count).contains(count) else {
+            throw SnapshotError(code: .misuse, message: "wait for \(count) tensors of \(layout.entries.count) registered")
+        }
+        try waitBeforeUpdate(touching: layout.entries.prefix(count).map(\.spec.name))
     }
 
     /// Blocks until the round in flight is over (staged reply received or
@@ -379,6 +455,7 @@ final class SnapshotEngine: @unchecked Sendable {
             _stats.lastRoundSeconds = monotonicSeconds() - start
             roundError = failure
             copiedCount = layout!.entries.count
+            roundSlotKnown = true
             roundActive = false
             condition.broadcast()
             condition.unlock()
@@ -390,6 +467,11 @@ final class SnapshotEngine: @unchecked Sendable {
         let layout = layout!
         let (reply, _) = try request(.begin(step: step))
         guard case .beginReply(let slotIndex, _) = reply else { throw unexpected(reply, "begin") }
+        condition.withLock {
+            currentSlot = slotIndex
+            roundSlotKnown = true
+            condition.broadcast()
+        }
         guard let slotIndex else {
             markCopied(layout.entries.count)
             return (false, nil)
@@ -399,6 +481,10 @@ final class SnapshotEngine: @unchecked Sendable {
         let totalBytes = layout.entries.reduce(0) { $0 + $1.storedBytes }
         var copiedBytes = 0
         for (index, entry) in layout.entries.enumerated() {
+            if tensors[index].external || entry.storedBytes == 0 {
+                markCopied(index + 1)  // external: the caller's, checksummed below once they landed
+                continue
+            }
             let src = UnsafeRawPointer(tensors[index].buffer.baseAddress!) + entry.storedRange.lowerBound
             let dst = slot.base + entry.slotOffset
             for chunk in 0..<entry.chunkCount {
@@ -422,9 +508,72 @@ final class SnapshotEngine: @unchecked Sendable {
             }
             markCopied(index + 1)
         }
+        if tensors.contains(where: \.external) {
+            try awaitExternalCopies(step: step)
+            for (index, entry) in layout.entries.enumerated() where tensors[index].external {
+                for chunk in 0..<entry.chunkCount {
+                    let range = layout.chunkRange(entry, chunk: chunk)
+                    crcs[entry.firstChunk + chunk] = CRC32C.checksum(UnsafeRawBufferPointer(start: slot.base + entry.slotOffset + range.lowerBound,
+                                                                                             count: range.count))
+                }
+            }
+        }
         let (stagedReply, _) = try request(.staged(step: step, slot: slotIndex, crcs: crcs))
         guard case .stagedReply(let committed) = stagedReply else { throw unexpected(stagedReply, "staged") }
         return (true, committed)
+    }
+
+    /// Waits until the caller says its external copies of `step` landed.
+    private func awaitExternalCopies(step: Int) throws {
+        condition.lock()
+        defer { condition.unlock() }
+        while !externalLanded && !externalFailed && !stopping { condition.wait() }
+        guard externalLanded else {
+            throw SnapshotError(code: .transport, message: "the external copies of step \(step) did not land in the slot")
+        }
+    }
+
+    func externalCopiesLanded(ok: Bool) {
+        condition.withLock {
+            if ok { externalLanded = true } else { externalFailed = true }
+            condition.broadcast()
+        }
+    }
+
+    func roundSlot() throws -> Int? {
+        condition.lock()
+        defer { condition.unlock() }
+        while roundActive && !roundSlotKnown && roundError == nil { condition.wait() }
+        if let error = roundError { throw error }
+        return roundActive ? currentSlot : nil
+    }
+
+    func slot(_ index: Int) throws -> UnsafeMutableRawBufferPointer {
+        guard layout != nil else { throw SnapshotError(code: .misuse, message: "slot before register") }
+        guard (0..<slots.count).contains(index) else { throw SnapshotError(code: .misuse, message: "no slot \(index) (there are \(slots.count))") }
+        return UnsafeMutableRawBufferPointer(start: slots[index].base, count: slots[index].count)
+    }
+
+    func placement(ofTensor index: Int) throws -> (slotOffset: Int, sourceRange: Range<Int>) {
+        guard let layout else { throw SnapshotError(code: .misuse, message: "placement before register") }
+        guard layout.entries.indices.contains(index) else {
+            throw SnapshotError(code: .misuse, message: "no tensor \(index) (\(layout.entries.count) registered)")
+        }
+        let entry = layout.entries[index]
+        return (entry.slotOffset, entry.storedRange)
+    }
+
+    func setRestoreBuffer(_ buffer: UnsafeMutableRawBufferPointer?, forTensor index: Int) throws {
+        guard layout != nil else { throw SnapshotError(code: .misuse, message: "setRestoreBuffer before register") }
+        guard tensors.indices.contains(index), tensors[index].external else {
+            throw SnapshotError(code: .misuse, message: "tensor \(index) is not an external tensor")
+        }
+        if let buffer {
+            guard buffer.count == tensors[index].spec.byteCount else {
+                throw SnapshotError(code: .misuse, message: "restore buffer of \(buffer.count) bytes for \(tensors[index].spec.name) of \(tensors[index].spec.byteCount) bytes")
+            }
+        }
+        restoreBuffers[index] = buffer
     }
 
     private func markCopied(_ n: Int) {
@@ -454,6 +603,16 @@ final class SnapshotEngine: @unchecked Sendable {
             throw SnapshotError(code: .refused, message: "restore point does not match the layout")
         }
         let slot = slots[point.slot]
+        // The registered tensors, external ones pointing at their restore buffers.
+        let destinations = try tensors.enumerated().map { index, t in
+            guard t.external else { return t }
+            guard let b = restoreBuffers[index] else {
+                throw SnapshotError(code: .misuse, message: "no restore buffer for the external tensor \(t.spec.name)")
+            }
+            var d = t
+            d.buffer = b
+            return d
+        }
         // Every chunk: check its CRC piece by piece (pulling the piece into
         // cache) and copy it from there. Training is paused during a restore,
         // so the chunks are split over this thread and one helper.
@@ -462,12 +621,11 @@ final class SnapshotEngine: @unchecked Sendable {
         for (index, entry) in layout.entries.enumerated() {
             for chunk in 0..<entry.chunkCount { jobs.append(Job(index: index, chunk: chunk)) }
         }
-        let tensors = self.tensors
         let workerID = identity.workerID
         let restoreChunk: @Sendable (Job) -> SnapshotError.Corruption? = { job in
             let entry = layout.entries[job.index]
             let src = UnsafeRawPointer(slot.base + entry.slotOffset)
-            let dst = tensors[job.index].buffer.baseAddress! + entry.storedRange.lowerBound
+            let dst = destinations[job.index].buffer.baseAddress! + entry.storedRange.lowerBound
             let range = layout.chunkRange(entry, chunk: job.chunk)
             var actual: UInt32 = 0
             var offset = range.lowerBound
@@ -501,7 +659,7 @@ final class SnapshotEngine: @unchecked Sendable {
         }
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
             for rank in 0..<identity.dpSize where rank != identity.dpRank {
-                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: tensors[index].buffer,
+                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: destinations[index].buffer,
                                from: rank < sources.count && !sources[rank].isEmpty ? sources[rank] : nil)
             }
         }
@@ -546,11 +704,23 @@ final class SnapshotEngine: @unchecked Sendable {
     }
 
     func canSnapshot() throws -> Bool {
-        let busy = condition.withLock { roundActive || pendingStep != nil }
-        if busy { return false }
-        let (reply, _) = try request(.roundQuery)
-        guard case .roundReply(_, let pending) = reply else { throw unexpected(reply, "round query") }
+        guard let (_, pending) = try roundState() else { return false }
         return !pending
+    }
+
+    func canSnapshot(after previous: Int?) throws -> Bool {
+        guard let (committed, pending) = try roundState() else { return false }
+        return !pending || previous == nil || (committed.map { $0 >= previous! } ?? false)
+    }
+
+    /// The node's committed step and whether a round is pending there; nil
+    /// while a copy of ours is in flight.
+    private func roundState() throws -> (committed: Int?, pending: Bool)? {
+        let busy = condition.withLock { roundActive || pendingStep != nil }
+        if busy { return nil }
+        let (reply, _) = try request(.roundQuery)
+        guard case .roundReply(let committed, let pending) = reply else { throw unexpected(reply, "round query") }
+        return (committed, pending)
     }
 
     // MARK: messaging
