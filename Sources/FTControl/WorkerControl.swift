@@ -60,6 +60,16 @@ public final class WorkerControl: @unchecked Sendable {
     /// Readable while the training loop must stop what it is doing.
     public var interruptFD: Int32 { interruptPipe.read }
 
+    /// Called on the control thread after every change the training loop may
+    /// want to see: an instruction queued, a pause. Set before `start()`.
+    /// (The C interface turns it into a pollable descriptor.)
+    public var onChange: (@Sendable () -> Void)?
+
+    /// The next instruction, if one is waiting; never blocks.
+    public func pollInstruction() -> Instruction? {
+        condition.withLock { instructions.isEmpty ? nil : instructions.removeFirst() }
+    }
+
     /// True from a pause until the next resume.
     public var isPaused: Bool { paused.load(ordering: .acquiring) }
 
@@ -118,6 +128,7 @@ public final class WorkerControl: @unchecked Sendable {
         condition.withLock { running = false }
         var b: UInt8 = 1
         _ = write(interruptPipe.write, &b, 1)
+        onChange?()
     }
 
     private func deliver(_ i: Instruction) {
@@ -125,6 +136,7 @@ public final class WorkerControl: @unchecked Sendable {
         instructions.append(i)
         condition.broadcast()
         condition.unlock()
+        onChange?()
     }
 
     private func loop() {

@@ -88,7 +88,31 @@ public final class LocalJob: @unchecked Sendable {
     private func smpEnvironment(_ extra: [String: String]) -> [String: String] {
         var env = ProcessInfo.processInfo.environment.merging(options.environment) { $1 }.merging(extra) { $1 }
         env["FT_SNAPSHOT_INTERVAL"] = "\(options.snapshotInterval)"
+        // For workers on the C interface (ft_torch): the library beside these
+        // binaries, and torch.distributed's rendezvous (a port per epoch).
+        let library = options.binaries + "/libFTWorkerC.so"
+        if env["FT_WORKER_LIB"] == nil, FileManager.default.fileExists(atPath: library) { env["FT_WORKER_LIB"] = library }
+        env["FT_MASTER_ADDR"] = env["FT_MASTER_ADDR"] ?? "127.0.0.1"
+        env["FT_MASTER_PORT_BASE"] = env["FT_MASTER_PORT_BASE"] ?? "\(masterPorts.base)"
+        env["FT_MASTER_PORT_SPAN"] = env["FT_MASTER_PORT_SPAN"] ?? "\(masterPorts.span)"
         return env
+    }
+
+    /// MASTER_PORT of epoch e is `base + e mod span`: ports below the
+    /// ephemeral range, all free when the job started.
+    private lazy var masterPorts: (base: Int, span: Int) = Self.freePortRange(span: 32, seed: options.jobID)
+
+    /// `span` consecutive loopback ports in 20000-32767 that are free now,
+    /// searched from a place that depends on `seed` (jobs side by side differ).
+    static func freePortRange(span: Int, seed: String) -> (base: Int, span: Int) {
+        let first = 20000, last = 32767 - span
+        let hash = seed.utf8.reduce(UInt32(2_166_136_261)) { ($0 ^ UInt32($1)) &* 16_777_619 }  // FNV-1a
+        let start = first + Int(hash % UInt32(last - first))
+        for offset in stride(from: 0, to: last - first, by: span) {
+            let base = first + (start - first + offset) % (last - first)
+            if (base..<base + span).allSatisfy({ ClusterConfig.portUnavailable($0) == nil }) { return (base, span) }
+        }
+        return (start, span)  // none entirely free: a rendezvous that fails is a failure, and the next epoch moves on
     }
 
     /// A lost node's replacement: a spare in standby if one is left (it is

@@ -506,6 +506,8 @@ public final class SMPServer: @unchecked Sendable {
         env["FT_SMP_ENDPOINT"] = boundEndpoint
         env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
         env["FT_RUN_DIR"] = config.runDirectory
+        env.merge(Self.torchrunEnvironment(env, rank: dpRank, localRank: dpRank - config.rankOffset, localWorldSize: config.workerCount,
+                                           epoch: link?.epoch ?? 0)) { $1 }
         let child = try ChildProcess(arguments: config.workerCommand, environment: env,
                                      outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
         children[workerID] = child
@@ -515,6 +517,24 @@ public final class SMPServer: @unchecked Sendable {
         appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) \(workerID) \(child.pid)")
         logger.info("worker started", metadata: ["worker": "\(workerID)", "pid": "\(child.pid)",
                                                  "restarts": "\(restarts[workerID, default: 0])"])
+    }
+
+    /// torchrun's variables, so that a torch.distributed script runs under
+    /// ft-smp as under torchrun: RANK, WORLD_SIZE, LOCAL_RANK,
+    /// LOCAL_WORLD_SIZE, and MASTER_ADDR / MASTER_PORT when the launcher gave
+    /// FT_MASTER_ADDR / FT_MASTER_PORT_BASE: the port is FT_MASTER_PORT_BASE
+    /// + epoch mod FT_MASTER_PORT_SPAN (default 64), fresh in every epoch
+    /// (ft_torch sets it again for the epoch it restores in).
+    static func torchrunEnvironment(_ env: [String: String], rank: Int, localRank: Int, localWorldSize: Int,
+                                    epoch: UInt64) -> [String: String] {
+        var out = ["RANK": "\(rank)", "WORLD_SIZE": env["FT_DP_SIZE"] ?? "1", "LOCAL_RANK": "\(localRank)",
+                   "LOCAL_WORLD_SIZE": "\(localWorldSize)"]
+        if let address = env["FT_MASTER_ADDR"] { out["MASTER_ADDR"] = address }
+        if let base = env["FT_MASTER_PORT_BASE"].flatMap(Int.init) {
+            let span = max(1, env["FT_MASTER_PORT_SPAN"].flatMap(Int.init) ?? 64)
+            out["MASTER_PORT"] = "\(base + Int(epoch % UInt64(span)))"
+        }
+        return out
     }
 
     private func childExited(_ id: String) throws {

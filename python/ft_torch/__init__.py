@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from ._native import FTError, NoEnvironment
 
-__all__ = ["start", "attach", "snapshot", "current", "FTError", "NoEnvironment", "StateError", "NotAttachedError",
-           "per_tensor_allreduce_hook"]
+__all__ = ["start", "attach", "snapshot", "current", "FTError", "NoEnvironment", "StateError", "NotAttachedError"]
 
 _session = None
 _job = None
@@ -92,7 +91,4 @@ def __getattr__(name):
     if name == "NotAttachedError":
         from . import job
         return job.NotAttachedError
-    if name == "per_tensor_allreduce_hook":
-        from . import ddp
-        return ddp.per_tensor_allreduce_hook
     raise AttributeError(name)

@@ -87,6 +87,22 @@ def lib():
         "ft_client_round_slot": ([P, pI], I),
         "ft_client_external_landed": ([P, I], I),
         "ft_client_set_restore_buffer": ([P, SZ, P, SZ], I),
+        "ft_control_open": ([pP], I),
+        "ft_control_close": ([P], None),
+        "ft_control_fd": ([P], I),
+        "ft_control_next": ([P, pP], I),
+        "ft_control_state": ([P, pI, ctypes.POINTER(ctypes.c_uint64)], I),
+        "ft_control_ready": ([P, I64], I),
+        "ft_control_running": ([P], I),
+        "ft_control_report": ([P, I64, I64], I),
+        "ft_control_done": ([P, I64], I),
+        "ft_event_kind": ([P], I),
+        "ft_event_epoch": ([P], ctypes.c_uint64),
+        "ft_event_step": ([P], I64),
+        "ft_event_failed": ([P], I),
+        "ft_event_reason": ([P], ctypes.c_char_p),
+        "ft_event_free": ([P], None),
+        "ft_client_restore_event": ([P, P, P], I),
     }
     for name, (args, res) in signatures.items():
         f = getattr(L, name)

@@ -46,25 +46,28 @@ class Job:
             self._device.bind(self.client, state.entries)
         if state.optimizer is not None:
             self._hooks.append(state.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._before_update()))
-        if state.model is not None and state.buffer_count:
+        if state.model is not None and state.buffer_names:
             prefix = state.forward_prefix
             self._hooks.append(state.model.register_forward_pre_hook(lambda module, args: self._wait(prefix)))
 
     # ---- hooks ------------------------------------------------------------
 
-    def _wait(self, count: int | None) -> None:
+    def _wait(self, count: int) -> None:
+        """Until the first `count` tensors are copied, and the device copies
+        are ordered before what the training stream does next."""
         t0 = time.perf_counter()
-        if count is None:
-            self.client.wait_before_update()
-        else:
-            self.client.wait_copied(count)
+        self.client.wait_copied(count)
+        if self._device is not None:
+            self._device.gate()
+            if self._device.error is not None:
+                raise self._device.error
         self.blocked_seconds += time.perf_counter() - t0
 
     def _before_update(self) -> None:
         """The optimizer pre-step hook: the update must not overwrite bytes
         the snapshot in flight has not copied yet."""
         self._check_open()
-        self._wait(None)
+        self._wait(self.state.host_count)
 
     def _check_open(self):
         if self._closed:
@@ -84,8 +87,7 @@ class Job:
         if self.client is None:
             return 0
         if self._device is not None:
-            with self._device.restore_buffers():
-                version = self.session.restore(self.client)
+            version = self._device.restore(lambda: self.session.restore(self.client))
         else:
             version = self.session.restore(self.client)
         if version is not None:
@@ -159,6 +161,8 @@ class Job:
         self.close()
 
     def close(self) -> None:
+        if self._device is not None and not self._closed:
+            self._device.close()
         for h in self._hooks:
             h.remove()
         self._hooks = []

@@ -19,7 +19,7 @@ class Unprotected:
 
     def __init__(self, reason: str):
         self.reason = reason
-        warnings.warn(f"ft_torch: training unprotected ({reason})", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"ft_torch: training unprotected ({reason})", RuntimeWarning, stacklevel=4)
 
     def restore(self, client):
         return None

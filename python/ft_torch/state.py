@@ -55,10 +55,8 @@ class Entry:
     # Where the owner keeps it now (a module attribute, an optimizer state
     # slot): a tensor replaced there is caught at the next snapshot.
     current: object = None
-
-    @property
-    def external(self) -> bool:
-        return self.tensor.device.type != "cpu"
+    # Device memory: copied into the slot by ft_torch.cuda, not the library.
+    external: bool = False
 
     @property
     def flags(self) -> int:
@@ -167,7 +165,7 @@ class TrainingState:
                     raise StateError(f"tensor '{name}' shares its memory with '{other}': a tensor can be registered once")
                 owners[t.data_ptr()] = name
             entries.append(Entry(name, t, role, replicated_, live, t.data_ptr() if t.numel() else 0, tuple(t.shape), t.dtype,
-                                 current))
+                                 current, t.device.type == "cuda"))
 
         # Captured RNG states and tensor extras: buffers owned here.
         self._captured: list[tuple[tuple, torch.Tensor]] = []  # ((kind, source), buffer)
@@ -191,11 +189,11 @@ class TrainingState:
 
         # Live: buffers first (a forward pass may update them), then parameters, then optimizer state.
         self.param_names: dict[int, str] = {}
-        before = len(entries)
+        self.buffer_names = set()
         if model is not None:
             for n, b in model.named_buffers():
                 add(f"model.{n}", b, "param", replicated, True, _attribute(model, n))
-        self.buffer_count = len(entries) - before
+                self.buffer_names.add(f"model.{n}")
         if model is not None:
             for n, p in model.named_parameters():
                 add(f"model.{n}", p, "param", replicated, True, _attribute(model, n))
@@ -222,8 +220,10 @@ class TrainingState:
             raise StateError(f"tensor 'meta' needs {len(first) + 8} bytes, more than meta_capacity={capacity}")
         self.meta = torch.zeros(capacity, dtype=torch.uint8)
         add("meta", self.meta, "meta", False, False)
-        # Registration order: meta and captured first, then the live ones.
-        self.entries = [entries[-1]] + entries[:-1]
+        # Registration order: meta and captured first, then the live ones,
+        # device tensors last (the library's waits cover the host ones).
+        ordered = [entries[-1]] + entries[:-1]
+        self.entries = [e for e in ordered if not e.external] + [e for e in ordered if e.external]
 
     def _capture_entry(self, add, name, value, role, source):
         buf = value.detach().cpu().contiguous().clone()
@@ -235,8 +235,14 @@ class TrainingState:
     @property
     def forward_prefix(self) -> int:
         """Tensors (in registration order) a forward pass may write: meta,
-        captured buffers and model buffers."""
-        return 1 + len(self._captured) + self.buffer_count
+        captured buffers and the model's host buffers."""
+        return 1 + len(self._captured) + sum(1 for e in self.entries if e.live and not e.external
+                                               and e.name in self.buffer_names)
+
+    @property
+    def host_count(self) -> int:
+        """Tensors the library copies itself (they come first)."""
+        return sum(1 for e in self.entries if not e.external)
 
     def check(self) -> None:
         for e in self.entries:

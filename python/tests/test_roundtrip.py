@@ -222,3 +222,37 @@ def test_dp_slices_come_back_from_the_peer(smp, tmp_path):
     assert trained[0][1] == trained[1][1]  # replicated state equal on both ranks
     restored = [finish(run(r, "restore", restarts=1)) for r in range(2)]
     assert restored == trained
+
+
+def test_external_tensors_go_through_the_slot_protocol(smp, worker_env):
+    """The GPU path's protocol (the round's slot, placements, "landed",
+    restore buffers) with CPU tensors standing in for device memory: they
+    are copied into the slot by ft_torch.cuda's code, not by the library."""
+    from ft_torch.cuda import HostCopies
+
+    def external_job(objs):
+        state = TrainingState(objs[0], objs[1], objs[2], {"sampler": objs[3]})
+        for e in state.entries:
+            e.external = e.live  # parameters, buffers and optimizer state: "device" tensors
+        state.entries = [e for e in state.entries if not e.external] + [e for e in state.entries if e.external]
+        return Job(Local(_native.Client(), {}), state, HostCopies())
+
+    worker_env(smp.env())
+    objs = setup()
+    job = external_job(objs)
+    assert sum(e.external for e in job.state.entries) > 10
+    job.restore()
+    for step in range(3):
+        train_step(*objs)
+        job.snapshot(step)
+    job.client.wait_for_round()
+    digest = job.state_hash()
+    job.close()
+    job.client.close()
+
+    objs2 = setup(seed=5)
+    job2 = external_job(objs2)
+    assert job2.restore() == 3
+    assert job2.state_hash() == digest
+    job2.close()
+    job2.client.close()

@@ -154,6 +154,63 @@ int ft_client_external_landed(ft_client *client, int ok);
  * its full size; NULL: none). */
 int ft_client_set_restore_buffer(ft_client *client, size_t index, void *host, size_t bytes);
 
+/* ---- control: the coordinator's instructions -----------------------------
+ * A worker under a coordinator says hello and heartbeats on the library's
+ * thread, whatever the caller does. What the coordinator wants arrives as
+ * events: the descriptor is readable while one is waiting.
+ *
+ *   restore  restore step ft_event_step (-1: start fresh), then ft_control_ready
+ *   resume   every rank is ready: train from step ft_event_step, ft_control_running
+ *   pause    a failure somewhere (or the coordinator went silent): stop what you do;
+ *            a restore follows (ft_event_epoch: the epoch it was heard in)
+ *   stop     the job is over (ft_event_failed: because it failed); exit
+ *   fenced   this process was replaced; exit at once without touching anything
+ */
+typedef struct ft_control ft_control;
+typedef struct ft_event ft_event;
+
+#define FT_EVENT_RESTORE 1
+#define FT_EVENT_RESUME 2
+#define FT_EVENT_PAUSE 3
+#define FT_EVENT_STOP 4
+#define FT_EVENT_FENCED 5
+
+/* Connects to the coordinator named by the environment ft-smp gives its
+ * workers (FT_COORDINATOR_ENDPOINT, FT_KEYS_DIR, FT_NODE_ID and the
+ * client's variables). FT_E_NO_ENVIRONMENT without a coordinator. */
+int ft_control_open(ft_control **out);
+void ft_control_close(ft_control *control);
+/* Readable while an event is waiting (poll/select it; -1 for a NULL handle). */
+int ft_control_fd(const ft_control *control);
+/* The next event (never blocks); *out = NULL when none. Free it with ft_event_free. */
+int ft_control_next(ft_control *control, ft_event **out);
+/* Paused now (a pause not yet followed by running), and the epoch last heard. */
+int ft_control_state(const ft_control *control, int *paused, uint64_t *epoch);
+/* Restored `restored_step` (-1: started fresh) and ready to resume. */
+int ft_control_ready(ft_control *control, int64_t restored_step);
+/* Training again after a resume (clears the pause). */
+int ft_control_running(ft_control *control);
+/* The last step completed and the snapshots skipped, for the heartbeats. */
+int ft_control_report(ft_control *control, int64_t step, int64_t skipped);
+/* Completed the last step; then wait for the stop event. */
+int ft_control_done(ft_control *control, int64_t final_step);
+
+int ft_event_kind(const ft_event *event);
+uint64_t ft_event_epoch(const ft_event *event);
+/* restore: the step to restore (-1: fresh); resume: the first step to train; else -1. */
+int64_t ft_event_step(const ft_event *event);
+/* stop: 1 when the job stopped because it failed. */
+int ft_event_failed(const ft_event *event);
+/* stop, fenced: why ("" otherwise); valid until ft_event_free. */
+const char *ft_event_reason(const ft_event *event);
+void ft_event_free(ft_event *event);
+
+/* Restores the step a restore event names: every tensor from this node's
+ * SMP, the other DP ranks' slices from the SMPs the coordinator named, CRCs
+ * checked. Gives up with FT_E_INTERRUPTED as soon as the coordinator moves
+ * on (a newer epoch or instruction) instead of waiting for a dead source. */
+int ft_client_restore_event(ft_client *client, ft_control *control, const ft_event *restore);
+
 #ifdef __cplusplus
 }
 #endif
