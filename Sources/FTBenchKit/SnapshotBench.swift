@@ -24,6 +24,10 @@ public struct SnapshotBench {
     public var asyncSteps = 8
     /// nil: 1.5 × the measured staging time.
     public var stepSeconds: Double?
+    /// Also measure the Python path (`ft-bench snapshot --client python`):
+    /// this interpreter runs this script (python/bench/snapshot_client.py)
+    /// as a worker of its own SMP, with the same sizes and step time.
+    public var python: (interpreter: String, script: String)?
 
     public init() {}
 
@@ -50,6 +54,25 @@ public struct SnapshotBench {
             report.table.append(["\(size >> 20) MiB", f(r.memcpyGBps), f(r.stagingGBps), f(r.stagingSeconds * 1e3),
                                  f(r.stepSeconds * 1e3), String(format: "%.3f", r.blockedPerStep * 1e3),
                                  String(format: "%.4f", r.blockedPerStep / r.stagingSeconds), f(r.restoreGBps), f(r.restoreSeconds * 1e3)])
+            if let python {
+                progress("shard \(size >> 20) MiB: the Python path (ft_torch)")
+                let p = try measurePython(python, size: size, stepSeconds: r.stepSeconds)
+                let gbps = Double(size) / p.stagingSeconds / 1e9
+                report.figure("python_staging_gbps\(ftag)", gbps)
+                report.figure("python_staging_ms\(ftag)", p.stagingSeconds * 1e3)
+                report.figure("python_blocked_ms_per_step\(ftag)", p.blockedPerStep * 1e3)
+                report.figure("python_snapshot_call_ms\(ftag)", p.callSeconds * 1e3)
+                report.ratio("python_blocked_vs_copy\(tag)", p.blockedPerStep / p.stagingSeconds)
+                report.ratio("python_staging_vs_swift\(tag)", gbps / r.stagingGBps)
+                report.table.append(["\(size >> 20) MiB (Python)", "", f(gbps), f(p.stagingSeconds * 1e3), f(r.stepSeconds * 1e3),
+                                     String(format: "%.3f", p.blockedPerStep * 1e3), String(format: "%.4f", p.blockedPerStep / p.stagingSeconds),
+                                     "", ""])
+            }
+        }
+        if python != nil {
+            report.notes.append("Python rows: the same shard through ft_torch (attach, the optimizer pre-step hook, snapshot) in a "
+                                + "Python process against its own SMP, with the same step time. python_staging_vs_swift: its staging "
+                                + "throughput over the Swift path's; python_blocked_vs_copy: its blocked time per step over its staging time.")
         }
         report.notes.append("Ratios without a size suffix are for the 1 GiB shard. blocked/copy: time the training loop waited "
                             + "in the library per step over the synchronous staging time; medians of \(repetitions) repetitions "
@@ -62,7 +85,9 @@ public struct SnapshotBench {
         var skipped: Int
     }
 
-    func measure(size: Int, progress: (String) -> Void) throws -> Result {
+    /// Runs `body` with a real SMP on a thread of this process (no workers of
+    /// its own), stopped and cleaned up afterwards.
+    func withSMP<T>(_ body: (_ server: SMPServer, _ jobID: String, _ directory: String) throws -> T) throws -> T {
         let directory = "/tmp/ft-bench-snapshot-\(getpid())"
         let jobID = "bench\(getpid())"
         var logger = Logger(label: "ft-bench.smp")
@@ -80,6 +105,45 @@ public struct SnapshotBench {
             done.wait()
             try? FileManager.default.removeItem(atPath: directory)
         }
+        return try body(server, jobID, directory)
+    }
+
+    struct PythonResult {
+        var stagingSeconds, blockedPerStep, callSeconds: Double
+    }
+
+    /// The Python client against its own SMP: staging (median) and blocked time per step.
+    func measurePython(_ python: (interpreter: String, script: String), size: Int, stepSeconds: Double) throws -> PythonResult {
+        try withSMP { server, jobID, directory in
+            var env = ProcessInfo.processInfo.environment
+            env.merge(["FT_JOB_ID": jobID, "FT_WORKER_ID": "w0", "FT_DP_RANK": "0", "FT_DP_SIZE": "1",
+                       "FT_SMP_ENDPOINT": server.boundEndpoint, "FT_RESTART_COUNT": "0"]) { $1 }
+            if env["FT_WORKER_LIB"] == nil, access(executableDirectory + "/libFTWorkerC.so", R_OK) == 0 {
+                env["FT_WORKER_LIB"] = executableDirectory + "/libFTWorkerC.so"
+            }
+            let output = directory + "/python-client.out"
+            let child = try ChildProcess(arguments: [python.interpreter, python.script, "--bytes", "\(size)", "--repetitions", "\(repetitions)",
+                                                     "--steps", "\(asyncSteps)", "--step-ms", "\(stepSeconds * 1000)"],
+                                         environment: env, outputPath: output)
+            let status = child.wait(timeoutSeconds: 600)
+            let text = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+            guard status?.isSuccess == true,
+                  let line = text.split(separator: "\n").last(where: { $0.hasPrefix("{") }),
+                  let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+                  let staging = o["staging_s"] as? [Double], let blocked = o["blocked_s_per_step"] as? Double,
+                  let call = o["python_s_per_snapshot"] as? Double else {
+                if status == nil { child.kill(SIGKILL); child.wait(timeoutSeconds: 5) }
+                throw BenchError("the Python snapshot client failed (\(status.map { "\($0)" } ?? "timed out")):\n\(text.suffix(3000))")
+            }
+            return PythonResult(stagingSeconds: median(staging), blockedPerStep: blocked, callSeconds: call)
+        }
+    }
+
+    func measure(size: Int, progress: (String) -> Void) throws -> Result {
+        try withSMP { server, jobID, _ in try measure(size: size, server: server, jobID: jobID, progress: progress) }
+    }
+
+    func measure(size: Int, server: SMPServer, jobID: String, progress: (String) -> Void) throws -> Result {
 
         // The shard: two tensors of S/2 bytes (parameters and optimizer state).
         let half = size / 2

@@ -112,6 +112,21 @@ public var executableDirectory: String {
     return slash == exe.startIndex ? "/" : String(exe[..<slash])
 }
 
+/// `relative` (e.g. "python/examples/gpt.py") in the source tree this
+/// executable was built in: the first directory above it that holds the
+/// file (binaries live in `REPO/.build/...`). Nil when none does.
+public func repositoryFile(_ relative: String, from directory: String = executableDirectory) -> String? {
+    guard let resolved = realpath(directory, nil) else { return nil }
+    var dir = String(cString: resolved)
+    free(resolved)
+    while !dir.isEmpty {
+        if access(dir + "/" + relative, F_OK) == 0 { return dir + "/" + relative }
+        guard let slash = dir.lastIndex(of: "/") else { break }
+        dir = String(dir[..<slash])
+    }
+    return nil
+}
+
 /// SIGTERM / SIGINT (and others) as a file descriptor to poll.
 public final class SignalWatcher: @unchecked Sendable {
     public let fd: Int32

@@ -14,7 +14,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Torch.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -58,6 +58,7 @@ struct Snapshot: ParsableCommand {
             The SMP runs on a thread of this process and is reached exactly as ft-smp is (ipc://,
             POSIX shared memory). ratios.staging_vs_memcpy, ratios.blocked_vs_copy and
             ratios.restore_vs_memcpy are for the 1 GiB shard; other sizes carry a suffix.
+            --client python adds ratios.python_blocked_vs_copy and ratios.python_staging_vs_swift.
             """)
 
     @OptionGroup var output: OutputOptions
@@ -74,6 +75,12 @@ struct Snapshot: ParsableCommand {
     @Option(help: "Steps of the asynchronous loop.")
     var steps = 8
 
+    @Option(help: "swift: the Swift worker library only; python: also the same shard through ft_torch (python/bench/snapshot_client.py), in the same run.")
+    var client = "swift"
+
+    @Option(help: "The Python interpreter for --client python.")
+    var python = "python3"
+
     func parsedSizes() throws -> [Int] {
         let parts = sizesMib.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !parts.isEmpty, parts.allSatisfy({ $0 != nil && $0! >= 1 && $0! <= 8192 }) else {
@@ -86,6 +93,16 @@ struct Snapshot: ParsableCommand {
         _ = try parsedSizes()
         guard repetitions >= 1, steps >= 1 else { throw ValidationError("--repetitions and --steps must be at least 1") }
         if let stepMs, stepMs < 0 { throw ValidationError("--step-ms must not be negative") }
+        guard ["swift", "python"].contains(client) else { throw ValidationError("--client is swift or python, not '\(client)'") }
+        if client == "python" { _ = try pythonClient() }
+    }
+
+    func pythonClient() throws -> (interpreter: String, script: String) {
+        guard let script = repositoryFile("python/bench/snapshot_client.py") else {
+            throw ValidationError("python/bench/snapshot_client.py not found above \(executableDirectory)")
+        }
+        guard let interpreter = ChildProcess.resolve(python) else { throw ValidationError("\(python) not found in PATH") }
+        return (interpreter, script)
     }
 
     func run() throws {
@@ -94,8 +111,64 @@ struct Snapshot: ParsableCommand {
         bench.repetitions = repetitions
         bench.asyncSteps = steps
         bench.stepSeconds = stepMs.map { $0 / 1000 }
+        if client == "python" { bench.python = try pythonClient() }
         let report = try bench.run(progress: { line in
             FileHandle.standardError.write(Data("ft-bench snapshot: \(line)\n".utf8))
+        })
+        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+    }
+}
+
+struct Torch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The GPT example (python/examples/gpt.py) as a protected job: the cost of snapshots, and a recovery by phase.",
+        discussion: """
+            4 nodes x 1 worker, RS(3+1), DDP over gloo on CPU. For each model size, the same job with snapshots off
+            and with a snapshot every N steps (ratios.step_everyN_vs_off_MODEL: wall time per step over the
+            unprotected one); then a job that loses node n1 midway: figures.recovery_* (the coordinator's phases)
+            and figures.restart_* (the restart phase split by the workers' timestamps, the process-group rebuild
+            among them), and figures.recovered_hash_equal (1: bit-exact with the uninterrupted run).
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "Steps per job.")
+    var steps = 150
+
+    @Option(help: "Snapshot intervals to measure, comma-separated.")
+    var intervals = "1,10"
+
+    @Flag(help: "Only the default model (skip the larger one).")
+    var baseOnly = false
+
+    @Flag(help: "Skip the recovery run.")
+    var noRecovery = false
+
+    @Flag(help: "Only the recovery run (no step-time comparison; the reference hash comes from one uninterrupted run).")
+    var recoveryOnly = false
+
+    @Option(help: "The Python interpreter.")
+    var python = "python3"
+
+    func validate() throws {
+        guard steps >= 20 else { throw ValidationError("--steps must be at least 20") }
+        guard !(noRecovery && recoveryOnly) else { throw ValidationError("give at most one of --no-recovery and --recovery-only") }
+        guard !parsedIntervals.isEmpty, parsedIntervals.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--intervals takes positive integers, e.g. 1,10") }
+        guard repositoryFile("python/examples/gpt.py") != nil else { throw ValidationError("python/examples/gpt.py not found above \(executableDirectory)") }
+        guard ChildProcess.resolve(python) != nil else { throw ValidationError("\(python) not found in PATH") }
+    }
+
+    var parsedIntervals: [Int] { intervals.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) } }
+
+    func run() throws {
+        var bench = TorchBench(binaries: executableDirectory, python: ChildProcess.resolve(python)!, script: repositoryFile("python/examples/gpt.py")!)
+        bench.steps = steps
+        bench.intervals = parsedIntervals
+        bench.recovery = !noRecovery
+        if recoveryOnly { bench.intervals = [1]; bench.models = Array(bench.models.prefix(1)); bench.compareOff = false }
+        if baseOnly { bench.models = Array(bench.models.prefix(1)) }
+        let report = try bench.run(progress: { line in
+            FileHandle.standardError.write(Data("ft-bench torch: \(line)\n".utf8))
         })
         print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
     }

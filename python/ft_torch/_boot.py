@@ -48,6 +48,8 @@ def _split(args: list[str]):
 
 def main() -> None:
     import ft_torch
+    from ft_torch.coordinated import log
+    log("restarted process up")
     ft_torch.start()  # hello, heartbeats, this epoch's restore instruction
     _, (kind, target), rest = _split(json.loads(os.environ[ORIGINAL_ENV]))
     if kind == "-m":

@@ -165,11 +165,13 @@ class Coordinated:
 
     def restore(self, client) -> int | None:
         e = self.restore_event
+        log(f"attached; restoring {'nothing' if e.step < 0 else f'step {e.step}'}")
         while True:
             if e.step < 0:
                 return None
             try:
                 _native._check(_native.lib().ft_client_restore_event(client._h, self.control, e.handle))
+                log(f"restored step {e.step} from the SMPs")
                 return e.step
             except _native.FTError as err:
                 # A source died meanwhile: the coordinator says what next (a newer epoch restarts us).
@@ -186,8 +188,7 @@ class Coordinated:
     def ready(self, version) -> None:
         L = _native.lib()
         _native._check(L.ft_control_ready(self.control, -1 if version is None else version))
-        log(f"ready: restored {version if version is not None else 'nothing'}; setup took "
-            f"{(time.monotonic() - self.started) * 1000:.0f} ms since the control link opened")
+        log(f"ready: restored {version if version is not None else 'nothing'}")
         e = self._wait_for(EVENT_RESUME)
         _native._check(L.ft_control_running(self.control))
         log(f"resume from step {e.step} epoch {e.epoch}")

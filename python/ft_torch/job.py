@@ -95,6 +95,7 @@ class Job:
             if meta_version != version:
                 raise StateError(f"tensor 'meta' says step {meta_version}, the snapshot is of step {version}")
             self._last_version = version
+        self.restored_at = time.monotonic()
         self.session.ready(version)
         return version or 0
 

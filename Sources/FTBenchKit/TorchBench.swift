@@ -1,0 +1,203 @@
+import FTLauncher
+import FTSystem
+import Foundation
+
+/// `ft-bench torch`: the GPT example (python/examples/gpt.py, DDP over gloo)
+/// as a protected job of real processes: 4 nodes x 1 worker, RS(3+1).
+///
+/// The cost of protection, in one run: the same job with snapshots off (the
+/// example attaches but never snapshots) and with a snapshot every N steps,
+/// for each model size; each worker prints its mean wall time per step.
+/// Then the recovery: a job with a snapshot every step loses node n1 (its SMP
+/// and worker SIGKILLed once half the steps are committed); a replacement
+/// SMP rebuilds it from parity and every worker restarts and restores. The
+/// coordinator's phases (detect, plan, rebuild, restart, resume) come from
+/// its status; the restart phase is split with the workers' own timestamps
+/// (CLOCK_MONOTONIC, shared by every process): the process restart, torch's
+/// import, the process-group rebuild (init_process_group and the DDP
+/// constructor), the restore from the SMPs, and the wait for every rank.
+public struct TorchBench {
+    public var binaries: String
+    public var python: String
+    public var script: String
+    public var steps = 150
+    /// Model sizes: a tag and the example's flags.
+    public var models: [(tag: String, flags: [String])] = [("base", []), ("large", ["--embd", "192", "--layers", "6", "--batch", "24"])]
+    public var intervals = [1, 10]
+    public var recovery = true
+    /// Run each model with snapshots off too (the cost of protection).
+    public var compareOff = true
+
+    public init(binaries: String, python: String, script: String) {
+        self.binaries = binaries
+        self.python = python
+        self.script = script
+    }
+
+    func options(_ tag: String, interval: Int, flags: [String]) -> LocalJob.Options {
+        var o = LocalJob.Options(binaries: binaries, runDirectory: "/tmp/ft-bench-torch-\(tag)-\(getpid())", jobID: "torch\(tag)\(getpid())")
+        o.nodes = 4
+        o.workersPerNode = 1
+        o.erasure = (3, 1)
+        o.snapshotInterval = interval
+        o.lingerMs = 2000
+        o.workerCommand = [python, script, "--steps", "\(steps)", "--report-every", "50"] + flags
+        return o
+    }
+
+    public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
+        var report = BenchReport(section: "torch")
+        report.table = [["model", "snapshots", "step ms", "vs off"]]
+        var reference: String?
+        for model in models {
+            var off: Outcome?
+            if compareOff {
+                progress("\(model.tag) model: snapshots off")
+                off = try runJob(options("off-\(model.tag)", interval: 1, flags: model.flags + ["--snapshots", "off"]), progress: progress)
+                report.figure("step_ms_off_\(model.tag)", off!.stepMs)
+                report.table.append([model.tag, "off", f(off!.stepMs), "1.000"])
+            }
+            for n in intervals {
+                progress("\(model.tag) model: a snapshot every \(n) step\(n == 1 ? "" : "s")")
+                let on = try runJob(options("every\(n)-\(model.tag)", interval: n, flags: model.flags), progress: progress)
+                if model.tag == models[0].tag && n == 1 { reference = on.hash }
+                report.figure("step_ms_every\(n)_\(model.tag)", on.stepMs)
+                if let off {
+                    report.ratio("step_every\(n)_vs_off_\(model.tag)", on.stepMs / off.stepMs)
+                }
+                report.table.append([model.tag, "every \(n)", f(on.stepMs), off.map { String(format: "%.3f", on.stepMs / $0.stepMs) } ?? "-"])
+            }
+        }
+        report.notes.append("step ms: the mean wall time per step of the example's workers (gpt.py's step_ms, averaged over the 4 ranks), "
+                            + "\(steps) steps, 4 nodes x 1 worker, RS(3+1). vs off: over the same model with snapshots off.")
+        if recovery, let reference {
+            progress("recovery: a snapshot every step, node n1 killed once step \(steps / 2) is committed")
+            try measureRecovery(into: &report, reference: reference, progress: progress)
+        }
+        return report
+    }
+
+    struct Outcome {
+        var stepMs: Double
+        var hash: String
+    }
+
+    /// Runs a job to its end; every worker's step time and final hash.
+    func runJob(_ o: LocalJob.Options, progress: (String) -> Void) throws -> Outcome {
+        let job = try LocalJob(o)
+        defer { job.stop() }
+        let started = monotonicSeconds()
+        while job.coordinator?.poll() == nil {
+            if monotonicSeconds() - started > 900 { throw BenchError("the job did not end in 900 s:\n\(job.logs.suffix(3000))") }
+            usleep(100_000)
+        }
+        var times: [Double] = []
+        var hashes: Set<String> = []
+        for n in 0..<o.nodes {
+            guard let line = job.workerLog(node: n, worker: 0).split(separator: "\n").last(where: { $0.hasPrefix("final step=\(steps) ") }),
+                  let ms = field(line, "step_ms").flatMap(Double.init), let hash = field(line, "hash") else {
+                throw BenchError("worker n\(n) printed no final line:\n\(job.workerLog(node: n, worker: 0).suffix(3000))")
+            }
+            times.append(ms)
+            hashes.insert(hash)
+        }
+        guard hashes.count == 1 else { throw BenchError("the workers ended with different hashes: \(hashes.sorted())") }
+        return Outcome(stepMs: times.reduce(0, +) / Double(times.count), hash: hashes.first!)
+    }
+
+    func measureRecovery(into report: inout BenchReport, reference: String, progress: (String) -> Void) throws {
+        let o = options("recovery", interval: 1, flags: models[0].flags)
+        let job = try LocalJob(o)
+        defer { job.stop() }
+        let supervisor = Supervisor(job: job)
+        var killedAt: Double?
+        let started = monotonicSeconds()
+        while job.coordinator?.poll() == nil {
+            supervisor.tick()
+            if killedAt == nil, jsonInt(supervisor.lastStatus?["committed_step"]) >= steps / 2 {
+                if let pid = job.workerPID(node: 1, worker: 0) { kill(pid, SIGKILL) }
+                kill(job.smps[1].pid, SIGKILL)
+                killedAt = monotonicSeconds()
+                progress("killed node n1 (its SMP and worker)")
+            }
+            if monotonicSeconds() - started > 900 { throw BenchError("the recovery job did not end in 900 s:\n\(job.logs.suffix(3000))") }
+            usleep(100_000)
+        }
+        guard let killedAt else {
+            throw BenchError("the job ended before step \(steps / 2) was committed (last status: \(supervisor.lastStatus.map { "\($0["state"] ?? "?"), committed \(jsonInt($0["committed_step"]))" } ?? "none")):\n\(job.logs.suffix(3000))")
+        }
+        let status = (try? String(contentsOfFile: job.dir + "/status.json", encoding: .utf8))
+            .flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
+        let failures = ((status["failures"] as? [[String: Any]]) ?? []).filter { $0["outcome"] as? String == "resumed" }
+        guard failures.count == 1, let failure = failures.first else {
+            throw BenchError("expected one failure resumed from, got \(failures.count): \(status["failures"] ?? "none")")
+        }
+        let detectedAt = (failure["detected_at_s"] as? Double) ?? Double(jsonInt(failure["detected_at_s"]))
+        report.figure("recovery_kill_to_detect_ms", (detectedAt - killedAt) * 1000)
+        for p in (failure["phases"] as? [[String: Any]]) ?? [] {
+            report.figure("recovery_\(p["phase"] as? String ?? "?")_ms", (p["ms"] as? Double) ?? Double(jsonInt(p["ms"])))
+        }
+        let recoveryMs = (failure["recovery_ms"] as? Double) ?? Double(jsonInt(failure["recovery_ms"]))
+        report.figure("recovery_ms", recoveryMs)
+        report.figure("recovery_steps_lost", Double(jsonInt(failure["steps_lost"])))
+        // The restart phase, from the workers' logs (the last incarnation of each).
+        var rows: [[String: Double]] = []
+        for n in 0..<o.nodes {
+            rows.append(Self.timeline(job.workerLog(node: n, worker: 0), after: detectedAt))
+        }
+        func worst(_ key: String) -> Double { rows.compactMap { $0[key] }.max() ?? .nan }
+        let resumedAt = worst("resume")
+        report.figure("recovery_detect_to_resume_ms", (resumedAt - detectedAt) * 1000)
+        report.figure("restart_process_ms", rows.compactMap { r in r["up"].flatMap { up in r["restarting"].map { (up - $0) * 1000 } } }.max() ?? .nan)
+        report.figure("restart_torch_import_ms", worst("import_ms"))
+        report.figure("restart_process_group_ms", worst("process_group_ms"))
+        report.figure("restart_ddp_ms", worst("ddp_ms"))
+        report.figure("restart_process_group_rebuild_ms",
+                      rows.compactMap { r in r["setup"].flatMap { s in r["instruction"].map { (s - $0) * 1000 } } }.max() ?? .nan)
+        report.figure("restart_attach_ms", rows.compactMap { r in r["attached"].flatMap { a in r["setup"].map { (a - $0) * 1000 } } }.max() ?? .nan)
+        report.figure("restart_restore_ms", rows.compactMap { r in r["restored"].flatMap { x in r["attached"].map { (x - $0) * 1000 } } }.max() ?? .nan)
+        report.figure("restart_ready_to_resume_ms", rows.compactMap { r in r["resume"].flatMap { x in r["ready"].map { (x - $0) * 1000 } } }.max() ?? .nan)
+        var hashes: Set<String> = []
+        for n in 0..<o.nodes {
+            if let line = job.workerLog(node: n, worker: 0).split(separator: "\n").last(where: { $0.hasPrefix("final step=\(steps) ") }),
+               let hash = field(line, "hash") { hashes.insert(hash) }
+        }
+        report.figure("recovered_hash_equal", hashes == [reference] ? 1 : 0)
+        let keys = ["recovery_kill_to_detect_ms", "recovery_detect_ms", "recovery_plan_ms", "recovery_rebuild_ms", "recovery_restart_ms", "restart_process_ms",
+                    "restart_torch_import_ms", "restart_process_group_ms", "restart_ddp_ms", "restart_process_group_rebuild_ms",
+                    "restart_attach_ms", "restart_restore_ms", "restart_ready_to_resume_ms", "recovery_resume_ms",
+                    "recovery_detect_to_resume_ms", "recovery_ms", "recovery_steps_lost", "recovered_hash_equal"]
+        let figures = Dictionary(report.figures, uniquingKeysWith: { $1 })
+        report.notes.append("recovery of node n1 (the coordinator's phases, then the restart phase by piece):\n"
+                            + renderTable([["figure", "value"]] + keys.map { [$0, figures[$0].map { String(format: "%.1f", $0) } ?? "-"] }))
+        report.notes.append("Recovery: detect, plan, rebuild, restart, resume are the coordinator's phases; restart_*: the slowest worker's "
+                            + "piece of the restart phase (process: exec to the restarted process rejoining; torch_import; process_group: "
+                            + "init_process_group; ddp: the DDP constructor; process_group_rebuild: from the restore instruction to DDP ready; "
+                            + "attach: registration; restore: from the SMPs; ready_to_resume: waiting for every rank). "
+                            + "recovered_hash_equal: the recovered job's final hash equals the uninterrupted run's (\(reference)).")
+    }
+
+    /// Timestamps (monotonic seconds) of the last restart after `after` in a worker log, and its setup durations (ms).
+    static func timeline(_ log: String, after: Double) -> [String: Double] {
+        var out: [String: Double] = [:]
+        let marks: [(String, String)] = [("ft: restarting the process", "restarting"), ("ft: restarted process up", "up"),
+                                         ("ft: restore instruction", "instruction"), ("setup: ", "setup"),
+                                         ("ft: attached", "attached"), ("ft: restored step", "restored"), ("ft: ready", "ready"),
+                                         ("ft: resume from", "resume")]
+        for line in log.split(separator: "\n") {
+            guard let t = field(line, "t").flatMap(Double.init), t >= after else { continue }
+            for (prefix, key) in marks where line.hasPrefix(prefix) { out[key] = t }
+            if line.hasPrefix("setup: ") {
+                for key in ["import_ms", "process_group_ms", "ddp_ms"] { out[key] = field(line, key).flatMap(Double.init) }
+            }
+        }
+        return out
+    }
+
+    private func f(_ v: Double) -> String { String(format: "%.1f", v) }
+}
+
+/// The value of `name=value` among a line's space-separated words.
+func field<S: StringProtocol>(_ line: S, _ name: String) -> String? {
+    line.split(separator: " ").first { $0.hasPrefix(name + "=") }.map { String($0.dropFirst(name.count + 1)) }
+}
