@@ -69,7 +69,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FTToy", dependencies: ["FTCore", "FTErasure", "FTTraining", "FTWorker"]),
-        .target(name: "FTTraining", dependencies: ["FTControl", "FTCore", "FTWorker"]),
+        .target(name: "FTTraining", dependencies: ["FTControl", "FTCore", "FTSystem", "FTWorker"]),
         .target(name: "FTDemo", dependencies: ["FTBLAS", "FTCore", "FTErasure", "FTTraining", "FTWorker"]),
         .target(name: "FTLauncher", dependencies: ["FTControl", "FTCore", "FTSystem", "FTZMQ"]),
         .target(name: "FTControl", dependencies: [

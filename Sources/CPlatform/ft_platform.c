@@ -71,6 +71,7 @@ pid_t ft_spawn(const char *path, char *const argv[], char *const envp[],
     sigaddset(&defaults, SIGINT);
     sigaddset(&defaults, SIGCHLD);
     sigaddset(&defaults, SIGPIPE);
+    sigaddset(&defaults, SIGQUIT);  // a background shell ignores it; a stack dump needs it
     short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
     if (new_process_group) flags |= POSIX_SPAWN_SETPGROUP;
     posix_spawnattr_setflags(&attr, flags);

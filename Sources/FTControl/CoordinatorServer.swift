@@ -129,7 +129,9 @@ public final class CoordinatorServer: @unchecked Sendable {
         writeFinalStatus()
         zap?.stop()
         router.close()
-        logger.info("coordinator down", metadata: ["state": "\(instance.state.rawValue)"])
+        logger.info("coordinator down", metadata: ["state": "\(instance.state.rawValue)",
+                                                  "largest_loop_gap_ms": "\(Int(instance.detector.largestGap * 1000))",
+                                                  "stalls": "\(instance.detector.stalls)"])
         return instance.state
     }
 
@@ -251,7 +253,9 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///      "nodes": [{"id", "smp", "pid", "data_bytes", "parity_bytes",
 ///                 "ec_group" (index as text, "none" without EC),
 ///                 "ec_health" ("ok", "degraded", "lost"; "no-ec" without EC),
-///                 "workers": [{"id", "rank", "state", "step", "pid"}]}],
+///                 "workers": [{"id", "rank", "state", "step", "pid", "activity" (idle, computing,
+///                              collective, snapshot-wait, restoring, held), "activity_ms",
+///                              "waiting_on" (the rank a collective waits for, -1)}]}],
 ///      "last_failure": null | {"what", "kind", "detected_by", "age_ms",
 ///                              "detected_at_s" (CLOCK_MONOTONIC seconds), "epoch",
 ///                              "outcome", "phases": [{"phase", "ms", "reason"}],
@@ -261,7 +265,9 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///                                     last_failure without age_ms; a failure during a
 ///                                     recovery ends the one before with outcome "superseded by …"],
 ///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "skipped_snapshots",
-///      "malformed_frames", "unauthenticated"}
+///      "malformed_frames", "unauthenticated", "coordinator_pid",
+///      "detector": {"timeout_ms" (in force), "local_health", "stalls", "largest_loop_gap_ms"},
+///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)}}
 public enum CoordinatorStatus {
     public static let schema = 1
 
@@ -277,7 +283,10 @@ public enum CoordinatorStatus {
                 "id": n.id, "smp": smpState, "pid": n.pid, "data_bytes": n.dataBytes, "parity_bytes": n.parityBytes,
                 "ec_group": c.ecHealth(of: n.id).map { "\($0.group)" } ?? "none",
                 "ec_health": c.ecHealth(of: n.id)?.health ?? (n.state == .alive ? "no-ec" : "lost"),
-                "workers": ws.map { ["id": $0.info.worker, "rank": $0.info.rank, "state": $0.state.rawValue, "step": $0.step, "pid": $0.info.pid] },
+                "workers": ws.map {
+                    ["id": $0.info.worker, "rank": $0.info.rank, "state": $0.state.rawValue, "step": $0.step, "pid": $0.info.pid,
+                     "activity": $0.activity.kind.name, "activity_ms": $0.activity.milliseconds, "waiting_on": $0.activity.waitingOn]
+                },
             ])
         }
         func report(_ f: CoordinatorInstance.FailureReport) -> [String: Any] {
@@ -303,6 +312,10 @@ public enum CoordinatorStatus {
             "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages + fencedByServer,
             "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
             "malformed_frames": malformed, "unauthenticated": unauthenticated,
+            "coordinator_pid": Int(getpid()),
+            "detector": ["timeout_ms": Int(c.detector.effectiveTimeout * 1000), "local_health": c.detector.localHealth,
+                         "stalls": c.detector.stalls, "largest_loop_gap_ms": Int(c.detector.largestGap * 1000)],
+            "watchdog": ["bound_ms": Int(c.watchdog.bound * 1000), "step_p99_ms": c.watchdog.p99.map { Int($0 * 1000) } ?? -1],
         ]
     }
 

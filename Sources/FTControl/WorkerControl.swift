@@ -4,14 +4,28 @@ import FTZMQ
 import Foundation
 import Synchronization
 
-/// A worker's side of the control plane, on its own thread: it says hello,
-/// heartbeats every interval (also while the training thread computes), and
-/// turns the coordinator's messages into instructions for the training loop.
+/// A worker's side of the control plane, on its own thread with its own
+/// socket: it says hello, heartbeats every interval (whatever the training
+/// thread does: computing, copying, restoring), and turns the coordinator's
+/// messages into instructions for the training loop.
 ///
-/// `pause` (or a `restore`, `stop`, `fenced`, or the coordinator going silent
-/// for the timeout) sets `isPaused` and makes `interruptFD` readable at once,
-/// so a collective waiting on the network returns immediately instead of
-/// waiting out a timeout. The training loop then asks `nextInstruction()`.
+/// `pause` (or a `restore`, `stop` or `fenced`) sets `isPaused` and makes
+/// `interruptFD` readable at once, so a collective waiting on the network
+/// returns immediately instead of waiting out a timeout. The training loop
+/// then asks `nextInstruction()`.
+///
+/// A coordinator that goes silent for `coordinatorTimeout` is not a pause: the
+/// worker *holds* (`isHeld`) at its next step boundary, abandoning nothing,
+/// and carries on when the coordinator is heard again, whatever its epoch (a
+/// restarted coordinator sends a restore, which interrupts as usual). The
+/// silence is judged by a `FailureDetectorInstance`, so a stall of this
+/// process itself (SIGSTOP, an overloaded host) is not taken for the
+/// coordinator's.
+///
+/// Heartbeats carry the step, whether the loop trains, and what it is doing
+/// (`setActivity`), for the coordinator's step-progress watchdog. The largest
+/// gap between two heartbeats is logged at shutdown (and any gap over 0.3 s
+/// when it happens).
 public final class WorkerControl: @unchecked Sendable {
     public enum Instruction: Sendable, Equatable {
         /// Restore `step` (nil: initialize fresh); `sources[r]`: the SMP data endpoint of rank r.
@@ -29,21 +43,31 @@ public final class WorkerControl: @unchecked Sendable {
     private let condition = NSCondition()
     private var instructions: [Instruction] = []
     private let paused = Atomic<Bool>(true)
+    private let held = Atomic<Bool>(false)
     private let stopping = Atomic<Bool>(false)
     private let interruptPipe: (read: Int32, write: Int32)
     private var step = 0
     private var skipped = 0
     private var running = false
+    private var activity = WorkerActivity.Kind.idle
+    private var waitingOn = -1
+    private var activitySince = monotonicSeconds()
     private var resumedEpoch: UInt64 = 0
     private var thread: Thread?
     private let done = DispatchSemaphore(value: 0)
     private var pendingOut: [ControlMessage] = []
+    /// Where the control thread's notes go (the worker's log).
+    private let log: (String) -> Void
+    /// The largest gap between two heartbeats sent, in seconds (read after `shutdown`).
+    public private(set) var largestHeartbeatGap = 0.0
 
     public init(info: ControlMessage.WorkerInfo, coordinatorEndpoint: String, keys: JobKeys?,
-                heartbeatInterval: Double = 0.1, coordinatorTimeout: Double = 1.0) throws {
+                heartbeatInterval: Double = 0.1, coordinatorTimeout: Double = 1.0,
+                log: @escaping (String) -> Void = { _ in }) throws {
         self.info = info
         interval = heartbeatInterval
         self.coordinatorTimeout = coordinatorTimeout
+        self.log = log
         context = try ZMQContext()
         link = try CoordinatorLink(context: context, endpoint: coordinatorEndpoint, memberID: info.key, keys: keys)
         var fds: [Int32] = [0, 0]
@@ -73,6 +97,9 @@ public final class WorkerControl: @unchecked Sendable {
     /// True from a pause until the next resume.
     public var isPaused: Bool { paused.load(ordering: .acquiring) }
 
+    /// True while the coordinator is silent: hold at the next step boundary.
+    public var isHeld: Bool { held.load(ordering: .acquiring) }
+
     /// The epoch of the last message from the coordinator.
     public var epoch: UInt64 { condition.withLock { currentEpoch } }
     private var currentEpoch: UInt64 = 0
@@ -88,6 +115,7 @@ public final class WorkerControl: @unchecked Sendable {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         if thread != nil { done.wait() }
         link.close()
+        log("control: largest heartbeat gap \(Int(largestHeartbeatGap * 1000)) ms")
     }
 
     /// Blocks until the coordinator says what to do next.
@@ -107,11 +135,23 @@ public final class WorkerControl: @unchecked Sendable {
     /// Snapshots skipped so far (sent with the next heartbeat).
     public func setSkipped(_ n: Int) { condition.withLock { skipped = n } }
 
+    /// What the training thread does now (sent with every heartbeat, with how long it has done it).
+    public func setActivity(_ kind: WorkerActivity.Kind, waitingOn rank: Int = -1) {
+        condition.withLock {
+            guard kind != activity || rank != waitingOn else { return }
+            activity = kind
+            waitingOn = rank
+            activitySince = monotonicSeconds()
+        }
+    }
+
     /// Restored (nil: initialized fresh) and ready to resume.
     public func ready(restoredStep: Int?) { enqueue(.ready(restoredStep: restoredStep)) }
 
-    /// Finished the last step.
-    public func done(finalStep: Int) { enqueue(.workerDone(finalStep: finalStep)) }
+    /// Finished the last step (said again every half second until the stop comes:
+    /// a coordinator that restarted meanwhile may have missed it).
+    public func done(finalStep: Int) { condition.withLock { finished = finalStep } }
+    private var finished: Int?
 
     /// The loop is training again after a resume; clears the interrupt.
     public func markRunning() {
@@ -143,8 +183,12 @@ public final class WorkerControl: @unchecked Sendable {
         defer { done.signal() }
         var nextBeat = 0.0
         var nextHello = 0.0
+        var nextDone = 0.0
+        var lastBeat: Double?
         var welcomed = false
-        var lost = false
+        // The coordinator's silence, judged like any peer's (a stall of ours grants it a grace period).
+        var silence = FailureDetectorInstance(interval: interval, timeout: coordinatorTimeout)
+        silence.heard("coordinator", now: monotonicSeconds())
         while !stopping.load(ordering: .acquiring) {
             let now = monotonicSeconds()
             if !welcomed && now >= nextHello {
@@ -152,23 +196,41 @@ public final class WorkerControl: @unchecked Sendable {
                 nextHello = now + 0.5
             }
             if now >= nextBeat {
-                let (s, r, k) = condition.withLock { (step, running, skipped) }
-                if welcomed { link.send(.workerHeartbeat(step: s, running: r, skipped: k)) }
+                let (s, r, k, a) = condition.withLock {
+                    (step, running, skipped, WorkerActivity(activity, waitingOn: waitingOn, milliseconds: Int((now - activitySince) * 1000)))
+                }
+                if welcomed {
+                    link.send(.workerHeartbeat(step: s, running: r, skipped: k, activity: a))
+                    if let last = lastBeat {
+                        let gap = now - last
+                        largestHeartbeatGap = max(largestHeartbeatGap, gap)
+                        if gap > 0.3 { log("control: no heartbeat sent for \(Int(gap * 1000)) ms") }
+                    }
+                    lastBeat = now
+                }
                 nextBeat = now + interval
             }
             for m in condition.withLock({ () -> [ControlMessage] in defer { pendingOut.removeAll() }; return pendingOut }) {
                 link.send(m)
             }
-            if now - link.lastHeard > coordinatorTimeout && !lost {
-                // The coordinator went silent: stop at the next step boundary and wait for it.
-                lost = true
-                interrupt()
+            if welcomed, now >= nextDone, let final = condition.withLock({ finished }) {
+                link.send(.workerDone(finalStep: final))
+                nextDone = now + 0.5
+            }
+            let tick = silence.tick(now: now)
+            if tick.dead.contains(where: { $0.id == "coordinator" }) {
+                // The coordinator went silent: hold at the next step boundary and wait for it.
+                held.store(true, ordering: .releasing)
+                log("control: the coordinator has been silent for \(Int(tick.dead[0].silentFor * 1000)) ms; holding at the next step boundary")
             }
             _ = try? ZMQPoller.poll([.init(link.socket, .readable)], timeoutMilliseconds: Int(interval * 500) + 1)
             let messages = link.drain()
-            if !messages.isEmpty { condition.withLock { currentEpoch = link.epoch } }
+            if !messages.isEmpty {
+                condition.withLock { currentEpoch = link.epoch }
+                silence.heard("coordinator", now: monotonicSeconds())
+                if held.exchange(false, ordering: .acquiringAndReleasing) { log("control: the coordinator is back; carrying on") }
+            }
             for (message, messageEpoch) in messages {
-                lost = false
                 switch message {
                 case .welcome:
                     welcomed = true
@@ -180,6 +242,7 @@ public final class WorkerControl: @unchecked Sendable {
                 case .pause:
                     if messageEpoch > resumedEpoch { interrupt() }
                 case .restore(let s, let sources):
+                    condition.withLock { finished = nil }
                     interrupt()
                     deliver(.restore(step: s, sources: sources, epoch: messageEpoch))
                 case .resume(let from, let peers):

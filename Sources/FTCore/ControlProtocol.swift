@@ -12,18 +12,28 @@
 /// Every heartbeat is answered with `ack` (or `helloRequired` by a coordinator
 /// that does not know the sender, e.g. after its restart, or `fenced` when the
 /// sender was declared dead); a member that hears nothing for the timeout
-/// treats the coordinator as gone.
+/// treats the coordinator as gone (a worker holds at its next step boundary
+/// until it hears from it again).
+///
+/// A worker's heartbeat says what it is doing (`WorkerActivity`), for the
+/// coordinator's step-progress watchdog: a rank blocked in a collective names
+/// the rank it waits for, so a hang can be traced to the rank holding it up.
+/// `restartWorkers` names the incarnation (pid) of each worker to replace: the
+/// SMP kills that process if it still runs (saving its stack first when asked)
+/// and then starts a new one; an order repeated after the new one started
+/// changes nothing.
 public enum ControlMessage: Sendable, Equatable {
     // SMP -> coordinator
     case smpHello(SMPInventory)
     case smpHeartbeat(dataBytes: Int, parityBytes: Int)
-    case childExited(worker: String, status: String)
+    /// A child worker (process `pid`) exited on its own.
+    case childExited(worker: String, pid: Int, status: String)
     case protected(step: Int)
     // worker -> coordinator
     case workerHello(WorkerInfo)
     /// `running`: the worker is training (not paused or waiting for resume);
     /// `skipped`: snapshots it skipped because a round was still pending.
-    case workerHeartbeat(step: Int, running: Bool, skipped: Int)
+    case workerHeartbeat(step: Int, running: Bool, skipped: Int, activity: WorkerActivity)
     case ready(restoredStep: Int?)
     case workerDone(finalStep: Int)
     // coordinator -> members
@@ -37,7 +47,8 @@ public enum ControlMessage: Sendable, Equatable {
     /// `sources[r]` is the data endpoint of the SMP holding rank r's slices.
     /// To an SMP: commit `step` if it is staged, drop other uncommitted rounds.
     case restore(step: Int?, sources: [String])
-    case restartWorkers([String])
+    /// To an SMP: replace these workers (see `WorkerRestart`).
+    case restartWorkers([WorkerRestart])
     /// Run from this step; `peers` lists every rank's collective endpoint, by rank.
     case resume(fromStep: Int, peers: [String])
     case fenced(reason: String)
@@ -68,9 +79,12 @@ public enum ControlMessage: Sendable, Equatable {
         /// their holders, its parity complete): a coordinator that restarts
         /// commits a step every node protected.
         public var protectedStep: Int?
+        /// The chunk length of the EC layout this SMP holds data and parity
+        /// in (0: none yet), so that a restarted coordinator knows the layout.
+        public var layoutChunkBytes: Int
 
         public init(node: String, pid: Int, dataEndpoint: String, workers: [String], rankOffset: Int,
-                    committedStep: Int?, stagedStep: Int?, protectedStep: Int? = nil) {
+                    committedStep: Int?, stagedStep: Int?, protectedStep: Int? = nil, layoutChunkBytes: Int = 0) {
             self.node = node
             self.pid = pid
             self.dataEndpoint = dataEndpoint
@@ -79,6 +93,26 @@ public enum ControlMessage: Sendable, Equatable {
             self.committedStep = committedStep
             self.stagedStep = stagedStep
             self.protectedStep = protectedStep
+            self.layoutChunkBytes = layoutChunkBytes
+        }
+
+        /// Holds no snapshot at all: nothing committed and nothing staged (a
+        /// fresh node, or a replacement that has not been rebuilt).
+        public var isEmpty: Bool { committedStep == nil && stagedStep == nil }
+    }
+
+    /// One worker an SMP is told to replace.
+    public struct WorkerRestart: Sendable, Equatable {
+        public var worker: String
+        /// The incarnation to end first if it still runs (0: none known).
+        public var pid: Int
+        /// Save its thread backtraces to the run directory before it is killed (a hang).
+        public var saveStack: Bool
+
+        public init(worker: String, pid: Int, saveStack: Bool = false) {
+            self.worker = worker
+            self.pid = pid
+            self.saveStack = saveStack
         }
     }
 
@@ -139,18 +173,19 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(i.node); w.i64(Int64(i.pid)); w.string(i.dataEndpoint)
             w.u32(UInt32(i.workers.count)); for x in i.workers { w.string(x) }
             w.i64(Int64(i.rankOffset)); w.i64(Int64(i.committedStep ?? -1)); w.i64(Int64(i.stagedStep ?? -1))
-            w.i64(Int64(i.protectedStep ?? -1))
+            w.i64(Int64(i.protectedStep ?? -1)); w.i64(Int64(i.layoutChunkBytes))
         case .smpHeartbeat(let d, let p):
             w.i64(Int64(d)); w.i64(Int64(p))
-        case .childExited(let worker, let status):
-            w.string(worker); w.string(status)
+        case .childExited(let worker, let pid, let status):
+            w.string(worker); w.i64(Int64(pid)); w.string(status)
         case .protected(let s), .commit(let s), .abort(let s), .workerDone(let s):
             w.i64(Int64(s))
         case .workerHello(let i):
             w.string(i.node); w.string(i.worker); w.i64(Int64(i.rank)); w.i64(Int64(i.worldSize)); w.i64(Int64(i.pid))
             w.string(i.collectiveEndpoint)
-        case .workerHeartbeat(let step, let running, let skipped):
+        case .workerHeartbeat(let step, let running, let skipped, let a):
             w.i64(Int64(step)); w.bool(running); w.i64(Int64(skipped))
+            w.u8(a.kind.rawValue); w.i64(Int64(a.waitingOn)); w.i64(Int64(a.milliseconds))
         case .ready(let s):
             w.i64(Int64(s ?? -1))
         case .restore(let s, let sources):
@@ -159,8 +194,9 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(s)
         case .helloRequired, .statusQuery:
             break
-        case .restartWorkers(let ids):
-            w.u32(UInt32(ids.count)); for x in ids { w.string(x) }
+        case .restartWorkers(let list):
+            w.u32(UInt32(list.count))
+            for x in list { w.string(x.worker); w.i64(Int64(x.pid)); w.bool(x.saveStack) }
         case .resume(let from, let peers):
             w.i64(Int64(from)); w.u32(UInt32(peers.count)); for p in peers { w.string(p) }
         case .stop(let reason, let failed):
@@ -206,15 +242,18 @@ public enum ControlMessage: Sendable, Equatable {
             let workers = try strings("worker")
             let offset = try int("rank offset")
             let committed = try optional("committed step")
+            let staged = try optional("staged step")
+            let protected = try optional("protected step")
             self = .smpHello(.init(node: node, pid: pid, dataEndpoint: data, workers: workers, rankOffset: offset,
-                                   committedStep: committed, stagedStep: try optional("staged step"),
-                                   protectedStep: try optional("protected step")))
+                                   committedStep: committed, stagedStep: staged, protectedStep: protected,
+                                   layoutChunkBytes: try int("layout chunk bytes")))
         case 102:
             let d = try int("data bytes")
             self = .smpHeartbeat(dataBytes: d, parityBytes: try int("parity bytes"))
         case 103:
             let worker = try r.string(field: "worker", max: 255)
-            self = .childExited(worker: worker, status: try r.string(field: "status", max: 255))
+            let pid = try int("pid")
+            self = .childExited(worker: worker, pid: pid, status: try r.string(field: "status", max: 255))
         case 104: self = .protected(step: try int("step"))
         case 111:
             let node = try r.string(field: "node", max: 255)
@@ -227,7 +266,12 @@ public enum ControlMessage: Sendable, Equatable {
         case 112:
             let step = try int("step")
             let running = try r.bool(field: "running")
-            self = .workerHeartbeat(step: step, running: running, skipped: try int("skipped"))
+            let skipped = try int("skipped")
+            let raw = try r.u8(field: "activity")
+            guard let kind = WorkerActivity.Kind(rawValue: raw) else { throw WireError(.badValue, "activity \(raw) is unknown") }
+            let waitingOn = try optional("waiting on")
+            self = .workerHeartbeat(step: step, running: running, skipped: skipped,
+                                    activity: WorkerActivity(kind, waitingOn: waitingOn ?? -1, milliseconds: try int("activity ms")))
         case 113: self = .ready(restoredStep: try optional("restored step"))
         case 114: self = .workerDone(finalStep: try int("final step"))
         case 121: self = .welcome(state: try r.string(field: "state", max: 64))
@@ -239,7 +283,16 @@ public enum ControlMessage: Sendable, Equatable {
         case 127:
             let step = try optional("step")
             self = .restore(step: step, sources: try strings("source"))
-        case 128: self = .restartWorkers(try strings("worker"))
+        case 128:
+            let n = Int(try r.u32(field: "worker count"))
+            guard n <= 65536 else { throw WireError(.badLength, "worker count \(n)") }
+            var list: [WorkerRestart] = []
+            for _ in 0..<n {
+                let worker = try r.string(field: "worker", max: 255)
+                let pid = try int("pid")
+                list.append(WorkerRestart(worker: worker, pid: pid, saveStack: try r.bool(field: "save stack")))
+            }
+            self = .restartWorkers(list)
         case 129:
             let from = try int("from step")
             self = .resume(fromStep: from, peers: try strings("peer"))
@@ -278,4 +331,48 @@ public enum ControlMessage: Sendable, Equatable {
         let e = try WireEnvelope(decoding: frame)
         return (try ControlMessage(e), e)
     }
+}
+
+/// What a worker is doing, as its heartbeat tells the coordinator's
+/// step-progress watchdog (`ProgressWatchdog`).
+public struct WorkerActivity: Sendable, Equatable {
+    public enum Kind: UInt8, Sendable, CaseIterable {
+        /// Not training: waiting for an instruction (paused, restored, done).
+        case idle = 0
+        /// Computing a step (forward, backward, update).
+        case computing = 1
+        /// Blocked in a collective, waiting for rank `waitingOn`'s message.
+        case collective = 2
+        /// Waiting for the previous snapshot round to commit, or for its copy.
+        case snapshotWait = 3
+        /// Restoring a snapshot.
+        case restoring = 4
+        /// Holding at a step boundary: the coordinator is silent.
+        case held = 5
+
+        public var name: String {
+            switch self {
+            case .idle: "idle"
+            case .computing: "computing"
+            case .collective: "collective"
+            case .snapshotWait: "snapshot-wait"
+            case .restoring: "restoring"
+            case .held: "held"
+            }
+        }
+    }
+
+    public var kind: Kind
+    /// For `.collective`: the DP rank it waits for (-1: unknown).
+    public var waitingOn: Int
+    /// How long it has been doing this, in milliseconds.
+    public var milliseconds: Int
+
+    public init(_ kind: Kind, waitingOn: Int = -1, milliseconds: Int = 0) {
+        self.kind = kind
+        self.waitingOn = waitingOn
+        self.milliseconds = milliseconds
+    }
+
+    public static let idle = WorkerActivity(.idle)
 }

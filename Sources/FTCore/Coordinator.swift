@@ -7,11 +7,23 @@ public struct CoordinatorSettings: Sendable {
     public var heartbeatTimeout: Double = 0.5
     /// A snapshot round not committed this long after its first `protected` is aborted.
     public var roundTimeout: Double = 10
-    /// A recovery phase that takes longer is retried, then escalated.
-    public var phaseTimeout: Double = 30
+    /// The floor of every recovery phase's deadline (seconds). A phase's
+    /// deadline is this floor plus three times the time its bytes take at the
+    /// recovery rate; a phase past its deadline is retried, then escalated.
+    public var phaseTimeout: Double = 5
     public var phaseRetries = 2
-    /// Failures in a row without a resume before the job is stopped (a crash loop).
+    /// The rate (bytes per second) assumed for a recovery's bulk work before
+    /// any has been measured; afterwards the median of the measured rates.
+    public var recoveryBytesPerSecond: Double = 100e6
+    /// Failure events in a row without a resume before the job is stopped (a
+    /// crash loop). Failures detected within one heartbeat timeout of the
+    /// first of a burst (a node's workers, every worker of the job) are one event.
     public var maxFailuresWithoutResume = 10
+    /// A restarted coordinator that heard from a job that already ran waits
+    /// this long for every node's hello; then the missing nodes are lost.
+    public var startGrace: Double = 2
+    /// The step-progress watchdog (a hang that keeps heartbeats alive).
+    public var watchdog = ProgressWatchdog.Settings()
     /// Steps between snapshots (informational: workers decide collectively).
     public var snapshotInterval = 1
     /// Erasure coding across nodes: groups of `k + m` consecutive nodes
@@ -20,6 +32,8 @@ public struct CoordinatorSettings: Sendable {
 
     /// The node ids of the job, in order.
     public var nodeIDs: [String] { (0..<nodes).map { "n\($0)" } }
+    /// The local worker ids of every node.
+    public var workerIDs: [String] { (0..<workersPerNode).map { "w\($0)" } }
 
     public init(jobID: String, nodes: Int, workersPerNode: Int) {
         self.jobID = jobID
@@ -36,10 +50,15 @@ public struct CoordinatorSettings: Sendable {
 ///
 /// Job states and their legal transitions:
 ///
-///     starting   -> recovering   every expected SMP and worker said hello
-///                                (a fresh job restores "nothing"; a restarted
-///                                coordinator restores the committed step)
-///     running    -> recovering   a worker or SMP died (reported or timed out)
+///     starting   -> recovering   every expected SMP and worker said hello (a
+///                                fresh job restores "nothing"; a restarted
+///                                coordinator restores the committed step), or a
+///                                restarted coordinator's start grace ran out:
+///                                nodes that never said hello, and nodes that
+///                                hold nothing while others hold a committed
+///                                step, are lost and rebuilt
+///     running    -> recovering   a worker or SMP died (reported, timed out, or
+///                                hung: the step-progress watchdog)
 ///     recovering -> recovering   another failure during recovery (new epoch)
 ///     recovering -> running      every worker restored and is ready: resume
 ///     recovering -> failed       unrecoverable plan, or a phase out of retries
@@ -48,10 +67,16 @@ public struct CoordinatorSettings: Sendable {
 /// Epochs: every recovery raises the epoch and every message carries it. A
 /// member declared dead is fenced: whatever it sends afterwards is answered
 /// with `fenced` and changes nothing. State-changing reports (`protected`,
-/// `ready`) from an older epoch are ignored.
+/// `ready`) from an older epoch are ignored. Declared dead means made dead:
+/// the restart order names the incarnation (pid) the SMP must kill if it still
+/// runs; a dead SMP's process is the launcher's to kill.
 ///
 /// Commit: step `s` commits when every node reported `protected(s)` in the
 /// current epoch while running; then `commit(s)` goes to every SMP.
+///
+/// A stalled coordinator (its `tick`s far apart) accuses nobody: its failure
+/// detector grants every member a fresh grace period, and round, phase and
+/// watchdog deadlines move by the stall.
 public struct CoordinatorInstance: Sendable {
     public enum JobState: String, Sendable {
         case starting, running, recovering, stopped, failed
@@ -88,6 +113,10 @@ public struct CoordinatorInstance: Sendable {
         public var info: ControlMessage.WorkerInfo
         public var state: MemberState = .alive
         public var step = 0
+        /// Training (not paused or waiting for an instruction), as its last heartbeat said.
+        public var running = false
+        /// What it is doing, as its last heartbeat said.
+        public var activity = WorkerActivity.idle
         /// Restored and ready in the current epoch.
         public var ready = false
         /// Snapshots skipped (the ranks skip together).
@@ -145,13 +174,21 @@ public struct CoordinatorInstance: Sendable {
         var step: Int?
         var phase: Phase
         var phaseStartedAt: Double
+        /// When the phase is retried (derived from its bytes; see `phaseDeadline`).
+        var deadline: Double
         var retries = 0
         var restartWorkers: [String: [String]]
+        /// Workers whose stack is saved before they are killed (hung).
+        var saveStacks: Set<String> = []
         /// Nodes to rebuild from parity, and the pids of their lost SMPs.
         var rebuildNodes: [String] = []
         var lostPIDs: [String: Int] = [:]
         var rebuilt: Set<String> = []
         var rebuildStartedAt: Double = 0
+        /// Bytes the rebuild restores (for the measured rate).
+        var rebuildBytes = 0
+        /// Rebuilds that reported an error.
+        var rebuildFailures = 0
     }
 
     public let settings: CoordinatorSettings
@@ -164,17 +201,30 @@ public struct CoordinatorInstance: Sendable {
     public private(set) var lastFailure: FailureReport?
     public private(set) var stopReason: String?
     public private(set) var detector: FailureDetectorInstance
+    public private(set) var watchdog: ProgressWatchdog
     private var recovery: Recovery?
     private var roundStartedAt: [Int: Double] = [:]
     private var lastResume: ControlMessage?
     public private(set) var lastLayout: ECLayout?
     private var failuresWithoutResume = 0
+    /// When the current burst of failures began (failures within a heartbeat timeout of it are one event).
+    private var burstStartedAt: Double?
+    /// When this coordinator first saw anything (its start grace counts from there).
+    private var startingSince: Double?
+    /// Some member said hello knowing an epoch or holding a snapshot: this
+    /// coordinator replaces one that ran the job.
+    public private(set) var takesOverRunningJob = false
+    /// Bulk rates (bytes/s) measured by recoveries, newest last.
+    private var measuredRates: [Double] = []
+    /// The watchdog reported a stall that is not a worker's hang (logged once per episode).
+    private var watchdogNoted = false
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
 
     public init(settings: CoordinatorSettings) {
         self.settings = settings
         detector = FailureDetectorInstance(interval: settings.heartbeatInterval, timeout: settings.heartbeatTimeout)
+        watchdog = ProgressWatchdog(settings: settings.watchdog)
     }
 
     var expectedWorkers: Int { settings.nodes * settings.workersPerNode }
@@ -182,6 +232,7 @@ public struct CoordinatorInstance: Sendable {
     // MARK: events
 
     public mutating func receive(_ message: ControlMessage, from sender: String, epoch senderEpoch: UInt64, now: Double) -> [Directive] {
+        if startingSince == nil { startingSince = now }
         switch message {
         case .smpHello(let inventory):
             return smpHello(inventory, sender: sender, senderEpoch: senderEpoch, now: now)
@@ -201,21 +252,34 @@ public struct CoordinatorInstance: Sendable {
         let current = senderEpoch == epoch
         switch message {
         case .smpHeartbeat(let data, let parity):
+            let resized = nodes[sender]?.dataBytes != data
             nodes[sender]?.dataBytes = data
             nodes[sender]?.parityBytes = parity
-            return [.send(to: sender, .ack(state: state.rawValue))] + layoutDirectives()
-        case .workerHeartbeat(let step, let running, let skipped):
+            // The layout follows the nodes' sizes (sent when it changes, and until every node has one).
+            return [.send(to: sender, .ack(state: state.rawValue))] + (resized || lastLayout == nil ? layoutDirectives() : [])
+        case .workerHeartbeat(let step, let running, let skipped, let activity):
             workers[sender]?.step = step
             workers[sender]?.skipped = skipped
+            workers[sender]?.running = running
+            workers[sender]?.activity = activity
             var out: [Directive] = [.send(to: sender, .ack(state: state.rawValue))]
             if current, !running, state == .running, let resume = lastResume, workers[sender]?.state == .alive {
                 // It missed the resume (or started late): say it again.
                 out.append(.send(to: sender, resume))
             }
             return out
-        case .childExited(let worker, let status):
+        case .childExited(let worker, let pid, let status):
             let key = "\(sender)/\(worker)"
-            guard var w = workers[key], w.state == .alive || w.state == .restarting else { return [] }
+            guard var w = workers[key] else { return [] }
+            switch w.state {
+            case .alive where pid == 0 || pid == w.info.pid:
+                break  // the worker the job runs with died
+            case .restarting where pid != 0 && pid != w.info.pid:
+                break  // its replacement died before it said hello
+            default:
+                return []  // an incarnation already declared dead (and killed): not news
+            }
+            if state == .starting { return lostWhileStarting(key) }
             w.state = .dead
             w.ready = false
             workers[key] = w
@@ -257,12 +321,35 @@ public struct CoordinatorInstance: Sendable {
         }
     }
 
-    /// Time passes: heartbeat timeouts, round timeouts, phase timeouts.
+    /// Time passes: heartbeat timeouts (unless this coordinator itself
+    /// stalled), the start grace, the step-progress watchdog, round timeouts,
+    /// phase deadlines.
     public mutating func tick(now: Double) -> [Directive] {
         var out: [Directive] = []
+        if startingSince == nil { startingSince = now }
         guard state != .stopped && state != .failed else { return out }
-        for (id, silent) in detector.tick(now: now) {
-            let ms = Int(silent * 1000)
+        let t = detector.tick(now: now)
+        if let gap = t.stalledFor {
+            // The observer's pause is not the observed's failure: every deadline moves by it.
+            for step in roundStartedAt.keys { roundStartedAt[step]! += gap }
+            if var r = recovery {
+                r.phaseStartedAt += gap
+                r.deadline += gap
+                r.rebuildStartedAt += gap
+                recovery = r
+            }
+            watchdog.shift(by: gap)
+            if let s = startingSince { startingSince = s + gap }
+            out.append(.log("this coordinator stalled for \(Int(gap * 1000)) ms (its loop did not run): every member gets a fresh "
+                + "grace period; timeouts are now \(Int(detector.effectiveTimeout * 1000)) ms (local health \(detector.localHealth))"))
+        }
+        for d in t.dead {
+            let ms = Int(d.silentFor * 1000)
+            let id = d.id
+            if state == .starting {
+                out += lostWhileStarting(id)
+                continue
+            }
             if nodes[id] != nil {
                 nodes[id]?.state = .dead
                 for w in nodes[id]!.workers {
@@ -278,8 +365,12 @@ public struct CoordinatorInstance: Sendable {
             }
             if state == .failed { return out }
         }
+        if state == .starting, takesOverRunningJob, let since = startingSince, now - since > settings.startGrace {
+            out += maybeStart(now: now, graceOver: true)
+        }
         if state == .running {
-            for (step, started) in roundStartedAt where now - started > settings.roundTimeout {
+            out += watch(now: now)
+            for (step, started) in roundStartedAt.sorted(by: { $0.key < $1.key }) where now - started > settings.roundTimeout {
                 roundStartedAt[step] = nil
                 abortedRounds += 1
                 for id in nodes.keys where nodes[id]?.protectedStep == step { nodes[id]?.protectedStep = nil }
@@ -287,22 +378,104 @@ public struct CoordinatorInstance: Sendable {
                 out += broadcastToNodes(.abort(step: step))
             }
         }
-        if state == .recovering, var r = recovery, now - r.phaseStartedAt > settings.phaseTimeout {
-            let waiting = r.phase == .rebuild
-                ? r.rebuildNodes.filter { !r.rebuilt.contains($0) }.map { "the rebuild of \($0)" }
-                : workers.values.filter { !$0.ready }.map(\.info.key).sorted()
-            if r.retries < settings.phaseRetries {
-                r.retries += 1
-                r.phaseStartedAt = now
-                recovery = r
-                out.append(.log("recovery phase \(r.phase.rawValue) timed out waiting for \(waiting.joined(separator: ", ")); retry \(r.retries)"))
-                out += r.phase == .rebuild ? rebuildDirectives(now: now) : restartDirectives(r)
-            } else {
-                out += fail("recovery phase \(r.phase.rawValue) timed out \(settings.phaseRetries + 1) times waiting for "
-                    + waiting.joined(separator: ", "), now: now)
+        if state == .recovering, let r = recovery, now > r.deadline { out += phaseLate(r, now: now) }
+        return out
+    }
+
+    /// A recovery phase passed its deadline. The first time, its orders are
+    /// sent again (one may have been lost). After that, whoever holds it up
+    /// is declared failed, as for a crash: a worker that does not restore
+    /// (alive, but hung or deaf: its stack is saved before its SMP kills it),
+    /// a replacement SMP that does not finish its rebuild (the launcher kills
+    /// and replaces it). When nobody can be blamed (no replacement SMP came),
+    /// it is retried until `phaseRetries`, then the job stops.
+    private mutating func phaseLate(_ r: Recovery, now: Double) -> [Directive] {
+        var r = r
+        let late: [String]
+        let blame: [String]
+        if r.phase == .rebuild {
+            let unfinished = r.rebuildNodes.filter { !r.rebuilt.contains($0) }
+            late = unfinished.map { "the rebuild of \($0)" + (nodes[$0]?.state == .alive ? "" : " (no replacement SMP yet)") }
+            blame = unfinished.filter { nodes[$0]?.state == .alive }
+        } else {
+            let notReady = expectedWorkerKeys.filter { workers[$0]?.ready != true }
+            late = notReady.map { key in workers[key] == nil ? "\(key) (never said hello)" : key }
+            blame = notReady.filter { workers[$0]?.state == .alive }
+            // Those that are gone (or never came) on a live node: their SMP starts them (again).
+            for key in notReady where workers[key]?.state != .alive {
+                let parts = key.split(separator: "/").map(String.init)
+                guard nodes[parts[0]]?.state == .alive, r.restartWorkers[parts[0]]?.contains(parts[1]) != true else { continue }
+                r.restartWorkers[parts[0], default: []].append(parts[1])
             }
         }
-        return out
+        let what = late.isEmpty ? "nothing (a bug: nothing left to wait for)" : late.joined(separator: ", ")
+        r.retries += 1
+        if r.retries == 1 || (blame.isEmpty && r.retries <= settings.phaseRetries) {
+            r.phaseStartedAt = now
+            r.deadline = phaseDeadline(r.phase, r, now: now)
+            recovery = r
+            return [.log("recovery phase \(r.phase.rawValue) passed its deadline waiting for \(what); retry \(r.retries)")]
+                + (r.phase == .rebuild ? rebuildDirectives(now: now) : restartDirectives(r))
+        }
+        guard !blame.isEmpty else {
+            return fail("recovery phase \(r.phase.rawValue) passed its deadline \(r.retries) times waiting for \(what)", now: now)
+        }
+        recovery = r
+        let by = "recovery phase \(r.phase.rawValue) passed its deadline twice waiting for it"
+        if r.phase == .rebuild {
+            for id in blame {
+                nodes[id]?.state = .dead
+                detector.forget(id)
+                for w in nodes[id]?.workers ?? [] { workers["\(id)/\(w)"]?.state = .dead }
+            }
+            return failure(what: blame.joined(separator: ", "), kind: "smp", detectedBy: by, now: now)
+        }
+        for key in blame {
+            workers[key]?.state = .dead
+            workers[key]?.ready = false
+            detector.forget(key)
+        }
+        return failure(what: blame.joined(separator: ", "), kind: "worker", detectedBy: by + " (alive but not restoring: hung)",
+                       now: now, hung: Set(blame))
+    }
+
+    /// Every worker key the job expects ("n0/w0", …), in order.
+    var expectedWorkerKeys: [String] {
+        settings.nodeIDs.flatMap { n in settings.workerIDs.map { "\(n)/\($0)" } }
+    }
+
+    // MARK: watchdog
+
+    /// The step-progress watchdog, while every worker trains: a job whose
+    /// steps stopped completing for longer than the learned bound is hung,
+    /// and the rank holding it up fails (its stack saved before it is killed).
+    private mutating func watch(now: Double) -> [Directive] {
+        let alive = workers.values.filter { $0.state == .alive }
+        guard alive.count == expectedWorkers, alive.allSatisfy(\.running) else { return [] }
+        watchdog.observe(jobStep: alive.map(\.step).min()!, now: now)
+        guard let overdue = watchdog.overdue(now: now) else {
+            watchdogNoted = false
+            return []
+        }
+        let ranks = alive.sorted { $0.info.rank < $1.info.rank }
+            .map { ProgressWatchdog.Rank(key: $0.info.key, rank: $0.info.rank, step: $0.step, activity: $0.activity) }
+        let stalled = "no step completed for \(Int(overdue * 1000)) ms (bound \(Int(watchdog.bound * 1000)) ms"
+            + (watchdog.p99.map { ", step p99 \(Int($0 * 1000)) ms" } ?? "") + ")"
+        switch ProgressWatchdog.culprit(ranks) {
+        case .culprit(let key, let reason):
+            workers[key]?.state = .dead
+            workers[key]?.ready = false
+            detector.forget(key)
+            var out = failure(what: key, kind: "worker", detectedBy: "step-progress watchdog: \(stalled); \(reason)", now: now, hung: [key])
+            out.insert(.log("hung: \(key) holds the job up (\(reason)); saving its stack, then killing it"), at: 0)
+            return out
+        case .notAWorker(let reason):
+            guard !watchdogNoted else { return [] }
+            watchdogNoted = true
+            return [.log("steps stalled: \(stalled), but not in a worker: \(reason)")]
+        case nil:
+            return []
+        }
     }
 
     // MARK: hellos
@@ -364,7 +537,16 @@ public struct CoordinatorInstance: Sendable {
         node.helloProtectedStep = inv.protectedStep
         nodes[sender] = node
         detector.heard(sender, now: now)
-        if state == .starting { epoch = max(epoch, senderEpoch) }
+        if state == .starting {
+            epoch = max(epoch, senderEpoch)
+            // Epoch 1 is the first start's: a member that knows a later one saw the job run.
+            if senderEpoch > 1 || !inv.isEmpty { takesOverRunningJob = true }
+            if inv.layoutChunkBytes > 0, let ec = settings.erasure, (lastLayout?.chunkBytes ?? 0) < inv.layoutChunkBytes,
+               let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) {
+                // The layout the SMPs hold data and parity in, for rebuilds before sizes are known again.
+                lastLayout = ECLayout(k: ec.k, m: ec.m, chunkBytes: inv.layoutChunkBytes, groups: groups, endpoints: [:])
+            }
+        }
         return [.send(to: sender, .welcome(state: state.rawValue))] + maybeStart(now: now)
     }
 
@@ -375,7 +557,12 @@ public struct CoordinatorInstance: Sendable {
         }
         guard let node = nodes[info.node], node.state == .alive else {
             if nodes[info.node] == nil { return [.send(to: sender, .helloRequired)] }
-            return [.send(to: sender, .fenced(reason: "node \(info.node) was declared dead"))]
+            // The lost node's own worker comes back: fenced. A new process is the worker of
+            // its replacement SMP, whose hello is not in yet: no answer; its hello is repeated.
+            if workers[sender] == nil || workers[sender]?.info.pid == info.pid {
+                return [.send(to: sender, .fenced(reason: "node \(info.node) was declared dead"))]
+            }
+            return []
         }
         if let existing = workers[sender], existing.state == .alive || existing.state == .done,
            existing.info.pid != info.pid, state != .starting {
@@ -386,10 +573,15 @@ public struct CoordinatorInstance: Sendable {
         if workers[sender] != nil && w.info.pid != info.pid { w.admittedEpoch = epoch }
         w.info = info
         w.ready = false
+        w.running = false
+        w.activity = .idle
         if w.state != .done || state == .starting { w.state = .alive }
         workers[sender] = w
         detector.heard(sender, now: now)
-        if state == .starting { epoch = max(epoch, senderEpoch) }
+        if state == .starting {
+            epoch = max(epoch, senderEpoch)
+            if senderEpoch > 1 { takesOverRunningJob = true }
+        }
         var out: [Directive] = [.send(to: sender, .welcome(state: state.rawValue))]
         if state == .recovering, let r = recovery, r.phase == .restart {
             out.append(.send(to: sender, .restore(step: r.step, sources: sliceSources)))
@@ -428,27 +620,49 @@ public struct CoordinatorInstance: Sendable {
 
     // MARK: start
 
+    /// A member that said hello died before the job (re)started: no recovery
+    /// yet (nothing is planned before the view is complete). A node is
+    /// forgotten, so that it counts as missing; a worker is forgotten and
+    /// its SMP told to end that process if it still runs and start it again.
+    private mutating func lostWhileStarting(_ id: String) -> [Directive] {
+        detector.forget(id)
+        if let n = nodes.removeValue(forKey: id) {
+            for w in n.workers { workers["\(id)/\(w)"] = nil; detector.forget("\(id)/\(w)") }
+            return [.log("SMP \(id) (pid \(n.pid)) went silent before the job started; it counts as missing")]
+        }
+        guard let w = workers.removeValue(forKey: id) else { return [] }
+        return [.log("worker \(id) (pid \(w.info.pid)) was lost before the job started; its SMP starts it again"),
+                .send(to: w.info.node, .restartWorkers([.init(worker: w.info.worker, pid: w.info.pid)]))]
+    }
+
     /// Once every expected SMP and worker is here, restore and resume through
     /// the recovery path: a fresh job restores nothing; a job whose
-    /// coordinator restarted restores its committed step.
-    private mutating func maybeStart(now: Double) -> [Directive] {
-        guard state == .starting, nodes.count == settings.nodes,
-              workers.count == expectedWorkers, workers.values.allSatisfy({ $0.state == .alive }) else { return [] }
-        var committed = nodes.values.compactMap(\.committedStep).max()
+    /// coordinator restarted restores its committed step. A restarted
+    /// coordinator does not wait forever for a node that will never say
+    /// hello: after `startGrace` (`graceOver`) the missing nodes are lost, as
+    /// are nodes that hold nothing while others hold a committed step (a
+    /// replacement that was not rebuilt yet), and recovery plans around them.
+    private mutating func maybeStart(now: Double, graceOver: Bool = false) -> [Directive] {
+        guard state == .starting else { return [] }
+        let allHere = nodes.count == settings.nodes && workers.count == expectedWorkers && workers.values.allSatisfy({ $0.state == .alive })
+        guard allHere || (graceOver && takesOverRunningJob) else { return [] }
         var out: [Directive] = []
+        var committed = nodes.values.compactMap(\.committedStep).max()
         // A round every node reported protected is committable, whether or not the
         // old coordinator got to broadcast its commit: commit it (fewer steps lost).
-        if let p = nodes.values.first?.helloProtectedStep, p > (committed ?? -1),
+        if nodes.count == settings.nodes, let p = nodes.values.first?.helloProtectedStep, p > (committed ?? -1),
            nodes.values.allSatisfy({ $0.helloProtectedStep == p && $0.stagedStep == p }) {
             out.append(.log("every node protected step \(p): committing it"))
             out += broadcastToNodes(.commit(step: p))
             for id in nodes.keys { nodes[id]?.committedStep = p; nodes[id]?.stagedStep = nil; nodes[id]?.helloProtectedStep = nil }
             committed = p
         }
+        // Nodes that hold nothing while a step is committed lost their memory (replacements not rebuilt yet).
+        let empty = committed == nil ? [] : nodes.values.filter { $0.committedStep == nil && $0.stagedStep == nil }.map(\.id)
         if let s = committed {
             // A commit the old coordinator broadcast may have reached some SMPs only;
             // every node holds `s` committed or staged (it reported protected(s)).
-            for n in nodes.values where n.committedStep != s {
+            for n in nodes.values.sorted(by: { $0.id < $1.id }) where n.committedStep != s && !empty.contains(n.id) {
                 guard n.stagedStep == s else {
                     return fail("node \(n.id) holds neither committed nor staged step \(s) (it has \(n.committedStep.map(String.init) ?? "none")); "
                         + "cannot rebuild a consistent state", now: now)
@@ -459,25 +673,41 @@ public struct CoordinatorInstance: Sendable {
         }
         committedStep = committed
         committedAt = committed == nil ? nil : now
-        let rebuilding = committed != nil || workers.values.contains { $0.step > 0 }
+        let missing = settings.nodeIDs.filter { nodes[$0] == nil }
+        for (i, id) in settings.nodeIDs.enumerated() where nodes[id] == nil {
+            // Never heard from: lost, for the launcher to replace (status shows it dead).
+            nodes[id] = Node(id: id, pid: 0, dataEndpoint: "", workers: settings.workerIDs, rankOffset: i * settings.workersPerNode, state: .dead)
+        }
+        let rebuilding = takesOverRunningJob || committed != nil || workers.values.contains { $0.step > 0 }
         epoch += 1
         state = .recovering
-        let r = Recovery(step: committed, phase: .restart, phaseStartedAt: now, restartWorkers: [:])
-        recovery = r
-        if rebuilding {
-            lastFailure = FailureReport(what: "coordinator", kind: "coordinator", detectedBy: "restarted; view rebuilt from \(nodes.count) SMP reports",
-                                        detectedAt: now, epoch: epoch)
-            lastFailure!.stepsReached = workersFurthestStep
-            failureCount += 1
-            lastFailure!.phases = [PhaseRecord(phase: .detect, seconds: 0, reason: "coordinator restart"),
-                                   PhaseRecord(phase: .plan, seconds: 0, reason: "restore committed \(committed.map { "step \($0)" } ?? "nothing") on every worker"),
-                                   PhaseRecord(phase: .rebuild, seconds: 0, reason: "snapshot memory intact on every node")]
+        guard rebuilding else {
+            recovery = Recovery(step: nil, phase: .restart, phaseStartedAt: now, deadline: 0, restartWorkers: [:])
+            recovery!.deadline = phaseDeadline(.restart, recovery!, now: now)
+            out.append(.log("all \(settings.nodes) nodes and \(expectedWorkers) workers are here; starting in epoch \(epoch)"))
+            return out + broadcastToNodes(.restore(step: nil, sources: [])) + broadcastToWorkers(.restore(step: nil, sources: sliceSources))
         }
-        out.append(.log(rebuilding ? "view rebuilt: epoch \(epoch), committed \(committed.map(String.init) ?? "none")"
-                                   : "all \(settings.nodes) nodes and \(expectedWorkers) workers are here; starting in epoch \(epoch)"))
-        out += broadcastToNodes(.restore(step: committed, sources: []))
-        out += broadcastToWorkers(.restore(step: committed, sources: sliceSources))
-        return out
+        // Workers of surviving nodes that never said hello (or are dead) are restarted by their SMP.
+        var lostWorkers: [String: [String]] = [:]
+        for n in nodes.values where n.state == .alive && !empty.contains(n.id) {
+            for w in settings.workerIDs where workers["\(n.id)/\(w)"]?.state != .alive {
+                lostWorkers[n.id, default: []].append(w)
+                if workers["\(n.id)/\(w)"] != nil { workers["\(n.id)/\(w)"]?.state = .dead }
+            }
+        }
+        let lost = (missing + empty).sorted()
+        var detail = "view rebuilt from \(nodes.count - missing.count) SMP reports"
+        if !missing.isEmpty { detail += "; never heard from \(missing.joined(separator: ", "))" }
+        if !empty.isEmpty { detail += "; \(empty.sorted().joined(separator: ", ")) hold\(empty.count == 1 ? "s" : "") no snapshot" }
+        lastFailure = FailureReport(what: "coordinator", kind: "coordinator", detectedBy: "restarted; \(detail)", detectedAt: now, epoch: epoch)
+        lastFailure!.stepsReached = workersFurthestStep
+        failureCount += 1
+        lastFailure!.phases = [PhaseRecord(phase: .detect, seconds: 0, reason: "coordinator restart")]
+        out.append(.log("\(detail): epoch \(epoch), committed \(committed.map(String.init) ?? "none")"
+            + (lost.isEmpty ? "" : "; lost \(lost.joined(separator: ", "))")))
+        out += broadcastToNodes(.pause(reason: "coordinator restarted"))
+        out += broadcastToWorkers(.pause(reason: "coordinator restarted"))
+        return out + plan(lostNodes: Set(lost), lostWorkers: lostWorkers, alivePlaceholders: Set(empty), hung: [], now: now)
     }
 
     // MARK: commit
@@ -496,9 +726,16 @@ public struct CoordinatorInstance: Sendable {
 
     // MARK: recovery
 
-    private mutating func failure(what: String, kind: String, detectedBy: String, now: Double) -> [Directive] {
+    /// A member failed: a new epoch, everyone paused, a new plan. `hung`:
+    /// workers whose stack is saved before their SMP kills them.
+    private mutating func failure(what: String, kind: String, detectedBy: String, now: Double, hung: Set<String> = []) -> [Directive] {
         if state == .stopped || state == .failed { return [] }
-        failuresWithoutResume += 1
+        if let start = burstStartedAt, now - start <= settings.heartbeatTimeout, state == .recovering {
+            // Part of the same event (a node's workers, every worker at once): not another one in a row.
+        } else {
+            failuresWithoutResume += 1
+            burstStartedAt = now
+        }
         if failuresWithoutResume > settings.maxFailuresWithoutResume {
             return fail("\(failuresWithoutResume) failures in a row without resuming (the last: \(kind) \(what), \(detectedBy)); "
                 + "stopping instead of looping", now: now)
@@ -506,6 +743,7 @@ public struct CoordinatorInstance: Sendable {
         epoch += 1
         let previous = state
         state = .recovering
+        watchdog.pause()
         roundStartedAt.removeAll()
         for id in nodes.keys { nodes[id]?.protectedStep = nil }
         for id in workers.keys { workers[id]?.ready = false }
@@ -524,7 +762,6 @@ public struct CoordinatorInstance: Sendable {
         out += broadcastToNodes(.pause(reason: "\(kind) \(what) failed"))
         out += broadcastToWorkers(.pause(reason: "\(kind) \(what) failed"))
 
-        let planStart = now
         var lostNodes = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
         // A replacement that has not finished rebuilding holds nothing yet: still lost.
         if let old = recovery, old.phase == .rebuild { lostNodes.formUnion(Set(old.rebuildNodes).subtracting(old.rebuilt)) }
@@ -532,36 +769,75 @@ public struct CoordinatorInstance: Sendable {
         for w in workers.values where (w.state == .dead || w.state == .restarting) && !lostNodes.contains(w.info.node) {
             lostWorkers[w.info.node, default: []].append(w.info.worker)
         }
+        return out + plan(lostNodes: lostNodes, lostWorkers: lostWorkers, alivePlaceholders: [], hung: hung, now: now)
+    }
+
+    /// Plans the recovery from what is lost and starts its first phase.
+    /// `alivePlaceholders`: lost nodes whose (replacement) SMP is already here.
+    private mutating func plan(lostNodes: Set<String>, lostWorkers: [String: [String]], alivePlaceholders: Set<String>,
+                               hung: Set<String>, now: Double) -> [Directive] {
         let groups = settings.erasure.flatMap { try? ECLayout.groups(of: settings.nodeIDs, k: $0.k, m: $0.m) } ?? []
-        let plan = RecoveryPlanner.plan(.init(nodes: nodes.keys.sorted(), lostNodes: lostNodes, lostWorkers: lostWorkers,
+        let plan = RecoveryPlanner.plan(.init(nodes: settings.nodeIDs, lostNodes: lostNodes, lostWorkers: lostWorkers,
                                               committedStep: committedStep, ecGroups: groups, parityPerGroup: settings.erasure?.m ?? 0))
         switch plan {
         case .unrecoverable(let reason):
-            lastFailure!.phases.append(PhaseRecord(phase: .plan, seconds: now - planStart, reason: reason))
-            return out + fail(reason, now: now)
+            lastFailure?.phases.append(PhaseRecord(phase: .plan, seconds: 0, reason: reason))
+            return fail(reason, now: now)
         case .restore(let step, let restarts, let rebuildNodes, let reason):
-            lastFailure!.phases.append(PhaseRecord(phase: .plan, seconds: now - planStart, reason: reason))
+            lastFailure?.phases.append(PhaseRecord(phase: .plan, seconds: 0, reason: reason))
+            var r = Recovery(step: step, phase: rebuildNodes.isEmpty ? .restart : .rebuild, phaseStartedAt: now, deadline: 0,
+                             restartWorkers: restarts, rebuildNodes: rebuildNodes)
             for (node, ids) in restarts { for id in ids { workers["\(node)/\(id)"]?.state = .restarting } }
+            r.saveStacks = (recovery?.saveStacks ?? []).union(hung)
             if rebuildNodes.isEmpty {
-                lastFailure!.phases.append(PhaseRecord(phase: .rebuild, seconds: 0, reason: "nothing to rebuild: snapshot memory intact on every node"))
-                let r = Recovery(step: step, phase: .restart, phaseStartedAt: now, restartWorkers: restarts)
+                lastFailure?.phases.append(PhaseRecord(phase: .rebuild, seconds: 0, reason: "nothing to rebuild: snapshot memory intact on every node"))
+                r.deadline = phaseDeadline(.restart, r, now: now)
                 recovery = r
-                return out + restartDirectives(r)
+                return restartDirectives(r)
             }
             // Wait for a replacement SMP of each lost node (the same node restarted
             // empty, or a spare under its id), then have it rebuild from its group.
-            var r = Recovery(step: step, phase: .rebuild, phaseStartedAt: now, restartWorkers: restarts, rebuildNodes: rebuildNodes)
             r.rebuildStartedAt = now
-            for id in rebuildNodes { r.lostPIDs[id] = nodes[id]?.pid ?? -1 }
+            for id in rebuildNodes { r.lostPIDs[id] = alivePlaceholders.contains(id) ? 0 : nodes[id]?.pid ?? 0 }
             // Replacements that already said hello keep their place in the rebuild.
             if let old = recovery, old.phase == .rebuild {
                 r.lostPIDs.merge(old.lostPIDs) { _, original in original }
                 r.rebuilt = old.rebuilt.intersection(rebuildNodes)
             }
+            r.rebuildBytes = rebuildNodes.reduce(0) { $0 + bytesHeld(by: $1) }
+            r.deadline = phaseDeadline(.rebuild, r, now: now)
             recovery = r
-            out.append(.log("waiting for replacement SMPs of \(rebuildNodes.joined(separator: ", ")) to rebuild from parity"))
-            return out + rebuildDirectives(now: now)
+            return [.log("waiting for replacement SMPs of \(rebuildNodes.joined(separator: ", ")) to rebuild from parity")]
+                + rebuildDirectives(now: now)
         }
+    }
+
+    /// Bytes a node holds (its image and parity), as its heartbeats said, or
+    /// from the layout when it never said (a restarted coordinator).
+    private func bytesHeld(by node: String) -> Int {
+        let n = nodes[node]
+        let known = (n?.dataBytes ?? 0) + (n?.parityBytes ?? 0)
+        if known > 0 { return known }
+        return lastLayout.map { $0.chunkBytes * ($0.k + $0.m) } ?? 0
+    }
+
+    /// The rate assumed for bulk recovery work: the median measured one, or the configured one.
+    var recoveryRate: Double {
+        guard !measuredRates.isEmpty else { return settings.recoveryBytesPerSecond }
+        return measuredRates.sorted()[measuredRates.count / 2]
+    }
+
+    /// When a phase that starts `now` is late: the floor plus three times
+    /// its bytes at the recovery rate (a rebuild: the lost nodes' bytes; a
+    /// restart: every node's image, an upper bound on what a worker pulls).
+    func phaseDeadline(_ phase: Phase, _ r: Recovery, now: Double) -> Double {
+        let bytes: Int
+        switch phase {
+        case .rebuild: bytes = r.rebuildBytes
+        case .restart: bytes = nodes.values.reduce(0) { $0 + $1.dataBytes }
+        default: bytes = 0
+        }
+        return now + settings.phaseTimeout + 3 * Double(bytes) / recoveryRate
     }
 
     /// Rebuild orders for replacements that are here and not yet rebuilt.
@@ -577,18 +853,39 @@ public struct CoordinatorInstance: Sendable {
     private mutating func rebuildDone(_ node: String, step: Int?, error: String, now: Double) -> [Directive] {
         guard state == .recovering, var r = recovery, r.phase == .rebuild, r.rebuildNodes.contains(node), step == r.step else { return [] }
         guard error.isEmpty else {
-            return fail("rebuild of node \(node) failed: \(error)", now: now)
+            // A source may have died (the failure detector will say so, and the plan
+            // will change) or been slow: order the rebuild again a little later.
+            r.rebuildFailures += 1
+            if r.rebuildFailures > settings.phaseRetries {
+                return fail("rebuild of node \(node) failed \(r.rebuildFailures) times; the last: \(error)", now: now)
+            }
+            r.retries = 0
+            r.deadline = now + 2 * settings.heartbeatTimeout
+            recovery = r
+            return [.log("rebuild of node \(node) failed (\(error)); ordered again in \(Int(2000 * settings.heartbeatTimeout)) ms "
+                + "unless a source is declared lost meanwhile")]
         }
         r.rebuilt.insert(node)
         recovery = r
         guard r.rebuilt.count == r.rebuildNodes.count else { return [.log("node \(node) rebuilt")] }
-        lastFailure?.phases.append(PhaseRecord(phase: .rebuild, seconds: now - r.rebuildStartedAt,
+        let seconds = now - r.rebuildStartedAt
+        noteRate(bytes: r.rebuildBytes, seconds: seconds)
+        lastFailure?.phases.append(PhaseRecord(phase: .rebuild, seconds: seconds,
                                                reason: "rebuilt \(r.rebuildNodes.joined(separator: ", ")) from parity"))
         r.phase = .restart
         r.phaseStartedAt = now
         r.retries = 0
+        r.deadline = phaseDeadline(.restart, r, now: now)
         recovery = r
         return [.log("rebuilt \(r.rebuildNodes.joined(separator: ", ")); restoring")] + restartDirectives(r)
+    }
+
+    /// Records the rate of a phase that moved `bytes` in `seconds`; small
+    /// phases say more about latency than about bandwidth and are not kept.
+    private mutating func noteRate(bytes: Int, seconds: Double) {
+        guard bytes >= 64 << 20, seconds > 0 else { return }
+        measuredRates.append(Double(bytes) / seconds)
+        if measuredRates.count > 8 { measuredRates.removeFirst() }
     }
 
     /// The EC layout, sent when it is known or changed (or when forced).
@@ -613,7 +910,14 @@ public struct CoordinatorInstance: Sendable {
         var out: [Directive] = []
         for n in nodes.values.sorted(by: { $0.id < $1.id }) where n.state == .alive {
             out.append(.send(to: n.id, .restore(step: r.step, sources: [])))
-            if let ids = r.restartWorkers[n.id], !ids.isEmpty { out.append(.send(to: n.id, .restartWorkers(ids))) }
+            // Each names the incarnation to end first: the dead worker's last known
+            // process (0: never heard of). One that said hello since is not restarted again.
+            let restarts = (r.restartWorkers[n.id] ?? []).compactMap { id -> ControlMessage.WorkerRestart? in
+                let key = "\(n.id)/\(id)"
+                guard workers[key]?.state != .alive else { return nil }
+                return ControlMessage.WorkerRestart(worker: id, pid: workers[key]?.info.pid ?? 0, saveStack: r.saveStacks.contains(key))
+            }
+            if !restarts.isEmpty { out.append(.send(to: n.id, .restartWorkers(restarts))) }
         }
         for w in workers.values.sorted(by: { $0.info.key < $1.info.key }) where w.state == .alive && !w.ready {
             out.append(.send(to: w.info.key, .restore(step: r.step, sources: sliceSources)))
@@ -629,6 +933,10 @@ public struct CoordinatorInstance: Sendable {
         state = .running
         recovery = nil
         failuresWithoutResume = 0
+        burstStartedAt = nil
+        watchdog.restart(now: now)
+        watchdogNoted = false
+        noteRate(bytes: nodes.values.reduce(0) { $0 + $1.dataBytes }, seconds: restartSeconds)
         let peers = workers.values.sorted { $0.info.rank < $1.info.rank }.map(\.info.collectiveEndpoint)
         if lastFailure != nil && lastFailure!.outcome == "in progress" {
             lastFailure!.phases.append(PhaseRecord(phase: .restart, seconds: restartSeconds,

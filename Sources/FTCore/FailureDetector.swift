@@ -3,23 +3,70 @@
 /// died. No clock reads: `now` is seconds on any monotonic clock.
 ///
 /// A member silent for more than two intervals is *suspect* (shown by
-/// `ftctl status`); silent for more than `timeout` it is *dead*, reported once
-/// and no longer tracked. A death reported by someone else (an SMP that saw
-/// its child exit) is immediate: `forget` the member and act on the report.
+/// `ftctl status`); silent for longer than the effective timeout it is
+/// *dead*, reported once and no longer tracked. A death reported by someone
+/// else (an SMP that saw its child exit) is immediate: `forget` the member and
+/// act on the report.
+///
+/// **The observer can be the slow one.** A detector whose own loop stalled (a
+/// SIGSTOP, an overloaded host, a VM pause) cannot tell a silent member from
+/// heartbeats it has not read yet. So every `tick` measures the gap since the
+/// previous one; a gap longer than `stallThreshold` is the *observer's* stall:
+/// that tick declares nobody, and every tracked member gets a fresh grace
+/// period (silence counts again from now), which leaves the shell time to
+/// drain what queued up meanwhile. Like Lifeguard's local health multiplier
+/// (HashiCorp memberlist), each stall also raises `localHealth`, and the
+/// effective timeout is `timeout × (1 + localHealth)`: an observer that keeps
+/// missing its own deadlines is slower to accuse. `localHealth` falls by one
+/// after each `healthDecay` seconds without a stall.
 public struct FailureDetectorInstance: Sendable {
     public enum Liveness: String, Sendable {
         case alive, suspect
     }
 
+    /// What one tick found.
+    public struct Tick: Sendable, Equatable {
+        /// Members silent for longer than the effective timeout, longest silence first.
+        public var dead: [Death] = []
+        /// The observer's own gap, when this tick found it stalled (nobody is declared then).
+        public var stalledFor: Double?
+    }
+
+    public struct Death: Sendable, Equatable {
+        public var id: String
+        public var silentFor: Double
+    }
+
     public let interval: Double
     public let timeout: Double
-    private var lastHeard: [String: Double] = [:]
+    /// A gap between ticks longer than this is the observer's stall.
+    public let stallThreshold: Double
+    /// Seconds without a stall after which `localHealth` falls by one.
+    public let healthDecay: Double
+    public static let maxLocalHealth = 4
 
-    public init(interval: Double = 0.1, timeout: Double = 0.5) {
+    private var lastHeard: [String: Double] = [:]
+    private var lastTick: Double?
+    private var healthChangedAt = 0.0
+    /// 0 when healthy; raised by each stall of the observer (at most `maxLocalHealth`).
+    public private(set) var localHealth = 0
+    /// Stalls seen so far, and the longest gap between two ticks.
+    public private(set) var stalls = 0
+    public private(set) var largestGap = 0.0
+
+    /// `stallThreshold` defaults to half the timeout: a loop that could not
+    /// look for half the timeout may have missed the heartbeats that matter.
+    public init(interval: Double = 0.1, timeout: Double = 0.5, stallThreshold: Double? = nil, healthDecay: Double? = nil) {
         precondition(interval > 0 && timeout > interval, "heartbeat timeout must exceed the interval")
         self.interval = interval
         self.timeout = timeout
+        self.stallThreshold = stallThreshold ?? timeout / 2
+        self.healthDecay = healthDecay ?? max(10, 20 * timeout)
+        precondition(self.stallThreshold > 0 && self.healthDecay > 0)
     }
+
+    /// The timeout in force: `timeout × (1 + localHealth)`.
+    public var effectiveTimeout: Double { timeout * Double(1 + localHealth) }
 
     /// Starts tracking `id` (or refreshes it): heard from at `now`.
     public mutating func heard(_ id: String, now: Double) {
@@ -39,13 +86,29 @@ public struct FailureDetectorInstance: Sendable {
         return now - t > 2 * interval ? .suspect : .alive
     }
 
-    /// Members silent for longer than the timeout, with how long they were
-    /// silent, oldest first. They are no longer tracked.
-    public mutating func tick(now: Double) -> [(id: String, silentFor: Double)] {
-        let dead = lastHeard.filter { now - $0.value > timeout }
-            .map { (id: $0.key, silentFor: now - $0.value) }
+    /// Time passes. Members silent for longer than the effective timeout are
+    /// reported (longest silence first) and no longer tracked, unless the
+    /// observer itself stalled since the previous tick.
+    public mutating func tick(now: Double) -> Tick {
+        let gap = lastTick.map { now - $0 } ?? 0
+        lastTick = max(lastTick ?? now, now)
+        largestGap = max(largestGap, gap)
+        if gap > stallThreshold {
+            stalls += 1
+            localHealth = min(Self.maxLocalHealth, localHealth + 1)
+            healthChangedAt = now
+            for id in lastHeard.keys { lastHeard[id] = max(lastHeard[id]!, now) }
+            return Tick(dead: [], stalledFor: gap)
+        }
+        if localHealth > 0, now - healthChangedAt > healthDecay {
+            localHealth -= 1
+            healthChangedAt = now
+        }
+        let limit = effectiveTimeout
+        let dead = lastHeard.filter { now - $0.value > limit }
+            .map { Death(id: $0.key, silentFor: now - $0.value) }
             .sorted { $0.silentFor > $1.silentFor || ($0.silentFor == $1.silentFor && $0.id < $1.id) }
         for d in dead { lastHeard[d.id] = nil }
-        return dead
+        return Tick(dead: dead)
     }
 }

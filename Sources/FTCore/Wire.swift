@@ -16,7 +16,7 @@
 /// it. Payloads are written and read with `ByteWriter` / `ByteReader`.
 public struct WireEnvelope: Sendable, Equatable {
     public static let magic: [UInt8] = [0x46, 0x54, 0x57, 0x00]  // "FTW\0"
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
     public static let maxSenderBytes = 255
     /// Control messages are small; bulk data travels in raw frames beside them.
     public static let maxPayload = 16 << 20

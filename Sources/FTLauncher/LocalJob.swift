@@ -81,7 +81,8 @@ public final class LocalJob: @unchecked Sendable {
     private func smpArguments(node: String, rankOffset: Int) -> [String] {
         [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", node, "--run-dir", options.runDirectory,
          "--workers", "\(options.workersPerNode)", "--coordinator", endpoint,
-         "--rank-offset", "\(rankOffset)", "--world-size", "\(options.nodes * options.workersPerNode)"]
+         "--rank-offset", "\(rankOffset)", "--world-size", "\(options.nodes * options.workersPerNode)",
+         "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
     }
 
@@ -135,6 +136,19 @@ public final class LocalJob: @unchecked Sendable {
         smps[n] = spare.process
         try writePIDs()
         return "spare\(spare.index) (pid \(spare.process.pid)) took over n\(n)"
+    }
+
+    /// Ends, with SIGKILL to its process group (the SMP and its workers), the
+    /// SMP the coordinator declared dead as node `n`: the one with
+    /// `declaredPID` if this job started it, or when the pid is unknown (0: a
+    /// restarted coordinator never heard from the node) whatever runs as `n`.
+    /// Returns what it did, nil when nothing of ours was running.
+    public func killNode(_ n: Int, declaredPID: Int32) -> String? {
+        let candidates = declaredPID > 0 ? (smps + retired + spares.map(\.process)).filter { $0.pid == declaredPID } : [smps[n]]
+        guard let smp = candidates.first, smp.poll() == nil else { return nil }
+        kill(-smp.pid, SIGKILL)  // its process group: the SMP and the workers it started
+        smp.kill(SIGKILL)
+        return "killed n\(n)'s SMP (pid \(smp.pid)) and its workers: declared dead"
     }
 
     /// Starts (or restarts, as the replacement of a lost node) the SMP of node `n`.

@@ -6,9 +6,18 @@ import Foundation
 /// otherwise the same node id restarted empty; either rebuilds from parity),
 /// and a dead coordinator is restarted on the same endpoint (it rebuilds its
 /// view from the SMPs).
+///
+/// Declared dead means made dead: the process group of an SMP the coordinator
+/// declared dead (its SMP and workers) is SIGKILLed before the node is
+/// replaced, so a hung or cut-off node never holds its memory or its workers
+/// up. A node a restarted coordinator never heard from (reported with pid 0)
+/// is ended whatever runs as it. `killDeclaredDead = false` leaves them alone
+/// (a zombie then finds itself fenced when it speaks again).
 public final class Supervisor: @unchecked Sendable {
     public let job: LocalJob
-    private var replaced: [Int: Int32] = [:]
+    public var killDeclaredDead = true
+    /// The reports acted on, per node: "coordinator pid/dead SMP pid".
+    private var handled: [Int: String] = [:]
 
     /// The status document of the last tick that got one.
     public private(set) var lastStatus: [String: Any]?
@@ -26,17 +35,20 @@ public final class Supervisor: @unchecked Sendable {
         }
         guard let status = job.status(timeout: statusTimeout) else { return actions }
         lastStatus = status
+        let coordinator = jsonInt(status["coordinator_pid"])
         for n in (status["nodes"] as? [[String: Any]]) ?? [] {
             guard let id = n["id"] as? String, let index = Int(id.dropFirst()), index < job.smps.count else { continue }
             let state = n["smp"] as? String ?? ""
             let pid = Int32(jsonInt(n["pid"]))
-            if (state == "dead" || state == "fenced"), replaced[index] != pid, job.options.erasure != nil {
-                replaced[index] = pid
-                do {
-                    actions.append(try job.replaceNode(index))
-                } catch {
-                    actions.append("could not replace \(id): \(error)")
-                }
+            let report = "\(coordinator)/\(pid)"
+            guard state == "dead" || state == "fenced", handled[index] != report else { continue }
+            handled[index] = report
+            if killDeclaredDead, let ended = job.killNode(index, declaredPID: pid) { actions.append(ended) }
+            guard job.options.erasure != nil else { continue }
+            do {
+                actions.append(try job.replaceNode(index))
+            } catch {
+                actions.append("could not replace \(id): \(error)")
             }
         }
         return actions

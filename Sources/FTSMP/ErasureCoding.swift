@@ -364,7 +364,7 @@ extension SMPServer {
     /// parity itself). Each frame's CRC32C is computed once, for every holder.
     func startProtecting(step: Int) {
         guard let ec = erasure else {
-            link?.send(.protected(step: step))
+            report(.protected(step: step))
             return
         }
         guard let entries = imageEntries(step: step, committedOnly: false) else { return }
@@ -567,7 +567,7 @@ extension SMPServer {
     func checkProtected(step: Int) {
         guard let ec = erasure, let o = ec.outgoing, o.step == step, o.pending.isEmpty, ec.parityComplete(step: step) else { return }
         ec.outgoing = nil
-        link?.send(.protected(step: step))
+        report(.protected(step: step))
     }
 
     // MARK: serving repairs
@@ -725,11 +725,11 @@ extension SMPServer {
     func startRebuild(step: Int?, lost: [String]) {
         guard let step else {
             logger.info("nothing committed: nothing to rebuild")
-            link?.send(.rebuilt(step: nil, error: ""))
+            report(.rebuilt(step: nil, error: ""))
             return
         }
         guard let ec = erasure else {
-            link?.send(.rebuilt(step: step, error: ErasureState.noLayout))
+            report(.rebuilt(step: step, error: ErasureState.noLayout))
             return
         }
         if let current = ec.rebuilding {
@@ -938,21 +938,32 @@ extension SMPServer {
         logger.info("rebuilt node \(config.nodeID) for step \(job.step) from parity",
                     metadata: ["bytes": "\(job.imageBytes)", "ms": "\(Int(seconds * 1000))", "workers": "\(parsed.entries.count)",
                                "decoded_bytes": "\(job.bytesDecoded)", "frames": "\(job.queue.count)"])
-        link?.send(.rebuilt(step: job.step, error: ""))
+        report(.rebuilt(step: job.step, error: ""))
     }
 
     func failRebuild(_ error: String) {
         guard let ec = erasure, let job = ec.rebuilding else { return }
         ec.rebuilding = nil
         logger.error("rebuild failed: \(error)")
-        link?.send(.rebuilt(step: job.step, error: error))
+        report(.rebuilt(step: job.step, error: error))
     }
 
     // MARK: corruption is an erasure
 
     /// Checks a worker's committed slot; a chunk that fails its CRC is rebuilt
     /// from its row's other chunks (as if lost), decoded straight into the slot.
-    func verifyAndRepair(worker id: String) throws(StoreError) {
+    /// `unlessVerified`: skip a slot already checked at this step (slices
+    /// served to peers); a worker's own restore always checks. Without
+    /// erasure coding nothing can be repaired: the reader's own CRC check
+    /// names a corrupt chunk.
+    func verifyAndRepair(worker id: String, unlessVerified: Bool = false) throws(StoreError) {
+        guard erasure != nil, let point = try store.restorePoint(worker: id), store.workers[id] != nil else { return }
+        if unlessVerified, let v = verifiedSlots[id], v.step == point.step, v.slot == point.slot { return }
+        try verifySlot(worker: id)
+        verifiedSlots[id] = (point.step, point.slot)
+    }
+
+    private func verifySlot(worker id: String) throws(StoreError) {
         guard let ec = erasure, let point = try store.restorePoint(worker: id), let w = store.workers[id] else { return }
         let segment = segments[id]![point.slot]
         for entry in w.layout.entries {
@@ -984,3 +995,4 @@ extension SMPServer {
         }
     }
 }
+

@@ -30,6 +30,11 @@ public struct SMPConfiguration: Sendable {
     public var rankOffset = 0
     public var worldSize: Int?
     public var heartbeatInterval = 0.1
+    /// The coordinator's heartbeat timeout (heartbeat gaps over 0.3× of it are logged).
+    public var heartbeatTimeout = 0.5
+    /// The event loop not turning for this long is a hang: heartbeats stop so
+    /// that the coordinator replaces this SMP.
+    public var hangBound = 10.0
 
     public init(jobID: String, nodeID: String, endpoint: String? = nil, runDirectory: String, workerCount: Int,
                 workerCommand: [String], maxRestarts: Int = 100, extraEnvironment: [String: String] = [:]) {
@@ -68,10 +73,17 @@ public struct SMPError: Error, Sendable, CustomStringConvertible {
 /// `/ft-<job>-<node>-<worker>-s<slot>`) and the child processes.
 ///
 /// With a coordinator, it says hello with its inventory (committed and staged
-/// steps), heartbeats, reports a child's exit at once, reports `protected(s)`
-/// when every local worker staged `s`, and obeys `commit`, `abort`, `restore`,
-/// `restartWorkers`, `fenced` and `stop`. It also listens on TCP (its data
-/// endpoint) for peers' slice requests.
+/// steps), heartbeats (from a thread of its own, `ControlChannel`, so that
+/// bulk work on the event loop never delays one), reports a child's exit at
+/// once, reports `protected(s)` when every local worker staged `s`, and obeys
+/// `commit`, `abort`, `restore`, `restartWorkers`, `fenced` and `stop`. It
+/// also listens on TCP (its data endpoint) for peers' slice requests.
+///
+/// `restartWorkers` names the incarnation to replace: a worker the coordinator
+/// declared dead but whose process still runs (hung, stopped, cut off) is
+/// killed first, after its thread backtraces are saved to `RUN_DIR/stacks`
+/// when the coordinator asks (a hang); it is respawned when its exit is seen,
+/// without reporting that exit (the coordinator ordered it).
 ///
 /// It ends on SIGTERM (stops its workers, frees every segment), on the
 /// coordinator's `stop` or `fenced`, or, when it spawned workers, once all of
@@ -92,7 +104,8 @@ public final class SMPServer: @unchecked Sendable {
     private let stopPipe: (read: Int32, write: Int32)
     /// Counted and dropped: frames that could not be decoded.
     public private(set) var malformedFrames = 0
-    var link: CoordinatorLink?
+    /// The coordinator link, on its own thread.
+    var channel: ControlChannel?
     /// Erasure coding across nodes, once the coordinator sent the layout.
     var erasure: ErasureState?
     /// Test-only fault injection (FT_FAULT_KILL_DURING_EC_STEP=S): SIGKILL this
@@ -100,11 +113,17 @@ public final class SMPServer: @unchecked Sendable {
     let faultKillDuringECStep = ProcessInfo.processInfo.environment["FT_FAULT_KILL_DURING_EC_STEP"].flatMap(Int.init)
     public private(set) var dataEndpoint: String = ""
     private var exitCode: Int32 = 0
-    private var welcomed = false
-    private var lastKeepAlive = 0.0
+    /// The step of the last `protected` sent, while that round is still staged
+    /// (a hello says it again for a coordinator that restarts).
+    private var lastProtected: Int?
+    /// Workers being ended on the coordinator's order, respawned when their
+    /// exit is seen; `killAt`: when a stack dump still running is cut short.
+    private var replacing: [String: (pid: Int32, killAt: Double?, dumper: ChildProcess?)] = [:]
     private var pendingRebuild: (step: Int?, lost: [String])?
     /// Workers' requests that arrived during a rebuild, answered once it is over.
     private var heldRequests: [[ZMQMessage]] = []
+    /// The committed slot each worker's bytes were last checked in (step, slot).
+    var verifiedSlots: [String: (step: Int, slot: Int)] = [:]
     private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil }
     private var stopRequested = false
 
@@ -125,6 +144,7 @@ public final class SMPServer: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: config.runDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/logs", withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/pids", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: config.runDirectory + "/stacks", withIntermediateDirectories: true)
         if config.endpoint.hasPrefix("ipc://") {
             // A socket file left by a crashed SMP of this node would make bind fail.
             unlink(String(config.endpoint.dropFirst(6)))
@@ -141,7 +161,9 @@ public final class SMPServer: @unchecked Sendable {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try router.bind("tcp://127.0.0.1:*")
             let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
-            link = try CoordinatorLink(context: context, endpoint: coordinator, memberID: config.nodeID, keys: keys)
+            channel = try ControlChannel(context: context, endpoint: coordinator, memberID: config.nodeID, keys: keys,
+                                         interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
+                                         hangBound: config.hangBound, logger: logger)
         } else {
             store = SnapshotStoreInstance()
         }
@@ -172,29 +194,20 @@ public final class SMPServer: @unchecked Sendable {
         appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
         for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
         sendHello()
-        var nextHeartbeat = 0.0
-        var nextHello = monotonicSeconds() + 0.5
+        channel?.start()
         loop: while true {
-            let now = monotonicSeconds()
-            if let link, now >= nextHeartbeat {
-                // Heartbeats only once welcomed (they carry the epoch the welcome
-                // brings); until then the hello is repeated.
-                if welcomed {
-                    link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
-                    noteHeartbeat(now)
-                } else if now >= nextHello {
-                    sendHello()
-                    nextHello = now + 0.5
-                }
-                nextHeartbeat = now + config.heartbeatInterval
-            }
+            channel?.progress()
+            reportSizes()
+            if channel?.welcomed == false { updateHello() }
             var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
             if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let childIDs = children.keys.sorted()
             for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
+            let dumperIDs = replacing.keys.sorted().filter { replacing[$0]?.dumper != nil }
+            for id in dumperIDs { items.append(.init(fileDescriptor: replacing[id]!.dumper!.pidfd, .readable)) }
             if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
-            if let link { items.append(.init(link.socket, .readable)) }
-            var wait = link == nil ? 1000 : max(1, Int((nextHeartbeat - monotonicSeconds()) * 1000))
+            if let channel { items.append(.init(channel.inbox, .readable)) }
+            var wait = Int(config.heartbeatInterval * 1000)
             if let at = erasure?.resendAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
             let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
             if ready[1].isReadable {
@@ -209,8 +222,9 @@ public final class SMPServer: @unchecked Sendable {
             for (offset, id) in childIDs.enumerated() where ready[base + offset].isReadable {
                 try childExited(id)
             }
+            endReplacedWorkers()
             if ready[0].isReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
-            if link != nil, ready.last!.isReadable { try handleCoordinator() }
+            if channel != nil, ready.last!.isReadable { try handleCoordinator() }
             drainPeerAcks()
             if stopRequested { break loop }
             if config.workerCount > 0 && finished.count == config.workerCount {
@@ -238,20 +252,22 @@ public final class SMPServer: @unchecked Sendable {
         return segment
     }
 
-    /// Heartbeats while a long task (a rebuild) holds the event loop.
+    /// Between pieces of long work on the event loop: tells the control
+    /// thread the loop is alive (it heartbeats meanwhile).
     func keepAlive() {
-        let now = monotonicSeconds()
-        guard let link, welcomed, now - lastKeepAlive >= config.heartbeatInterval else { return }
-        link.send(.smpHeartbeat(dataBytes: imageBytes, parityBytes: erasure?.parityBytesHeld ?? 0))
-        noteHeartbeat(now)
+        channel?.progress()
+        reportSizes()
     }
 
-    /// Records a heartbeat sent; a gap of over a second is logged (the event loop was held).
-    func noteHeartbeat(_ now: Double) {
-        if lastKeepAlive > 0, now - lastKeepAlive > 1 {
-            logger.warning("no heartbeat sent for \(Int((now - lastKeepAlive) * 1000)) ms: the event loop was held")
-        }
-        lastKeepAlive = now
+    /// The sizes heartbeats carry: this node's image and the parity it holds.
+    private func reportSizes() {
+        channel?.setSizes(data: imageBytes, parity: erasure?.parityBytesHeld ?? 0)
+    }
+
+    /// Sends a message to the coordinator (if any); remembers a `protected` for later hellos.
+    func report(_ message: ControlMessage) {
+        if case .protected(let step) = message { lastProtected = step }
+        channel?.send(message)
     }
 
     private func applyLayout(_ layout: ECLayout) {
@@ -273,26 +289,33 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
-    private func sendHello() {
-        guard let link else { return }
+    /// What this node holds, as the hello says it.
+    private var inventory: ControlMessage.SMPInventory {
         let steps = store.workers.values.map { $0.lastCommitted }
         let committed: Int? = steps.isEmpty || steps.contains(where: { $0 == nil }) ? nil : steps.compactMap { $0 }.min()
-        link.send(.smpHello(.init(node: config.nodeID, pid: Int(getpid()), dataEndpoint: dataEndpoint,
-                                  workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
-                                  committedStep: committed, stagedStep: store.stagedStep,
-                                  protectedStep: link.lastProtected.flatMap { $0 == store.stagedStep ? $0 : nil })))
+        return .init(node: config.nodeID, pid: Int(getpid()), dataEndpoint: dataEndpoint,
+                     workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
+                     committedStep: committed, stagedStep: store.stagedStep,
+                     protectedStep: lastProtected.flatMap { $0 == store.stagedStep ? $0 : nil },
+                     layoutChunkBytes: erasure?.chunkBytes ?? 0)
+    }
+
+    /// The hello the control thread repeats until welcomed.
+    private func updateHello() { channel?.setHello(inventory) }
+
+    private func sendHello() {
+        guard let channel else { return }
+        channel.setHello(inventory)
+        channel.send(.smpHello(inventory))
     }
 
     private func handleCoordinator() throws {
-        guard let link else { return }
-        for (message, _) in link.drain() {
+        guard let channel else { return }
+        for message in channel.receive() {
             switch message {
-            case .welcome, .ack:
-                welcomed = true
-            case .pause:
+            case .welcome, .ack, .pause:
                 break
             case .helloRequired:
-                welcomed = false
                 sendHello()
             case .ecLayout(let layout):
                 applyLayout(layout)
@@ -320,21 +343,18 @@ public final class SMPServer: @unchecked Sendable {
                     logger.warning("commit(\(step)) but not every local worker holds it staged")
                 }
             case .abort(let step):
-                link.forgetProtected()
+                lastProtected = nil
                 store.abort(step: step)
                 erasure?.dropParity { $0 == step }
                 logger.info("snapshot round \(step) aborted by the coordinator")
             case .restore(let step, _):
-                link.forgetProtected()  // any staged round is void now
+                lastProtected = nil  // any staged round is void now
                 erasure?.dropParity { $0 != step }
                 if !store.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
-            case .restartWorkers(let ids):
-                for id in ids where children[id] == nil {
-                    restarts[id, default: 0] += 1
-                    try spawn(workerID: id)
-                }
+            case .restartWorkers(let list):
+                for r in list { try replaceWorker(r) }
             case .fenced(let reason):
                 logger.error("fenced by the coordinator: \(reason); stopping")
                 exitCode = 3
@@ -461,14 +481,15 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
-    /// The committed bytes of one tensor slice, checked against their CRCs
-    /// before they leave (a corrupt chunk is named, never served).
+    /// The committed bytes of one tensor slice, from a slot checked against
+    /// its CRCs (a corrupt chunk is repaired from parity, or named, never served).
     private func slice(rank: Int, size: Int, tensor: String) throws(StoreError) -> [ZMQFrame] {
         guard let owner = store.worker(dpRank: rank, dpSize: size) else {
             throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
         }
         let id = owner.registration.workerID
-        try verifyAndRepair(worker: id)
+        // Once per committed step: every rank fetches slices of the same slot.
+        try verifyAndRepair(worker: id, unlessVerified: true)
         guard let point = try store.restorePoint(worker: id) else {
             throw StoreError(.nothingCommitted, "worker \(id) has no committed snapshot")
         }
@@ -477,18 +498,10 @@ public final class SMPServer: @unchecked Sendable {
         }
         let segment = segments[id]![point.slot]
         let data = UnsafeRawBufferPointer(start: segment.base + entry.slotOffset, count: entry.storedBytes)
-        var crcs: [UInt32] = []
-        for chunk in 0..<entry.chunkCount {
-            let range = owner.layout.chunkRange(entry, chunk: chunk)
-            let expected = point.crcs[entry.firstChunk + chunk]
-            let actual = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[range]))
-            guard actual == expected else {
-                throw StoreError(.corrupt, "worker \(id), tensor \(tensor), chunk \(chunk): stored bytes fail their CRC32C")
-            }
-            crcs.append(expected)
-        }
+        let crcs = (0..<entry.chunkCount).map { point.crcs[entry.firstChunk + $0] }
         let header = SMPMessage.sliceReply(step: point.step, range: entry.storedRange, crcs: crcs).envelope(sender: config.nodeID).encoded()
-        return [.bytes(header), .bytes(Array(data))]
+        // Zero-copy from the committed slot (verified above; the receiver checks every chunk's CRC again).
+        return [.bytes(header), ZeroCopyFrames.frame(data)]
     }
 
     // MARK: children
@@ -506,8 +519,12 @@ public final class SMPServer: @unchecked Sendable {
         env["FT_SMP_ENDPOINT"] = boundEndpoint
         env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
         env["FT_RUN_DIR"] = config.runDirectory
+        env["FT_HEARTBEAT_MS"] = "\(Int(config.heartbeatInterval * 1000))"
+        // A Swift worker that crashes (or gets SIGQUIT) writes every thread's backtrace here.
+        env["SWIFT_BACKTRACE"] = env["SWIFT_BACKTRACE"]
+            ?? "enable=yes,interactive=no,threads=yes,output-to=\(config.runDirectory)/stacks"
         env.merge(Self.torchrunEnvironment(env, rank: dpRank, localRank: dpRank - config.rankOffset, localWorldSize: config.workerCount,
-                                           epoch: link?.epoch ?? 0)) { $1 }
+                                           epoch: channel?.epoch ?? 0)) { $1 }
         let child = try ChildProcess(arguments: config.workerCommand, environment: env,
                                      outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
         children[workerID] = child
@@ -544,13 +561,20 @@ public final class SMPServer: @unchecked Sendable {
         let committed = store.workers[id]?.lastCommitted
         logger.info("worker exited", metadata: ["worker": "\(id)", "pid": "\(child.pid)", "status": "\(status)",
                                                 "committed": "\(committed.map(String.init) ?? "none")"])
+        if let order = replacing.removeValue(forKey: id) {
+            // Ended on the coordinator's order: its replacement starts now.
+            order.dumper?.kill(SIGKILL)
+            restarts[id, default: 0] += 1
+            try spawn(workerID: id)
+            return
+        }
         if status.isSuccess {
             finished.insert(id)
             return
         }
-        if let link {
+        if let channel {
             // The coordinator decides what happens next (and restarts it through us).
-            link.send(.childExited(worker: id, status: "\(status)"))
+            channel.send(.childExited(worker: id, pid: Int(child.pid), status: "\(status)"))
             return
         }
         guard totalRestarts < config.maxRestarts else {
@@ -563,7 +587,70 @@ public final class SMPServer: @unchecked Sendable {
         try spawn(workerID: id)
     }
 
+    /// The coordinator declared `r.worker` dead: if that incarnation still
+    /// runs, end it (saving its stack first when asked) and respawn it once
+    /// its exit is seen; if none runs, start one now. An order about an
+    /// incarnation that is gone (a newer one runs) changes nothing.
+    private func replaceWorker(_ r: ControlMessage.WorkerRestart) throws {
+        guard let child = children[r.worker] else {
+            guard replacing[r.worker] == nil else { return }
+            restarts[r.worker, default: 0] += 1
+            try spawn(workerID: r.worker)
+            return
+        }
+        guard r.pid != 0, Int(child.pid) == r.pid, replacing[r.worker] == nil else { return }
+        kill(child.pid, SIGCONT)  // a stopped process cannot die of SIGKILL's cleanup, nor be read
+        if r.saveStack, let dumper = startStackDump(worker: r.worker, pid: child.pid) {
+            logger.warning("worker \(r.worker) (pid \(child.pid)) is hung: saving its stack, then killing it")
+            replacing[r.worker] = (child.pid, monotonicSeconds() + 15, dumper)
+        } else {
+            logger.warning("worker \(r.worker) (pid \(child.pid)) was declared dead: killing it")
+            child.kill(SIGKILL)
+            replacing[r.worker] = (child.pid, nil, nil)
+        }
+    }
+
+    /// Thread backtraces of a hung worker, to `RUN_DIR/stacks/NODE-WORKER-pPID.txt`:
+    /// `gdb` attached to it (every thread, native frames, demangled when
+    /// swift-demangle is at hand). Without gdb, SIGQUIT: a Swift worker's
+    /// runtime writes its own backtraces there (SWIFT_BACKTRACE, set at spawn).
+    private func startStackDump(worker: String, pid: Int32) -> ChildProcess? {
+        let dir = config.runDirectory + "/stacks"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let file = "\(dir)/\(config.nodeID)-\(worker)-p\(pid).txt"
+        guard ChildProcess.resolve("gdb") != nil else {
+            logger.info("gdb is not installed: asking worker \(worker) to write its own backtraces (SIGQUIT)")
+            kill(pid, SIGQUIT)
+            return nil
+        }
+        let script = "echo \"# \(config.nodeID)/\(worker) pid \(pid), declared hung by the coordinator's step-progress watchdog\"; "
+            + "timeout 10 gdb -batch -nx -p \(pid) -ex 'thread apply all bt' </dev/null 2>&1 | "
+            + "if command -v swift-demangle >/dev/null; then swift-demangle --simplified; else cat; fi"
+        do {
+            return try ChildProcess(arguments: ["/bin/sh", "-c", script], environment: ProcessInfo.processInfo.environment, outputPath: file)
+        } catch {
+            logger.warning("could not start gdb for worker \(worker): \(error)")
+            return nil
+        }
+    }
+
+    /// Workers whose stack dump is over (or took too long) are killed now.
+    private func endReplacedWorkers() {
+        let now = monotonicSeconds()
+        for (id, order) in replacing {
+            guard let dumper = order.dumper else {
+                if order.killAt == nil, let child = children[id], child.pid == order.pid { child.kill(SIGKILL) }
+                continue
+            }
+            guard dumper.poll() != nil || (order.killAt.map { now > $0 } ?? false) else { continue }
+            if dumper.poll() == nil { dumper.kill(SIGKILL) } else { logger.info("stack of worker \(id) (pid \(order.pid)) saved to \(config.runDirectory)/stacks") }
+            replacing[id] = (order.pid, nil, nil)
+            if let child = children[id], child.pid == order.pid { child.kill(SIGKILL) }
+        }
+    }
+
     private func shutdown() {
+        for (_, order) in replacing { order.dumper?.kill(SIGKILL) }
         for (id, child) in children {
             child.kill(SIGTERM)
             if child.wait(timeoutSeconds: 5) == nil {
@@ -577,7 +664,7 @@ public final class SMPServer: @unchecked Sendable {
         quiesceZeroCopy()  // libzmq may still be reading slot memory: wait before unmapping it
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
-        link?.close()
+        channel?.shutdown()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
         // Only our own record: a replacement of this node may have written its pid there.
         let pidFile = config.runDirectory + "/pids/\(config.nodeID).smp.pid"

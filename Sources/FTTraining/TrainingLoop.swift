@@ -1,6 +1,7 @@
 import FTControl
 import FTCore
 import FTWorker
+import FTSystem
 import Foundation
 
 /// What a training workload provides to the fault-tolerant training loop.
@@ -47,6 +48,8 @@ public struct CoordinatedTrainingLoop {
     /// next step (false: training never waits on a commit, but a failure
     /// while rounds are slow, or while the coordinator is gone, loses more).
     public let waitForPreviousRound: Bool
+    /// Test fault injection: hang forever in this step (see `hangForever`).
+    public var hangAtStep: Int?
     public let say: (String) -> Void
 
     public init(model: Trainable, client: SnapshotClient, control: WorkerControl, ring: RingCollective, steps: Int,
@@ -75,9 +78,12 @@ public struct CoordinatedTrainingLoop {
         // The step of the last snapshot (or restore): the same on every rank,
         // because every rank restores the same step and agrees on each snapshot.
         var lastSnapshot = 0
+        ring.onWait = { [control] rank in control.setActivity(rank == nil ? .computing : .collective, waitingOn: rank ?? -1) }
         while true {
+            control.setActivity(.idle)
             switch control.nextInstruction() {
             case .restore(let step, let sources, let epoch):
+                control.setActivity(.restoring)
                 if let step {
                     do {
                         // Given up as soon as the coordinator moves on (a newer epoch or
@@ -93,6 +99,12 @@ public struct CoordinatedTrainingLoop {
                     say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
                     lastSnapshot = step
                 } else {
+                    // Never throw away progress: a fresh start is refused while this
+                    // node's SMP holds a committed step (the coordinator must restore it).
+                    if let held = try? client.committedStepOnSMP() {
+                        say("refusing a fresh start (epoch \(epoch)): the SMP holds committed step \(held)")
+                        continue
+                    }
                     lastSnapshot = 0
                     model.reset()
                     say("fresh start epoch=\(epoch)")
@@ -106,12 +118,16 @@ public struct CoordinatedTrainingLoop {
                 do {
                     if from <= steps {
                         for s in from...steps {
+                            try holdWhileCoordinatorSilent()
                             if control.isPaused { throw Interrupted() }
+                            control.setActivity(.computing)
+                            if s == hangAtStep { hangForever() }
                             try model.computeGradients(step: s, collective: ring, interrupt: control.interruptFD)
                             // Only due steps ask the ranks (every rank knows which steps are due).
                             let due = s - lastSnapshot >= snapshotInterval
                             var ready = due ? try client.canSnapshot() : false
                             var pollMicroseconds: UInt32 = 100
+                            if due && !ready && waitForPreviousRound { control.setActivity(.snapshotWait) }
                             while due && !ready && waitForPreviousRound {
                                 // The previous round is still being protected (or the coordinator
                                 // that commits it is gone): wait rather than run ahead of it.
@@ -122,8 +138,11 @@ public struct CoordinatedTrainingLoop {
                                 pollMicroseconds = min(pollMicroseconds * 2, 5000)
                                 ready = try client.canSnapshot()
                             }
+                            control.setActivity(.computing)
                             let snapshotNow = due ? try ring.allAgree(ready, interrupt: control.interruptFD) : false
+                            control.setActivity(.snapshotWait)
                             try client.waitBeforeUpdate()
+                            control.setActivity(.computing)
                             model.applyUpdate(step: s)
                             if snapshotNow {
                                 try client.snapshot(step: s)
@@ -136,6 +155,7 @@ public struct CoordinatedTrainingLoop {
                             if let line = model.report(step: s) { say(line) }
                         }
                     }
+                    control.setActivity(.snapshotWait)
                     try client.waitForRound()
                     say("final step=\(model.step) hash=\(model.hash) skipped=\(skipped)")
                     finished = true
@@ -155,6 +175,27 @@ public struct CoordinatedTrainingLoop {
 }
 
 extension CoordinatedTrainingLoop {
+    /// At a step boundary while the coordinator is silent: wait for it (a
+    /// pause or another instruction ends the wait), abandoning nothing.
+    func holdWhileCoordinatorSilent() throws {
+        guard control.isHeld else { return }
+        control.setActivity(.held)
+        say("holding at step=\(model.step): the coordinator is silent")
+        while control.isHeld {
+            if control.isPaused { throw Interrupted() }
+            usleep(5_000)
+        }
+        say("carrying on at step=\(model.step)")
+    }
+
+    /// Test fault injection (`FT_FAULT_HANG_STEP`): a step that never ends,
+    /// deaf to pauses, while the control thread keeps heartbeating: what a
+    /// deadlocked collective or a stuck kernel looks like from outside.
+    func hangForever() -> Never {
+        say("fault injection: hanging in step \(model.step + 1) at \(monotonicSeconds())")
+        while true { sleep(3600) }
+    }
+
     /// Sets up everything a worker started by `ft-smp` under a coordinator
     /// needs (the ring, the control thread from the FT_* environment) and runs
     /// the loop. `client` must have registered `model.tensors`. Returns the
@@ -167,7 +208,9 @@ extension CoordinatedTrainingLoop {
     /// waiting for it (see `waitForPreviousRound`). Test fault injection:
     /// `FT_FAULT_KILL_MID_COPY_STEP=S` (with `FT_FAULT_RANK=R`, only on DP rank
     /// R) makes the first incarnation SIGKILL itself halfway through copying
-    /// the first snapshot at or after step S.
+    /// the first snapshot at or after step S; `FT_FAULT_HANG_STEP=S` (with
+    /// `FT_FAULT_RANK`) makes the first incarnation hang in step S, its
+    /// heartbeats alive (a stuck worker for the step-progress watchdog).
     public static func runUnderCoordinator(model: Trainable, client: SnapshotClient, steps: Int,
                                            environment env: [String: String] = ProcessInfo.processInfo.environment,
                                            say: @escaping (String) -> Void) throws -> Int32 {
@@ -185,14 +228,18 @@ extension CoordinatedTrainingLoop {
         }
         let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
         let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        let heartbeat = env["FT_HEARTBEAT_MS"].flatMap(Double.init).map { $0 / 1000 } ?? 0.1
         let control = try WorkerControl(
             info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
                         worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ring.endpoint),
-            coordinatorEndpoint: coordinator, keys: keys)
+            coordinatorEndpoint: coordinator, keys: keys, heartbeatInterval: heartbeat,
+            coordinatorTimeout: max(1.0, 10 * heartbeat), log: { say($0) })
         control.start()
         defer { control.shutdown() }
-        let loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps,
+        var loop = CoordinatedTrainingLoop(model: model, client: client, control: control, ring: ring, steps: steps,
                                           snapshotInterval: interval, waitForPreviousRound: env["FT_SNAPSHOT_SKIP_IF_BUSY"] != "1", say: say)
+        let faultRank = env["FT_FAULT_RANK"].flatMap(Int.init).map { $0 == identity.dpRank } ?? true
+        if identity.restartCount == 0, faultRank, let s = env["FT_FAULT_HANG_STEP"].flatMap(Int.init) { loop.hangAtStep = s }
         switch try loop.run() {
         case .completed: return 0
         case .stopped(_, let failed): return failed ? 1 : 0

@@ -35,6 +35,10 @@ public final class RingCollective: @unchecked Sendable {
     /// How long a receive may wait with no message before failing (a peer that
     /// died without the coordinator noticing); the interrupt normally comes first.
     public var receiveTimeoutSeconds = 60.0
+    /// Told when a receive starts waiting (with the rank it waits for: the
+    /// previous one in the ring) and when it is over (nil): the worker's
+    /// heartbeat carries it, so a hang can be traced to the rank holding it up.
+    public var onWait: ((Int?) -> Void)?
 
     /// `job` tags every message, so a process of another job that reaches this
     /// port (a stale one, a reused port) is ignored.
@@ -115,6 +119,8 @@ public final class RingCollective: @unchecked Sendable {
 
     private func receive(phase: UInt8, count: Int, interrupt: Int32) throws -> ZMQMessage {
         let deadline = monotonicSeconds() + receiveTimeoutSeconds
+        onWait?((rank + worldSize - 1) % worldSize)
+        defer { onWait?(nil) }
         while true {
             let ready = try ZMQPoller.poll([.init(pull, .readable), .init(fileDescriptor: interrupt, .readable)], timeoutMilliseconds: 1000)
             if ready[1].isReadable { throw Interrupted() }

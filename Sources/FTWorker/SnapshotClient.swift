@@ -226,6 +226,15 @@ public final class SnapshotClient: @unchecked Sendable {
         try engine.setRestoreBuffer(buffer, forTensor: index)
     }
 
+    /// The step this worker's node holds committed (nil: none), as its SMP says.
+    public func committedStepOnSMP() throws -> Int? {
+        let (reply, _) = try engine.request(.roundQuery)
+        guard case .roundReply(let committed, _) = reply else {
+            throw SnapshotError(code: .transport, message: "unexpected reply to a round query: \(reply)")
+        }
+        return committed
+    }
+
     func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) { try engine.request(message) }
 }
 

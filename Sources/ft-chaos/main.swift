@@ -10,18 +10,22 @@ struct Chaos: ParsableCommand {
         abstract: "Run failure scenarios against real local jobs and check them against an uninterrupted run.",
         discussion: """
             Each scenario starts a job (ft-coordinator, ft-smp, ft-demo-trainer workers; 4 nodes x 2 workers with
-            RS(3+1), or 4 x 1 with RS(2+2) for the multi-node losses), injects its fault at a seeded random step,
-            keeps the job whole as the launcher does, and checks: the final parameter hash of every worker equals
-            the golden uninterrupted run's, each failure lost at most the snapshot interval in steps, every failure
-            was resumed from (kill-m+1-nodes: the job stopped with its report and nothing resumed), and no recorded
+            RS(3+1), 4 x 1 with RS(2+2) for the multi-node losses, 4 x 3 for kill-all-workers), injects its faults
+            at a seeded random step anywhere in the job (and, for the scenarios that say so, at a random moment of
+            the recovery that follows), keeps the job whole as the launcher does, and checks: the final parameter
+            hash of every worker equals the golden uninterrupted run's, each failure lost at most 2N-1 steps (N the
+            snapshot interval), every failure was resumed from (kill-m+1-nodes: the job stopped with its report
+            and nothing resumed), no recovery restarted from step 0 once a step was committed, and no recorded
             process or shared-memory segment was left. Processes are signalled only by their recorded PIDs.
+            --state-mb N replaces the char LM by N MiB of synthetic state per worker (real sizes).
 
             Scenarios:
             \(ChaosRunner.scenarios.map { "  \($0.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \($0.about)" }.joined(separator: "\n"))
 
-            Every run prints its seed; --seed replays it. --soak SECONDS kills something (worker, SMP, node,
-            coordinator, or SIGSTOP of a node) at exponential intervals of mean --mtbf seconds, one at a time.
-            Exit status 0 when every scenario passed.
+            Every run prints its seed; --seed replays it. --soak SECONDS injects a fault of any kind above (but
+            those that need another job shape) at exponential intervals of mean --mtbf seconds, one at a time,
+            besides a hang and a death mid-copy of one worker at random steps. The JSON and the table give the
+            largest heartbeat gap each kind of process logged. Exit status 0 when every scenario passed.
             """)
 
     @Option(help: "Run only this scenario (repeatable).")
@@ -38,6 +42,12 @@ struct Chaos: ParsableCommand {
 
     @Option(help: "Snapshot interval in steps.")
     var snapshotInterval = 1
+
+    @Option(help: "Synthetic state of this many MiB per worker instead of the char LM (ft-demo-trainer --synthetic).")
+    var stateMb: Int?
+
+    @Option(help: "With --state-mb: simulated compute per step in milliseconds.")
+    var stepMs = 10.0
 
     @Option(help: "Soak for this many seconds instead of running scenarios.")
     var soak: Double?
@@ -63,6 +73,8 @@ struct Chaos: ParsableCommand {
         }
         guard steps >= 40 else { throw ValidationError("--steps must be at least 40") }
         guard snapshotInterval >= 1 else { throw ValidationError("--snapshot-interval must be at least 1") }
+        if let stateMb { guard stateMb >= 1 && stateMb <= 16384 else { throw ValidationError("--state-mb must be in 1...16384") } }
+        guard stepMs >= 0 else { throw ValidationError("--step-ms must not be negative") }
         if let soak { guard soak > 0 && mtbf > 0 else { throw ValidationError("--soak and --mtbf must be positive") } }
         if smoke && !scenario.isEmpty { throw ValidationError("give either --smoke or --scenario") }
         for b in ["ft-coordinator", "ft-smp", "ft-demo-trainer"] where access(binaries + "/" + b, X_OK) != 0 {
@@ -81,6 +93,8 @@ struct Chaos: ParsableCommand {
         var options = ChaosRunner.Options(binaries: binaries, workDirectory: dir)
         options.steps = steps
         options.snapshotInterval = snapshotInterval
+        options.stateMB = stateMb
+        options.stepMs = stepMs
         options.keepDirectories = keep
         options.progress = { line in FileHandle.standardError.write(Data("chaos: \(line)\n".utf8)) }
         let runner = try ChaosRunner(options)
@@ -100,7 +114,8 @@ struct Chaos: ParsableCommand {
             }
         }
         if json {
-            let o: [String: Any] = ["scenarios": results.map(\.json), "steps": steps, "snapshot_interval": snapshotInterval]
+            var o: [String: Any] = ["scenarios": results.map(\.json), "steps": steps, "snapshot_interval": snapshotInterval]
+            o["state_mb"] = stateMb ?? NSNull()
             let data = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
@@ -110,12 +125,14 @@ struct Chaos: ParsableCommand {
     }
 
     func table(_ results: [ChaosRunner.Result]) -> String {
-        var rows = [["scenario", "passed", "hash equal", "steps lost", "detect ms", "recovery ms", "failures", "seed", "notes"]]
+        var rows = [["scenario", "passed", "hash equal", "steps lost", "detect ms", "recovery ms", "failures", "gap ms smp/worker/coord",
+                     "seed", "notes"]]
         for r in results {
+            let gaps = ["smp", "worker", "coordinator_loop"].map { r.heartbeatGaps[$0].map { $0 < 0 ? "-" : "\($0)" } ?? "-" }.joined(separator: "/")
             rows.append([r.name, r.passed ? "yes" : "NO", r.finalHashEqual.map { $0 ? "yes" : "NO" } ?? "n/a (stop)",
                          "\(r.stepsLost)", r.detectMs < 0 ? "-" : String(format: "%.0f", r.detectMs),
-                         r.recoveryMs < 0 ? "-" : String(format: "%.0f", r.recoveryMs), "\(r.failures)", "\(r.seed)",
-                         String(r.detail.prefix(160))])
+                         r.recoveryMs < 0 ? "-" : String(format: "%.0f", r.recoveryMs), "\(r.failures)", gaps, "\(r.seed)",
+                         String(r.detail.prefix(200))])
         }
         let widths = (0..<rows[0].count - 1).map { c in rows.map { $0[c].count }.max()! }
         return rows.enumerated().map { i, row in

@@ -44,8 +44,23 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "Silence after which an SMP or worker is dead, in milliseconds.")
     var timeoutMs = 500
 
-    @Option(help: "Seconds a recovery phase may take before it is retried (then escalated).")
-    var phaseTimeout = 30.0
+    @Option(help: "The floor of a recovery phase's deadline in seconds: a phase may take this plus 3× its bytes at the measured recovery rate before it is retried (then escalated).")
+    var phaseTimeout = 5.0
+
+    @Option(help: "The recovery rate assumed before one is measured, in MB/s (rebuild and restore deadlines).")
+    var recoveryMbps = 100.0
+
+    @Option(help: "A restarted coordinator waits this many milliseconds for every node's hello; then nodes still silent are lost and replaced.")
+    var startGraceMs = 2000
+
+    @Option(help: "Step-progress watchdog: steps may stop completing for max(this floor, --hang-multiplier × p99 step time) milliseconds before the job is hung.")
+    var hangFloorMs = 3000
+
+    @Option(help: "Step-progress watchdog: the multiple of the p99 step time.")
+    var hangMultiplier = 5.0
+
+    @Option(help: "Step-progress watchdog: the bound in milliseconds until 5 step times are known.")
+    var hangInitialMs = 30_000
 
     @Option(help: "Erasure coding across nodes as K+M (e.g. 3+1): groups of K+M consecutive nodes survive M lost nodes each.")
     var ec: String?
@@ -68,6 +83,11 @@ struct FTCoordinatorCommand: ParsableCommand {
             throw ValidationError("--endpoint must be tcp://HOST:PORT or ipc://PATH")
         }
         guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
+        guard recoveryMbps > 0 else { throw ValidationError("--recovery-mbps must be positive") }
+        guard startGraceMs > timeoutMs else { throw ValidationError("--start-grace-ms must exceed --timeout-ms") }
+        guard hangFloorMs > 0, hangInitialMs > 0, hangMultiplier >= 1 else {
+            throw ValidationError("--hang-floor-ms and --hang-initial-ms must be positive and --hang-multiplier at least 1")
+        }
         if ec != nil { _ = try parsedEC() }
     }
 
@@ -94,6 +114,11 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.heartbeatInterval = Double(heartbeatMs) / 1000
         settings.heartbeatTimeout = Double(timeoutMs) / 1000
         settings.phaseTimeout = phaseTimeout
+        settings.recoveryBytesPerSecond = recoveryMbps * 1e6
+        settings.startGrace = Double(startGraceMs) / 1000
+        settings.watchdog.floor = Double(hangFloorMs) / 1000
+        settings.watchdog.multiplier = hangMultiplier
+        settings.watchdog.initialBound = Double(hangInitialMs) / 1000
         settings.erasure = try parsedEC()
         settings.snapshotInterval = snapshotInterval
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)

@@ -58,6 +58,15 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "DP size of the whole job (default: --workers).")
     var worldSize: Int?
 
+    @Option(help: "Heartbeat interval to the coordinator, in milliseconds (its --heartbeat-ms).")
+    var heartbeatMs: Int = 100
+
+    @Option(help: "The coordinator's heartbeat timeout in milliseconds (its --timeout-ms); longer heartbeat gaps than 0.3× of it are logged.")
+    var timeoutMs: Int = 500
+
+    @Option(help: "Milliseconds the event loop may go without turning before heartbeats stop (a hung SMP is then replaced).")
+    var hangMs: Int = 10_000
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -75,6 +84,8 @@ struct FTSMPCommand: ParsableCommand {
             throw ValidationError("--world-size \(worldSize) is smaller than --rank-offset + --workers (\(rankOffset + workers))")
         }
         if keys != nil && coordinator == nil { throw ValidationError("--keys is for the coordinator link; give --coordinator too") }
+        guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
+        guard hangMs > timeoutMs else { throw ValidationError("--hang-ms must exceed --timeout-ms") }
     }
 
     func run() throws {
@@ -110,6 +121,9 @@ struct FTSMPCommand: ParsableCommand {
         config.keysDirectory = keys
         config.rankOffset = rankOffset
         config.worldSize = worldSize
+        config.heartbeatInterval = Double(heartbeatMs) / 1000
+        config.heartbeatTimeout = Double(timeoutMs) / 1000
+        config.hangBound = Double(hangMs) / 1000
         let code: Int32
         do {
             let server = try SMPServer(config: config, logger: logger, watchSignals: true)

@@ -103,7 +103,7 @@ struct FtctlTests {
                                      "committed_age_ms": "n", "snapshot_interval": "n", "uptime_s": "n", "nodes": "a",
                                      "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n",
                                      "malformed_frames": "n", "unauthenticated": "n", "skipped_snapshots": "n",
-                                     "failures_total": "n", "failures": "a"]
+                                     "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o"]
         #expect(Set(o.keys) == Set(top.keys))
         for (key, kind) in top { #expect(matches(o[key], kind), "\(key): \(String(describing: o[key]))") }
         #expect(int(o["schema"]) == 1)
@@ -112,9 +112,12 @@ struct FtctlTests {
         for n in nodes {
             #expect(Set(n.keys) == ["id", "smp", "pid", "data_bytes", "parity_bytes", "ec_group", "ec_health", "workers"])
             for w in try #require(n["workers"] as? [[String: Any]]) {
-                #expect(Set(w.keys) == ["id", "rank", "state", "step", "pid"])
+                #expect(Set(w.keys) == ["id", "rank", "state", "step", "pid", "activity", "activity_ms", "waiting_on"])
             }
         }
+        let detector = try #require(o["detector"] as? [String: Any])
+        #expect(Set(detector.keys) == ["timeout_ms", "local_health", "stalls", "largest_loop_gap_ms"])
+        #expect(Set(try #require(o["watchdog"] as? [String: Any]).keys) == ["bound_ms", "step_p99_ms"])
         let failure = try #require(o["last_failure"] as? [String: Any])
         let reportKeys: Set<String> = ["what", "kind", "detected_by", "detected_at_s", "epoch", "outcome", "phases",
                                        "steps_reached", "restored_step", "steps_lost", "recovery_ms"]

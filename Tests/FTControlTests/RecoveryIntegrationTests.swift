@@ -122,7 +122,7 @@ struct RecoveryIntegrationTests {
         try bad.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member)
         try bad.connect(job.endpoint)
         var rng = SplitMix64(seed: 99)
-        let valid = ControlMessage.workerHeartbeat(step: 1, running: true, skipped: 0).envelope(sender: "x", epoch: 1).encoded()
+        let valid = ControlMessage.workerHeartbeat(step: 1, running: true, skipped: 0, activity: .idle).envelope(sender: "x", epoch: 1).encoded()
         for i in 0..<200 {
             let frame: [UInt8] = i % 2 == 0
                 ? (0..<Int(rng.next() % 64)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }

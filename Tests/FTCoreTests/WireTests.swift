@@ -17,7 +17,7 @@ struct WireTests {
     func layout() {
         let bytes = sample.encoded()
         #expect(Array(bytes[0..<4]) == [0x46, 0x54, 0x57, 0x00])
-        #expect(Array(bytes[4..<6]) == [1, 0])
+        #expect(Array(bytes[4..<6]) == [UInt8(WireEnvelope.version), 0])
         #expect(Array(bytes[6..<8]) == [7, 0])
         #expect(Array(bytes[8..<16]) == [8, 7, 6, 5, 4, 3, 2, 1])
         #expect(Array(bytes[16..<18]) == [10, 0])
@@ -38,7 +38,7 @@ struct WireTests {
         bytes[0] = 0x47
         #expect(code(bytes) == .badMagic)
         bytes = sample.encoded()
-        bytes[4] = 2
+        bytes[4] = UInt8(WireEnvelope.version + 1)
         #expect(code(bytes) == .unsupportedVersion)
         #expect(code(sample.encoded() + [0]) == .trailingBytes)
         bytes = sample.encoded()

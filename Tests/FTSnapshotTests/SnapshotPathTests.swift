@@ -118,7 +118,7 @@ struct SnapshotPathTests {
         }
     }
 
-    @Test("a corrupt slice held by another rank is refused by the SMP, naming that worker, tensor and chunk")
+    @Test("a corrupt slice held by another rank fails the restore, naming that rank, tensor and chunk (without parity nothing repairs it)")
     func corruptPeerSlice() throws {
         let smp = try InProcessSMP(tag: "dpc")
         defer { smp.stop() }
@@ -138,9 +138,9 @@ struct SnapshotPathTests {
             _ = try clients[0].restore()
             Issue.record("restore with a corrupt peer slice succeeded")
         } catch let error as SnapshotError {
-            #expect(error.code == .refused)
-            #expect(error.smpCode == "corrupt")
-            #expect(error.message.contains("worker w1, tensor params, chunk 0"))
+            #expect(error.code == .corrupt)
+            #expect(error.corruption?.worker == "dp-rank-1" && error.corruption?.tensor == "params" && error.corruption?.chunk == 0)
+            #expect(error.message.contains("worker dp-rank-1, tensor params, chunk 0"), "\(error.message)")
         }
     }
 

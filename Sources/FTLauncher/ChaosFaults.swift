@@ -1,0 +1,226 @@
+import FTCore
+import FTSystem
+import Foundation
+
+extension ChaosRunner {
+    /// One fault as injected: what, on whom, when.
+    struct Fault {
+        var kind: String
+        var target: String
+        var at: Double
+    }
+
+    /// How long after a recovery starts a second fault may come: its likely
+    /// duration here (longer with more state).
+    var recoveryWindow: Double { 0.6 + Double(options.stateMB ?? 0) / 200 }
+
+    /// Injects the faults of scenario (or soak fault kind) `name` on `node` /
+    /// `worker`, including those that wait for a recovery to be under way.
+    /// Returns them in order.
+    func inject(_ name: String, job: LocalJob, watch: Watch, shape: Shape, node: Int, worker: Int,
+                rng: inout SplitMix64, notes: inout [String]) throws -> [Fault] {
+        func other(than n: Int) -> Int { (n + 1 + Int.random(in: 0..<(shape.nodes - 1), using: &rng)) % shape.nodes }
+        func delay() -> Double { Double.random(in: 0...recoveryWindow, using: &rng) }
+        switch name {
+        case "kill-worker", "kill-smp", "kill-node", "kill-coordinator", "hung-worker", "kill-all-workers":
+            return [try fault(name, job, node: node, worker: worker)]
+        case "kill-worker-mid-copy", "stuck-worker":
+            return [Fault(kind: name, target: "n\(node)/w\(worker)", at: monotonicSeconds())]  // the worker does it itself
+        case "kill-m-nodes", "kill-m+1-nodes":
+            let count = name == "kill-m-nodes" ? shape.m : shape.m + 1
+            var victims = Array(0..<shape.nodes)
+            victims.shuffle(using: &rng)
+            victims = Array(victims.prefix(count)).sorted()
+            notes.append("killed \(victims.map { "n\($0)" }.joined(separator: ", "))")
+            return try victims.map { try fault("kill-node", job, node: $0, worker: 0) }
+        case "sigstop-node":
+            let smp = job.smps[node]
+            let workers = recordedWorkers(job, node: node)
+            let f = try fault(name, job, node: node, worker: worker)
+            // Wait for the recovery without it (a replacement rebuilt the node), then let it go.
+            guard watch.until(seconds: 120, { watch.resumed.contains { watch.detectedAt($0) >= f.at - 1 } || watch.ended }) else {
+                throw ChaosError("no recovery while n\(node) was stopped")
+            }
+            for pid in workers + [smp.pid] { kill(pid, SIGCONT) }
+            let fenced = watch.until(seconds: 20) { smp.poll() != nil && workers.allSatisfy { kill($0, 0) != 0 } }
+            let status = smp.poll()
+            notes.append("continued the old n\(node): its SMP \(status.map { "\($0)" } ?? "still running")")
+            guard fenced, status == .exited(3) else {
+                throw ChaosError("the continued SMP of n\(node) was not fenced (exit \(status.map { "\($0)" } ?? "none"), want code 3)")
+            }
+            return [f]
+        case "flip-byte":
+            return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
+        case "coordinator-pause":
+            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
+            let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds())
+            kill(c.pid, SIGSTOP)
+            watch.sleep(3)
+            kill(c.pid, SIGCONT)
+            notes.append("coordinator stopped for 3 s")
+            return [f]
+        case "kill-coordinator-during-recovery", "second-fault-during-recovery":
+            let first = Bool.random(using: &rng) ? "kill-node" : "kill-worker"
+            let f1 = try fault(first, job, node: node, worker: worker)
+            guard watch.until(seconds: 30, every: 0.01, { watch.state == "recovering" || watch.ended }) else {
+                throw ChaosError("no recovery began within 30 s of \(first) n\(node)")
+            }
+            let d = delay()
+            watch.sleep(d)
+            let phases = watch.completedPhases
+            let f2 = name == "kill-coordinator-during-recovery"
+                ? try fault("kill-coordinator", job, node: 0, worker: 0)
+                : try fault("kill-worker", job, node: other(than: node), worker: Int.random(in: 0..<shape.workersPerNode, using: &rng))
+            notes.append("\(first) \(f1.target), then \(f2.kind) \(f2.target) \(Int(d * 1000)) ms into the recovery "
+                + "(state \(watch.state), phases done: \(phases.isEmpty ? "none seen" : phases.joined(separator: ",")))")
+            return [f1, f2]
+        case "kill-replacement-during-rebuild", "kill-source-during-rebuild":
+            let old = job.smps[node].pid
+            let f1 = try fault("kill-node", job, node: node, worker: 0)
+            guard watch.until(seconds: 30, every: 0.005, { job.smps[node].pid != old || watch.ended }) else {
+                throw ChaosError("n\(node) was not replaced within 30 s")
+            }
+            let d = delay() / 2
+            watch.sleep(d)
+            let phases = watch.completedPhases
+            let victim = name == "kill-replacement-during-rebuild" ? node : other(than: node)
+            let f2 = try fault("kill-node", job, node: victim, worker: 0)
+            notes.append("killed n\(node), then \(name == "kill-replacement-during-rebuild" ? "its replacement" : "n\(victim)") "
+                + "\(Int(d * 1000)) ms after the replacement started (phases done: \(phases.isEmpty ? "none seen" : phases.joined(separator: ",")))")
+            return [f1, f2]
+        default:
+            throw ChaosError("no such fault: \(name)")
+        }
+    }
+
+    /// The workers a node's SMP recorded, still processes of this job.
+    func recordedWorkers(_ job: LocalJob, node n: Int) -> [Int32] {
+        (0..<job.options.workersPerNode).compactMap { job.workerPID(node: n, worker: $0) }.filter { RecordedProcesses.belongs($0, toJob: job.job) }
+    }
+
+    /// One fault by recorded PID: `kill-worker` (worker `w` of node `n`),
+    /// `hung-worker` (SIGSTOP it), `kill-smp`, `kill-node` (its process group:
+    /// the SMP and its workers at once), `kill-all-workers`,
+    /// `kill-coordinator`, or `sigstop-node` (SIGSTOP the SMP and its workers).
+    func fault(_ kind: String, _ job: LocalJob, node n: Int, worker w: Int) throws -> Fault {
+        let at = monotonicSeconds()
+        func worker(_ n: Int, _ w: Int) throws -> Int32 {
+            guard let pid = job.workerPID(node: n, worker: w), RecordedProcesses.belongs(pid, toJob: job.job) else {
+                throw ChaosError("no live recorded process for n\(n)/w\(w)")
+            }
+            return pid
+        }
+        switch kind {
+        case "kill-worker":
+            kill(try worker(n, w), SIGKILL)
+        case "hung-worker":
+            kill(try worker(n, w), SIGSTOP)
+        case "kill-smp":
+            kill(job.smps[n].pid, SIGKILL)
+        case "kill-node":
+            kill(-job.smps[n].pid, SIGKILL)  // its process group: the SMP and its workers
+            kill(job.smps[n].pid, SIGKILL)
+            return Fault(kind: kind, target: "n\(n)", at: at)
+        case "kill-all-workers":
+            let all = (0..<job.options.nodes).flatMap { recordedWorkers(job, node: $0) }
+            for pid in all { kill(pid, SIGKILL) }
+            return Fault(kind: kind, target: "\(all.count) workers", at: at)
+        case "kill-coordinator":
+            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
+            c.kill(SIGKILL)
+            return Fault(kind: kind, target: "coordinator", at: at)
+        case "sigstop-node":
+            for pid in recordedWorkers(job, node: n) + [job.smps[n].pid] { kill(pid, SIGSTOP) }
+            return Fault(kind: kind, target: "n\(n)", at: at)
+        default:
+            throw ChaosError("no such fault: \(kind)")
+        }
+        return Fault(kind: kind, target: kind.hasSuffix("smp") ? "n\(n)" : "n\(n)/w\(w)", at: at)
+    }
+
+    /// Holds node `node`'s SMP still, forces a recovery (kills a worker
+    /// elsewhere), corrupts both slots of one of its workers and lets it go:
+    /// its restore must find the bad chunk and rebuild it from parity.
+    func flipByte(_ job: LocalJob, watch: Watch, shape: Shape, node: Int, worker: Int,
+                  rng: inout SplitMix64, notes: inout [String]) throws -> Fault {
+        let other = (node + 1) % shape.nodes
+        let smp = job.smps[node]
+        let at = monotonicSeconds()
+        kill(smp.pid, SIGSTOP)
+        if let pid = job.workerPID(node: other, worker: 0), RecordedProcesses.belongs(pid, toJob: job.job) { kill(pid, SIGKILL) }
+        usleep(100_000)
+        var flipped = 0
+        let prefix = "ft-\(job.job)-n\(node)-p\(smp.pid)-w\(worker)-s"
+        for name in RecordedProcesses.segments(job: job.job) where name.hasPrefix(prefix) {
+            guard let h = FileHandle(forUpdatingAtPath: "/dev/shm/" + name) else { continue }
+            let size = (try? h.seekToEnd()) ?? 0
+            let offset = UInt64.random(in: 0..<max(1, size), using: &rng)
+            try h.seek(toOffset: offset)
+            let b = try h.read(upToCount: 1) ?? Data([0])
+            try h.seek(toOffset: offset)
+            try h.write(contentsOf: Data([b[0] ^ 0x40]))
+            try h.close()
+            flipped += 1
+        }
+        kill(smp.pid, SIGCONT)
+        notes.append("flipped a byte in \(flipped) slots of n\(node)/w\(worker)")
+        guard flipped == 2 else { throw ChaosError("found \(flipped) slots of n\(node)/w\(worker) to corrupt, expected 2") }
+        return Fault(kind: "flip-byte", target: "n\(node)/w\(worker)", at: at)
+    }
+
+    /// What each scenario must show besides the common end checks.
+    func scenarioChecks(_ name: String, job: LocalJob, watch: Watch, shape: Shape, node: Int, worker: Int, faults: [Fault],
+                        injectedAt: Double, result: inout Result, notes: inout [String]) -> [String] {
+        var problems: [String] = []
+        let smpLogs = (try? FileManager.default.contentsOfDirectory(atPath: job.dir))?.filter { $0.hasSuffix(".log") }
+            .map { LocalJob.read(job.dir + "/" + $0) }.joined(separator: "\n") ?? ""
+        let key = "n\(node)/w\(worker)"
+        let after = watch.failures.values.filter { watch.detectedAt($0) >= injectedAt - 1 }
+        switch name {
+        case "flip-byte":
+            if !smpLogs.contains("repaired worker") { problems.append("no SMP log says it repaired the corrupt chunk") }
+        case "kill-worker-mid-copy":
+            if !smpLogs.contains("signal 9") { problems.append("the worker did not die mid-copy (no SIGKILL in the SMP logs)") }
+        case "hung-worker":
+            let declared = after.contains { $0["what"] as? String == key && ($0["detected_by"] as? String ?? "").contains("heartbeat timeout") }
+            if !declared { problems.append("the stopped worker \(key) was not declared dead by heartbeat timeout") }
+            if !smpLogs.contains("was declared dead: killing it") { problems.append("its SMP did not kill the stopped worker") }
+        case "stuck-worker":
+            let log = job.workerLog(node: node, worker: worker)
+            guard let line = log.split(separator: "\n").first(where: { $0.contains("fault injection: hanging in step") }),
+                  let hungAt = line.split(separator: " ").last.flatMap({ Double($0) }) else {
+                problems.append("worker \(key) never hung (no fault injection line in its log)")
+                break
+            }
+            guard let f = after.first(where: { ($0["detected_by"] as? String ?? "").contains("watchdog") }) else {
+                problems.append("the step-progress watchdog declared nothing")
+                break
+            }
+            let by = f["detected_by"] as? String ?? ""
+            if f["what"] as? String != key { problems.append("the watchdog named \(f["what"] ?? "?"), not the stuck \(key): \(by)") }
+            result.detectMs = (watch.detectedAt(f) - hungAt) * 1000
+            let boundMs = by.range(of: "(bound ").flatMap { Int(by[$0.upperBound...].prefix { $0.isNumber }) } ?? 0
+            notes.append("stuck \(key) detected \(Int(result.detectMs)) ms after it hung (watchdog bound \(boundMs) ms)")
+            if result.detectMs > Double(boundMs) + 1000 {
+                problems.append("detected \(Int(result.detectMs)) ms after the hang, more than the bound \(boundMs) ms + 1 s")
+            }
+            let stacks = (try? FileManager.default.contentsOfDirectory(atPath: job.dir + "/stacks")) ?? []
+            let saved = stacks.filter { $0.hasPrefix("n\(node)-w\(worker)-") }.map { LocalJob.read(job.dir + "/stacks/" + $0) }
+            if !saved.contains(where: { $0.contains("hangForever") }) {
+                problems.append("no stack of \(key) showing hangForever in \(job.dir)/stacks (\(stacks))")
+            } else {
+                notes.append("its stack was saved to stacks/\(stacks.first { $0.hasPrefix("n\(node)-w\(worker)-") } ?? "?")")
+            }
+        case "coordinator-pause":
+            let declared = after.filter { ($0["kind"] as? String) != "coordinator" }
+            notes.append(declared.isEmpty ? "no failure declared" : "declared \(declared.count) failure(s): \(declared.map { "\($0["what"] ?? "?")" })")
+        case "kill-all-workers":
+            let stopped = after.contains { ($0["outcome"] as? String ?? "").contains("in a row") }
+            if stopped { problems.append("killing every worker was counted as many failures in a row") }
+            notes.append("\(after.count) failure records, \(watch.resumed.filter { watch.detectedAt($0) >= injectedAt - 1 }.count) resumed")
+        default:
+            break
+        }
+        return problems
+    }
+}

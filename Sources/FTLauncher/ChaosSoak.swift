@@ -1,0 +1,113 @@
+import FTCore
+import FTSystem
+import Foundation
+
+extension ChaosRunner {
+    /// Injects faults at exponential intervals (mean `mtbf` seconds) for
+    /// `duration` seconds of a long job, one at a time (the next after the job
+    /// runs again), drawn from every fault kind (`soakKinds`), plus a worker
+    /// that hangs with its heartbeats alive and one that dies mid-copy at
+    /// random moments of their own; then lets the job finish and checks it
+    /// like a scenario.
+    public func soak(duration: Double, mtbf: Double, seed: UInt64) -> Result {
+        var result = Result(name: "soak", seed: seed)
+        let started = monotonicSeconds()
+        do {
+            try runSoak(duration: duration, mtbf: mtbf, seed: seed, into: &result)
+        } catch {
+            result.passed = false
+            result.detail = "\(error)"
+        }
+        result.seconds = monotonicSeconds() - started
+        return result
+    }
+
+    private func runSoak(duration: Double, mtbf: Double, seed: UInt64, into result: inout Result) throws {
+        var rng = SplitMix64(seed: seed)
+        // Calibrate: how many steps does the soak need to last `duration`?
+        let probe = Self.shape(for: "kill-node", steps: options.steps)
+        let t0 = monotonicSeconds()
+        _ = try golden(probe)
+        let perStep = (monotonicSeconds() - t0) / Double(options.steps)
+        let steps = max(options.steps, Int(duration * 1.15 / perStep))
+        let shape = Self.shape(for: "kill-node", steps: steps)
+        options.progress("soak: \(steps) steps (~\(String(format: "%.1f", perStep * 1000)) ms/step uninterrupted), faults at a mean of every \(mtbf) s for \(duration) s")
+        let expected = try golden(shape)
+        // Two self-inflicted faults at random steps of the first half: a hang and a death mid-copy.
+        let workers = shape.nodes * shape.workersPerNode
+        let hangStep = Int.random(in: steps / 10...steps / 2, using: &rng)
+        let midCopyStep = Int.random(in: steps / 10...steps / 2, using: &rng)
+        let environment = ["FT_FAULT_HANG_STEP": "\(hangStep)", "FT_FAULT_KILL_MID_COPY_STEP": "\(midCopyStep)",
+                           "FT_FAULT_RANK": "\(Int.random(in: 0..<workers, using: &rng))"]
+        var opts = LocalJob.Options(binaries: options.binaries, runDirectory: options.workDirectory + "/soak-\(seed)", jobID: "soak\(getpid())")
+        opts.nodes = shape.nodes
+        opts.workersPerNode = shape.workersPerNode
+        opts.erasure = (shape.k, shape.m)
+        opts.snapshotInterval = options.snapshotInterval
+        opts.environment = environment
+        opts.workerCommand = workerCommand(steps)
+        let job = try LocalJob(opts)
+        let watch = Watch(job: job)
+        var keep = true
+        defer { job.stop(removeFiles: !keep) }
+        guard watch.until(seconds: 300, { watch.state == "running" }) else { throw ChaosError("the soak job did not start") }
+        var counts: [String: Int] = ["stuck-worker (self-inflicted)": 0]
+        var injections: [Double] = []
+        var notes = ["rank \(environment["FT_FAULT_RANK"]!) set to die mid-copy at step \(midCopyStep) and to hang at step \(hangStep)"]
+        let soakEnd = monotonicSeconds() + duration
+        while monotonicSeconds() < soakEnd {
+            // Exponential wait, from the moment the job runs again.
+            let wait = -mtbf * log(1 - Double.random(in: 0..<1, using: &rng))
+            watch.sleep(min(wait, max(0, soakEnd - monotonicSeconds())))
+            if monotonicSeconds() >= soakEnd || watch.ended { break }
+            guard watch.until(seconds: 300, { watch.state == "running" || watch.ended }), !watch.ended else { break }
+            let kind = Self.soakKinds.randomElement(using: &rng)!
+            // A zombie node needs the launcher to leave it alive (it cannot reach it).
+            watch.supervisor.killDeclaredDead = kind != "sigstop-node"
+            let n = Int.random(in: 0..<shape.nodes, using: &rng)
+            let w = Int.random(in: 0..<shape.workersPerNode, using: &rng)
+            options.progress("soak: \(Int(monotonicSeconds() - (soakEnd - duration))) s: \(kind) n\(n)/w\(w) (furthest step \(watch.furthestStep)/\(steps))")
+            let injected = monotonicSeconds()
+            injections.append(injected)
+            _ = try inject(kind, job: job, watch: watch, shape: shape, node: n, worker: w, rng: &rng, notes: &notes)
+            watch.supervisor.killDeclaredDead = true
+            counts[kind, default: 0] += 1
+            // One fault at a time: wait until the job resumed from it (a coordinator pause may declare nothing).
+            guard watch.until(seconds: 300, { watch.ended || (watch.state == "running"
+                && (kind == "coordinator-pause" || watch.resumed.contains { watch.detectedAt($0) >= injected - 1 })) }) else {
+                throw ChaosError("no recovery within 300 s of \(kind) n\(n)/w\(w)")
+            }
+        }
+        options.progress("soak: faults over (\(injections.count)); letting the job finish")
+        guard watch.until(seconds: 7200, every: 0.2, { watch.ended }) else { throw ChaosError("the soak job did not end") }
+        let final = watch.finalStatus
+        watch.merge(final)
+        let hashes = Self.finalHashes(job, steps: steps)
+        result.faults = injections.count
+        result.failures = watch.failures.count
+        result.finalHashEqual = hashes.allSatisfy { $0 == expected }
+        result.heartbeatGaps = Self.heartbeatGaps(job)
+        let resumed = watch.resumed
+        result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
+        result.restoredSteps = resumed.map { jsonInt($0["restored_step"]) }
+        for f in watch.failures.values {
+            let by = f["detected_by"] as? String ?? ""
+            if by.contains("watchdog") { counts["stuck-worker (self-inflicted)"]! += 1 }
+        }
+        let recoveries = resumed.map { (($0["recovery_ms"] as? Double) ?? Double(jsonInt($0["recovery_ms"]))) }
+        result.recoveryMs = recoveries.max() ?? -1
+        let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0
+        var detail = ["faults: " + counts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "),
+                      "\(resumed.count) recoveries, detect-to-resume p50 \(Int(percentile(recoveries, 0.5))) ms, max \(Int(recoveries.max() ?? 0)) ms",
+                      "worst steps lost per failure \(worstLost)",
+                      "largest heartbeat gaps (ms): " + result.heartbeatGaps.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")]
+        var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed, finalCoordinator: jsonInt(final["coordinator_pid"]))
+        let leftovers = awaitLeftovers(job)
+        if !leftovers.isEmpty { problems.append("left behind: \(leftovers)") }
+        result.passed = problems.isEmpty
+        detail += problems
+        result.detail = (detail + notes.suffix(40)).joined(separator: "; ")
+        keep = options.keepDirectories || !result.passed
+        if !result.passed { result.detail += " (logs kept in \(job.dir))" }
+    }
+}
