@@ -140,56 +140,59 @@ public struct TorchBench {
         let recoveryMs = (failure["recovery_ms"] as? Double) ?? Double(jsonInt(failure["recovery_ms"]))
         report.figure("recovery_ms", recoveryMs)
         report.figure("recovery_steps_lost", Double(jsonInt(failure["steps_lost"])))
-        // The restart phase, from the workers' logs (the last incarnation of each).
+        // The restart phase, from the workers' logs (each worker's last restart).
         var rows: [[String: Double]] = []
         for n in 0..<o.nodes {
             rows.append(Self.timeline(job.workerLog(node: n, worker: 0), after: detectedAt))
         }
         func worst(_ key: String) -> Double { rows.compactMap { $0[key] }.max() ?? .nan }
-        let resumedAt = worst("resume")
-        report.figure("recovery_detect_to_resume_ms", (resumedAt - detectedAt) * 1000)
-        report.figure("restart_process_ms", rows.compactMap { r in r["up"].flatMap { up in r["restarting"].map { (up - $0) * 1000 } } }.max() ?? .nan)
-        report.figure("restart_torch_import_ms", worst("import_ms"))
+        func span(_ from: String, _ to: String) -> Double {
+            rows.compactMap { r in r[to].flatMap { b in r[from].map { (b - $0) * 1000 } } }.max() ?? .nan
+        }
+        report.figure("recovery_detect_to_resume_ms", (worst("resume") - detectedAt) * 1000)
+        report.figure("restart_replacement_process_ms", worst("agent_ms"))
+        report.figure("restart_trainer_start_ms", span("instruction", "up"))
         report.figure("restart_process_group_ms", worst("process_group_ms"))
         report.figure("restart_ddp_ms", worst("ddp_ms"))
-        report.figure("restart_process_group_rebuild_ms",
-                      rows.compactMap { r in r["setup"].flatMap { s in r["instruction"].map { (s - $0) * 1000 } } }.max() ?? .nan)
-        report.figure("restart_attach_ms", rows.compactMap { r in r["attached"].flatMap { a in r["setup"].map { (a - $0) * 1000 } } }.max() ?? .nan)
-        report.figure("restart_restore_ms", rows.compactMap { r in r["restored"].flatMap { x in r["attached"].map { (x - $0) * 1000 } } }.max() ?? .nan)
-        report.figure("restart_ready_to_resume_ms", rows.compactMap { r in r["resume"].flatMap { x in r["ready"].map { (x - $0) * 1000 } } }.max() ?? .nan)
+        report.figure("restart_process_group_rebuild_ms", span("instruction", "setup"))
+        report.figure("restart_attach_ms", span("setup", "attached"))
+        report.figure("restart_restore_ms", span("attached", "restored"))
+        report.figure("restart_ready_to_resume_ms", span("ready", "resume"))
         var hashes: Set<String> = []
         for n in 0..<o.nodes {
             if let line = job.workerLog(node: n, worker: 0).split(separator: "\n").last(where: { $0.hasPrefix("final step=\(steps) ") }),
                let hash = field(line, "hash") { hashes.insert(hash) }
         }
         report.figure("recovered_hash_equal", hashes == [reference] ? 1 : 0)
-        let keys = ["recovery_kill_to_detect_ms", "recovery_detect_ms", "recovery_plan_ms", "recovery_rebuild_ms", "recovery_restart_ms", "restart_process_ms",
-                    "restart_torch_import_ms", "restart_process_group_ms", "restart_ddp_ms", "restart_process_group_rebuild_ms",
-                    "restart_attach_ms", "restart_restore_ms", "restart_ready_to_resume_ms", "recovery_resume_ms",
-                    "recovery_detect_to_resume_ms", "recovery_ms", "recovery_steps_lost", "recovered_hash_equal"]
+        let keys = ["recovery_kill_to_detect_ms", "recovery_detect_ms", "recovery_plan_ms", "recovery_rebuild_ms", "recovery_restart_ms",
+                    "restart_replacement_process_ms", "restart_trainer_start_ms", "restart_process_group_ms", "restart_ddp_ms",
+                    "restart_process_group_rebuild_ms", "restart_attach_ms", "restart_restore_ms", "restart_ready_to_resume_ms",
+                    "recovery_resume_ms", "recovery_detect_to_resume_ms", "recovery_ms", "recovery_steps_lost", "recovered_hash_equal"]
         let figures = Dictionary(report.figures, uniquingKeysWith: { $1 })
         report.notes.append("recovery of node n1 (the coordinator's phases, then the restart phase by piece):\n"
                             + renderTable([["figure", "value"]] + keys.map { [$0, figures[$0].map { String(format: "%.1f", $0) } ?? "-"] }))
         report.notes.append("Recovery: detect, plan, rebuild, restart, resume are the coordinator's phases; restart_*: the slowest worker's "
-                            + "piece of the restart phase (process: exec to the restarted process rejoining; torch_import; process_group: "
-                            + "init_process_group; ddp: the DDP constructor; process_group_rebuild: from the restore instruction to DDP ready; "
-                            + "attach: registration; restore: from the SMPs; ready_to_resume: waiting for every rank). "
-                            + "recovered_hash_equal: the recovered job's final hash equals the uninterrupted run's (\(reference)).")
+                            + "piece of the restart phase: replacement_process: the lost node's new worker process up to its agent (Python, "
+                            + "torch and the script's imports); trainer_start: from the restore instruction to a forked trainer running; "
+                            + "process_group: init_process_group (with the wait for the last rank); ddp: the DDP constructor; "
+                            + "process_group_rebuild: from the restore instruction to DDP ready; attach: registration; restore: from the "
+                            + "SMPs; ready_to_resume: waiting for every rank. recovered_hash_equal: the recovered job's final hash equals "
+                            + "the uninterrupted run's (\(reference)).")
     }
 
     /// Timestamps (monotonic seconds) of the last restart after `after` in a worker log, and its setup durations (ms).
     static func timeline(_ log: String, after: Double) -> [String: Double] {
         var out: [String: Double] = [:]
-        let marks: [(String, String)] = [("ft: restarting the process", "restarting"), ("ft: restarted process up", "up"),
-                                         ("ft: restore instruction", "instruction"), ("setup: ", "setup"),
-                                         ("ft: attached", "attached"), ("ft: restored step", "restored"), ("ft: ready", "ready"),
-                                         ("ft: resume from", "resume")]
+        let marks: [(String, String)] = [("ft: agent up", "agent"), ("ft: restore instruction", "instruction"), ("ft: trainer up", "up"),
+                                         ("setup: ", "setup"), ("ft: attached", "attached"), ("ft: restored step", "restored"),
+                                         ("ft: ready", "ready"), ("ft: resume from", "resume")]
         for line in log.split(separator: "\n") {
             guard let t = field(line, "t").flatMap(Double.init), t >= after else { continue }
             for (prefix, key) in marks where line.hasPrefix(prefix) { out[key] = t }
             if line.hasPrefix("setup: ") {
-                for key in ["import_ms", "process_group_ms", "ddp_ms"] { out[key] = field(line, key).flatMap(Double.init) }
+                for key in ["process_group_ms", "ddp_ms"] { out[key] = field(line, key).flatMap(Double.init) }
             }
+            if line.hasPrefix("ft: agent up ") { out["agent_ms"] = Double(line.split(separator: " ")[3]) }
         }
         return out
     }

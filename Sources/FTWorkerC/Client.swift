@@ -174,6 +174,18 @@ public func ft_client_restore(_ client: OpaquePointer?, _ step: UnsafeMutablePoi
     }
 }
 
+@_cdecl("ft_client_restore_from")
+public func ft_client_restore_from(_ client: OpaquePointer?, _ step: Int64, _ sources: UnsafePointer<UnsafePointer<CChar>?>?,
+                                   _ count: Int) -> Int32 {
+    abiCall {
+        let box: ClientBox = try object(client, "client")
+        guard step >= 0 else { throw ABIFailure.invalid("restore step \(step) is negative") }
+        guard count >= 0, count == 0 || sources != nil else { throw ABIFailure.invalid("sources is NULL") }
+        let list = (0..<count).map { i in sources![i].map { String(cString: $0) } ?? "" }
+        try box.client.restore(step: Int(step), sources: list)
+    }
+}
+
 @_cdecl("ft_client_stats")
 public func ft_client_stats(_ client: OpaquePointer?, _ staged: UnsafeMutablePointer<Int64>?, _ skipped: UnsafeMutablePointer<Int64>?,
                             _ blocked: UnsafeMutablePointer<Double>?, _ lastRound: UnsafeMutablePointer<Double>?,

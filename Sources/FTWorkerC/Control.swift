@@ -23,7 +23,10 @@ final class EventBox {
         self.failed = failed
         self.reason = ContiguousArray(reason.utf8CString)
         self.sources = sources
+        sourceStrings = sources.map { ContiguousArray($0.utf8CString) }
     }
+
+    let sourceStrings: [ContiguousArray<CChar>]
 
     convenience init(_ instruction: WorkerControl.Instruction) {
         switch instruction {
@@ -119,10 +122,13 @@ public func ft_control_open(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int
         case .failure(let e): throw ABIFailure(status: FT_E_NO_ENVIRONMENT, message: e.message)
         }
         let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        // The same timing as a Swift worker's (CoordinatedTrainingLoop.runUnderCoordinator).
+        let heartbeat = env["FT_HEARTBEAT_MS"].flatMap(Double.init).map { $0 / 1000 } ?? 0.1
         let control = try WorkerControl(
             info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,
                         worldSize: identity.dpSize, pid: Int(getpid()), collectiveEndpoint: ""),
-            coordinatorEndpoint: endpoint, keys: keys)
+            coordinatorEndpoint: endpoint, keys: keys, heartbeatInterval: heartbeat, coordinatorTimeout: max(1.0, 10 * heartbeat),
+            log: { line in FileHandle.standardError.write(Data((line + "\n").utf8)) })
         let box = try ControlBox(control: control)
         control.onChange = { [weak box] in box?.changed() }
         control.start()
@@ -153,11 +159,24 @@ public func ft_control_next(_ control: OpaquePointer?, _ out: UnsafeMutablePoint
 }
 
 @_cdecl("ft_control_state")
-public func ft_control_state(_ control: OpaquePointer?, _ paused: UnsafeMutablePointer<Int32>?, _ epoch: UnsafeMutablePointer<UInt64>?) -> Int32 {
+public func ft_control_state(_ control: OpaquePointer?, _ paused: UnsafeMutablePointer<Int32>?, _ held: UnsafeMutablePointer<Int32>?,
+                             _ epoch: UnsafeMutablePointer<UInt64>?) -> Int32 {
     abiCall {
         let box: ControlBox = try object(control, "control")
         paused?.pointee = box.control.isPaused ? 1 : 0
+        held?.pointee = box.control.isHeld ? 1 : 0
         epoch?.pointee = box.control.epoch
+    }
+}
+
+@_cdecl("ft_control_set_activity")
+public func ft_control_set_activity(_ control: OpaquePointer?, _ kind: Int32, _ waitingOn: Int64) -> Int32 {
+    abiCall {
+        let box: ControlBox = try object(control, "control")
+        guard let k = UInt8(exactly: kind).flatMap(WorkerActivity.Kind.init(rawValue:)) else {
+            throw ABIFailure.invalid("unknown activity \(kind)")
+        }
+        box.control.setActivity(k, waitingOn: Int(waitingOn))
     }
 }
 
@@ -203,6 +222,15 @@ public func ft_event_failed(_ event: OpaquePointer?) -> Int32 { (try? object(eve
 public func ft_event_reason(_ event: OpaquePointer?) -> UnsafePointer<CChar>? {
     guard let box: EventBox = try? object(event, "event") else { return nil }
     return box.reason.withUnsafeBufferPointer { $0.baseAddress }  // lives as long as the event
+}
+
+@_cdecl("ft_event_source_count")
+public func ft_event_source_count(_ event: OpaquePointer?) -> Int { (try? object(event, "event") as EventBox)?.sources.count ?? 0 }
+
+@_cdecl("ft_event_source")
+public func ft_event_source(_ event: OpaquePointer?, _ index: Int) -> UnsafePointer<CChar>? {
+    guard let box: EventBox = try? object(event, "event"), box.sourceStrings.indices.contains(index) else { return nil }
+    return box.sourceStrings[index].withUnsafeBufferPointer { $0.baseAddress }  // lives as long as the event
 }
 
 @_cdecl("ft_event_free")

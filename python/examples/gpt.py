@@ -12,14 +12,11 @@ H digests the parameters and the optimizer state (equal on every rank; a
 recovered run ends with the same H as an uninterrupted one).
 """
 
+import argparse
+import math
+import os
+import pathlib
 import time
-
-STARTED = time.monotonic()  # before torch is imported: setup timings below
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import pathlib  # noqa: E402
 
 import torch
 import torch.distributed as dist
@@ -90,7 +87,6 @@ def main():
 
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    imported = time.monotonic()
     ft_torch.start()  # ft: joins the job (sets MASTER_PORT for this epoch) before the process group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -109,8 +105,8 @@ def main():
         if args.ddp_hook == "canonical":
             ft_torch.ddp.register(model)  # ft: every gradient summed the same way in a restarted process
     wrapped = time.monotonic()
-    print(f"setup: import_ms={(imported - STARTED) * 1000:.0f} process_group_ms={(grouped - joined) * 1000:.0f} "
-          f"ddp_ms={(wrapped - grouped) * 1000:.0f} t={wrapped:.3f}", flush=True)
+    print(f"setup: process_group_ms={(grouped - joined) * 1000:.0f} ddp_ms={(wrapped - grouped) * 1000:.0f} t={wrapped:.3f}",
+          flush=True)
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],

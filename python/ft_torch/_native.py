@@ -2,8 +2,7 @@
 
 Only this module touches ctypes. Every call goes through `_check`, which
 turns an ft status into an `FTError` carrying the stable code name and the
-library's sentence. This module imports no torch: the re-exec bootstrap
-(`ft_torch._boot`) loads it before the training script imports torch.
+library's sentence. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -91,7 +90,11 @@ def lib():
         "ft_control_close": ([P], None),
         "ft_control_fd": ([P], I),
         "ft_control_next": ([P, pP], I),
-        "ft_control_state": ([P, pI, ctypes.POINTER(ctypes.c_uint64)], I),
+        "ft_control_state": ([P, pI, pI, ctypes.POINTER(ctypes.c_uint64)], I),
+        "ft_control_set_activity": ([P, I, I64], I),
+        "ft_event_source_count": ([P], SZ),
+        "ft_event_source": ([P, SZ], ctypes.c_char_p),
+        "ft_client_restore_from": ([P, I64, ctypes.POINTER(ctypes.c_char_p), SZ], I),
         "ft_control_ready": ([P, I64], I),
         "ft_control_running": ([P], I),
         "ft_control_report": ([P, I64, I64], I),

@@ -112,6 +112,7 @@ class Job:
             return
         version = step + 1
         t0 = time.perf_counter()
+        self.session.hold()  # a step boundary: wait here while the coordinator is silent
         if version - self._last_version >= self.session.snapshot_interval and self._agree(self._ready_to_snapshot()):
             self.client.wait_before_update()  # the captured buffers are free again
             self.state.check()

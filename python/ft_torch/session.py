@@ -1,5 +1,5 @@
-"""This process's place in an ft job: unprotected, under an SMP alone, or
-under an SMP and a coordinator (see `coordinated.py`)."""
+"""This process's place in an ft job: unprotected, or under an SMP alone
+(under a coordinator too: `agent.TrainerSession`)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ class Unprotected:
         pass
 
     def check_running(self):
+        pass
+
+    def hold(self):
         pass
 
     def done(self, version):

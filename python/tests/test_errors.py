@@ -141,7 +141,7 @@ def test_without_ft_smp_training_is_unprotected_with_one_warning(worker_env, fre
         job = ft.attach(m, opt)
         ft.start()
     assert [str(w.message) for w in caught] == [
-        "ft_torch: training unprotected (not started by ft-smp: missing or invalid FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, "
+        "ft_torch: training unprotected (not started by ft-smp: missing FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, "
         "FT_DP_SIZE, FT_SMP_ENDPOINT)"]
     assert job.restore() == 0
     for step in range(3):

@@ -126,6 +126,11 @@ int ft_client_can_snapshot(ft_client *client, int64_t previous_step, int *can);
  * replicated tensors from the SMP too), checking every chunk's CRC.
  * *step: the step restored, -1 when nothing is committed (a fresh start). */
 int ft_client_restore(ft_client *client, int64_t *step);
+/* Restores exactly `step` (the coordinator's choice): every tensor from
+ * this node's SMP, and the slices of replicated tensors that DP rank r holds
+ * from sources[r] (an SMP's data endpoint; "" or count 0: this node's SMP).
+ * FT_E_REFUSED when the node cannot give back that step. */
+int ft_client_restore_from(ft_client *client, int64_t step, const char *const *sources, size_t count);
 /* Counters: snapshots staged and skipped, seconds the caller's thread was
  * blocked in snapshot and wait_before_update, seconds the last copy took
  * (begin to staged), last committed step (-1: none). Any pointer may be NULL. */
@@ -184,8 +189,20 @@ void ft_control_close(ft_control *control);
 int ft_control_fd(const ft_control *control);
 /* The next event (never blocks); *out = NULL when none. Free it with ft_event_free. */
 int ft_control_next(ft_control *control, ft_event **out);
-/* Paused now (a pause not yet followed by running), and the epoch last heard. */
-int ft_control_state(const ft_control *control, int *paused, uint64_t *epoch);
+/* Paused now (a pause not yet followed by running); held (the coordinator is
+ * silent: stop at the next step boundary, abandon nothing, carry on when it
+ * is back); and the epoch last heard. Any pointer may be NULL. */
+int ft_control_state(const ft_control *control, int *paused, int *held, uint64_t *epoch);
+/* What the training thread does now, for the coordinator's step-progress
+ * watchdog (sent with every heartbeat). `waiting_on`: the rank a collective
+ * waits for, -1 if unknown. */
+#define FT_ACTIVITY_IDLE 0
+#define FT_ACTIVITY_COMPUTING 1
+#define FT_ACTIVITY_COLLECTIVE 2
+#define FT_ACTIVITY_SNAPSHOT_WAIT 3
+#define FT_ACTIVITY_RESTORING 4
+#define FT_ACTIVITY_HELD 5
+int ft_control_set_activity(ft_control *control, int activity, int64_t waiting_on);
 /* Restored `restored_step` (-1: started fresh) and ready to resume. */
 int ft_control_ready(ft_control *control, int64_t restored_step);
 /* Training again after a resume (clears the pause). */
@@ -203,6 +220,10 @@ int64_t ft_event_step(const ft_event *event);
 int ft_event_failed(const ft_event *event);
 /* stop, fenced: why ("" otherwise); valid until ft_event_free. */
 const char *ft_event_reason(const ft_event *event);
+/* restore: the data endpoint of the SMP holding DP rank i's slices (for
+ * ft_client_restore_from); valid until ft_event_free. */
+size_t ft_event_source_count(const ft_event *event);
+const char *ft_event_source(const ft_event *event, size_t index);
 void ft_event_free(ft_event *event);
 
 /* Restores the step a restore event names: every tensor from this node's
