@@ -22,3 +22,29 @@ if ! command -v swift >/dev/null; then
     echo "setup: swift is not on PATH; install Swift 6.0 or later (swift.org) first" >&2
     exit 1
 fi
+
+# PyTorch and the ft_torch package (python/), for workers written in Python.
+# torch: whatever build is installed already (a GPU machine's own); otherwise
+# the CPU build (pip finds torch==2.13.0+cpu in its configured find-links).
+python=${PYTHON:-python3}
+if ! command -v "$python" >/dev/null; then
+    echo "setup: $python is not on PATH; install Python 3.9 or later first" >&2
+    exit 1
+fi
+pip_install() { "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "$@"; }
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# One look (no import): the modules missing, and where ft_torch is installed from.
+read -r -a missing_py <<<"$("$python" -c "
+import importlib.util as u
+print(' '.join(m for m in ('torch', 'numpy', 'pytest') if u.find_spec(m) is None))")"
+for m in "${missing_py[@]}"; do
+    spec=$m
+    [[ $m == torch ]] && spec=torch==2.13.0+cpu
+    echo "setup: installing $spec"
+    pip_install "$spec"
+done
+installed=$("$python" -c "import importlib.util as u; s = u.find_spec('ft_torch'); print(s.submodule_search_locations[0] if s else '')")
+if [[ "$installed" != "$root/python/ft_torch" ]]; then
+    echo "setup: installing ft_torch from $root/python (editable)"
+    pip_install --no-build-isolation -e "$root/python"
+fi

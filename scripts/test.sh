@@ -29,12 +29,28 @@ passed=$(grep '^✔ Test .* passed' "$log" | grep -vc '^✔ Test run with' || tr
 failed=$(grep '^✘ Test .* failed' "$log" | grep -vc '^✘ Test run with' || true)
 echo "tests: ${passed} passed, ${failed} failed"
 
-# The chaos smoke subset against real jobs, with the debug binaries just built.
+# The Python package against the debug binaries just built (a real ft-smp per test).
+echo "test: running pytest (python/tests)"
+set +e
+FT_BIN="$(swift build --show-bin-path)" FT_WORKER_LIB="$(swift build --show-bin-path)/libFTWorkerC.so" \
+    "${PYTHON:-python3}" -m pytest -q python/tests
+py_status=$?
+set -e
+echo "pytest: $([[ $py_status -eq 0 ]] && echo passed || echo "FAILED (exit $py_status)")"
+
+# The chaos smoke subset against real jobs, with the debug binaries just built;
+# then the PyTorch example losing a node (4 nodes x 1 worker, RS(3+1)), checked
+# against its uninterrupted run.
 echo "test: chaos smoke (chaos/run --smoke)"
 set +e
 FT_BIN="$(swift build --show-bin-path)" ./chaos/run --smoke --steps 200
 chaos_status=$?
+echo "test: the PyTorch example loses a node (chaos/run --worker torch --scenario kill-node)"
+FT_BIN="$(swift build --show-bin-path)" ./chaos/run --worker torch --scenario kill-node --steps 120
+torch_status=$?
 set -e
 echo "chaos smoke: $([[ $chaos_status -eq 0 ]] && echo passed || echo "FAILED (exit $chaos_status)")"
-if [[ $status -ne 0 ]]; then exit "$status"; fi
-exit "$chaos_status"
+echo "torch kill-node: $([[ $torch_status -eq 0 ]] && echo passed || echo "FAILED (exit $torch_status)")"
+for s in $status $py_status $chaos_status $torch_status; do
+    if [[ $s -ne 0 ]]; then exit "$s"; fi
+done

@@ -24,6 +24,8 @@ public final class ChaosRunner: @unchecked Sendable {
         public var stateMB: Int?
         /// Simulated compute per step with synthetic state (ms).
         public var stepMs = 10.0
+        /// The workload: the demo trainer, or the PyTorch example (`--worker torch`).
+        public var worker = ChaosWorker.demo
         public var keepDirectories = false
         public var progress: @Sendable (String) -> Void = { _ in }
         public init(binaries: String, workDirectory: String) {
@@ -108,6 +110,9 @@ public final class ChaosRunner: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: options.workDirectory, withIntermediateDirectories: true)
     }
 
+    /// The shape of `scenario`'s job for this runner's workload.
+    func jobShape(for scenario: String, steps: Int) -> Shape { options.worker.adjust(Self.shape(for: scenario, steps: steps)) }
+
     static func shape(for scenario: String, steps: Int) -> Shape {
         if scenario.hasPrefix("kill-m") || scenario == "kill-source-during-rebuild" {
             return Shape(nodes: 4, workersPerNode: 1, k: 2, m: 2, steps: steps)
@@ -119,6 +124,7 @@ public final class ChaosRunner: @unchecked Sendable {
     /// The worker command: the char LM, or synthetic state of `stateMB` MiB.
     var workerCommand: (Int) -> [String] {
         { [options] steps in
+            if let torch = options.worker.command(steps: steps) { return torch }
             var c = [options.binaries + "/ft-demo-trainer", "--steps", "\(steps)", "--report-every", "100"]
             if let mb = options.stateMB { c += ["--synthetic", "--state-mb", "\(mb)", "--step-ms", "\(options.stepMs)"] }
             return c
@@ -168,7 +174,7 @@ public final class ChaosRunner: @unchecked Sendable {
         return first
     }
 
-    public struct ChaosError: Error, CustomStringConvertible {
+    public struct ChaosError: Error, CustomStringConvertible, Sendable {
         public var description: String
         init(_ d: String) { description = d }
     }
@@ -191,8 +197,11 @@ public final class ChaosRunner: @unchecked Sendable {
         guard Self.scenarios.contains(where: { $0.name == name }) else {
             throw ChaosError("unknown scenario \(name) (known: \(Self.scenarios.map(\.name).joined(separator: ", ")))")
         }
+        guard options.worker.supports(name) else {
+            throw ChaosError("\(name) needs the demo trainer (its fault is injected by the worker itself)")
+        }
         var rng = SplitMix64(seed: seed)
-        let shape = Self.shape(for: name, steps: options.steps)
+        let shape = jobShape(for: name, steps: options.steps)
         // The clean stop has no final state to compare: no golden run for it.
         let expected = name == "kill-m+1-nodes" ? "" : try golden(shape)
         // The moment of the fault: any step from early on to near the end.

@@ -25,12 +25,12 @@ extension ChaosRunner {
     private func runSoak(duration: Double, mtbf: Double, seed: UInt64, into result: inout Result) throws {
         var rng = SplitMix64(seed: seed)
         // Calibrate: how many steps does the soak need to last `duration`?
-        let probe = Self.shape(for: "kill-node", steps: options.steps)
+        let probe = jobShape(for: "kill-node", steps: options.steps)
         let t0 = monotonicSeconds()
         _ = try golden(probe)
         let perStep = (monotonicSeconds() - t0) / Double(options.steps)
         let steps = max(options.steps, Int(duration * 1.15 / perStep))
-        let shape = Self.shape(for: "kill-node", steps: steps)
+        let shape = jobShape(for: "kill-node", steps: steps)
         options.progress("soak: \(steps) steps (~\(String(format: "%.1f", perStep * 1000)) ms/step uninterrupted), faults at a mean of every \(mtbf) s for \(duration) s")
         let expected = try golden(shape)
         // Two self-inflicted faults at random steps of the first half: a hang and a death mid-copy.

@@ -14,7 +14,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Torch.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -114,6 +114,43 @@ struct Snapshot: ParsableCommand {
         if client == "python" { bench.python = try pythonClient() }
         let report = try bench.run(progress: { line in
             FileHandle.standardError.write(Data("ft-bench snapshot: \(line)\n".utf8))
+        })
+        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+    }
+}
+
+struct Rounds: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The cost of a snapshot every step for a small state: per-round commit latency and step time vs snapshots off.",
+        discussion: """
+            ft-demo-trainer with synthetic state on 4 nodes x 2 workers, three ways in one run: snapshots off, a
+            snapshot every step without erasure coding, and with RS(3+1). figures.commit_ms_p50/p99: each SMP's
+            time from all its workers staged to the commit (RS(3+1) job); ratios.step_every1_*_vs_off.
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "Steps per job.")
+    var steps = 600
+
+    @Option(help: "Simulated compute per step in ms.")
+    var stepMs = 10.0
+
+    @Option(help: "Synthetic state per worker in MiB.")
+    var stateMb = 1
+
+    func validate() throws {
+        guard steps >= 100 else { throw ValidationError("--steps must be at least 100") }
+        guard stepMs >= 0, stateMb >= 1 else { throw ValidationError("--step-ms must not be negative, --state-mb at least 1") }
+    }
+
+    func run() throws {
+        var bench = RoundsBench(binaries: executableDirectory)
+        bench.steps = steps
+        bench.stepMs = stepMs
+        bench.stateMB = stateMb
+        let report = try bench.run(progress: { line in
+            FileHandle.standardError.write(Data("ft-bench rounds: \(line)\n".utf8))
         })
         print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
     }

@@ -49,6 +49,12 @@ struct Chaos: ParsableCommand {
     @Option(help: "With --state-mb: simulated compute per step in milliseconds.")
     var stepMs = 10.0
 
+    @Option(help: "The workload: demo (ft-demo-trainer) or torch (python/examples/gpt.py under ft_torch, 1 worker per node).")
+    var worker = "demo"
+
+    @Option(help: "With --worker torch: the Python interpreter.")
+    var python = "python3"
+
     @Option(help: "Soak for this many seconds instead of running scenarios.")
     var soak: Double?
 
@@ -77,8 +83,24 @@ struct Chaos: ParsableCommand {
         guard stepMs >= 0 else { throw ValidationError("--step-ms must not be negative") }
         if let soak { guard soak > 0 && mtbf > 0 else { throw ValidationError("--soak and --mtbf must be positive") } }
         if smoke && !scenario.isEmpty { throw ValidationError("give either --smoke or --scenario") }
-        for b in ["ft-coordinator", "ft-smp", "ft-demo-trainer"] where access(binaries + "/" + b, X_OK) != 0 {
+        for b in ["ft-coordinator", "ft-smp", worker == "torch" ? "libFTWorkerC.so" : "ft-demo-trainer"] where access(binaries + "/" + b, R_OK) != 0 {
             throw ValidationError("\(binaries)/\(b) is missing: build first (swift build -c release)")
+        }
+        let workload = try chaosWorker()
+        for s in scenario where !workload.supports(s) {
+            throw ValidationError("scenario '\(s)' needs --worker demo (the worker injects its own fault)")
+        }
+    }
+
+    func chaosWorker() throws -> ChaosWorker {
+        switch worker {
+        case "demo": return .demo
+        case "torch":
+            switch ChaosWorker.torch(python: python) {
+            case .success(let w): return w
+            case .failure(let e): throw ValidationError(e.description)
+            }
+        default: throw ValidationError("--worker is demo or torch, not '\(worker)'")
         }
     }
 
@@ -95,6 +117,7 @@ struct Chaos: ParsableCommand {
         options.snapshotInterval = snapshotInterval
         options.stateMB = stateMb
         options.stepMs = stepMs
+        options.worker = try chaosWorker()
         options.keepDirectories = keep
         options.progress = { line in FileHandle.standardError.write(Data("chaos: \(line)\n".utf8)) }
         let runner = try ChaosRunner(options)
@@ -104,7 +127,8 @@ struct Chaos: ParsableCommand {
             options.progress("soak seed \(s) (replay with --seed \(s))")
             results.append(runner.soak(duration: soak, mtbf: mtbf, seed: s))
         } else {
-            let names = smoke ? ChaosRunner.smoke : scenario.isEmpty ? ChaosRunner.scenarios.map(\.name) : scenario
+            let names = (smoke ? ChaosRunner.smoke : scenario.isEmpty ? ChaosRunner.scenarios.map(\.name) : scenario)
+                .filter { options.worker.supports($0) }
             for name in names {
                 let s = seed ?? UInt64.random(in: 1...UInt64(Int64.max))
                 let r = runner.run(name, seed: s)
