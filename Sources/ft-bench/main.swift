@@ -20,6 +20,12 @@ struct FTBench: ParsableCommand {
 struct OutputOptions: ParsableArguments {
     @Flag(help: "Print one JSON object on stdout instead of a table.")
     var json = false
+
+    /// Runs a bench (its progress lines go to stderr) and prints its report.
+    func emit(_ section: String, _ run: (_ progress: @escaping (String) -> Void) throws -> BenchReport) throws {
+        let report = try run { line in FileHandle.standardError.write(Data("ft-bench \(section): \(line)\n".utf8)) }
+        print(json ? report.json() : report.text(), terminator: json ? "\n" : "")
+    }
 }
 
 struct EC: ParsableCommand {
@@ -44,10 +50,7 @@ struct EC: ParsableCommand {
         var bench = ECBench()
         bench.chunkBytes = chunkMib << 20
         bench.repetitions = repetitions
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench ec: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("ec") { try bench.run(progress: $0) }
     }
 }
 
@@ -112,10 +115,7 @@ struct Snapshot: ParsableCommand {
         bench.asyncSteps = steps
         bench.stepSeconds = stepMs.map { $0 / 1000 }
         if client == "python" { bench.python = try pythonClient() }
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench snapshot: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("snapshot") { try bench.run(progress: $0) }
     }
 }
 
@@ -149,10 +149,7 @@ struct Rounds: ParsableCommand {
         bench.steps = steps
         bench.stepMs = stepMs
         bench.stateMB = stateMb
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench rounds: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("rounds") { try bench.run(progress: $0) }
     }
 }
 
@@ -204,10 +201,7 @@ struct Torch: ParsableCommand {
         bench.recovery = !noRecovery
         if recoveryOnly { bench.intervals = [1]; bench.models = Array(bench.models.prefix(1)); bench.compareOff = false }
         if baseOnly { bench.models = Array(bench.models.prefix(1)) }
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench torch: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("torch") { try bench.run(progress: $0) }
     }
 }
 
@@ -235,10 +229,7 @@ struct Detect: ParsableCommand {
         var bench = DetectBench(binaries: executableDirectory)
         bench.killTrials = killTrials
         bench.stopTrials = stopTrials
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench detect: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("detect") { try bench.run(progress: $0) }
     }
 }
 
@@ -272,10 +263,7 @@ struct ECCluster: ParsableCommand {
         bench.sizesMiB = sizes
         bench.maxMiBForWideCodes = maxWideMib
         bench.diskDirectory = diskDir
-        let report = try bench.run(progress: { line in
-            FileHandle.standardError.write(Data("ft-bench ec-cluster: \(line)\n".utf8))
-        })
-        print(output.json ? report.json() : report.text(), terminator: output.json ? "\n" : "")
+        try output.emit("ec-cluster") { try bench.run(progress: $0) }
     }
 }
 
