@@ -20,13 +20,13 @@ public struct TorchBench {
     public var binaries: String
     public var python: String
     public var script: String
-    public var steps = 150
+    public var steps = 200
     /// Model sizes: a tag and the example's flags.
-    public var models: [(tag: String, flags: [String])] = [("base", []), ("large", ["--embd", "192", "--layers", "6", "--batch", "24"])]
+    public var models: [(tag: String, flags: [String])] = [("base", []), ("large", ["--embd", "128", "--layers", "4", "--batch", "32"])]
     public var intervals = [1, 10]
     public var recovery = true
-    /// Run each model with snapshots off too (the cost of protection).
-    public var compareOff = true
+    /// Steps per block of the alternating run.
+    public var block = 25
 
     public init(binaries: String, python: String, script: String) {
         self.binaries = binaries
@@ -47,29 +47,25 @@ public struct TorchBench {
 
     public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
         var report = BenchReport(section: "torch")
-        report.table = [["model", "snapshots", "step ms", "vs off"]]
+        report.table = [["model", "snapshot every", "step ms off", "step ms on", "on / off"]]
         var reference: String?
         for model in models {
-            var off: Outcome?
-            if compareOff {
-                progress("\(model.tag) model: snapshots off")
-                off = try runJob(options("off-\(model.tag)", interval: 1, flags: model.flags + ["--snapshots", "off"]), progress: progress)
-                report.figure("step_ms_off_\(model.tag)", off!.stepMs)
-                report.table.append([model.tag, "off", f(off!.stepMs), "1.000"])
-            }
             for n in intervals {
-                progress("\(model.tag) model: a snapshot every \(n) step\(n == 1 ? "" : "s")")
-                let on = try runJob(options("every\(n)-\(model.tag)", interval: n, flags: model.flags), progress: progress)
-                if model.tag == models[0].tag && n == 1 { reference = on.hash }
-                report.figure("step_ms_every\(n)_\(model.tag)", on.stepMs)
-                if let off {
-                    report.ratio("step_every\(n)_vs_off_\(model.tag)", on.stepMs / off.stepMs)
-                }
-                report.table.append([model.tag, "every \(n)", f(on.stepMs), off.map { String(format: "%.3f", on.stepMs / $0.stepMs) } ?? "-"])
+                progress("\(model.tag) model: blocks of \(block) steps without and with a snapshot every \(n) step\(n == 1 ? "" : "s")")
+                let r = try runJob(options("every\(n)-\(model.tag)", interval: n, flags: model.flags + ["--snapshots", "alternate",
+                                                                                                         "--block", "\(block)"]),
+                                   progress: progress)
+                if model.tag == models[0].tag && n == 1 { reference = r.hash }
+                progress("\(model.tag) model, a snapshot every \(n): \(f(r.offMs)) ms per step off, \(f(r.onMs)) on")
+                report.figure("step_ms_off_every\(n)_\(model.tag)", r.offMs)
+                report.figure("step_ms_on_every\(n)_\(model.tag)", r.onMs)
+                report.ratio("step_every\(n)_vs_off_\(model.tag)", r.onMs / r.offMs)
+                report.table.append([model.tag, "\(n)", f(r.offMs), f(r.onMs), String(format: "%.3f", r.onMs / r.offMs)])
             }
         }
-        report.notes.append("step ms: the mean wall time per step of the example's workers (gpt.py's step_ms, averaged over the 4 ranks), "
-                            + "\(steps) steps, 4 nodes x 1 worker, RS(3+1). vs off: over the same model with snapshots off.")
+        report.notes.append("One job per row (4 nodes x 1 worker, RS(3+1), \(steps) steps): blocks of \(block) steps without snapshots "
+                            + "and with a snapshot every N steps take turns (gpt.py --snapshots alternate), so both see the same machine; "
+                            + "step ms: the mean wall time of a step of each kind over the 4 ranks (the first step of each block left out).")
         if recovery, let reference {
             progress("recovery: a snapshot every step, node n1 killed once step \(steps / 2) is committed")
             try measureRecovery(into: &report, reference: reference, progress: progress)
@@ -78,37 +74,45 @@ public struct TorchBench {
     }
 
     struct Outcome {
-        var stepMs: Double
+        var onMs: Double
+        var offMs: Double
         var hash: String
     }
 
     /// Runs a job to its end; every worker's step time and final hash.
     func runJob(_ o: LocalJob.Options, progress: (String) -> Void) throws -> Outcome {
         let job = try LocalJob(o)
-        defer { job.stop() }
+        var keep = true  // a job that fails keeps its logs
+        defer { job.stop(removeFiles: !keep) }
         let started = monotonicSeconds()
         while job.coordinator?.poll() == nil {
-            if monotonicSeconds() - started > 900 { throw BenchError("the job did not end in 900 s:\n\(job.logs.suffix(3000))") }
+            if monotonicSeconds() - started > 1800 {
+                throw BenchError("the job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))")
+            }
             usleep(100_000)
         }
-        var times: [Double] = []
+        var on: [Double] = [], off: [Double] = []
         var hashes: Set<String> = []
         for n in 0..<o.nodes {
             guard let line = job.workerLog(node: n, worker: 0).split(separator: "\n").last(where: { $0.hasPrefix("final step=\(steps) ") }),
-                  let ms = field(line, "step_ms").flatMap(Double.init), let hash = field(line, "hash") else {
-                throw BenchError("worker n\(n) printed no final line:\n\(job.workerLog(node: n, worker: 0).suffix(3000))")
+                  let onMs = field(line, "step_ms_on").flatMap(Double.init), let offMs = field(line, "step_ms_off").flatMap(Double.init),
+                  let hash = field(line, "hash") else {
+                throw BenchError("worker n\(n) printed no final line (logs in \(job.dir)):\n\(job.workerLog(node: n, worker: 0).suffix(3000))")
             }
-            times.append(ms)
+            on.append(onMs)
+            off.append(offMs)
             hashes.insert(hash)
         }
-        guard hashes.count == 1 else { throw BenchError("the workers ended with different hashes: \(hashes.sorted())") }
-        return Outcome(stepMs: times.reduce(0, +) / Double(times.count), hash: hashes.first!)
+        guard hashes.count == 1 else { throw BenchError("the workers ended with different hashes: \(hashes.sorted()) (logs in \(job.dir))") }
+        keep = false
+        return Outcome(onMs: on.reduce(0, +) / Double(on.count), offMs: off.reduce(0, +) / Double(off.count), hash: hashes.first!)
     }
 
     func measureRecovery(into report: inout BenchReport, reference: String, progress: (String) -> Void) throws {
         let o = options("recovery", interval: 1, flags: models[0].flags)
         let job = try LocalJob(o)
-        defer { job.stop() }
+        var keep = true  // a run that fails keeps its logs
+        defer { job.stop(removeFiles: !keep) }
         let supervisor = Supervisor(job: job)
         var killedAt: Double?
         let started = monotonicSeconds()
@@ -120,7 +124,9 @@ public struct TorchBench {
                 killedAt = monotonicSeconds()
                 progress("killed node n1 (its SMP and worker)")
             }
-            if monotonicSeconds() - started > 900 { throw BenchError("the recovery job did not end in 900 s:\n\(job.logs.suffix(3000))") }
+            if monotonicSeconds() - started > 1800 {
+                throw BenchError("the recovery job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))")
+            }
             usleep(100_000)
         }
         guard let killedAt else {
@@ -164,6 +170,7 @@ public struct TorchBench {
                let hash = field(line, "hash") { hashes.insert(hash) }
         }
         report.figure("recovered_hash_equal", hashes == [reference] ? 1 : 0)
+        keep = false
         let keys = ["recovery_kill_to_detect_ms", "recovery_detect_ms", "recovery_plan_ms", "recovery_rebuild_ms", "recovery_restart_ms",
                     "restart_replacement_process_ms", "restart_trainer_start_ms", "restart_process_group_ms", "restart_ddp_ms",
                     "restart_process_group_rebuild_ms", "restart_attach_ms", "restart_restore_ms", "restart_ready_to_resume_ms",

@@ -97,9 +97,6 @@ final class ControlBox: @unchecked Sendable {
         }
     }
 
-    /// Whether an instruction (not a pause) is waiting: a restore in progress gives up then.
-    var hasPendingInstruction: Bool { lock.withLock { events.contains { $0.kind != FT_EVENT_PAUSE } } }
-
     /// Called by the C caller's `running`: a resume clears the pause.
     func markRunning() {
         lock.withLock { wasPaused = false }
@@ -235,18 +232,3 @@ public func ft_event_source(_ event: OpaquePointer?, _ index: Int) -> UnsafePoin
 
 @_cdecl("ft_event_free")
 public func ft_event_free(_ event: OpaquePointer?) { release(event, as: EventBox.self) }
-
-@_cdecl("ft_client_restore_event")
-public func ft_client_restore_event(_ client: OpaquePointer?, _ control: OpaquePointer?, _ event: OpaquePointer?) -> Int32 {
-    abiCall {
-        let c: ClientBox = try object(client, "client")
-        let box: ControlBox = try object(control, "control")
-        let e: EventBox = try object(event, "event")
-        guard e.kind == FT_EVENT_RESTORE else { throw ABIFailure.invalid("the event is not a restore") }
-        guard e.step >= 0 else { throw ABIFailure.invalid("the restore event is a fresh start: nothing to restore") }
-        let epoch = e.epoch
-        // Given up as soon as the coordinator moves on (a newer epoch or instruction).
-        try c.client.restore(step: Int(e.step), sources: e.sources,
-                             abandon: { [box] in box.control.epoch != epoch || box.hasPendingInstruction })
-    }
-}

@@ -157,9 +157,9 @@ struct Torch: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The GPT example (python/examples/gpt.py) as a protected job: the cost of snapshots, and a recovery by phase.",
         discussion: """
-            4 nodes x 1 worker, RS(3+1), DDP over gloo on CPU. For each model size, the same job with snapshots off
-            and with a snapshot every N steps (ratios.step_everyN_vs_off_MODEL: wall time per step over the
-            unprotected one); then a job that loses node n1 midway: figures.recovery_* (the coordinator's phases)
+            4 nodes x 1 worker, RS(3+1), DDP over gloo on CPU. For each model size and interval N, one job whose
+            blocks of steps take turns without snapshots and with a snapshot every N steps (ratios.step_everyN_vs_off_MODEL:
+            wall time per step with over without); then a job that loses node n1 midway: figures.recovery_* (the coordinator's phases)
             and figures.restart_* (the restart phase split by the workers' timestamps, the process-group rebuild
             among them), and figures.recovered_hash_equal (1: bit-exact with the uninterrupted run).
             """)
@@ -167,7 +167,7 @@ struct Torch: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     @Option(help: "Steps per job.")
-    var steps = 150
+    var steps = 200
 
     @Option(help: "Snapshot intervals to measure, comma-separated.")
     var intervals = "1,10"
@@ -178,7 +178,7 @@ struct Torch: ParsableCommand {
     @Flag(help: "Skip the recovery run.")
     var noRecovery = false
 
-    @Flag(help: "Only the recovery run (no step-time comparison; the reference hash comes from one uninterrupted run).")
+    @Flag(help: "Only the recovery run (and the one uninterrupted run its reference hash comes from).")
     var recoveryOnly = false
 
     @Option(help: "The Python interpreter.")
@@ -199,7 +199,7 @@ struct Torch: ParsableCommand {
         bench.steps = steps
         bench.intervals = parsedIntervals
         bench.recovery = !noRecovery
-        if recoveryOnly { bench.intervals = [1]; bench.models = Array(bench.models.prefix(1)); bench.compareOff = false }
+        if recoveryOnly { bench.intervals = [1]; bench.models = Array(bench.models.prefix(1)) }
         if baseOnly { bench.models = Array(bench.models.prefix(1)) }
         try output.emit("torch") { try bench.run(progress: $0) }
     }

@@ -80,7 +80,10 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--corpus", default=str(pathlib.Path(__file__).parent / "data" / "corpus.txt"))
-    p.add_argument("--snapshots", choices=["on", "off"], default="on", help="off: attach but never snapshot (to measure the cost)")
+    p.add_argument("--snapshots", choices=["on", "off", "alternate"], default="on",
+                   help="off: attach but never snapshot; alternate: blocks of --block steps without and with snapshots, "
+                        "timed apart (the cost of protection measured in one run)")
+    p.add_argument("--block", type=int, default=25, help="steps per block with --snapshots alternate")
     p.add_argument("--ddp-hook", choices=["canonical", "stock"], default="canonical",
                    help="canonical: ft's hook, bit-exact resume; stock: DDP's own bucketed all-reduce")
     args = p.parse_args()
@@ -128,20 +131,26 @@ def main():
     if first:
         print(f"restored step={first} hash={job.state_hash()}", flush=True)
     began = time.perf_counter()
+    times = {True: [], False: []}  # step times with and without snapshots (the first step of each block left out)
     for step in range(first, args.steps):
+        t0 = time.perf_counter()
+        protect = args.snapshots == "on" or (args.snapshots == "alternate" and (step // args.block) % 2 == 1)
         x, y = batch()
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()  # ft: waits here, only if the last snapshot still copies these tensors
         schedule.step()
-        if args.snapshots == "on":
+        if protect:
             job.snapshot(step)  # ft: returns at once; the copy runs in the background
+        if step % args.block:
+            times[protect].append(time.perf_counter() - t0)
         if (step + 1) % args.report_every == 0:
             print(f"step={step + 1} loss={loss.item():.4f} hash={job.state_hash()}", flush=True)
     ran = args.steps - first
     step_ms = (time.perf_counter() - began) * 1000 / max(1, ran)
-    print(f"final step={args.steps} hash={job.state_hash()} step_ms={step_ms:.2f}", flush=True)
+    split = "".join(f" step_ms_{k}={sum(v) * 1000 / len(v):.2f}" for k, v in (("on", times[True]), ("off", times[False])) if v)
+    print(f"final step={args.steps} hash={job.state_hash()} step_ms={step_ms:.2f}{split}", flush=True)
     job.finish()  # ft: waits for the last snapshot, then (under a coordinator) for the whole job's end
     if world > 1:
         dist.destroy_process_group()

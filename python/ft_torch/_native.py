@@ -105,7 +105,6 @@ def lib():
         "ft_event_failed": ([P], I),
         "ft_event_reason": ([P], ctypes.c_char_p),
         "ft_event_free": ([P], None),
-        "ft_client_restore_event": ([P, P, P], I),
     }
     for name, (args, res) in signatures.items():
         f = getattr(L, name)

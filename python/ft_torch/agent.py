@@ -51,6 +51,11 @@ def log(line: str) -> None:
     print(f"ft: {line} t={time.monotonic():.3f}", flush=True)
 
 
+def _flush() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
 def _die_with_parent() -> None:
     """PR_SET_PDEATHSIG(SIGKILL): this process dies when its parent does."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -110,6 +115,7 @@ def start_under_coordinator(environment):
     the zygote never return (they exit with the worker's status)."""
     log(f"agent up {_process_age() * 1000:.0f} ms after the process started (Python, torch and the script's imports)")
     agent_end, zygote_end = socket.socketpair()
+    _flush()  # what is buffered would otherwise be written by every process forked from here
     pid = os.fork()
     if pid == 0:
         agent_end.close()
@@ -147,6 +153,7 @@ def _zygote(link: Link):
         message, fds = link.receive(fds=1)
         if message is None:
             os._exit(0)  # the agent is gone
+        _flush()
         pid = os.fork()
         if pid == 0:
             link.sock.close()
@@ -226,7 +233,7 @@ class Agent:
         if kind == EVENT_STOP:
             log(f"stop: {e['reason']}")
             if t is not None and t.done and not e["failed"]:
-                t.link.send({"kind": "stop"})
+                self.tell(t, {"kind": "stop"})
                 self.stop_event = e
                 return None  # exits once the trainer did
             self.kill_trainer()
@@ -247,7 +254,7 @@ class Agent:
             if t is not None and t.epoch == e["epoch"] and t.ready and not t.running:
                 t.running = True
                 _native._check(self.L.ft_control_running(self.control))
-                t.link.send({"kind": "resume", "step": e["step"], "epoch": e["epoch"]})
+                self.tell(t, {"kind": "resume", "step": e["step"], "epoch": e["epoch"]})
         return None
 
     def follow_hold(self) -> None:
@@ -256,7 +263,7 @@ class Agent:
         if bool(held.value) != self.held:
             self.held = bool(held.value)
             if self.trainer is not None:
-                self.trainer.link.send({"kind": "hold", "held": self.held})
+                self.tell(self.trainer, {"kind": "hold", "held": self.held})
 
     # ---- the trainer -----------------------------------------------------------
 
@@ -271,8 +278,15 @@ class Agent:
         reply = self._zygote_reply("forked")
         link = Link(ours)
         self.trainer = Trainer(reply["forked"], link, e["epoch"])
-        link.send({"kind": "restore", "step": e["step"], "epoch": e["epoch"], "sources": e["sources"], "held": self.held})
+        self.tell(self.trainer, {"kind": "restore", "step": e["step"], "epoch": e["epoch"], "sources": e["sources"], "held": self.held})
         log(f"trainer pid {reply['forked']} started for epoch {e['epoch']}")
+
+    def tell(self, t: Trainer, message: dict) -> None:
+        """A message to the trainer; one that died meanwhile is seen at its link's end."""
+        try:
+            t.link.send(message)
+        except OSError:
+            pass
 
     def _zygote_reply(self, key: str) -> dict:
         while True:
@@ -327,7 +341,10 @@ class Agent:
                     return 0
                 log("the trainer ended after its last step; waiting for the job's end")
                 return None
-            log(f"the trainer (pid {t.pid}) failed (exit {status})")
+            if status == 0:
+                log(f"the trainer (pid {t.pid}) ended before its job was done: the script must end with job.finish()")
+            else:
+                log(f"the trainer (pid {t.pid}) failed (exit {status})")
             return 1  # this worker failed: its SMP reports it, the coordinator recovers the job
         kind = m["kind"]
         L = self.L

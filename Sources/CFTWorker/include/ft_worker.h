@@ -164,10 +164,11 @@ int ft_client_set_restore_buffer(ft_client *client, size_t index, void *host, si
  * thread, whatever the caller does. What the coordinator wants arrives as
  * events: the descriptor is readable while one is waiting.
  *
- *   restore  restore step ft_event_step (-1: start fresh), then ft_control_ready
+ *   restore  restore step ft_event_step (-1: start fresh) with ft_client_restore_from
+ *            and the event's sources, then ft_control_ready
  *   resume   every rank is ready: train from step ft_event_step, ft_control_running
- *   pause    a failure somewhere (or the coordinator went silent): stop what you do;
- *            a restore follows (ft_event_epoch: the epoch it was heard in)
+ *   pause    a failure somewhere: stop what you do (a silent coordinator is a hold,
+ *            see ft_control_state); a restore follows (ft_event_epoch: its epoch)
  *   stop     the job is over (ft_event_failed: because it failed); exit
  *   fenced   this process was replaced; exit at once without touching anything
  */
@@ -225,12 +226,6 @@ const char *ft_event_reason(const ft_event *event);
 size_t ft_event_source_count(const ft_event *event);
 const char *ft_event_source(const ft_event *event, size_t index);
 void ft_event_free(ft_event *event);
-
-/* Restores the step a restore event names: every tensor from this node's
- * SMP, the other DP ranks' slices from the SMPs the coordinator named, CRCs
- * checked. Gives up with FT_E_INTERRUPTED as soon as the coordinator moves
- * on (a newer epoch or instruction) instead of waiting for a dead source. */
-int ft_client_restore_event(ft_client *client, ft_control *control, const ft_event *restore);
 
 #ifdef __cplusplus
 }
