@@ -41,6 +41,7 @@ public struct TorchBench {
         o.erasure = (3, 1)
         o.snapshotInterval = interval
         o.lingerMs = 2000
+        o.phaseTimeout = 60  // a restart rebuilds the process group (README, "Use it from PyTorch")
         o.workerCommand = [python, script, "--steps", "\(steps)", "--report-every", "50"] + flags
         return o
     }
@@ -53,7 +54,7 @@ public struct TorchBench {
             for n in intervals {
                 progress("\(model.tag) model: blocks of \(block) steps without and with a snapshot every \(n) step\(n == 1 ? "" : "s")")
                 let r = try runJob(options("every\(n)-\(model.tag)", interval: n, flags: model.flags + ["--snapshots", "alternate",
-                                                                                                         "--block", "\(block)"]),
+                                                                                                         "--alternate-every", "\(block)"]),
                                    progress: progress)
                 if model.tag == models[0].tag && n == 1 { reference = r.hash }
                 progress("\(model.tag) model, a snapshot every \(n): \(f(r.offMs)) ms per step off, \(f(r.onMs)) on")
@@ -84,13 +85,7 @@ public struct TorchBench {
         let job = try LocalJob(o)
         var keep = true  // a job that fails keeps its logs
         defer { job.stop(removeFiles: !keep) }
-        let started = monotonicSeconds()
-        while job.coordinator?.poll() == nil {
-            if monotonicSeconds() - started > 1800 {
-                throw BenchError("the job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))")
-            }
-            usleep(100_000)
-        }
+        try waitEnd(job)
         var on: [Double] = [], off: [Double] = []
         var hashes: Set<String> = []
         for n in 0..<o.nodes {
@@ -115,8 +110,7 @@ public struct TorchBench {
         defer { job.stop(removeFiles: !keep) }
         let supervisor = Supervisor(job: job)
         var killedAt: Double?
-        let started = monotonicSeconds()
-        while job.coordinator?.poll() == nil {
+        try waitEnd(job) {
             supervisor.tick()
             if killedAt == nil, jsonInt(supervisor.lastStatus?["committed_step"]) >= steps / 2 {
                 if let pid = job.workerPID(node: 1, worker: 0) { kill(pid, SIGKILL) }
@@ -124,10 +118,6 @@ public struct TorchBench {
                 killedAt = monotonicSeconds()
                 progress("killed node n1 (its SMP and worker)")
             }
-            if monotonicSeconds() - started > 1800 {
-                throw BenchError("the recovery job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))")
-            }
-            usleep(100_000)
         }
         guard let killedAt else {
             throw BenchError("the job ended before step \(steps / 2) was committed (last status: \(supervisor.lastStatus.map { "\($0["state"] ?? "?"), committed \(jsonInt($0["committed_step"]))" } ?? "none")):\n\(job.logs.suffix(3000))")
@@ -202,6 +192,22 @@ public struct TorchBench {
             if line.hasPrefix("ft: agent up ") { out["agent_ms"] = Double(line.split(separator: " ")[3]) }
         }
         return out
+    }
+
+    /// Until the job ends: at most 300 s to start running, 1800 s in all.
+    func waitEnd(_ job: LocalJob, tick: () -> Void = {}) throws {
+        let started = monotonicSeconds()
+        var running = false
+        while job.coordinator?.poll() == nil {
+            tick()
+            let elapsed = monotonicSeconds() - started
+            if !running, elapsed > 300 {
+                running = (job.status(timeout: 1)?["state"] as? String).map { $0 != "starting" } ?? false
+                if !running { throw BenchError("the job did not start in 300 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
+            }
+            if elapsed > 1800 { throw BenchError("the job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
+            usleep(100_000)
+        }
     }
 
     private func f(_ v: Double) -> String { String(format: "%.1f", v) }

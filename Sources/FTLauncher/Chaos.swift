@@ -141,6 +141,7 @@ public final class ChaosRunner: @unchecked Sendable {
         o.snapshotInterval = options.snapshotInterval
         o.environment = environment
         o.workerCommand = workerCommand(shape.steps)
+        options.worker.configure(&o)
         return o
     }
 

@@ -23,6 +23,12 @@ public enum ChaosWorker: Sendable, Equatable {
         return [python, script, "--steps", "\(steps)", "--report-every", "50"]
     }
 
+    /// A PyTorch worker's restart rebuilds its process group (and a lost
+    /// node's new process imports torch first): recovery phases get longer.
+    func configure(_ o: inout LocalJob.Options) {
+        if case .torch = self { o.phaseTimeout = 60 }
+    }
+
     /// The job shape for this workload.
     func adjust(_ shape: ChaosRunner.Shape) -> ChaosRunner.Shape {
         guard case .torch = self else { return shape }

@@ -18,6 +18,7 @@ import Foundation
 ///     job_id = myjob
 ///     heartbeat_ms = 100
 ///     timeout_ms = 500
+///     phase_timeout = 60    # seconds a recovery phase may take at least (default 5; 60 for PyTorch workers)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -32,6 +33,10 @@ public struct ClusterConfig: Equatable, Sendable {
     public var jobID: String?
     public var heartbeatMs = 100
     public var timeoutMs = 500
+    /// The floor of a recovery phase's deadline in seconds (nil: the
+    /// coordinator's default). A PyTorch worker's restart (a process group
+    /// and DDP rebuilt, a lost node's new process importing torch) needs more.
+    public var phaseTimeout: Double?
 
     public struct ErasureCode: Equatable, Sendable {
         public var k: Int
@@ -58,7 +63,7 @@ public struct ClusterConfig: Equatable, Sendable {
     public init() {}
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
-                                    "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms"]
+                                    "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -97,6 +102,9 @@ public struct ClusterConfig: Equatable, Sendable {
         case "job_id": jobID = value
         case "heartbeat_ms": heartbeatMs = try int()
         case "timeout_ms": timeoutMs = try int()
+        case "phase_timeout":
+            guard let v = Double(value), v > 0 else { throw ConfigError("phase_timeout must be a positive number of seconds, not '\(value)'") }
+            phaseTimeout = v
         default:
             throw ConfigError("unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
         }
@@ -183,6 +191,7 @@ public struct ClusterConfig: Equatable, Sendable {
         o.coordinatorPort = port == 0 ? nil : port
         o.heartbeatMs = heartbeatMs
         o.timeoutMs = timeoutMs
+        o.phaseTimeout = phaseTimeout
         return o
     }
 }

@@ -32,6 +32,8 @@ public final class LocalJob: @unchecked Sendable {
         public var spares = 0
         /// Workers snapshot every this many steps (FT_SNAPSHOT_INTERVAL).
         public var snapshotInterval = 1
+        /// The floor of a recovery phase's deadline in seconds (nil: the coordinator's default).
+        public var phaseTimeout: Double?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -67,6 +69,7 @@ public final class LocalJob: @unchecked Sendable {
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.erasure.map { ["--ec", "\($0.k)+\($0.m)"] } ?? [])
             + ["--snapshot-interval", "\(options.snapshotInterval)"]
+            + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
         try startCoordinator()
         for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
         if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }

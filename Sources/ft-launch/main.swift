@@ -28,7 +28,8 @@ struct Start: ParsableCommand {
             `cluster/stop RUN_DIR` from elsewhere) ends every process of the job, by recorded PID.
 
             Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or
-            none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms.
+            none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms,
+            phase_timeout.
             See cluster/example.conf.
             """)
 
@@ -68,6 +69,9 @@ struct Start: ParsableCommand {
     @Option(help: "Silence after which a process is dead, in milliseconds (default 500).")
     var timeoutMs: Int?
 
+    @Option(help: "The floor of a recovery phase's deadline in seconds (default 5; give 60 for PyTorch workers, whose restart rebuilds the process group).")
+    var phaseTimeout: Double?
+
     @Option(help: "Seconds to wait for the job to start running.")
     var startTimeout = 120.0
 
@@ -96,6 +100,7 @@ struct Start: ParsableCommand {
             if let jobId { c.jobID = jobId }
             if let heartbeatMs { c.heartbeatMs = heartbeatMs }
             if let timeoutMs { c.timeoutMs = timeoutMs }
+            if let phaseTimeout { c.phaseTimeout = phaseTimeout }
             if !workerCommand.isEmpty { c.workerCommand = workerCommand }
             try c.validate(binaries: binaries)
         } catch let error as ClusterConfig.ConfigError {

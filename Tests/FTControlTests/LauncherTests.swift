@@ -37,17 +37,21 @@ struct ClusterConfigTests {
             job_id = abc
             heartbeat_ms = 50
             timeout_ms = 300
+            phase_timeout = 60
             """)
         #expect(c.nodes == 6 && c.workersPerNode == 1 && c.erasure == .init(k: 4, m: 2) && c.spares == 2)
         #expect(c.snapshotInterval == 5 && c.steps == 100 && c.workerCommand == ["/bin/sleep", "1000"])
-        #expect(c.runDirectory == "/tmp/x" && c.jobID == "abc" && c.heartbeatMs == 50 && c.timeoutMs == 300)
+        #expect(c.runDirectory == "/tmp/x" && c.jobID == "abc" && c.heartbeatMs == 50 && c.timeoutMs == 300 && c.phaseTimeout == 60)
         #expect(try config("ec = none").erasure == nil)
-        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, nodes, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
         #expect(throws: ClusterConfig.ConfigError("test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
         #expect(throws: ClusterConfig.ConfigError("test.conf:1: expected key = value, got 'nodes 4'")) { try config("nodes 4") }
         #expect(throws: ClusterConfig.ConfigError("test.conf:1: ec must be K+M (e.g. 3+1) or none, not '3-1'")) { try config("ec = 3-1") }
+        #expect(throws: ClusterConfig.ConfigError("test.conf:1: phase_timeout must be a positive number of seconds, not '0'")) {
+            try config("phase_timeout = 0")
+        }
     }
 
     @Test("bad configs are refused before anything starts, each with a clear reason")

@@ -4,7 +4,7 @@ deterministic, and protected by ft.
     # alone (unprotected, one warning):
     python python/examples/gpt.py --steps 200
     # under ft: 4 nodes x 1 worker, RS(3+1), a snapshot every step
-    cluster/launch --nodes 4 --workers-per-node 1 --ec 3+1 -- python python/examples/gpt.py --steps 300
+    cluster/launch --nodes 4 --workers-per-node 1 --ec 3+1 --phase-timeout 60 -- python python/examples/gpt.py --steps 300
 
 The ft lines are marked "# ft". Every rank prints `step=S loss=L hash=H`
 every --report-every steps and `final step=S hash=H step_ms=M` at the end:
@@ -81,9 +81,9 @@ def main():
     p.add_argument("--report-every", type=int, default=50)
     p.add_argument("--corpus", default=str(pathlib.Path(__file__).parent / "data" / "corpus.txt"))
     p.add_argument("--snapshots", choices=["on", "off", "alternate"], default="on",
-                   help="off: attach but never snapshot; alternate: blocks of --block steps without and with snapshots, "
+                   help="off: attach but never snapshot; alternate: blocks of --alternate-every steps without and with snapshots, "
                         "timed apart (the cost of protection measured in one run)")
-    p.add_argument("--block", type=int, default=25, help="steps per block with --snapshots alternate")
+    p.add_argument("--alternate-every", type=int, default=25, help="steps per block with --snapshots alternate")
     p.add_argument("--ddp-hook", choices=["canonical", "stock"], default="canonical",
                    help="canonical: ft's hook, bit-exact resume; stock: DDP's own bucketed all-reduce")
     args = p.parse_args()
@@ -134,7 +134,7 @@ def main():
     times = {True: [], False: []}  # step times with and without snapshots (the first step of each block left out)
     for step in range(first, args.steps):
         t0 = time.perf_counter()
-        protect = args.snapshots == "on" or (args.snapshots == "alternate" and (step // args.block) % 2 == 1)
+        protect = args.snapshots == "on" or (args.snapshots == "alternate" and (step // args.alternate_every) % 2 == 1)
         x, y = batch()
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +143,9 @@ def main():
         schedule.step()
         if protect:
             job.snapshot(step)  # ft: returns at once; the copy runs in the background
-        if step % args.block:
+        else:
+            job.step_completed(step)  # (--snapshots off/alternate) no snapshot, but the coordinator hears the step
+        if step % args.alternate_every:
             times[protect].append(time.perf_counter() - t0)
         if (step + 1) % args.report_every == 0:
             print(f"step={step + 1} loss={loss.item():.4f} hash={job.state_hash()}", flush=True)

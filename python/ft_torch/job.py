@@ -99,9 +99,8 @@ class Job:
         self.session.ready(version)
         return version or 0
 
-    def snapshot(self, step: int) -> None:
-        """Protects the state at the end of step `step` (0-based). Returns as
-        soon as the copy has started; training goes on while it runs."""
+    def _advance(self, step: int) -> bool:
+        """Checks `step` and records it; whether there is an SMP to tell."""
         self._check_open()
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"snapshot step must be a non-negative int, not {step!r}")
@@ -109,10 +108,24 @@ class Job:
             raise ValueError(f"snapshot step {step} is not after the last one ({self._last_step})")
         self._last_step = step
         if self.client is None:
+            return False
+        self.session.hold()  # a step boundary: wait here while the coordinator is silent
+        return True
+
+    def step_completed(self, step: int) -> None:
+        """Step `step` is done, with no snapshot taken (a phase of training
+        that needs none): the coordinator still hears that steps complete
+        (its step-progress watchdog takes silence for a hang)."""
+        if self._advance(step):
+            self.session.report_step(step + 1)
+
+    def snapshot(self, step: int) -> None:
+        """Protects the state at the end of step `step` (0-based). Returns as
+        soon as the copy has started; training goes on while it runs."""
+        if not self._advance(step):
             return
         version = step + 1
         t0 = time.perf_counter()
-        self.session.hold()  # a step boundary: wait here while the coordinator is silent
         if version - self._last_version >= self.session.snapshot_interval and self._agree(self._ready_to_snapshot()):
             self.client.wait_before_update()  # the captured buffers are free again
             self.state.check()
