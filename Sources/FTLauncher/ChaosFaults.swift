@@ -10,9 +10,9 @@ extension ChaosRunner {
         var at: Double
     }
 
-    /// How long after a recovery starts a second fault may come: its likely
-    /// duration here (longer with more state).
-    var recoveryWindow: Double { 0.6 + Double(options.stateMB ?? 0) / 200 }
+    /// How long after a recovery is seen under way a second fault may come:
+    /// about what the rest of a node's recovery takes here (longer with more state).
+    var recoveryWindow: Double { 0.3 + Double(options.stateMB ?? 0) / 200 }
 
     /// Injects the faults of scenario (or soak fault kind) `name` on `node` /
     /// `worker`, including those that wait for a recovery to be under way.
@@ -60,7 +60,8 @@ extension ChaosRunner {
             notes.append("coordinator stopped for 3 s")
             return [f]
         case "kill-coordinator-during-recovery", "second-fault-during-recovery":
-            let first = Bool.random(using: &rng) ? "kill-node" : "kill-worker"
+            // Mostly a node: its recovery has every phase (rebuild included) to land in.
+            let first = Int.random(in: 0..<3, using: &rng) < 2 ? "kill-node" : "kill-worker"
             let f1 = try fault(first, job, node: node, worker: worker)
             guard watch.until(seconds: 30, every: 0.01, { watch.state == "recovering" || watch.ended }) else {
                 throw ChaosError("no recovery began within 30 s of \(first) n\(node)")

@@ -41,7 +41,8 @@ public final class Supervisor: @unchecked Sendable {
             let state = n["smp"] as? String ?? ""
             let pid = Int32(jsonInt(n["pid"]))
             let report = "\(coordinator)/\(pid)"
-            guard state == "dead" || state == "fenced", handled[index] != report else { continue }
+            // A new report, or the replacement started for the last one died before it took over.
+            guard state == "dead" || state == "fenced", handled[index] != report || job.smps[index].poll() != nil else { continue }
             handled[index] = report
             if killDeclaredDead, let ended = job.killNode(index, declaredPID: pid) { actions.append(ended) }
             guard job.options.erasure != nil else { continue }
