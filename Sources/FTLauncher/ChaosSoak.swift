@@ -85,7 +85,7 @@ extension ChaosRunner {
         let hashes = Self.finalHashes(job, steps: steps)
         result.faults = injections.count
         result.failures = watch.failures.count
-        result.finalHashEqual = hashes.allSatisfy { $0 == expected }
+        result.finalHashEqual = hashes == expected
         result.heartbeatGaps = Self.heartbeatGaps(job)
         let resumed = watch.resumed
         result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }

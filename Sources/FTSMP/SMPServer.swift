@@ -161,7 +161,7 @@ public final class SMPServer: @unchecked Sendable {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try router.bind("tcp://127.0.0.1:*")
             let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
-            channel = try ControlChannel(context: context, endpoint: coordinator, memberID: config.nodeID, keys: keys,
+            channel = try ControlChannel(endpoint: coordinator, memberID: config.nodeID, keys: keys,
                                          interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
                                          hangBound: config.hangBound, logger: logger)
         } else {
