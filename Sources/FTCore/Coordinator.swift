@@ -677,6 +677,11 @@ public struct CoordinatorInstance: Sendable {
         for (i, id) in settings.nodeIDs.enumerated() where nodes[id] == nil {
             // Never heard from: lost, for the launcher to replace (status shows it dead).
             nodes[id] = Node(id: id, pid: 0, dataEndpoint: "", workers: settings.workerIDs, rankOffset: i * settings.workersPerNode, state: .dead)
+            // Its workers (if any said hello) went with it: the replacement's are new processes.
+            for w in settings.workerIDs where workers["\(id)/\(w)"] != nil {
+                workers["\(id)/\(w)"]?.state = .dead
+                detector.forget("\(id)/\(w)")
+            }
         }
         let rebuilding = takesOverRunningJob || committed != nil || workers.values.contains { $0.step > 0 }
         epoch += 1

@@ -36,7 +36,19 @@ public final class Supervisor: @unchecked Sendable {
         guard let status = job.status(timeout: statusTimeout) else { return actions }
         lastStatus = status
         let coordinator = jsonInt(status["coordinator_pid"])
-        for n in (status["nodes"] as? [[String: Any]]) ?? [] {
+        let nodes = (status["nodes"] as? [[String: Any]]) ?? []
+        // An SMP that ended before the coordinator ever heard from it (it crashed at
+        // start): nobody will declare it; start it again.
+        let known = Set(nodes.compactMap { $0["id"] as? String })
+        for (index, smp) in job.smps.enumerated() where !known.contains("n\(index)") && smp.poll() != nil {
+            do {
+                try job.startSMP(node: index)
+                actions.append("restarted n\(index)'s SMP, which ended before it joined (\(smp.status!))")
+            } catch {
+                actions.append("could not restart n\(index): \(error)")
+            }
+        }
+        for n in nodes {
             guard let id = n["id"] as? String, let index = Int(id.dropFirst()), index < job.smps.count else { continue }
             let state = n["smp"] as? String ?? ""
             let pid = Int32(jsonInt(n["pid"]))

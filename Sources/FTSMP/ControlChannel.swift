@@ -46,7 +46,8 @@ final class ControlChannel: @unchecked Sendable {
     private var hello: ControlMessage.SMPInventory?
     private let thread: Thread
     private let done = DispatchSemaphore(value: 0)
-    private static let started = monotonicSeconds()
+    /// The origin of `lastProgress` (milliseconds since it).
+    private let started = monotonicSeconds()
     /// The largest gap between two heartbeats sent, in seconds.
     private(set) var largestGap = 0.0
 
@@ -132,7 +133,7 @@ final class ControlChannel: @unchecked Sendable {
 
     /// The event loop is working: called on every turn and between pieces of long work.
     func progress() {
-        lastProgress.store(UInt64((monotonicSeconds() - Self.started) * 1000), ordering: .releasing)
+        lastProgress.store(UInt64(max(0, monotonicSeconds() - started) * 1000), ordering: .releasing)
     }
 
     /// The sizes the next heartbeats carry.
@@ -168,7 +169,7 @@ final class ControlChannel: @unchecked Sendable {
         while !stopping.load(ordering: .acquiring) {
             let now = monotonicSeconds()
             if welcomed, now >= nextBeat {
-                let idle = now - Self.started - Double(lastProgress.load(ordering: .acquiring)) / 1000
+                let idle = now - started - Double(lastProgress.load(ordering: .acquiring)) / 1000
                 if idle > hangBound {
                     if !withholding {
                         logger.error("the event loop has not turned for \(Int(idle * 1000)) ms: heartbeats withheld, so that the coordinator replaces this SMP")

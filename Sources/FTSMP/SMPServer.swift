@@ -198,7 +198,9 @@ public final class SMPServer: @unchecked Sendable {
         loop: while true {
             channel?.progress()
             reportSizes()
-            if channel?.welcomed == false { updateHello() }
+            // Always current: the control thread says it at once to a coordinator that
+            // restarts (a stale one, from before the last commit, would mislead it).
+            updateHello()
             var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
             if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let childIDs = children.keys.sorted()
@@ -259,10 +261,15 @@ public final class SMPServer: @unchecked Sendable {
         reportSizes()
     }
 
-    /// The sizes heartbeats carry: this node's image and the parity it holds.
+    /// The sizes heartbeats carry: this node's image and the parity it holds
+    /// (worked out at most twice per heartbeat interval: the loop turns for every frame).
     private func reportSizes() {
-        channel?.setSizes(data: imageBytes, parity: erasure?.parityBytesHeld ?? 0)
+        let now = monotonicSeconds()
+        guard let channel, now - sizesReportedAt >= config.heartbeatInterval / 2 else { return }
+        sizesReportedAt = now
+        channel.setSizes(data: imageBytes, parity: erasure?.parityBytesHeld ?? 0)
     }
+    private var sizesReportedAt = 0.0
 
     /// Sends a message to the coordinator (if any); remembers a `protected` for later hellos.
     func report(_ message: ControlMessage) {
@@ -522,7 +529,7 @@ public final class SMPServer: @unchecked Sendable {
         env["FT_HEARTBEAT_MS"] = "\(Int(config.heartbeatInterval * 1000))"
         // A Swift worker that crashes (or gets SIGQUIT) writes every thread's backtrace here.
         env["SWIFT_BACKTRACE"] = env["SWIFT_BACKTRACE"]
-            ?? "enable=yes,interactive=no,threads=yes,output-to=\(config.runDirectory)/stacks"
+            ?? "enable=yes,interactive=no,threads=all,output-to=\(config.runDirectory)/stacks"
         let child = try ChildProcess(arguments: config.workerCommand, environment: env,
                                      outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
         children[workerID] = child

@@ -522,7 +522,8 @@ final class SnapshotEngine: @unchecked Sendable {
 
     private func fetchSlice(of spec: TensorSpec, rank: Int, step: Int, into buffer: UnsafeMutableRawBufferPointer, from endpoint: String?) throws {
         let message = SMPMessage.fetchSlice(dpRank: rank, dpSize: identity.dpSize, tensor: spec.name)
-        let (reply, frames) = try endpoint.map { try request(message, to: $0) } ?? request(message)
+        let bytes = ShardLayout.storedRange(of: spec, dpRank: rank, dpSize: identity.dpSize).count
+        let (reply, frames) = try endpoint.map { try request(message, to: $0, bytes: bytes) } ?? request(message)
         guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 1 else {
             throw unexpected(reply, "fetch slice \(spec.name) of rank \(rank)")
         }
@@ -572,8 +573,11 @@ final class SnapshotEngine: @unchecked Sendable {
         return try exchange(message, on: socket, endpoint: identity.smpEndpoint)
     }
 
-    /// The same, with another node's SMP (for DP slices it holds).
-    func request(_ message: SMPMessage, to endpoint: String) throws -> (SMPMessage, [ZMQMessage]) {
+    /// The same, with another node's SMP (for DP slices it holds). It waits
+    /// 1 s plus the reply's `bytes` at 100 MB/s: a source that does not answer
+    /// by then is likely dead, and the coordinator's next restore order (with
+    /// live sources) is on its way.
+    func request(_ message: SMPMessage, to endpoint: String, bytes: Int) throws -> (SMPMessage, [ZMQMessage]) {
         rpcLock.lock()
         defer { rpcLock.unlock() }
         let peer: ZMQSocket
@@ -586,9 +590,7 @@ final class SnapshotEngine: @unchecked Sendable {
             peers[endpoint] = peer
         }
         do {
-            // Short: a source that does not answer at once is likely dead, and the
-            // coordinator's next restore order (with live sources) is on its way.
-            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000),
+            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000 + bytes / 100_000),
                                 abandon: abandonRestore)
         } catch {
             // A late reply must not be taken for the next request's: start afresh.
