@@ -107,7 +107,7 @@ public final class WorkerControl: @unchecked Sendable {
     public func shutdown() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         if thread != nil { done.wait() }
-        log("control: largest heartbeat gap \(Int(largestHeartbeatGap * 1000)) ms")
+        log("control: largest heartbeat gap \(Int(largestHeartbeatGap * 1000)) ms (pid \(getpid()))")
     }
 
     /// Blocks until the coordinator says what to do next.
@@ -140,11 +140,14 @@ public final class WorkerControl: @unchecked Sendable {
     /// Restored (nil: initialized fresh) and ready to resume.
     public func ready(restoredStep: Int?) { enqueue(.ready(restoredStep: restoredStep)) }
 
+    /// The ordered restore failed; waiting for the next order.
+    public func restoreFailed(_ reason: String) { enqueue(.restoreFailed(reason: String(reason.prefix(1000)))) }
+
     /// Finished the last step (said again every half second until the stop comes:
     /// a coordinator that restarted meanwhile may have missed it).
     public func done(finalStep: Int) {
         condition.withLock { finished = finalStep }
-        log("control: largest heartbeat gap \(largestGapMs.load(ordering: .relaxed)) ms")
+        log("control: largest heartbeat gap \(largestGapMs.load(ordering: .relaxed)) ms (pid \(getpid()))")
     }
     private var finished: Int?
 
@@ -211,7 +214,7 @@ public final class WorkerControl: @unchecked Sendable {
                     if let last = lastBeat {
                         let gap = now - last
                         if Int(gap * 1000) > largestGapMs.load(ordering: .relaxed) { largestGapMs.store(Int(gap * 1000), ordering: .relaxed) }
-                        if gap > 0.3 { log("control: no heartbeat sent for \(Int(gap * 1000)) ms") }
+                        if gap > 0.3 { log("control: no heartbeat sent for \(Int(gap * 1000)) ms (pid \(getpid()))") }
                     }
                     lastBeat = now
                 }

@@ -237,7 +237,7 @@ public final class ChaosRunner: @unchecked Sendable {
         let final = watch.finalStatus
         watch.merge(final)
         result.failures = watch.failures.count
-        result.heartbeatGaps = Self.heartbeatGaps(job)
+        result.heartbeatGaps = Self.heartbeatGaps(job, excluding: Set(faults.flatMap(\.stopped)))
         let finalCoordinator = jsonInt(final["coordinator_pid"])
 
         if name == "kill-m+1-nodes" {
@@ -263,6 +263,10 @@ public final class ChaosRunner: @unchecked Sendable {
                 result.detectMs = (first - injectedAt) * 1000
             }
             if let last = resumed.last {
+                let phases = ((last["phases"] as? [[String: Any]]) ?? []).map { p in
+                    "\(p["phase"] ?? "?") \(Int((p["ms"] as? Double) ?? Double(jsonInt(p["ms"]))))"
+                }
+                notes.append("last recovery (ms): " + phases.joined(separator: ", "))
                 let recoveryMs = (last["recovery_ms"] as? Double) ?? Double(jsonInt(last["recovery_ms"]))
                 result.recoveryMs = selfInflicted ? recoveryMs : (watch.detectedAt(last) - injectedAt) * 1000 + recoveryMs
             }

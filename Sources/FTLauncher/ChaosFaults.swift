@@ -8,6 +8,8 @@ extension ChaosRunner {
         var kind: String
         var target: String
         var at: Double
+        /// Processes the fault stopped (SIGSTOP): their own heartbeat gap is the fault's.
+        var stopped: [Int32] = []
     }
 
     /// How long after a recovery is seen under way a second fault may come:
@@ -36,7 +38,8 @@ extension ChaosRunner {
         case "sigstop-node":
             let smp = job.smps[node]
             let workers = recordedWorkers(job, node: node)
-            let f = try fault(name, job, node: node, worker: worker)
+            var f = try fault(name, job, node: node, worker: worker)
+            f.stopped = workers + [smp.pid]
             // Wait for the recovery without it (a replacement rebuilt the node), then let it go.
             guard watch.until(seconds: 120, { watch.resumed.contains { watch.detectedAt($0) >= f.at - 1 } || watch.ended }) else {
                 throw ChaosError("no recovery while n\(node) was stopped")
@@ -53,7 +56,7 @@ extension ChaosRunner {
             return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
         case "coordinator-pause":
             guard let c = job.coordinator else { throw ChaosError("no coordinator") }
-            let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds())
+            let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds(), stopped: [c.pid])
             kill(c.pid, SIGSTOP)
             watch.sleep(3)
             kill(c.pid, SIGCONT)
@@ -115,7 +118,9 @@ extension ChaosRunner {
         case "kill-worker":
             kill(try worker(n, w), SIGKILL)
         case "hung-worker":
-            kill(try worker(n, w), SIGSTOP)
+            let pid = try worker(n, w)
+            kill(pid, SIGSTOP)
+            return Fault(kind: kind, target: "n\(n)/w\(w)", at: at, stopped: [pid])
         case "kill-smp":
             kill(job.smps[n].pid, SIGKILL)
         case "kill-node":

@@ -35,6 +35,8 @@ public final class Supervisor: @unchecked Sendable {
         }
         guard let status = job.status(timeout: statusTimeout) else { return actions }
         lastStatus = status
+        // A job that ended (completed, or stopped as unrecoverable) is not kept whole any more.
+        guard let state = status["state"] as? String, state != "stopped" && state != "failed" else { return actions }
         let coordinator = jsonInt(status["coordinator_pid"])
         let nodes = (status["nodes"] as? [[String: Any]]) ?? []
         // An SMP that ended before the coordinator ever heard from it (it crashed at

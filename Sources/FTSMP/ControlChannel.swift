@@ -125,7 +125,7 @@ final class ControlChannel: @unchecked Sendable {
         threadEnd.close()
         inbox.close()
         link.close()
-        logger.info("largest heartbeat gap \(Int(largestGap * 1000)) ms")
+        logger.info("largest heartbeat gap \(Int(largestGap * 1000)) ms (pid \(getpid()))")
     }
 
     /// Welcomed by the coordinator (heartbeats flow); false until then and after a `helloRequired`.
@@ -182,7 +182,7 @@ final class ControlChannel: @unchecked Sendable {
                     if let last = lastBeat {
                         let gap = now - last
                         largestGap = max(largestGap, gap)
-                        if gap > warnGap { logger.warning("no heartbeat sent for \(Int(gap * 1000)) ms") }
+                        if gap > warnGap { logger.warning("no heartbeat sent for \(Int(gap * 1000)) ms (pid \(getpid()))") }
                     }
                     lastBeat = now
                 }

@@ -586,7 +586,6 @@ public final class SMPServer: @unchecked Sendable {
             return
         }
         guard r.pid != 0, Int(child.pid) == r.pid, replacing[r.worker] == nil else { return }
-        kill(child.pid, SIGCONT)  // a stopped process cannot die of SIGKILL's cleanup, nor be read
         if r.saveStack, let dumper = startStackDump(worker: r.worker, pid: child.pid) {
             logger.warning("worker \(r.worker) (pid \(child.pid)) is hung: saving its stack, then killing it")
             replacing[r.worker] = (child.pid, monotonicSeconds() + 15, dumper)
