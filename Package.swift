@@ -82,7 +82,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-coordinator", dependencies: [
-            "FTControl", "FTCore",
+            "FTControl", "FTCore", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -3,7 +3,8 @@
 # installs only packages that are missing, and does nothing when all are there.
 set -euo pipefail
 
-packages=(libisal-dev libzmq3-dev libibverbs-dev libopenblas-dev pkg-config)
+# gdb: the SMP saves a hung worker's thread backtraces with it (RUN_DIR/stacks).
+packages=(libisal-dev libzmq3-dev libibverbs-dev libopenblas-dev pkg-config gdb)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

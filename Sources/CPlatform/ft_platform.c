@@ -128,3 +128,7 @@ void ft_copy_nontemporal(void *dst, const void *src, size_t n) {
 int ft_set_parent_death_signal(int sig) {
     return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0);
 }
+
+int ft_gettid(void) {
+    return (int)syscall(SYS_gettid);
+}

@@ -130,7 +130,7 @@ public final class CoordinatorServer: @unchecked Sendable {
         zap?.stop()
         router.close()
         logger.info("coordinator down", metadata: ["state": "\(instance.state.rawValue)",
-                                                  "largest_loop_gap_ms": "\(Int(instance.detector.largestGap * 1000))",
+                                                  "largest_loop_gap_ms": "\(Int(instance.detector.largestGap * 1000)) (pid \(getpid()))",
                                                   "stalls": "\(instance.detector.stalls)"])
         return instance.state
     }

@@ -25,7 +25,9 @@ import Synchronization
 /// Heartbeats carry the step, whether the loop trains, and what it is doing
 /// (`setActivity`), for the coordinator's step-progress watchdog. The largest
 /// gap between two heartbeats is logged at shutdown (and any gap over 0.3 s
-/// when it happens).
+/// when it happens). The thread runs at a real-time priority where allowed
+/// (`ThreadPriority`): it sleeps in `poll` but must wake on time on a host
+/// whose cores train.
 public final class WorkerControl: @unchecked Sendable {
     public enum Instruction: Sendable, Equatable {
         /// Restore `step` (nil: initialize fresh); `sources[r]`: the SMP data endpoint of rank r.
@@ -36,8 +38,8 @@ public final class WorkerControl: @unchecked Sendable {
     }
 
     public let info: ControlMessage.WorkerInfo
-    private let link: CoordinatorLink
-    private let context: ZMQContext
+    private let coordinatorEndpoint: String
+    private let keys: JobKeys?
     private let interval: Double
     private let coordinatorTimeout: Double
     private let condition = NSCondition()
@@ -58,8 +60,9 @@ public final class WorkerControl: @unchecked Sendable {
     private var pendingOut: [ControlMessage] = []
     /// Where the control thread's notes go (the worker's log).
     private let log: (String) -> Void
-    /// The largest gap between two heartbeats sent, in seconds (read after `shutdown`).
-    public private(set) var largestHeartbeatGap = 0.0
+    /// The largest gap between two heartbeats sent so far, in seconds.
+    public var largestHeartbeatGap: Double { Double(largestGapMs.load(ordering: .relaxed)) / 1000 }
+    private let largestGapMs = Atomic<Int>(0)
 
     public init(info: ControlMessage.WorkerInfo, coordinatorEndpoint: String, keys: JobKeys?,
                 heartbeatInterval: Double = 0.1, coordinatorTimeout: Double = 1.0,
@@ -68,8 +71,8 @@ public final class WorkerControl: @unchecked Sendable {
         interval = heartbeatInterval
         self.coordinatorTimeout = coordinatorTimeout
         self.log = log
-        context = try ZMQContext()
-        link = try CoordinatorLink(context: context, endpoint: coordinatorEndpoint, memberID: info.key, keys: keys)
+        self.coordinatorEndpoint = coordinatorEndpoint
+        self.keys = keys
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
         for fd in fds { _ = fcntl(fd, F_SETFL, O_NONBLOCK) }
@@ -114,8 +117,7 @@ public final class WorkerControl: @unchecked Sendable {
     public func shutdown() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         if thread != nil { done.wait() }
-        link.close()
-        log("control: largest heartbeat gap \(Int(largestHeartbeatGap * 1000)) ms")
+        log("control: largest heartbeat gap \(Int(largestHeartbeatGap * 1000)) ms (pid \(getpid()))")
     }
 
     /// Blocks until the coordinator says what to do next.
@@ -148,9 +150,15 @@ public final class WorkerControl: @unchecked Sendable {
     /// Restored (nil: initialized fresh) and ready to resume.
     public func ready(restoredStep: Int?) { enqueue(.ready(restoredStep: restoredStep)) }
 
+    /// The ordered restore failed; waiting for the next order.
+    public func restoreFailed(_ reason: String) { enqueue(.restoreFailed(reason: String(reason.prefix(1000)))) }
+
     /// Finished the last step (said again every half second until the stop comes:
     /// a coordinator that restarted meanwhile may have missed it).
-    public func done(finalStep: Int) { condition.withLock { finished = finalStep } }
+    public func done(finalStep: Int) {
+        condition.withLock { finished = finalStep }
+        log("control: largest heartbeat gap \(largestGapMs.load(ordering: .relaxed)) ms (pid \(getpid()))")
+    }
     private var finished: Int?
 
     /// The loop is training again after a resume; clears the interrupt.
@@ -181,6 +189,20 @@ public final class WorkerControl: @unchecked Sendable {
 
     private func loop() {
         defer { done.signal() }
+        // Raised first, then the context made here: libzmq's I/O thread inherits the scheduling.
+        let priority = ThreadPriority.raiseCurrentThread()
+        if case .unchanged = priority { log("control: heartbeat thread scheduling \(priority)") }
+        let context: ZMQContext
+        let link: CoordinatorLink
+        do {
+            context = try ZMQContext()
+            link = try CoordinatorLink(context: context, endpoint: coordinatorEndpoint, memberID: info.key, keys: keys)
+        } catch {
+            log("control: cannot reach the coordinator at \(coordinatorEndpoint): \(error); stopping")
+            deliver(.stop(reason: "no control link: \(error)", failed: true))
+            return
+        }
+        defer { link.close(); withExtendedLifetime(context) {} }
         var nextBeat = 0.0
         var nextHello = 0.0
         var nextDone = 0.0
@@ -203,8 +225,8 @@ public final class WorkerControl: @unchecked Sendable {
                     link.send(.workerHeartbeat(step: s, running: r, skipped: k, activity: a))
                     if let last = lastBeat {
                         let gap = now - last
-                        largestHeartbeatGap = max(largestHeartbeatGap, gap)
-                        if gap > 0.3 { log("control: no heartbeat sent for \(Int(gap * 1000)) ms") }
+                        if Int(gap * 1000) > largestGapMs.load(ordering: .relaxed) { largestGapMs.store(Int(gap * 1000), ordering: .relaxed) }
+                        if gap > 0.3 { log("control: no heartbeat sent for \(Int(gap * 1000)) ms (pid \(getpid()))") }
                     }
                     lastBeat = now
                 }

@@ -4,7 +4,7 @@
 /// worker). SMPs and workers are ZeroMQ DEALERs; the coordinator is a ROUTER.
 ///
 ///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, protected
-///     worker -> coordinator   workerHello, workerHeartbeat, ready, workerDone
+///     worker -> coordinator   workerHello, workerHeartbeat, ready, restoreFailed, workerDone
 ///     coordinator -> member   welcome, ack, helloRequired, commit, abort, pause,
 ///                             restore, restartWorkers, resume, fenced, stop
 ///     ftctl -> coordinator    statusQuery  ->  statusReply(json)
@@ -35,6 +35,9 @@ public enum ControlMessage: Sendable, Equatable {
     /// `skipped`: snapshots it skipped because a round was still pending.
     case workerHeartbeat(step: Int, running: Bool, skipped: Int, activity: WorkerActivity)
     case ready(restoredStep: Int?)
+    /// The restore the coordinator ordered failed (a source did not answer, a
+    /// chunk was corrupt): the worker is alive and waits for the next order.
+    case restoreFailed(reason: String)
     case workerDone(finalStep: Int)
     // coordinator -> members
     case welcome(state: String)
@@ -147,6 +150,7 @@ public enum ControlMessage: Sendable, Equatable {
         case .workerHeartbeat: 112
         case .ready: 113
         case .workerDone: 114
+        case .restoreFailed: 115
         case .welcome: 121
         case .ack: 122
         case .helloRequired: 123
@@ -190,7 +194,7 @@ public enum ControlMessage: Sendable, Equatable {
             w.i64(Int64(s ?? -1))
         case .restore(let s, let sources):
             w.i64(Int64(s ?? -1)); w.u32(UInt32(sources.count)); for x in sources { w.string(x) }
-        case .welcome(let s), .ack(let s), .pause(let s), .fenced(let s), .statusReply(let s):
+        case .welcome(let s), .ack(let s), .pause(let s), .fenced(let s), .statusReply(let s), .restoreFailed(let s):
             w.string(s)
         case .helloRequired, .statusQuery:
             break
@@ -274,6 +278,7 @@ public enum ControlMessage: Sendable, Equatable {
                                     activity: WorkerActivity(kind, waitingOn: waitingOn ?? -1, milliseconds: try int("activity ms")))
         case 113: self = .ready(restoredStep: try optional("restored step"))
         case 114: self = .workerDone(finalStep: try int("final step"))
+        case 115: self = .restoreFailed(reason: try r.string(field: "reason"))
         case 121: self = .welcome(state: try r.string(field: "state", max: 64))
         case 122: self = .ack(state: try r.string(field: "state", max: 64))
         case 123: self = .helloRequired

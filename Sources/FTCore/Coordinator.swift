@@ -189,6 +189,8 @@ public struct CoordinatorInstance: Sendable {
         var rebuildBytes = 0
         /// Rebuilds that reported an error.
         var rebuildFailures = 0
+        /// Workers whose restore failed in this phase, with the reasons (they answer: not hung).
+        var restoreFailures: [String: [String]] = [:]
     }
 
     public let settings: CoordinatorSettings
@@ -302,6 +304,15 @@ public struct CoordinatorInstance: Sendable {
             w.state = .alive
             workers[sender] = w
             return maybeResume(now: now)
+        case .restoreFailed(let reason):
+            guard current, state == .recovering, var r = recovery, r.phase == .restart, workers[sender]?.state == .alive else { return [] }
+            // Alive and answering: not hung. Ordered again, a few times; the phase's deadline bounds it.
+            r.restoreFailures[sender, default: []].append(reason)
+            recovery = r
+            let count = r.restoreFailures[sender]!.count
+            guard count <= 3 else { return [.log("worker \(sender) failed to restore \(count) times; the last: \(reason)")] }
+            return [.log("worker \(sender) failed to restore (\(reason)); ordered again"),
+                    .send(to: sender, .restore(step: r.step, sources: sliceSources))]
         case .rebuilt(let step, let error):
             return rebuildDone(sender, step: step, error: error, now: now)
         case .workerDone(let final):
@@ -399,8 +410,11 @@ public struct CoordinatorInstance: Sendable {
             blame = unfinished.filter { nodes[$0]?.state == .alive }
         } else {
             let notReady = expectedWorkerKeys.filter { workers[$0]?.ready != true }
-            late = notReady.map { key in workers[key] == nil ? "\(key) (never said hello)" : key }
-            blame = notReady.filter { workers[$0]?.state == .alive }
+            late = notReady.map { key in
+                workers[key] == nil ? "\(key) (never said hello)"
+                    : r.restoreFailures[key].map { "\(key) (its restore failed: \($0.last!))" } ?? key
+            }
+            blame = notReady.filter { workers[$0]?.state == .alive && r.restoreFailures[$0] == nil }
             // Those that are gone (or never came) on a live node: their SMP starts them (again).
             for key in notReady where workers[key]?.state != .alive {
                 let parts = key.split(separator: "/").map(String.init)
@@ -677,6 +691,11 @@ public struct CoordinatorInstance: Sendable {
         for (i, id) in settings.nodeIDs.enumerated() where nodes[id] == nil {
             // Never heard from: lost, for the launcher to replace (status shows it dead).
             nodes[id] = Node(id: id, pid: 0, dataEndpoint: "", workers: settings.workerIDs, rankOffset: i * settings.workersPerNode, state: .dead)
+            // Its workers (if any said hello) went with it: the replacement's are new processes.
+            for w in settings.workerIDs where workers["\(id)/\(w)"] != nil {
+                workers["\(id)/\(w)"]?.state = .dead
+                detector.forget("\(id)/\(w)")
+            }
         }
         let rebuilding = takesOverRunningJob || committed != nil || workers.values.contains { $0.step > 0 }
         epoch += 1

@@ -8,11 +8,13 @@ extension ChaosRunner {
         var kind: String
         var target: String
         var at: Double
+        /// Processes the fault stopped (SIGSTOP): their own heartbeat gap is the fault's.
+        var stopped: [Int32] = []
     }
 
-    /// How long after a recovery starts a second fault may come: its likely
-    /// duration here (longer with more state).
-    var recoveryWindow: Double { 0.6 + Double(options.stateMB ?? 0) / 200 }
+    /// How long after a recovery is seen under way a second fault may come:
+    /// about what the rest of a node's recovery takes here (longer with more state).
+    var recoveryWindow: Double { 0.3 + Double(options.stateMB ?? 0) / 200 }
 
     /// Injects the faults of scenario (or soak fault kind) `name` on `node` /
     /// `worker`, including those that wait for a recovery to be under way.
@@ -36,7 +38,8 @@ extension ChaosRunner {
         case "sigstop-node":
             let smp = job.smps[node]
             let workers = recordedWorkers(job, node: node)
-            let f = try fault(name, job, node: node, worker: worker)
+            var f = try fault(name, job, node: node, worker: worker)
+            f.stopped = workers + [smp.pid]
             // Wait for the recovery without it (a replacement rebuilt the node), then let it go.
             guard watch.until(seconds: 120, { watch.resumed.contains { watch.detectedAt($0) >= f.at - 1 } || watch.ended }) else {
                 throw ChaosError("no recovery while n\(node) was stopped")
@@ -53,14 +56,15 @@ extension ChaosRunner {
             return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
         case "coordinator-pause":
             guard let c = job.coordinator else { throw ChaosError("no coordinator") }
-            let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds())
+            let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds(), stopped: [c.pid])
             kill(c.pid, SIGSTOP)
             watch.sleep(3)
             kill(c.pid, SIGCONT)
             notes.append("coordinator stopped for 3 s")
             return [f]
         case "kill-coordinator-during-recovery", "second-fault-during-recovery":
-            let first = Bool.random(using: &rng) ? "kill-node" : "kill-worker"
+            // Mostly a node: its recovery has every phase (rebuild included) to land in.
+            let first = Int.random(in: 0..<3, using: &rng) < 2 ? "kill-node" : "kill-worker"
             let f1 = try fault(first, job, node: node, worker: worker)
             guard watch.until(seconds: 30, every: 0.01, { watch.state == "recovering" || watch.ended }) else {
                 throw ChaosError("no recovery began within 30 s of \(first) n\(node)")
@@ -114,7 +118,9 @@ extension ChaosRunner {
         case "kill-worker":
             kill(try worker(n, w), SIGKILL)
         case "hung-worker":
-            kill(try worker(n, w), SIGSTOP)
+            let pid = try worker(n, w)
+            kill(pid, SIGSTOP)
+            return Fault(kind: kind, target: "n\(n)/w\(w)", at: at, stopped: [pid])
         case "kill-smp":
             kill(job.smps[n].pid, SIGKILL)
         case "kill-node":

@@ -31,10 +31,17 @@ extension ChaosRunner {
 
         func merge(_ s: [String: Any]) {
             if firstCommitSeenAt == nil, jsonInt(s["committed_step"]) >= 0 { firstCommitSeenAt = monotonicSeconds() }
-            for f in (s["failures"] as? [[String: Any]]) ?? [] {
+            // The history, and the failure in progress (a coordinator killed now never records it).
+            var reported = (s["failures"] as? [[String: Any]]) ?? []
+            if let current = s["last_failure"] as? [String: Any] { reported.append(current) }
+            for f in reported {
                 var tagged = f
                 tagged["coordinator_pid"] = jsonInt(s["coordinator_pid"])
-                failures["\(f["detected_at_s"] ?? "")|\(f["what"] ?? "")"] = tagged
+                tagged["age_ms"] = nil
+                let key = "\(f["detected_at_s"] ?? "")|\(f["what"] ?? "")"
+                // A record only moves forward (in progress -> resumed or superseded).
+                if failures[key]?["outcome"] as? String != "in progress" && failures[key] != nil && f["outcome"] as? String == "in progress" { continue }
+                failures[key] = tagged
             }
         }
 
@@ -92,10 +99,12 @@ extension ChaosRunner {
     /// workers at exit and whenever a gap passed the warning threshold, the
     /// coordinator's largest gap between two loop turns at exit. A process
     /// killed with SIGKILL logs only the gaps that passed the threshold.
-    static func heartbeatGaps(_ job: LocalJob) -> [String: Int] {
+    /// `excluding`: processes the fault itself stopped (their own gap is the fault's).
+    static func heartbeatGaps(_ job: LocalJob, excluding stopped: Set<Int32> = []) -> [String: Int] {
         func largest(_ text: String, _ patterns: [String]) -> Int {
             var best = -1
             for line in text.split(separator: "\n") {
+                if let r = line.range(of: "(pid "), let pid = Int32(line[r.upperBound...].prefix { $0.isNumber }), stopped.contains(pid) { continue }
                 for p in patterns {
                     guard let r = line.range(of: p) else { continue }
                     let digits = line[r.upperBound...].prefix { $0.isNumber }
@@ -108,8 +117,19 @@ extension ChaosRunner {
         let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
         let smpText = files.filter { ($0.hasPrefix("smp-") || $0.hasPrefix("spare")) && $0.hasSuffix(".log") }
             .map { LocalJob.read(dir + "/" + $0) }.joined(separator: "\n")
+        // A worker declared hung is stopped by gdb while its stack is read: its last gap
+        // is the dump's, not the heartbeat path's (skipped up to its successor's restore).
         let workerText = ((try? FileManager.default.contentsOfDirectory(atPath: dir + "/logs")) ?? [])
-            .map { LocalJob.read(dir + "/logs/" + $0) }.joined(separator: "\n")
+            .map { name -> String in
+                var keep: [Substring] = []
+                var hung = false
+                for line in LocalJob.read(dir + "/logs/" + name).split(separator: "\n") {
+                    if line.contains("fault injection: hanging") { hung = true }
+                    if line.hasPrefix("restored step=") || line.hasPrefix("fresh start") { hung = false }
+                    if !hung { keep.append(line) }
+                }
+                return keep.joined(separator: "\n")
+            }.joined(separator: "\n")
         return [
             "smp": largest(smpText, ["largest heartbeat gap ", "no heartbeat sent for "]),
             "worker": largest(workerText, ["control: largest heartbeat gap ", "control: no heartbeat sent for "]),

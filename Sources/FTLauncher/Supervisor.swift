@@ -35,13 +35,28 @@ public final class Supervisor: @unchecked Sendable {
         }
         guard let status = job.status(timeout: statusTimeout) else { return actions }
         lastStatus = status
+        // A job that ended (completed, or stopped as unrecoverable) is not kept whole any more.
+        guard let state = status["state"] as? String, state != "stopped" && state != "failed" else { return actions }
         let coordinator = jsonInt(status["coordinator_pid"])
-        for n in (status["nodes"] as? [[String: Any]]) ?? [] {
+        let nodes = (status["nodes"] as? [[String: Any]]) ?? []
+        // An SMP that ended before the coordinator ever heard from it (it crashed at
+        // start): nobody will declare it; start it again.
+        let known = Set(nodes.compactMap { $0["id"] as? String })
+        for (index, smp) in job.smps.enumerated() where !known.contains("n\(index)") && smp.poll() != nil {
+            do {
+                try job.startSMP(node: index)
+                actions.append("restarted n\(index)'s SMP, which ended before it joined (\(smp.status!))")
+            } catch {
+                actions.append("could not restart n\(index): \(error)")
+            }
+        }
+        for n in nodes {
             guard let id = n["id"] as? String, let index = Int(id.dropFirst()), index < job.smps.count else { continue }
             let state = n["smp"] as? String ?? ""
             let pid = Int32(jsonInt(n["pid"]))
             let report = "\(coordinator)/\(pid)"
-            guard state == "dead" || state == "fenced", handled[index] != report else { continue }
+            // A new report, or the replacement started for the last one died before it took over.
+            guard state == "dead" || state == "fenced", handled[index] != report || job.smps[index].poll() != nil else { continue }
             handled[index] = report
             if killDeclaredDead, let ended = job.killNode(index, declaredPID: pid) { actions.append(ended) }
             guard job.options.erasure != nil else { continue }

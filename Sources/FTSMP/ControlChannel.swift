@@ -6,9 +6,12 @@ import Foundation
 import Logging
 import Synchronization
 
-/// The SMP's link to the coordinator, on a thread of its own (DESIGN.md,
-/// "Failure detection": heartbeats never queue behind bulk work). The thread
-/// owns the DEALER to the coordinator: it says hello until welcomed (with the
+/// The SMP's link to the coordinator, on a thread of its own with a ZeroMQ
+/// context of its own (DESIGN.md, "Failure detection": heartbeats never queue
+/// behind bulk work, neither in the event loop nor in the I/O thread that
+/// carries EC frames). The thread runs at a real-time priority where allowed
+/// (`ThreadPriority`) and creates its context, so that libzmq's I/O thread
+/// inherits that priority. It owns the DEALER to the coordinator: it says hello until welcomed (with the
 /// inventory the event loop last gave it), heartbeats every interval with the
 /// sizes the event loop last reported, and passes every message between the
 /// coordinator and the event loop over an in-process PAIR socket that the
@@ -25,6 +28,7 @@ import Synchronization
 /// The largest gap between two heartbeats is logged when the channel closes,
 /// and any gap over 0.3 × the coordinator's timeout when it happens.
 final class ControlChannel: @unchecked Sendable {
+    private let context: ZMQContext
     private let link: CoordinatorLink
     /// The event loop's end of the PAIR (poll it; `receive()` drains it).
     let inbox: ZMQSocket
@@ -40,45 +44,88 @@ final class ControlChannel: @unchecked Sendable {
     private let parityBytes = Atomic<Int>(0)
     private let lock = NSLock()
     private var hello: ControlMessage.SMPInventory?
-    private var thread: Thread?
+    private let thread: Thread
     private let done = DispatchSemaphore(value: 0)
-    private static let started = monotonicSeconds()
+    /// The origin of `lastProgress` (milliseconds since it).
+    private let started = monotonicSeconds()
     /// The largest gap between two heartbeats sent, in seconds.
     private(set) var largestGap = 0.0
 
     /// `timeout`: the coordinator's heartbeat timeout (gaps over 0.3× of it are logged).
-    init(context: ZMQContext, endpoint: String, memberID: String, keys: JobKeys?, interval: Double, timeout: Double,
+    init(endpoint: String, memberID: String, keys: JobKeys?, interval: Double, timeout: Double,
          hangBound: Double, logger: Logger) throws {
-        link = try CoordinatorLink(context: context, endpoint: endpoint, memberID: memberID, keys: keys)
         self.interval = interval
         warnGap = 0.3 * timeout
         self.hangBound = hangBound
         self.logger = logger
-        let address = "inproc://ft-control-\(memberID)-\(UInt32.random(in: 0...UInt32.max))"
-        inbox = try context.socket(.pair)
-        try inbox.setLinger(milliseconds: 0)
-        _ = try inbox.bind(address)
-        threadEnd = try context.socket(.pair)
-        try threadEnd.setLinger(milliseconds: 0)
-        try threadEnd.connect(address)
+        // The thread raises itself, then makes the context and sockets (their I/O
+        // thread inherits its scheduling), hands them over, and waits for `start()`.
+        let made = Locked<Result<Sockets, Error>?>(nil)
+        let ready = DispatchSemaphore(value: 0)
+        let go = DispatchSemaphore(value: 0)
+        let t = Thread { [go] in
+            let priority = ThreadPriority.raiseCurrentThread()
+            made.set(Result { try Sockets(endpoint: endpoint, memberID: memberID, keys: keys) })
+            ready.signal()
+            go.wait()
+            guard let channel = made.channel else { return }
+            channel.logger.info("control thread scheduling: \(priority)")
+            channel.loop()
+        }
+        t.name = "ft-smp-control"
+        t.start()
+        ready.wait()
+        let sockets: Sockets
+        do {
+            sockets = try made.get()!.get()
+        } catch {
+            go.signal()  // the thread ends: it has no channel
+            throw error
+        }
+        context = sockets.context
+        link = sockets.link
+        inbox = sockets.inbox
+        threadEnd = sockets.threadEnd
+        self.go = go
+        thread = t
+        made.channel = self
         progress()
     }
 
-    func start() {
-        let t = Thread { [self] in loop() }
-        t.name = "ft-smp-control"
-        t.start()
-        thread = t
+    private let go: DispatchSemaphore
+
+    /// What the control thread makes for itself.
+    private struct Sockets {
+        var context: ZMQContext
+        var link: CoordinatorLink
+        var inbox: ZMQSocket
+        var threadEnd: ZMQSocket
+
+        init(endpoint: String, memberID: String, keys: JobKeys?) throws {
+            context = try ZMQContext()
+            link = try CoordinatorLink(context: context, endpoint: endpoint, memberID: memberID, keys: keys)
+            let address = "inproc://ft-control-\(memberID)-\(UInt32.random(in: 0...UInt32.max))"
+            inbox = try context.socket(.pair)
+            try inbox.setLinger(milliseconds: 0)
+            _ = try inbox.bind(address)
+            threadEnd = try context.socket(.pair)
+            try threadEnd.setLinger(milliseconds: 0)
+            try threadEnd.connect(address)
+        }
     }
+
+    /// Starts heartbeating (hellos first, until welcomed).
+    func start() { go.signal() }
 
     /// Ends the thread and closes the sockets; logs the largest heartbeat gap.
     func shutdown() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        if thread != nil { done.wait() }
+        go.signal()  // if it was never started, it ends at once
+        done.wait()
         threadEnd.close()
         inbox.close()
         link.close()
-        logger.info("largest heartbeat gap \(Int(largestGap * 1000)) ms")
+        logger.info("largest heartbeat gap \(Int(largestGap * 1000)) ms (pid \(getpid()))")
     }
 
     /// Welcomed by the coordinator (heartbeats flow); false until then and after a `helloRequired`.
@@ -86,7 +133,7 @@ final class ControlChannel: @unchecked Sendable {
 
     /// The event loop is working: called on every turn and between pieces of long work.
     func progress() {
-        lastProgress.store(UInt64((monotonicSeconds() - Self.started) * 1000), ordering: .releasing)
+        lastProgress.store(UInt64(max(0, monotonicSeconds() - started) * 1000), ordering: .releasing)
     }
 
     /// The sizes the next heartbeats carry.
@@ -126,7 +173,7 @@ final class ControlChannel: @unchecked Sendable {
         while !stopping.load(ordering: .acquiring) {
             let now = monotonicSeconds()
             if welcomed, now >= nextBeat {
-                let idle = now - Self.started - Double(lastProgress.load(ordering: .acquiring)) / 1000
+                let idle = now - started - Double(lastProgress.load(ordering: .acquiring)) / 1000
                 if idle > hangBound {
                     if !withholding {
                         logger.error("the event loop has not turned for \(Int(idle * 1000)) ms: heartbeats withheld, so that the coordinator replaces this SMP")
@@ -139,7 +186,7 @@ final class ControlChannel: @unchecked Sendable {
                     if let last = lastBeat {
                         let gap = now - last
                         largestGap = max(largestGap, gap)
-                        if gap > warnGap { logger.warning("no heartbeat sent for \(Int(gap * 1000)) ms") }
+                        if gap > warnGap { logger.warning("no heartbeat sent for \(Int(gap * 1000)) ms (pid \(getpid()))") }
                     }
                     lastBeat = now
                 }
@@ -176,4 +223,18 @@ final class ControlChannel: @unchecked Sendable {
             }
         }
     }
+}
+
+/// A value handed from the control thread to its creator, and the channel back.
+private final class Locked<T>: @unchecked Sendable {
+    private var value: T
+    private let lock = NSLock()
+    weak var channel: ControlChannel? {
+        get { lock.withLock { _channel } }
+        set { lock.withLock { _channel = newValue } }
+    }
+    private weak var _channel: ControlChannel?
+    init(_ v: T) { value = v }
+    func get() -> T { lock.withLock { value } }
+    func set(_ v: T) { lock.withLock { value = v } }
 }

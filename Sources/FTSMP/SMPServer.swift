@@ -161,7 +161,7 @@ public final class SMPServer: @unchecked Sendable {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try router.bind("tcp://127.0.0.1:*")
             let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
-            channel = try ControlChannel(context: context, endpoint: coordinator, memberID: config.nodeID, keys: keys,
+            channel = try ControlChannel(endpoint: coordinator, memberID: config.nodeID, keys: keys,
                                          interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
                                          hangBound: config.hangBound, logger: logger)
         } else {
@@ -198,7 +198,9 @@ public final class SMPServer: @unchecked Sendable {
         loop: while true {
             channel?.progress()
             reportSizes()
-            if channel?.welcomed == false { updateHello() }
+            // Always current: the control thread says it at once to a coordinator that
+            // restarts (a stale one, from before the last commit, would mislead it).
+            updateHello()
             var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
             if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let childIDs = children.keys.sorted()
@@ -259,10 +261,15 @@ public final class SMPServer: @unchecked Sendable {
         reportSizes()
     }
 
-    /// The sizes heartbeats carry: this node's image and the parity it holds.
+    /// The sizes heartbeats carry: this node's image and the parity it holds
+    /// (worked out at most twice per heartbeat interval: the loop turns for every frame).
     private func reportSizes() {
-        channel?.setSizes(data: imageBytes, parity: erasure?.parityBytesHeld ?? 0)
+        let now = monotonicSeconds()
+        guard let channel, now - sizesReportedAt >= config.heartbeatInterval / 2 else { return }
+        sizesReportedAt = now
+        channel.setSizes(data: imageBytes, parity: erasure?.parityBytesHeld ?? 0)
     }
+    private var sizesReportedAt = 0.0
 
     /// Sends a message to the coordinator (if any); remembers a `protected` for later hellos.
     func report(_ message: ControlMessage) {
@@ -522,7 +529,7 @@ public final class SMPServer: @unchecked Sendable {
         env["FT_HEARTBEAT_MS"] = "\(Int(config.heartbeatInterval * 1000))"
         // A Swift worker that crashes (or gets SIGQUIT) writes every thread's backtrace here.
         env["SWIFT_BACKTRACE"] = env["SWIFT_BACKTRACE"]
-            ?? "enable=yes,interactive=no,threads=yes,output-to=\(config.runDirectory)/stacks"
+            ?? "enable=yes,interactive=no,threads=all,output-to=\(config.runDirectory)/stacks"
         env.merge(Self.torchrunEnvironment(env, rank: dpRank, localRank: dpRank - config.rankOffset, localWorldSize: config.workerCount,
                                            epoch: channel?.epoch ?? 0)) { $1 }
         let child = try ChildProcess(arguments: config.workerCommand, environment: env,
@@ -599,7 +606,6 @@ public final class SMPServer: @unchecked Sendable {
             return
         }
         guard r.pid != 0, Int(child.pid) == r.pid, replacing[r.worker] == nil else { return }
-        kill(child.pid, SIGCONT)  // a stopped process cannot die of SIGKILL's cleanup, nor be read
         if r.saveStack, let dumper = startStackDump(worker: r.worker, pid: child.pid) {
             logger.warning("worker \(r.worker) (pid \(child.pid)) is hung: saving its stack, then killing it")
             replacing[r.worker] = (child.pid, monotonicSeconds() + 15, dumper)

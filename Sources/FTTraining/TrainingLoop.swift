@@ -85,18 +85,29 @@ public struct CoordinatedTrainingLoop {
             case .restore(let step, let sources, let epoch):
                 control.setActivity(.restoring)
                 if let step {
-                    do {
-                        // Given up as soon as the coordinator moves on (a newer epoch or
-                        // instruction): a dead source must not hold the recovery up.
-                        try client.restore(step: step, sources: sources,
-                                           abandon: { [control] in control.epoch != epoch || control.hasPendingInstruction })
-                    } catch {
-                        // A source may have died meanwhile: the coordinator will say
-                        // what to restore next (a new epoch, or a retry); do not crash.
-                        say("restore of step \(step) failed (epoch \(epoch)): \(error)")
+                    // Given up as soon as the coordinator moves on (a newer epoch or
+                    // instruction): a dead source must not hold the recovery up.
+                    let movedOn = { [control] in control.epoch != epoch || control.hasPendingInstruction }
+                    var failure: Error?
+                    for attempt in 1...3 {
+                        do {
+                            try client.restore(step: step, sources: sources, abandon: movedOn)
+                            failure = nil
+                            break
+                        } catch {
+                            failure = error
+                            say("restore of step \(step) failed (epoch \(epoch), attempt \(attempt)): \(error)")
+                            if movedOn() || (error as? SnapshotError)?.code == .interrupted { break }
+                        }
+                    }
+                    if let failure {
+                        // A source may have died meanwhile: the coordinator says what to
+                        // restore next (a new epoch, or the same again); do not crash.
+                        if !movedOn() { control.restoreFailed("\(failure)") }
                         continue
                     }
-                    say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)")
+                    say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)"
+                        + (client.stats.lastRestore.map { " (\($0))" } ?? ""))
                     lastSnapshot = step
                 } else {
                     // Never throw away progress: a fresh start is refused while this

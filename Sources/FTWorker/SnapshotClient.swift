@@ -247,6 +247,24 @@ public struct SnapshotStats: Sendable, Equatable {
     public var blockedSeconds = 0.0
     /// Seconds the last copy took (begin to staged reply).
     public var lastRoundSeconds = 0.0
+    /// How the last restore went.
+    public var lastRestore: RestoreTiming?
+}
+
+/// What a restore moved and how long it took: this worker's own slot, then
+/// the other ranks' slices of replicated tensors.
+public struct RestoreTiming: Sendable, Equatable, CustomStringConvertible {
+    public var ownBytes: Int
+    public var ownSeconds: Double
+    public var sliceBytes: Int
+    public var sliceSeconds: Double
+    /// SMPs the slices came from.
+    public var sources: Int
+
+    public var description: String {
+        func mib(_ b: Int) -> String { String(format: "%.1f MiB", Double(b) / 1_048_576) }
+        return "own slot \(mib(ownBytes)) in \(Int(ownSeconds * 1000)) ms, slices \(mib(sliceBytes)) from \(sources) SMPs in \(Int(sliceSeconds * 1000)) ms"
+    }
 }
 
 /// The state and the copier thread behind a `SnapshotClient`. The thread
@@ -262,7 +280,8 @@ final class SnapshotEngine: @unchecked Sendable {
     /// Asked while a peer's slice is awaited during a restore (see `SnapshotClient.restore(step:sources:abandon:)`).
     var abandonRestore: () -> Bool = { false }
     private let context: ZMQContext
-    private let socket: ZMQSocket
+    /// The DEALER to this worker's SMP (replaced when a reply may be left in flight on it).
+    private var socket: ZMQSocket
     private let rpcLock = NSLock()
     private var peers: [String: ZMQSocket] = [:]
     private let requestTimeoutMilliseconds: Int
@@ -605,6 +624,7 @@ final class SnapshotEngine: @unchecked Sendable {
         while roundActive { condition.wait() }
         roundError = nil
         condition.unlock()
+        let started = monotonicSeconds()
         let (reply, _) = try request(.restoreQuery(expected: expected))
         guard case .restoreReply(let point) = reply else { throw unexpected(reply, "restore") }
         guard let point else { return nil }
@@ -666,43 +686,168 @@ final class SnapshotEngine: @unchecked Sendable {
         if let c = mine ?? helperResult.get() {
             throw corrupt(worker: c.worker, tensor: c.tensor, chunk: c.chunk, expected: c.expected, actual: c.actual)
         }
+        let ownDone = monotonicSeconds()
+        var fetches: [SliceFetch] = []
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
             for rank in 0..<identity.dpSize where rank != identity.dpRank {
-                try fetchSlice(of: entry.spec, rank: rank, step: point.step, into: destinations[index].buffer,
-                               from: rank < sources.count && !sources[rank].isEmpty ? sources[rank] : nil)
+                fetches.append(SliceFetch(spec: entry.spec, rank: rank, buffer: destinations[index].buffer,
+                                          endpoint: rank < sources.count && !sources[rank].isEmpty ? sources[rank] : ""))
             }
         }
+        let sliceBytes = try gatherSlices(fetches, step: point.step)
         condition.lock()
         _stats.lastCommittedStep = point.step
+        _stats.lastRestore = RestoreTiming(ownBytes: layout.slotBytes, ownSeconds: ownDone - started, sliceBytes: sliceBytes,
+                                           sliceSeconds: monotonicSeconds() - ownDone, sources: Set(fetches.map(\.endpoint)).count)
         condition.unlock()
         return point.step
     }
 
-    private func fetchSlice(of spec: TensorSpec, rank: Int, step: Int, into buffer: UnsafeMutableRawBufferPointer, from endpoint: String?) throws {
-        let message = SMPMessage.fetchSlice(dpRank: rank, dpSize: identity.dpSize, tensor: spec.name)
-        let (reply, frames) = try endpoint.map { try request(message, to: $0) } ?? request(message)
-        guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 1 else {
-            throw unexpected(reply, "fetch slice \(spec.name) of rank \(rank)")
+    /// One slice of a replicated tensor held by another rank, and where to get it ("": this node's SMP).
+    struct SliceFetch {
+        var spec: TensorSpec
+        var rank: Int
+        var buffer: UnsafeMutableRawBufferPointer
+        var endpoint: String
+    }
+
+    /// Requests in flight per source while gathering slices.
+    static let sliceWindow = 4
+
+    /// How long a source may take to answer a slice of `bytes`: generous, as
+    /// every rank of the job gathers at once and a source answers in turn (a
+    /// dead source makes the coordinator move on long before: `abandonRestore`).
+    static func sliceTimeout(_ bytes: Int) -> Double { max(5, Double(bytes) / 20e6) }
+
+    /// Gathers other ranks' slices of replicated tensors: up to `sliceWindow`
+    /// requests in flight to every source at once (an SMP answers its requests
+    /// in order), each reply checked chunk by chunk and copied from cache into
+    /// the tensor as it arrives. A source that does not answer its oldest
+    /// request within `sliceTimeout` (counted from when its previous reply
+    /// came: it answers in order), or as soon as
+    /// `abandonRestore` says the coordinator moved on, fails the restore.
+    /// Returns the bytes gathered.
+    private func gatherSlices(_ fetches: [SliceFetch], step: Int) throws -> Int {
+        guard !fetches.isEmpty else { return 0 }
+        // Replies are malloc'd by libzmq, up to a window of them at once: keep such
+        // blocks in the heap and reuse them, rather than fault fresh pages in for each.
+        _ = keepFreedBlocks(below: 64 << 20, trimAbove: 1 << 30)
+        rpcLock.lock()
+        defer { rpcLock.unlock() }
+        struct Source {
+            var socket: ZMQSocket
+            var queue: [SliceFetch]
+            var inFlight: [SliceFetch] = []
+            /// When the oldest request in flight must be answered by.
+            var deadline = 0.0
         }
-        let expectedRange = ShardLayout.storedRange(of: spec, dpRank: rank, dpSize: identity.dpSize)
-        guard sliceStep == step, range == expectedRange, frames[0].count == range.count else {
+        var sourcesByKey: [String: Source] = [:]
+        for f in fetches {
+            if sourcesByKey[f.endpoint] == nil {
+                let socket: ZMQSocket
+                if f.endpoint.isEmpty {
+                    socket = self.socket
+                } else if let existing = peers[f.endpoint] {
+                    socket = existing
+                } else {
+                    socket = try context.socket(.dealer)
+                    try socket.setLinger(milliseconds: 0)
+                    try socket.connect(f.endpoint)
+                    peers[f.endpoint] = socket
+                }
+                sourcesByKey[f.endpoint] = Source(socket: socket, queue: [])
+            }
+            sourcesByKey[f.endpoint]!.queue.append(f)
+        }
+        let keys = sourcesByKey.keys.sorted()
+        var gathered = 0
+        do {
+            while keys.contains(where: { !sourcesByKey[$0]!.queue.isEmpty || !sourcesByKey[$0]!.inFlight.isEmpty }) {
+                let now = monotonicSeconds()
+                for key in keys {
+                    while sourcesByKey[key]!.inFlight.count < Self.sliceWindow, !sourcesByKey[key]!.queue.isEmpty {
+                        let f = sourcesByKey[key]!.queue.removeFirst()
+                        let bytes = ShardLayout.storedRange(of: f.spec, dpRank: f.rank, dpSize: identity.dpSize).count
+                        try sourcesByKey[key]!.socket.send([SMPMessage.fetchSlice(dpRank: f.rank, dpSize: identity.dpSize, tensor: f.spec.name)
+                            .envelope(sender: identity.workerID).encoded()])
+                        if sourcesByKey[key]!.inFlight.isEmpty { sourcesByKey[key]!.deadline = now + Self.sliceTimeout(bytes) }
+                        sourcesByKey[key]!.inFlight.append(f)
+                    }
+                    if let head = sourcesByKey[key]!.inFlight.first, now > sourcesByKey[key]!.deadline {
+                        throw SnapshotError(code: .timeout, message: "no slice of \(head.spec.name) for DP rank \(head.rank) from "
+                            + "\(key.isEmpty ? identity.smpEndpoint : key) in time")
+                    }
+                }
+                if abandonRestore() {
+                    throw SnapshotError(code: .interrupted, message: "abandoned gathering slices: the coordinator moved on")
+                }
+                let busy = keys.filter { !sourcesByKey[$0]!.inFlight.isEmpty }
+                let ready = try ZMQPoller.poll(busy.map { .init(sourcesByKey[$0]!.socket, .readable) }, timeoutMilliseconds: 20)
+                for (i, key) in busy.enumerated() where ready[i].isReadable {
+                    while !sourcesByKey[key]!.inFlight.isEmpty, let frames = try sourcesByKey[key]!.socket.receiveMessages(timeoutMilliseconds: 0) {
+                        let f = sourcesByKey[key]!.inFlight.removeFirst()
+                        gathered += try placeSlice(frames, of: f, step: step)
+                        if let next = sourcesByKey[key]!.inFlight.first {
+                            let bytes = ShardLayout.storedRange(of: next.spec, dpRank: next.rank, dpSize: identity.dpSize).count
+                            sourcesByKey[key]!.deadline = monotonicSeconds() + Self.sliceTimeout(bytes)
+                        }
+                    }
+                }
+            }
+        } catch {
+            // Late replies must not be taken for the next requests': start afresh.
+            for key in keys where !key.isEmpty {
+                peers.removeValue(forKey: key)?.close()
+            }
+            if sourcesByKey[""].map({ !$0.inFlight.isEmpty }) ?? false { resetLocalSocket() }
+            throw error
+        }
+        return gathered
+    }
+
+    /// Checks a slice reply and copies its bytes into the tensor, chunk by
+    /// chunk (each checked, then copied while it is in cache).
+    private func placeSlice(_ frames: [ZMQMessage], of f: SliceFetch, step: Int) throws -> Int {
+        let (reply, _) = try SMPMessage.decode(frames[0].bytes)
+        if case .error(let code, let text) = reply { throw SnapshotError(code: .refused, message: text, smpCode: code) }
+        guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 2 else {
+            throw unexpected(reply, "fetch slice \(f.spec.name) of rank \(f.rank)")
+        }
+        let expectedRange = ShardLayout.storedRange(of: f.spec, dpRank: f.rank, dpSize: identity.dpSize)
+        guard sliceStep == step, range == expectedRange, frames[1].count == range.count else {
             throw SnapshotError(code: .refused,
-                                message: "slice of \(spec.name) from DP rank \(rank) is step \(sliceStep) bytes \(range) (\(frames[0].count) received); expected step \(step) bytes \(expectedRange)")
+                                message: "slice of \(f.spec.name) from DP rank \(f.rank) is step \(sliceStep) bytes \(range) (\(frames[1].count) received); expected step \(step) bytes \(expectedRange)")
         }
         let chunks = range.isEmpty ? 0 : (range.count + chunkBytes - 1) / chunkBytes
         guard crcs.count == chunks else { throw SnapshotError(code: .refused, message: "slice CRC count \(crcs.count) != \(chunks)") }
-        try frames[0].withUnsafeBytes { (data: UnsafeRawBufferPointer) throws(SnapshotError) in
+        try frames[1].withUnsafeBytes { (data: UnsafeRawBufferPointer) throws(SnapshotError) in
+            let dst = f.buffer.baseAddress! + range.lowerBound
             for c in 0..<chunks {
-                let lo = c * chunkBytes
-                let hi = min(lo + chunkBytes, range.count)
-                let actual = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: data[lo..<hi]))
+                var offset = c * chunkBytes
+                let end = min(offset + chunkBytes, range.count)
+                var actual: UInt32 = 0
+                while offset < end {
+                    let n = min(Self.copyPiece, end - offset)
+                    actual = CRC32C.checksum(UnsafeRawBufferPointer(start: data.baseAddress! + offset, count: n), continuing: actual)
+                    memcpy(dst + offset, data.baseAddress! + offset, n)
+                    offset += n
+                }
                 guard actual == crcs[c] else {
-                    throw corrupt(worker: "dp-rank-\(rank)", tensor: spec.name, chunk: c, expected: crcs[c], actual: actual)
+                    throw corrupt(worker: "dp-rank-\(f.rank)", tensor: f.spec.name, chunk: c, expected: crcs[c], actual: actual)
                 }
             }
-            if !range.isEmpty {
-                memcpy(buffer.baseAddress! + range.lowerBound, data.baseAddress!, range.count)
-            }
+        }
+        return range.count
+    }
+
+    /// A fresh socket to this worker's SMP: a reply still in flight on the old
+    /// one can never be taken for the answer to a later request.
+    private func resetLocalSocket() {
+        socket.close()
+        if let fresh = try? context.socket(.dealer) {
+            try? fresh.setLinger(milliseconds: 0)
+            try? fresh.connect(identity.smpEndpoint)
+            socket = fresh
         }
     }
 
@@ -740,32 +885,6 @@ final class SnapshotEngine: @unchecked Sendable {
         rpcLock.lock()
         defer { rpcLock.unlock() }
         return try exchange(message, on: socket, endpoint: identity.smpEndpoint)
-    }
-
-    /// The same, with another node's SMP (for DP slices it holds).
-    func request(_ message: SMPMessage, to endpoint: String) throws -> (SMPMessage, [ZMQMessage]) {
-        rpcLock.lock()
-        defer { rpcLock.unlock() }
-        let peer: ZMQSocket
-        if let existing = peers[endpoint] {
-            peer = existing
-        } else {
-            peer = try context.socket(.dealer)
-            try peer.setLinger(milliseconds: 0)
-            try peer.connect(endpoint)
-            peers[endpoint] = peer
-        }
-        do {
-            // Short: a source that does not answer at once is likely dead, and the
-            // coordinator's next restore order (with live sources) is on its way.
-            return try exchange(message, on: peer, endpoint: endpoint, timeoutMilliseconds: min(requestTimeoutMilliseconds, 1000),
-                                abandon: abandonRestore)
-        } catch {
-            // A late reply must not be taken for the next request's: start afresh.
-            peer.close()
-            peers[endpoint] = nil
-            throw error
-        }
     }
 
     private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String,

@@ -196,6 +196,14 @@ public func ft_control_report(_ control: OpaquePointer?, _ step: Int64, _ skippe
     }
 }
 
+@_cdecl("ft_control_restore_failed")
+public func ft_control_restore_failed(_ control: OpaquePointer?, _ reason: UnsafePointer<CChar>?) -> Int32 {
+    abiCall {
+        let box: ControlBox = try object(control, "control")
+        box.control.restoreFailed(reason.map { String(cString: $0) } ?? "")
+    }
+}
+
 @_cdecl("ft_control_done")
 public func ft_control_done(_ control: OpaquePointer?, _ final: Int64) -> Int32 {
     abiCall { (try object(control, "control") as ControlBox).control.done(finalStep: Int(final)) }

@@ -172,6 +172,9 @@ struct Torch: ParsableCommand {
     @Option(help: "Snapshot intervals to measure, comma-separated.")
     var intervals = "1,10"
 
+    @Option(help: "Steps per block of the alternating runs (without, then with snapshots).")
+    var block = 25
+
     @Flag(help: "Only the default model (skip the larger one).")
     var baseOnly = false
 
@@ -186,6 +189,7 @@ struct Torch: ParsableCommand {
 
     func validate() throws {
         guard steps >= 20 else { throw ValidationError("--steps must be at least 20") }
+        guard block >= 2, steps >= 4 * block else { throw ValidationError("--block must be at least 2 and --steps at least 4 blocks") }
         guard !(noRecovery && recoveryOnly) else { throw ValidationError("give at most one of --no-recovery and --recovery-only") }
         guard !parsedIntervals.isEmpty, parsedIntervals.allSatisfy({ $0 >= 1 }) else { throw ValidationError("--intervals takes positive integers, e.g. 1,10") }
         guard repositoryFile("python/examples/gpt.py") != nil else { throw ValidationError("python/examples/gpt.py not found above \(executableDirectory)") }
@@ -199,6 +203,7 @@ struct Torch: ParsableCommand {
         bench.steps = steps
         bench.intervals = parsedIntervals
         bench.recovery = !noRecovery
+        bench.block = block
         if recoveryOnly { bench.intervals = [1]; bench.models = Array(bench.models.prefix(1)) }
         if baseOnly { bench.models = Array(bench.models.prefix(1)) }
         try output.emit("torch") { try bench.run(progress: $0) }

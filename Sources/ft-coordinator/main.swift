@@ -1,6 +1,7 @@
 import ArgumentParser
 import FTControl
 import FTCore
+import FTSystem
 import Foundation
 import Logging
 
@@ -123,7 +124,12 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.snapshotInterval = snapshotInterval
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
         config.lingerSeconds = Double(lingerMs) / 1000
-        let server = try CoordinatorServer(config: config, logger: Logger(label: "ft-coordinator"), watchSignals: true)
+        // The failure detector's loop must turn on time on a loaded host (it sleeps in poll
+        // otherwise); raised before the server makes its context, whose I/O thread inherits it.
+        let priority = ThreadPriority.raiseCurrentThread()
+        let logger = Logger(label: "ft-coordinator")
+        logger.info("scheduling: \(priority)")
+        let server = try CoordinatorServer(config: config, logger: logger, watchSignals: true)
         let state = try server.run()
         if state == .failed { throw ExitCode(1) }
     }

@@ -96,6 +96,7 @@ def lib():
         "ft_event_source": ([P, SZ], ctypes.c_char_p),
         "ft_client_restore_from": ([P, I64, ctypes.POINTER(ctypes.c_char_p), SZ], I),
         "ft_control_ready": ([P, I64], I),
+        "ft_control_restore_failed": ([P, ctypes.c_char_p], I),
         "ft_control_running": ([P], I),
         "ft_control_report": ([P, I64, I64], I),
         "ft_control_done": ([P, I64], I),

@@ -173,6 +173,7 @@ class Trainer:
         self.ready = False
         self.done = False
         self.running = False
+        self.restore_failed = False
 
 
 class Agent:
@@ -244,7 +245,7 @@ class Agent:
                 self.kill_trainer()
             return None
         if kind == EVENT_RESTORE:
-            if t is not None and t.epoch == e["epoch"] and not t.ready:
+            if t is not None and t.epoch == e["epoch"] and not t.ready and not t.restore_failed:
                 return None  # the same order again: the trainer is on it
             log(f"restore instruction: step {e['step']} epoch {e['epoch']}")
             self.kill_trainer()
@@ -351,6 +352,9 @@ class Agent:
         if kind == "ready":
             t.ready = True
             _native._check(L.ft_control_ready(self.control, m["step"]))
+        elif kind == "restore_failed":
+            t.restore_failed = True  # the coordinator orders the restore again: a new trainer does it
+            _native._check(L.ft_control_restore_failed(self.control, m["reason"].encode()))
         elif kind == "report":
             _native._check(L.ft_control_report(self.control, m["step"], m["skipped"]))
         elif kind == "activity":
@@ -434,9 +438,19 @@ class TrainerSession:
             return None
         self.activity("restoring")
         sources = (ctypes.c_char_p * max(1, len(self.sources)))(*[s.encode() for s in self.sources])
-        _native._check(_native.lib().ft_client_restore_from(client._h, self.restore_step, sources, len(self.sources)))
-        log(f"restored step {self.restore_step} from the SMPs")
-        return self.restore_step
+        for attempt in range(1, 4):
+            try:
+                _native._check(_native.lib().ft_client_restore_from(client._h, self.restore_step, sources, len(self.sources)))
+                log(f"restored step {self.restore_step} from the SMPs")
+                return self.restore_step
+            except _native.FTError as e:
+                log(f"restore of step {self.restore_step} failed (attempt {attempt}): {e}")
+                failure = e
+        # A source may have died: the coordinator orders the restore again (the agent
+        # then starts a new trainer) or moves to a new epoch (likewise).
+        self.link.send({"kind": "restore_failed", "reason": str(failure)})
+        while True:  # until the agent ends this trainer
+            self.events.get()
 
     def ready(self, version) -> None:
         self.link.send({"kind": "ready", "step": -1 if version is None else version})

@@ -206,6 +206,10 @@ int ft_control_state(const ft_control *control, int *paused, int *held, uint64_t
 int ft_control_set_activity(ft_control *control, int activity, int64_t waiting_on);
 /* Restored `restored_step` (-1: started fresh) and ready to resume. */
 int ft_control_ready(ft_control *control, int64_t restored_step);
+/* The ordered restore failed (after retries; `reason` says why): the
+ * coordinator orders it again (another restore event) rather than taking
+ * this worker for a hung one. */
+int ft_control_restore_failed(ft_control *control, const char *reason);
 /* Training again after a resume (clears the pause). */
 int ft_control_running(ft_control *control);
 /* The last step completed and the snapshots skipped, for the heartbeats. */

@@ -49,6 +49,9 @@ void ft_copy_nontemporal(void *dst, const void *src, size_t n);
 /// The calling process receives `sig` when its parent dies (PR_SET_PDEATHSIG).
 int ft_set_parent_death_signal(int sig);
 
+/// The calling thread's kernel id (for per-thread scheduling).
+int ft_gettid(void);
+
 #ifdef __cplusplus
 }
 #endif
