@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from . import _native
 from .state import DTYPES, StateError, TrainingState
 
 
