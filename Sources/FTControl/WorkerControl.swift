@@ -245,7 +245,9 @@ public final class WorkerControl: @unchecked Sendable {
                 held.store(true, ordering: .releasing)
                 log("control: the coordinator has been silent for \(Int(tick.dead[0].silentFor * 1000)) ms; holding at the next step boundary")
             }
-            _ = try? ZMQPoller.poll([.init(link.socket, .readable)], timeoutMilliseconds: Int(interval * 500) + 1)
+            // Until the next heartbeat is due (and never long: the silence check runs every turn).
+            let due = min(nextBeat, welcomed ? nextBeat : nextHello, monotonicSeconds() + interval / 2)
+            _ = try? ZMQPoller.poll([.init(link.socket, .readable)], timeoutMilliseconds: max(1, Int(((due - monotonicSeconds()) * 1000).rounded(.up))))
             let messages = link.drain()
             if !messages.isEmpty {
                 condition.withLock { currentEpoch = link.epoch }

@@ -168,6 +168,19 @@ public final class LocalJob: @unchecked Sendable {
         return smp
     }
 
+    /// Frees the shared memory of every SMP of this job that has ended (by the
+    /// pid in its segments' names: a live SMP's are never touched). Returns how
+    /// many segments were freed.
+    @discardableResult
+    public func freeMemoryOfEndedSMPs() -> Int {
+        let ended = (smps + retired + spares.map(\.process)).filter { $0.poll() != nil }.map(\.pid)
+        var freed = 0
+        for name in RecordedProcesses.segments(job: job) where ended.contains(where: { name.contains("-p\($0)-") }) {
+            if SharedMemorySegment.unlink(name: "/" + name) { freed += 1 }
+        }
+        return freed
+    }
+
     /// SMP processes replaced by `startSMP` (still ended by `stop()`).
     public private(set) var retired: [ChildProcess] = []
 

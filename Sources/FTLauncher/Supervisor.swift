@@ -35,8 +35,13 @@ public final class Supervisor: @unchecked Sendable {
         }
         guard let status = job.status(timeout: statusTimeout) else { return actions }
         lastStatus = status
-        // A job that ended (completed, or stopped as unrecoverable) is not kept whole any more.
-        guard let state = status["state"] as? String, state != "stopped" && state != "failed" else { return actions }
+        // A job that ended (completed, or stopped as unrecoverable) is not kept whole any
+        // more; what its dead SMPs held (SIGKILLed, they could not free it) is freed.
+        guard let state = status["state"] as? String, state != "stopped" && state != "failed" else {
+            let freed = job.freeMemoryOfEndedSMPs()
+            if freed > 0 { actions.append("freed \(freed) shared-memory segments of SMPs that died") }
+            return actions
+        }
         let coordinator = jsonInt(status["coordinator_pid"])
         let nodes = (status["nodes"] as? [[String: Any]]) ?? []
         // An SMP that ended before the coordinator ever heard from it (it crashed at
