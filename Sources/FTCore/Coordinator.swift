@@ -509,7 +509,7 @@ public struct CoordinatorInstance: Sendable {
             node.admittedEpoch = epoch
             nodes[sender] = node
             detector.heard(sender, now: now)
-            return [.send(to: sender, .welcome(state: state.rawValue)), .log("replacement SMP for \(sender) (pid \(inv.pid))")]
+            return [.send(to: sender, .welcome(state: state.rawValue)), .log("replacement SMP for \(sender) (pid \(inv.pid), data plane \(inv.dataEndpoint))")]
                 + rebuildDirectives(now: now)
         }
         if state != .starting, let known = nodes[sender], known.state == .alive, known.pid != inv.pid, senderEpoch > 0 {

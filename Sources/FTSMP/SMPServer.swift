@@ -189,7 +189,7 @@ public final class SMPServer: @unchecked Sendable {
     @discardableResult
     public func run() throws -> Int32 {
         logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
-                                        "pid": "\(getpid())"])
+                                        "data": "\(dataEndpoint)", "pid": "\(getpid())"])
         writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
         appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
         for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }

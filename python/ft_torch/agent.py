@@ -247,7 +247,7 @@ class Agent:
         if kind == EVENT_RESTORE:
             if t is not None and t.epoch == e["epoch"] and not t.ready and not t.restore_failed:
                 return None  # the same order again: the trainer is on it
-            log(f"restore instruction: step {e['step']} epoch {e['epoch']}")
+            log(f"restore instruction: step {e['step']} epoch {e['epoch']} sources {e['sources']}")
             self.kill_trainer()
             self.start_trainer(e)
             return None
