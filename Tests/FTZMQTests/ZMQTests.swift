@@ -25,7 +25,7 @@ func removeTree(_ path: String) {
 
 /// A socket that drops unsent messages on close, so a test never waits on one.
 func lingerless(_ ctx: ZMQContext, _ type: ZMQSocketType) throws -> ZMQSocket {
-    let socket = try ctx.socket(type)
+    let socket = try ctx.socket(type, maxMessageBytes: 64 << 20)
     try socket.setLinger(milliseconds: 0)
     return socket
 }
