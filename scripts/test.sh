@@ -29,6 +29,15 @@ passed=$(grep '^✔ Test .* passed' "$log" | grep -vc '^✔ Test run with' || tr
 failed=$(grep '^✘ Test .* failed' "$log" | grep -vc '^✘ Test run with' || true)
 echo "tests: ${passed} passed, ${failed} failed"
 
+# The fuzz smoke: every libFuzzer target over FTCore for 12 s (about a minute
+# in all); a crash fails the test command (fuzz/run keeps the input).
+echo "test: fuzz smoke (fuzz/run --seconds 12)"
+set +e
+./fuzz/run --seconds 12
+fuzz_status=$?
+set -e
+echo "fuzz smoke: $([[ $fuzz_status -eq 0 ]] && echo passed || echo "FAILED (exit $fuzz_status)")"
+
 # The Python package against the debug binaries just built (a real ft-smp per test).
 echo "test: running pytest (python/tests)"
 set +e
@@ -51,6 +60,6 @@ torch_status=$?
 set -e
 echo "chaos smoke: $([[ $chaos_status -eq 0 ]] && echo passed || echo "FAILED (exit $chaos_status)")"
 echo "torch kill-node: $([[ $torch_status -eq 0 ]] && echo passed || echo "FAILED (exit $torch_status)")"
-for s in $status $py_status $chaos_status $torch_status; do
+for s in $status $fuzz_status $py_status $chaos_status $torch_status; do
     if [[ $s -ne 0 ]]; then exit "$s"; fi
 done

@@ -169,8 +169,8 @@ public struct ECClusterBench {
         let count = max(1, bytes / frame)
         let source = AlignedBuffer(count: frame, fill: 7)
         let context = try ZMQContext()
-        let pull = try context.socket(.pull)
-        let push = try context.socket(.push)
+        let pull = try context.socket(.pull, maxMessageBytes: frame)
+        let push = try context.socket(.push, maxMessageBytes: ZMQSocket.sendOnlyMaxMessageBytes)  // sends only
         defer {
             push.close()
             pull.close()

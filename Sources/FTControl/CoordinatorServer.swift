@@ -71,12 +71,12 @@ public final class CoordinatorServer: @unchecked Sendable {
             zap = try ZAPAuthenticator(context: context, allowedClientKeys: [keys.member.publicKey]) { [logger] line in
                 logger.warning("unauthenticated: \(line)")
             }
-            router = try context.socket(.router)
+            router = try context.socket(.router, maxMessageBytes: ControlMessage.maxFrameBytes)
             try router.setZAPDomain("ft")
             try router.makeCurveServer(keys.server!)
         } else {
             zap = nil
-            router = try context.socket(.router)
+            router = try context.socket(.router, maxMessageBytes: ControlMessage.maxFrameBytes)
         }
         try router.setLinger(milliseconds: 0)
         try router.setRouterMandatory(false)
@@ -192,7 +192,10 @@ public final class CoordinatorServer: @unchecked Sendable {
                 }
                 return false
             }
-            if !directives.isEmpty || identities[envelope.sender] == nil { identities[envelope.sender] = identity }
+            // Routes only for the job's member ids: a stranger's names never grow this table.
+            if config.settings.isMemberID(envelope.sender), !directives.isEmpty || identities[envelope.sender] == nil {
+                identities[envelope.sender] = identity
+            }
             execute(directives)
             if before != (instance.state, instance.epoch, instance.committedStep) {
                 logger.debug("state \(instance.state.rawValue), epoch \(instance.epoch), committed \(instance.committedStep.map(String.init) ?? "none")")
@@ -213,6 +216,8 @@ public final class CoordinatorServer: @unchecked Sendable {
             switch d {
             case .log(let line):
                 logger.info("\(line)")
+            case .refused(let sender, let error):
+                logger.warning("refused a message from '\(sender)': \(error)", metadata: ["refused.total": "\(instance.refusedMessages)"])
             case .send(let to, let message):
                 guard let identity = identities[to] else {
                     logger.debug("no route to \(to) for \(message.type)")
@@ -264,7 +269,7 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///      "failures_total", "failures": [the last 256 failures, oldest first, each like
 ///                                     last_failure without age_ms; a failure during a
 ///                                     recovery ends the one before with outcome "superseded by …"],
-///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "skipped_snapshots",
+///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "refused_messages", "skipped_snapshots",
 ///      "malformed_frames", "unauthenticated", "coordinator_pid",
 ///      "detector": {"timeout_ms" (in force), "local_health", "stalls", "largest_loop_gap_ms"},
 ///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)}}
@@ -310,6 +315,7 @@ public enum CoordinatorStatus {
             "nodes": nodes, "last_failure": failure, "failures_total": c.failureCount, "failures": c.failureHistory.map(report),
             "stop_reason": c.stopReason.map { $0 as Any } ?? NSNull(),
             "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages + fencedByServer,
+            "refused_messages": c.refusedMessages,
             "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
             "malformed_frames": malformed, "unauthenticated": unauthenticated,
             "coordinator_pid": Int(getpid()),

@@ -51,7 +51,7 @@ public final class CoordinatorLink: @unchecked Sendable {
     public init(context: ZMQContext, endpoint: String, memberID: String, keys: JobKeys?) throws {
         self.memberID = memberID
         self.endpoint = endpoint
-        socket = try context.socket(.dealer)
+        socket = try context.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
         try socket.setLinger(milliseconds: 0)
         try socket.setReconnectInterval(milliseconds: 100)
         try socket.setSendHighWaterMark(1000)

@@ -221,16 +221,24 @@ public enum ControlMessage: Sendable, Equatable {
 
     public init(_ e: WireEnvelope) throws(WireError) {
         var r = ByteReader(e.payload)
-        func int(_ f: String) throws(WireError) -> Int {
+        // Every integer is non-negative and bounded (`WireLimits`): steps,
+        // sizes, ranks and pids that no real job has are refused here, so
+        // the coordinator's and the SMPs' arithmetic on them cannot overflow.
+        func int(_ f: String, max: Int) throws(WireError) -> Int {
             let v = try r.i64(field: f)
             guard v >= 0 else { throw WireError(.badValue, "\(f) is negative (\(v))") }
-            return Int(v)
+            return try WireLimits.check(Int(v), 0...max, f)
         }
-        func optional(_ f: String) throws(WireError) -> Int? {
+        func optional(_ f: String, max: Int) throws(WireError) -> Int? {
             let v = try r.i64(field: f)
             guard v >= -1 else { throw WireError(.badValue, "\(f) is \(v)") }
-            return v == -1 ? nil : Int(v)
+            return v == -1 ? nil : try WireLimits.check(Int(v), 0...max, f)
         }
+        func step(_ f: String) throws(WireError) -> Int { try int(f, max: WireLimits.maxStep) }
+        func optionalStep(_ f: String) throws(WireError) -> Int? { try optional(f, max: WireLimits.maxStep) }
+        func bytes(_ f: String) throws(WireError) -> Int { try int(f, max: WireLimits.maxBytes) }
+        func pid(_ f: String) throws(WireError) -> Int { try int(f, max: WireLimits.maxPID) }
+        func rank(_ f: String) throws(WireError) -> Int { try int(f, max: WireLimits.maxDPSize - 1) }
         func strings(_ f: String) throws(WireError) -> [String] {
             let n = Int(try r.u32(field: "\(f) count"))
             guard n <= 65536 else { throw WireError(.badLength, "\(f) count \(n)") }
@@ -241,76 +249,84 @@ public enum ControlMessage: Sendable, Equatable {
         switch e.type {
         case 101:
             let node = try r.string(field: "node", max: 255)
-            let pid = try int("pid")
+            let pid = try pid("pid")
             let data = try r.string(field: "data endpoint", max: 1024)
             let workers = try strings("worker")
-            let offset = try int("rank offset")
-            let committed = try optional("committed step")
-            let staged = try optional("staged step")
-            let protected = try optional("protected step")
+            let offset = try rank("rank offset")
+            let committed = try optionalStep("committed step")
+            let staged = try optionalStep("staged step")
+            let protected = try optionalStep("protected step")
             self = .smpHello(.init(node: node, pid: pid, dataEndpoint: data, workers: workers, rankOffset: offset,
                                    committedStep: committed, stagedStep: staged, protectedStep: protected,
-                                   layoutChunkBytes: try int("layout chunk bytes")))
+                                   layoutChunkBytes: try bytes("layout chunk bytes")))
         case 102:
-            let d = try int("data bytes")
-            self = .smpHeartbeat(dataBytes: d, parityBytes: try int("parity bytes"))
+            let d = try bytes("data bytes")
+            self = .smpHeartbeat(dataBytes: d, parityBytes: try bytes("parity bytes"))
         case 103:
             let worker = try r.string(field: "worker", max: 255)
-            let pid = try int("pid")
+            let pid = try pid("pid")
             self = .childExited(worker: worker, pid: pid, status: try r.string(field: "status", max: 255))
-        case 104: self = .protected(step: try int("step"))
+        case 104: self = .protected(step: try step("step"))
         case 111:
             let node = try r.string(field: "node", max: 255)
             let worker = try r.string(field: "worker", max: 255)
-            let rank = try int("rank")
-            let world = try int("world size")
-            let pid = try int("pid")
+            let rank = try rank("rank")
+            let world = try WireLimits.check(try int("world size", max: WireLimits.maxDPSize), 1...WireLimits.maxDPSize, "world size")
+            guard rank < world else { throw WireError(.outOfRange, "rank \(rank) is not below the world size \(world)") }
+            let pid = try pid("pid")
             self = .workerHello(.init(node: node, worker: worker, rank: rank, worldSize: world, pid: pid,
                                       collectiveEndpoint: try r.string(field: "collective endpoint", max: 1024)))
         case 112:
-            let step = try int("step")
+            let current = try step("step")
             let running = try r.bool(field: "running")
-            let skipped = try int("skipped")
+            let skipped = try step("skipped")
             let raw = try r.u8(field: "activity")
             guard let kind = WorkerActivity.Kind(rawValue: raw) else { throw WireError(.badValue, "activity \(raw) is unknown") }
-            let waitingOn = try optional("waiting on")
-            self = .workerHeartbeat(step: step, running: running, skipped: skipped,
-                                    activity: WorkerActivity(kind, waitingOn: waitingOn ?? -1, milliseconds: try int("activity ms")))
-        case 113: self = .ready(restoredStep: try optional("restored step"))
-        case 114: self = .workerDone(finalStep: try int("final step"))
+            let waitingOn = try optional("waiting on", max: WireLimits.maxDPSize - 1)
+            self = .workerHeartbeat(step: current, running: running, skipped: skipped,
+                                    activity: WorkerActivity(kind, waitingOn: waitingOn ?? -1,
+                                                             milliseconds: try int("activity ms", max: WireLimits.maxMilliseconds)))
+        case 113: self = .ready(restoredStep: try optionalStep("restored step"))
+        case 114: self = .workerDone(finalStep: try step("final step"))
         case 115: self = .restoreFailed(reason: try r.string(field: "reason"))
         case 121: self = .welcome(state: try r.string(field: "state", max: 64))
         case 122: self = .ack(state: try r.string(field: "state", max: 64))
         case 123: self = .helloRequired
-        case 124: self = .commit(step: try int("step"))
-        case 125: self = .abort(step: try int("step"))
+        case 124: self = .commit(step: try step("step"))
+        case 125: self = .abort(step: try step("step"))
         case 126: self = .pause(reason: try r.string(field: "reason"))
         case 127:
-            let step = try optional("step")
-            self = .restore(step: step, sources: try strings("source"))
+            let s = try optionalStep("step")
+            self = .restore(step: s, sources: try strings("source"))
         case 128:
             let n = Int(try r.u32(field: "worker count"))
             guard n <= 65536 else { throw WireError(.badLength, "worker count \(n)") }
             var list: [WorkerRestart] = []
             for _ in 0..<n {
                 let worker = try r.string(field: "worker", max: 255)
-                let pid = try int("pid")
+                let pid = try pid("pid")
                 list.append(WorkerRestart(worker: worker, pid: pid, saveStack: try r.bool(field: "save stack")))
             }
             self = .restartWorkers(list)
         case 129:
-            let from = try int("from step")
+            let from = try step("from step")
             self = .resume(fromStep: from, peers: try strings("peer"))
         case 130: self = .fenced(reason: try r.string(field: "reason"))
         case 131:
             let reason = try r.string(field: "reason", max: 1 << 16)
             self = .stop(reason: reason, failed: try r.bool(field: "failed"))
         case 151:
-            let k = try int("k"), m = try int("m"), chunk = try int("chunk bytes")
+            let k = try WireLimits.check(try int("k", max: WireLimits.maxGroupNodes), 1...WireLimits.maxGroupNodes - 1, "k")
+            let m = try WireLimits.check(try int("m", max: WireLimits.maxGroupNodes), 1...WireLimits.maxGroupNodes - k, "m")
+            let chunk = try WireLimits.check(try bytes("chunk bytes"), 1...WireLimits.maxBytes, "chunk bytes")
             let ng = Int(try r.u32(field: "group count"))
             guard ng <= 4096 else { throw WireError(.badLength, "group count \(ng)") }
             var groups: [[String]] = []
-            for _ in 0..<ng { groups.append(try strings("node")) }
+            for _ in 0..<ng {
+                let g = try strings("node")
+                guard g.count == k + m else { throw WireError(.outOfRange, "a group of \(g.count) nodes in a layout of k+m = \(k)+\(m)") }
+                groups.append(g)
+            }
             let ne = Int(try r.u32(field: "endpoint count"))
             guard ne <= 65536 else { throw WireError(.badLength, "endpoint count \(ne)") }
             var eps: [String: String] = [:]
@@ -320,11 +336,11 @@ public enum ControlMessage: Sendable, Equatable {
             }
             self = .ecLayout(ECLayout(k: k, m: m, chunkBytes: chunk, groups: groups, endpoints: eps))
         case 152:
-            let step = try optional("step")
-            self = .rebuild(step: step, lost: try strings("lost node"))
+            let s = try optionalStep("step")
+            self = .rebuild(step: s, lost: try strings("lost node"))
         case 153:
-            let step = try optional("step")
-            self = .rebuilt(step: step, error: try r.string(field: "error", max: 1 << 16))
+            let s = try optionalStep("step")
+            self = .rebuilt(step: s, error: try r.string(field: "error", max: 1 << 16))
         case 141: self = .statusQuery
         case 142: self = .statusReply(try r.string(field: "status", max: 1 << 22))
         default: throw WireError(.unknownType, "message type \(e.type) is not a control message")

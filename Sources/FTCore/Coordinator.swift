@@ -35,6 +35,23 @@ public struct CoordinatorSettings: Sendable {
     /// The local worker ids of every node.
     public var workerIDs: [String] { (0..<workersPerNode).map { "w\($0)" } }
 
+    /// Whether `id` names a member of this job: a node ("n3") or a worker ("n3/w1").
+    public func isMemberID(_ id: String) -> Bool {
+        let parts = id.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count <= 2, let node = Self.index(parts[0], prefix: "n"), node < nodes else { return false }
+        guard parts.count == 2 else { return true }
+        guard let worker = Self.index(parts[1], prefix: "w") else { return false }
+        return worker < workersPerNode
+    }
+
+    /// `7` for "n7" (prefix "n"); nil unless it is the prefix and a canonical decimal.
+    private static func index(_ s: Substring, prefix: Character) -> Int? {
+        guard s.first == prefix, s.count >= 2, s.count <= 10 else { return nil }
+        let digits = s.dropFirst()
+        guard let v = Int(digits), String(v) == digits else { return nil }
+        return v
+    }
+
     public init(jobID: String, nodes: Int, workersPerNode: Int) {
         self.jobID = jobID
         self.nodes = nodes
@@ -168,6 +185,8 @@ public struct CoordinatorInstance: Sendable {
     public enum Directive: Sendable, Equatable {
         case send(to: String, ControlMessage)
         case log(String)
+        /// A message refused by `validate`: the shell logs it as a warning; nothing changed.
+        case refused(sender: String, WireError)
     }
 
     struct Recovery: Sendable {
@@ -222,6 +241,8 @@ public struct CoordinatorInstance: Sendable {
     private var watchdogNoted = false
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
+    /// Messages refused by `validate` (a sender, node, worker or rank outside the job).
+    public private(set) var refusedMessages = 0
 
     public init(settings: CoordinatorSettings) {
         self.settings = settings
@@ -235,6 +256,12 @@ public struct CoordinatorInstance: Sendable {
 
     public mutating func receive(_ message: ControlMessage, from sender: String, epoch senderEpoch: UInt64, now: Double) -> [Directive] {
         if startingSince == nil { startingSince = now }
+        do {
+            try validate(message, from: sender)
+        } catch {
+            refusedMessages += 1
+            return [.refused(sender: String(sender.prefix(64)), error)]
+        }
         switch message {
         case .smpHello(let inventory):
             return smpHello(inventory, sender: sender, senderEpoch: senderEpoch, now: now)
@@ -329,6 +356,45 @@ public struct CoordinatorInstance: Sendable {
             return []
         default:
             return [.log("unexpected \(message) from \(sender)")]
+        }
+    }
+
+    /// Checks a message against the job the coordinator runs (the decoder
+    /// already bounded every value, `WireLimits`): only the job's nodes and
+    /// workers may speak (an operator may only ask for status), a hello names
+    /// the sender itself, its workers and ranks exist in the job, and the
+    /// world size is the job's. Refused: `WireError` `not_in_job`.
+    public func validate(_ message: ControlMessage, from sender: String) throws(WireError) {
+        if case .statusQuery = message { return }
+        guard settings.isMemberID(sender) else {
+            throw WireError(.notInJob, "sender '\(sender.prefix(64))' is not a node (n0..<n\(settings.nodes)) or worker of this job")
+        }
+        switch message {
+        case .smpHello(let inv):
+            guard inv.node == sender, !sender.contains("/") else { throw WireError(.notInJob, "an SMP hello from '\(sender)' names node '\(inv.node)'") }
+            guard inv.workers.count <= settings.workersPerNode, Set(inv.workers).count == inv.workers.count,
+                  inv.workers.allSatisfy({ settings.isMemberID("\(sender)/\($0)") }) else {
+                throw WireError(.notInJob, "SMP \(sender) names workers \(inv.workers.prefix(8)) (the job has \(settings.workersPerNode) per node)")
+            }
+            guard inv.rankOffset < max(1, expectedWorkers) else {
+                throw WireError(.notInJob, "SMP \(sender) says rank offset \(inv.rankOffset) in a job of \(expectedWorkers) ranks")
+            }
+        case .workerHello(let info):
+            guard info.key == sender, sender.contains("/") else { throw WireError(.notInJob, "a worker hello from '\(sender)' names '\(info.key)'") }
+            guard info.worldSize == expectedWorkers, info.rank < expectedWorkers else {
+                throw WireError(.notInJob, "worker \(sender) says rank \(info.rank) of \(info.worldSize); the job has \(expectedWorkers) ranks")
+            }
+        case .smpHeartbeat, .childExited, .protected, .rebuilt:
+            guard !sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from SMPs, not from worker \(sender)") }
+        case .workerHeartbeat(_, _, _, let activity):
+            guard sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from workers, not from SMP \(sender)") }
+            guard activity.waitingOn < expectedWorkers else {
+                throw WireError(.notInJob, "worker \(sender) waits on rank \(activity.waitingOn) of \(expectedWorkers)")
+            }
+        case .ready, .restoreFailed, .workerDone:
+            guard sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from workers, not from SMP \(sender)") }
+        default:
+            break
         }
     }
 

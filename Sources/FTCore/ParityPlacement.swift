@@ -105,3 +105,66 @@ public struct ECConfigError: Error, Sendable, Equatable, CustomStringConvertible
     public var description: String
     public init(_ d: String) { description = d }
 }
+
+extension ECLayout {
+    /// Checks an `ecChunk` frame's header, as received by the node at
+    /// `position` of its group: a row of the group, a data index below k,
+    /// that node a parity holder of the row, the chunk no longer than the
+    /// layout's, and the frame (`frameBytes` at `offset`) within the chunk,
+    /// without computing a sum that could overflow. `out_of_range` if not.
+    public func checkChunkFrame(position: Int, step: Int, row: Int, dataIndex: Int, offset: Int, length: Int,
+                                frameBytes: Int) throws(StoreError) {
+        let n = k + m
+        guard (0..<n).contains(row), (0..<k).contains(dataIndex) else {
+            throw StoreError(.outOfRange, "chunk \(row)/\(dataIndex) of step \(step): rows are 0..<\(n), data indexes 0..<\(k)")
+        }
+        guard placement.parityHolders(row: row).contains(position) else {
+            throw StoreError(.outOfRange, "chunk \(row)/\(dataIndex) of step \(step): position \(position) holds no parity of row \(row)")
+        }
+        guard (0...chunkBytes).contains(length), Checked.rangeFits(offset: offset, length: frameBytes, within: length) else {
+            throw StoreError(.outOfRange, "chunk \(row)/\(dataIndex) of step \(step): a frame of \(frameBytes) bytes at \(offset) "
+                + "in a chunk of \(length) bytes (the layout's chunk is \(chunkBytes))")
+        }
+    }
+
+    /// Checks an `ecFetch` asked of the node at `position`: a row and a
+    /// codeword index of the group that this node holds, and a non-empty
+    /// byte range within the chunk (its end is never computed before it is
+    /// known to fit: an offset near Int64.max trapped). `out_of_range` if not.
+    public func checkFetch(position: Int, row: Int, index: Int, offset: Int, length: Int) throws(StoreError) {
+        let n = k + m
+        guard (0..<n).contains(row), (0..<n).contains(index) else {
+            throw StoreError(.outOfRange, "row \(row), index \(index) out of range for \(n) nodes")
+        }
+        guard placement.position(ofCodewordIndex: index, row: row) == position else {
+            throw StoreError(.outOfRange, "codeword index \(index) of row \(row) is not held at position \(position)")
+        }
+        guard length > 0, Checked.rangeFits(offset: offset, length: length, within: chunkBytes) else {
+            throw StoreError(.outOfRange, "a range of \(length) bytes at \(offset) lies outside a chunk of \(chunkBytes) bytes")
+        }
+    }
+}
+
+/// Which rounds a parity holder allocates parity for (issue 13, "bounded
+/// parity buffers"): a step already held, or one of at most `limit` steps
+/// at once (the round being protected and the next one; a commit drops
+/// older steps, so a holder never sees a third legitimate one). A step below
+/// the highest held takes that one's place (the lowest uncommitted rounds
+/// are the ones that can commit next); a step above them all is refused
+/// (`unexpected_round`) before anything is allocated.
+public enum ParitySteps {
+    public enum Admission: Sendable, Equatable {
+        case accept
+        /// Accept, after dropping the parity of this (higher) step.
+        case replace(Int)
+    }
+
+    public static func admit(_ step: Int, held: some Collection<Int>, limit: Int) throws(StoreError) -> Admission {
+        if held.contains(step) || held.count < limit { return .accept }
+        guard let highest = held.max(), step < highest else {
+            throw StoreError(.unexpectedRound, "a chunk for step \(step), while parity is held for steps \(held.sorted()) "
+                + "(at most \(limit) rounds at once)")
+        }
+        return .replace(highest)
+    }
+}

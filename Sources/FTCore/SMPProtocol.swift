@@ -158,11 +158,11 @@ public enum SMPMessage: Sendable, Equatable {
         switch envelope.type {
         case 1:
             let id = try r.string(field: "worker id", max: 255)
-            let rank = try Self.int(&r, "dp rank")
-            let size = try Self.int(&r, "dp size")
-            let chunk = try Self.int(&r, "chunk bytes")
+            let rank = try Self.int(&r, "dp rank", max: WireLimits.maxDPSize - 1)
+            let size = try WireLimits.check(try Self.int(&r, "dp size"), 1...WireLimits.maxDPSize, "dp size")
+            let chunk = try Self.int(&r, "chunk bytes", max: WireLimits.maxBytes)
             let count = Int(try r.u32(field: "tensor count"))
-            guard count <= 1 << 16 else { throw WireError(.badLength, "tensor count \(count) exceeds 65536") }
+            guard count <= WireLimits.maxTensors else { throw WireError(.badLength, "tensor count \(count) exceeds \(WireLimits.maxTensors)") }
             var specs: [TensorSpec] = []
             for _ in 0..<count {
                 let name = try r.string(field: "tensor name", max: 255)
@@ -171,10 +171,14 @@ public enum SMPMessage: Sendable, Equatable {
                 let rawRole = try r.u8(field: "role")
                 guard let role = TensorRole(rawValue: rawRole) else { throw WireError(.badValue, "role \(rawRole) of '\(name)'") }
                 let replicated = try r.bool(field: "replicated")
-                let dims = Int(try r.u8(field: "rank"))
+                let dims = try WireLimits.check(Int(try r.u8(field: "rank")), 0...WireLimits.maxDimensions, "dimensions of '\(name)'")
                 var shape: [Int] = []
                 for _ in 0..<dims { shape.append(try Self.int(&r, "dimension")) }
-                specs.append(TensorSpec(name: name, dtype: dtype, shape: shape, role: role, replicated: replicated))
+                let spec = TensorSpec(name: name, dtype: dtype, shape: shape, role: role, replicated: replicated)
+                guard let bytes = spec.checkedByteCount, bytes <= WireLimits.maxTensorBytes else {
+                    throw WireError(.outOfRange, "tensor '\(name)' of shape \(shape) × \(dtype.size) bytes exceeds \(WireLimits.maxTensorBytes) bytes")
+                }
+                specs.append(spec)
             }
             self = .register(WorkerRegistration(workerID: id, dpRank: rank, dpSize: size, chunkBytes: chunk, specs: specs))
         case 2:
@@ -182,24 +186,24 @@ public enum SMPMessage: Sendable, Equatable {
             guard n <= 16 else { throw WireError(.badLength, "slot count \(n)") }
             var names: [String] = []
             for _ in 0..<n { names.append(try r.string(field: "slot name", max: 255)) }
-            let bytes = try Self.int(&r, "slot bytes")
-            self = .registered(slotNames: names, slotBytes: bytes, committedStep: try Self.optionalInt(&r, "committed step"))
+            let bytes = try Self.int(&r, "slot bytes", max: WireLimits.maxBytes)
+            self = .registered(slotNames: names, slotBytes: bytes, committedStep: try Self.optionalStep(&r, "committed step"))
         case 3:
-            self = .begin(step: try Self.int(&r, "step"))
+            self = .begin(step: try Self.step(&r, "step"))
         case 4:
-            let slot = try Self.optionalInt(&r, "slot")
+            let slot = try Self.optionalInt(&r, "slot", max: 1)
             self = .beginReply(slot: slot, reason: try r.string(field: "reason"))
         case 5:
-            let step = try Self.int(&r, "step")
-            let slot = try Self.int(&r, "slot")
+            let step = try Self.step(&r, "step")
+            let slot = try Self.int(&r, "slot", max: 1)
             self = .staged(step: step, slot: slot, crcs: try Self.readCRCs(&r))
         case 6:
-            self = .stagedReply(committedStep: try Self.optionalInt(&r, "committed step"))
+            self = .stagedReply(committedStep: try Self.optionalStep(&r, "committed step"))
         case 7:
-            self = .restoreQuery(expected: try Self.optionalInt(&r, "expected step"))
+            self = .restoreQuery(expected: try Self.optionalStep(&r, "expected step"))
         case 8:
-            let step = try Self.optionalInt(&r, "step")
-            let slot = try Self.optionalInt(&r, "slot")
+            let step = try Self.optionalStep(&r, "step")
+            let slot = try Self.optionalInt(&r, "slot", max: 1)
             let crcs = try Self.readCRCs(&r)
             if let step, let slot {
                 self = .restoreReply(.init(step: step, slot: slot, crcs: crcs))
@@ -207,13 +211,13 @@ public enum SMPMessage: Sendable, Equatable {
                 self = .restoreReply(nil)
             }
         case 9:
-            let rank = try Self.int(&r, "dp rank")
-            let size = try Self.int(&r, "dp size")
+            let rank = try Self.int(&r, "dp rank", max: WireLimits.maxDPSize - 1)
+            let size = try WireLimits.check(try Self.int(&r, "dp size"), 1...WireLimits.maxDPSize, "dp size")
             self = .fetchSlice(dpRank: rank, dpSize: size, tensor: try r.string(field: "tensor", max: 255))
         case 10:
-            let step = try Self.int(&r, "step")
-            let lo = try Self.int(&r, "range start")
-            let hi = try Self.int(&r, "range end")
+            let step = try Self.step(&r, "step")
+            let lo = try Self.int(&r, "range start", max: WireLimits.maxTensorBytes)
+            let hi = try Self.int(&r, "range end", max: WireLimits.maxTensorBytes)
             guard lo <= hi else { throw WireError(.badValue, "slice range \(lo)..<\(hi)") }
             self = .sliceReply(step: step, range: lo..<hi, crcs: try Self.readCRCs(&r))
         case 11:
@@ -223,25 +227,25 @@ public enum SMPMessage: Sendable, Equatable {
         case 13:
             self = .roundQuery
         case 14:
-            let committed = try Self.optionalInt(&r, "committed step")
+            let committed = try Self.optionalStep(&r, "committed step")
             self = .roundReply(committedStep: committed, pending: try r.bool(field: "pending"))
         case 21, 22, 23, 24:
-            let step = try Self.int(&r, "step")
-            let row = try Self.int(&r, "row")
-            let index = try Self.int(&r, "index")
+            let step = try Self.step(&r, "step")
+            let row = try Self.int(&r, "row", max: WireLimits.maxGroupNodes - 1)
+            let index = try Self.int(&r, "index", max: WireLimits.maxGroupNodes - 1)
             switch envelope.type {
             case 21:
-                let offset = try Self.int(&r, "offset")
-                let length = try Self.int(&r, "length")
+                let offset = try Self.int(&r, "offset", max: WireLimits.maxBytes)
+                let length = try Self.int(&r, "length", max: WireLimits.maxBytes)
                 self = .ecChunk(step: step, row: row, dataIndex: index, offset: offset, length: length, crc: try r.u32(field: "crc"))
             case 22: self = .ecAck(step: step, row: row, dataIndex: index, error: try r.string(field: "error"))
             case 23:
-                let offset = try Self.int(&r, "offset")
+                let offset = try Self.int(&r, "offset", max: WireLimits.maxBytes)
                 let length = try Self.int(&r, "length")
                 guard length <= 64 << 20 else { throw WireError(.badLength, "fetch of \(length) bytes exceeds 64 MiB") }
                 self = .ecFetch(step: step, row: row, index: index, offset: offset, length: length)
             default:
-                let offset = try Self.int(&r, "offset")
+                let offset = try Self.int(&r, "offset", max: WireLimits.maxBytes)
                 let crc = try r.u32(field: "crc")
                 self = .ecChunkData(step: step, row: row, index: index, offset: offset, crc: crc, error: try r.string(field: "error"))
             }
@@ -273,15 +277,25 @@ public enum SMPMessage: Sendable, Equatable {
         return out
     }
 
-    private static func int(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int {
+    /// A non-negative integer, at most `max` (`out_of_range` beyond).
+    private static func int(_ r: inout ByteReader, _ field: String, max: Int = Int(Int64.max)) throws(WireError) -> Int {
         let v = try r.i64(field: field)
         guard v >= 0 else { throw WireError(.badValue, "\(field) is negative (\(v))") }
-        return Int(v)
+        return try WireLimits.check(Int(v), 0...max, field)
     }
 
-    private static func optionalInt(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int? {
+    /// -1 for none, else a non-negative integer at most `max`.
+    private static func optionalInt(_ r: inout ByteReader, _ field: String, max: Int = Int(Int64.max)) throws(WireError) -> Int? {
         let v = try r.i64(field: field)
         guard v >= -1 else { throw WireError(.badValue, "\(field) is \(v)") }
-        return v == -1 ? nil : Int(v)
+        return v == -1 ? nil : try WireLimits.check(Int(v), 0...max, field)
+    }
+
+    private static func step(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int {
+        try int(&r, field, max: WireLimits.maxStep)
+    }
+
+    private static func optionalStep(_ r: inout ByteReader, _ field: String) throws(WireError) -> Int? {
+        try optionalInt(&r, field, max: WireLimits.maxStep)
     }
 }

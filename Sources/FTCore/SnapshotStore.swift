@@ -31,6 +31,16 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         case unknownTensor = "unknown_tensor"
         case corrupt = "corrupt"
         case malformed = "malformed"
+        /// An offset, length, index, row or step outside what the receiver's layout allows.
+        case outOfRange = "out_of_range"
+        /// The registration would take the node's shared memory past its budget
+        /// (`ft-smp --memory-limit`), or /dev/shm cannot hold it.
+        case memoryLimit = "memory_limit"
+        /// An erasure-coding chunk for a round the receiver does not expect (not
+        /// the current or the next one): refused without allocating anything.
+        case unexpectedRound = "unexpected_round"
+        /// A bounded queue is full (requests held during a rebuild).
+        case busy = "busy"
         case internalError = "internal"
     }
 
@@ -382,19 +392,20 @@ public struct SnapshotStoreInstance: Sendable {
     static func validate(_ r: WorkerRegistration) throws(StoreError) {
         func bad(_ m: String) -> StoreError { StoreError(.invalidRegistration, "worker \(r.workerID): \(m)") }
         guard !r.workerID.isEmpty else { throw StoreError(.invalidRegistration, "empty worker id") }
-        guard r.dpSize >= 1, (0..<r.dpSize).contains(r.dpRank) else { throw bad("DP rank \(r.dpRank) is not in 0..<\(r.dpSize)") }
+        guard r.dpSize >= 1, r.dpSize <= WireLimits.maxDPSize, (0..<r.dpSize).contains(r.dpRank) else {
+            throw bad("DP rank \(r.dpRank) is not in 0..<\(r.dpSize) (DP size at most \(WireLimits.maxDPSize))")
+        }
         guard r.chunkBytes >= 4096, r.chunkBytes <= 64 << 20 else { throw bad("chunk size \(r.chunkBytes) is not in 4 KiB...64 MiB") }
-        guard !r.specs.isEmpty else { throw bad("no tensors registered") }
+        guard !r.specs.isEmpty, r.specs.count <= WireLimits.maxTensors else { throw bad("\(r.specs.count) tensors registered (1...\(WireLimits.maxTensors))") }
         var names = Set<String>()
         for s in r.specs {
             guard !s.name.isEmpty, s.name.utf8.count <= 255 else { throw bad("tensor name '\(s.name)' must be 1-255 bytes") }
             guard names.insert(s.name).inserted else { throw bad("tensor '\(s.name)' registered twice") }
-            guard s.shape.allSatisfy({ $0 >= 0 }), s.shape.count <= 8 else { throw bad("tensor '\(s.name)' has shape \(s.shape)") }
-            let (_, overflow) = s.shape.reduce((1, false)) { acc, d in
-                let (p, o) = acc.0.multipliedReportingOverflow(by: d)
-                return (p, acc.1 || o)
+            guard s.shape.allSatisfy({ $0 >= 0 }), s.shape.count <= WireLimits.maxDimensions else { throw bad("tensor '\(s.name)' has shape \(s.shape)") }
+            // Element count × dtype size, overflow-checked (a crafted shape must not trap).
+            guard let bytes = s.checkedByteCount, bytes <= WireLimits.maxTensorBytes else {
+                throw bad("tensor '\(s.name)' of shape \(s.shape) × \(s.dtype.size) bytes exceeds \(WireLimits.maxTensorBytes) bytes")
             }
-            guard !overflow, s.byteCount <= 1 << 40 else { throw bad("tensor '\(s.name)' is too large") }
         }
     }
 }

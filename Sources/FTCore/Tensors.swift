@@ -58,8 +58,15 @@ public struct TensorSpec: Sendable, Hashable {
         self.replicated = replicated
     }
 
+    /// The element count; call only on a validated spec (`checkedByteCount` is not nil).
     public var elementCount: Int { shape.reduce(1, *) }
     public var byteCount: Int { elementCount * dtype.size }
+
+    /// The byte count, or nil when a dimension is negative or the element
+    /// count or byte count overflows `Int` (a crafted registration).
+    public var checkedByteCount: Int? {
+        Checked.product(shape).flatMap { Checked.product($0, dtype.size) }
+    }
 }
 
 /// Where each tensor's snapshotted bytes sit in a worker's slot, and how they

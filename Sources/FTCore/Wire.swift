@@ -11,9 +11,9 @@
 ///     18+L    4     payload length P (little endian), at most `maxPayload`
 ///     22+L    P     payload
 ///
-/// Decoding never traps: a frame that is short, long, of another version or
-/// with a bad length is a `WireError` with a stable code, and the caller drops
-/// it. Payloads are written and read with `ByteWriter` / `ByteReader`.
+/// Decoding never traps: a frame that is short, long, of another version,
+/// with a bad length or a sender that is not UTF-8 is a `WireError` with a
+/// stable code, and the caller drops it. Payloads are written and read with `ByteWriter` / `ByteReader`.
 public struct WireEnvelope: Sendable, Equatable {
     public static let magic: [UInt8] = [0x46, 0x54, 0x57, 0x00]  // "FTW\0"
     public static let version: UInt16 = 2
@@ -21,6 +21,8 @@ public struct WireEnvelope: Sendable, Equatable {
     /// Control messages are small; bulk data travels in raw frames beside them.
     public static let maxPayload = 16 << 20
     static let fixedHeader = 4 + 2 + 2 + 8 + 2 + 4
+    /// The largest encoded envelope: header, longest sender, largest payload.
+    public static let maxFrameBytes = fixedHeader + maxSenderBytes + maxPayload
 
     public var type: UInt16
     public var epoch: UInt64
@@ -64,7 +66,14 @@ public struct WireEnvelope: Sendable, Equatable {
         guard senderLength <= Self.maxSenderBytes else {
             throw WireError(.badLength, "sender length \(senderLength) exceeds \(Self.maxSenderBytes)")
         }
-        sender = String(decoding: try r.bytes(senderLength, field: "sender"), as: UTF8.self)
+        // Strict UTF-8: a sender is an id. Replacing bad bytes (U+FFFD, 3 bytes
+        // each) could grow it past 255 bytes, which encoding would cut
+        // mid-character (found by fuzzing: such a frame did not round-trip).
+        let senderBytes = try r.bytes(senderLength, field: "sender")
+        guard let s = String(validating: senderBytes, as: UTF8.self) else {
+            throw WireError(.badValue, "sender is not UTF-8 (\(senderBytes.prefix(16).hexString))")
+        }
+        sender = s
         let payloadLength = Int(try r.u32(field: "payload length"))
         guard payloadLength <= Self.maxPayload else {
             throw WireError(.badLength, "payload length \(payloadLength) exceeds \(Self.maxPayload)")
@@ -87,6 +96,10 @@ public struct WireError: Error, Sendable, Equatable, CustomStringConvertible {
         case trailingBytes = "trailing_bytes"
         case unknownType = "unknown_type"
         case badValue = "bad_value"
+        /// A value outside `WireLimits` (a step, size, rank, count or pid no real job has).
+        case outOfRange = "out_of_range"
+        /// A sender, node, worker or rank that is not part of the receiver's job.
+        case notInJob = "not_in_job"
     }
 
     public var code: Code

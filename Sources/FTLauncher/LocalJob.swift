@@ -214,7 +214,7 @@ public final class LocalJob: @unchecked Sendable {
 
     /// The coordinator's status document (schema 1), or nil when it does not answer in time.
     public func status(timeout: Double = 1) -> [String: Any]? {
-        guard let ctx = try? ZMQContext(), let s = try? ctx.socket(.dealer) else { return nil }
+        guard let ctx = try? ZMQContext(), let s = try? ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes) else { return nil }
         defer { s.close() }
         try? s.setLinger(milliseconds: 0)
         if options.curve, let keys = try? JobKeys.load(from: dir + "/keys") {
@@ -259,7 +259,7 @@ public final class LocalJob: @unchecked Sendable {
     /// A loopback TCP port that was free a moment ago.
     public static func freePort() throws -> Int {
         let ctx = try ZMQContext()
-        let s = try ctx.socket(.router)
+        let s = try ctx.socket(.router, maxMessageBytes: ZMQSocket.sendOnlyMaxMessageBytes)  // bound for a moment, never read
         try s.setLinger(milliseconds: 0)
         let endpoint = try s.bind("tcp://127.0.0.1:*")
         s.close()

@@ -105,10 +105,10 @@ final class ControlChannel: @unchecked Sendable {
             context = try ZMQContext()
             link = try CoordinatorLink(context: context, endpoint: endpoint, memberID: memberID, keys: keys)
             let address = "inproc://ft-control-\(memberID)-\(UInt32.random(in: 0...UInt32.max))"
-            inbox = try context.socket(.pair)
+            inbox = try context.socket(.pair, maxMessageBytes: nil)  // inproc
             try inbox.setLinger(milliseconds: 0)
             _ = try inbox.bind(address)
-            threadEnd = try context.socket(.pair)
+            threadEnd = try context.socket(.pair, maxMessageBytes: nil)  // inproc
             try threadEnd.setLinger(milliseconds: 0)
             try threadEnd.connect(address)
         }

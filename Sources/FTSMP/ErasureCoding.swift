@@ -55,6 +55,7 @@ struct NodeImage {
         var r = ByteReader(Array(bytes[4..<4 + length]))
         guard try r.u32(field: "magic") == magic else { throw SMPError("rebuilt image has no manifest (bad magic)") }
         let step = Int(try r.i64(field: "step"))
+        guard (0...WireLimits.maxStep).contains(step) else { throw SMPError("rebuilt manifest names step \(step)") }
         let count = Int(try r.u32(field: "entries"))
         var entries: [Entry] = []
         for _ in 0..<count {
@@ -63,6 +64,7 @@ struct NodeImage {
                 throw SMPError("bad registration in the manifest")
             }
             let slotBytes = Int(try r.i64(field: "slot bytes"))
+            guard (0...WireLimits.maxBytes).contains(slotBytes) else { throw SMPError("rebuilt manifest: slot of \(slotBytes) bytes") }
             let n = Int(try r.u32(field: "crc count"))
             var crcs: [UInt32] = []
             for _ in 0..<n { crcs.append(try r.u32(field: "crc")) }
@@ -159,6 +161,18 @@ final class ErasureState {
         }
         parity[step, default: [:]][row] = (index, b)
         return b
+    }
+
+    /// Steps parity is held for at once: the current round and the next one
+    /// (a commit drops older steps; a holder never sees a third legitimate one).
+    static let maxParitySteps = 2
+
+    /// Whether a peer's chunk for `step` may allocate parity (`ParitySteps`):
+    /// returns the step whose parity was dropped to make room, if any.
+    func admitPeerStep(_ step: Int) throws(StoreError) -> Int? {
+        guard case .replace(let highest) = try ParitySteps.admit(step, held: parity.keys, limit: Self.maxParitySteps) else { return nil }
+        dropParity { $0 == highest }
+        return highest
     }
 
     /// Whether every parity chunk this node holds for `step` has all k data chunks folded in.
@@ -430,7 +444,8 @@ extension SMPServer {
     func peer(_ node: String, _ ec: ErasureState) throws -> ZMQSocket {
         if let s = ec.peers[node] { return s }
         guard let endpoint = ec.layout.endpoints[node] else { throw SMPError("no data endpoint for \(node)") }
-        let s = try context.socket(.dealer)
+        // Acks, and fetched frames of at most `frameBytes` (this node asks for no more).
+        let s = try context.socket(.dealer, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
         try s.setLinger(milliseconds: 0)
         try s.setSendHighWaterMark(0)
         try s.connect(endpoint)
@@ -485,11 +500,31 @@ extension SMPServer {
     func receiveChunk(step: Int, row: Int, dataIndex: Int, offset: Int, length: Int, crc: UInt32,
                       frames: ArraySlice<ZMQMessage>) -> SMPMessage? {
         func ack(_ error: String) -> SMPMessage { .ecAck(step: step, row: row, dataIndex: dataIndex, error: error) }
+        guard let ec = erasure else { return ack(ErasureState.noLayout) }
+        do throws(StoreError) {
+            try checkChunkHeader(ec, step: step, row: row, dataIndex: dataIndex, offset: offset, length: length,
+                                 frameBytes: frames.reduce(0) { $0 + $1.count })
+        } catch {
+            refusedChunks += 1
+            logger.warning("refused an EC chunk frame: \(error)", metadata: ["refused.total": "\(refusedChunks)"])
+            return ack("\(error)")
+        }
         var actual: UInt32 = 0
         for f in frames { f.withUnsafeBytes { actual = CRC32C.checksum($0, continuing: actual) } }
         guard actual == crc else { return ack("frame at \(offset): CRC32C mismatch in transfer") }
         if let c = store.committedStep, step <= c, erasure?.folded[step]?[row]?.contains(dataIndex) != true {
             return ack("step \(step) is not newer than the committed \(c)")
+        }
+        if ec.folded[step]?[row]?.contains(dataIndex) != true {
+            do throws(StoreError) {
+                if let evicted = try ec.admitPeerStep(step) {
+                    logger.warning("dropped the parity of step \(evicted) for a chunk of the earlier step \(step)")
+                }
+            } catch {
+                refusedChunks += 1
+                logger.warning("refused an EC chunk frame: \(error)", metadata: ["refused.total": "\(refusedChunks)"])
+                return ack("\(error)")
+            }
         }
         var pieces: [UnsafeRawBufferPointer] = []
         for f in frames { f.withUnsafeBytes { pieces.append($0) } }
@@ -500,6 +535,13 @@ extension SMPServer {
         guard result.complete else { return nil }
         checkProtected(step: step)
         return ack("")
+    }
+
+    /// A chunk frame's header against the layout (`ECLayout.checkChunkFrame`).
+    func checkChunkHeader(_ ec: ErasureState, step: Int, row: Int, dataIndex: Int, offset: Int, length: Int,
+                          frameBytes: Int) throws(StoreError) {
+        try ec.layout.checkChunkFrame(position: ec.position, step: step, row: row, dataIndex: dataIndex, offset: offset, length: length,
+                                      frameBytes: frameBytes)
     }
 
     /// A peer's erasure-coding request on the data endpoint (`ecChunk`,
@@ -517,6 +559,11 @@ extension SMPServer {
                 let (data, crc) = try codewordFrames(step: step, row: row, index: index, offset: offset, length: length)
                 return [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, offset: offset, crc: crc, error: "")
                     .envelope(sender: config.nodeID).encoded())] + data
+            } catch let error as StoreError {
+                refusedChunks += 1
+                logger.warning("refused an EC fetch: \(error)", metadata: ["refused.total": "\(refusedChunks)"])
+                return [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, offset: offset, crc: 0, error: "\(error)")
+                    .envelope(sender: config.nodeID).encoded())]
             } catch {
                 return [.bytes(SMPMessage.ecChunkData(step: step, row: row, index: index, offset: offset, crc: 0, error: "\(error)")
                     .envelope(sender: config.nodeID).encoded())]
@@ -577,11 +624,10 @@ extension SMPServer {
     /// memory (zeros past the image's end), and their CRC32C.
     func codewordFrames(step: Int, row: Int, index: Int, offset: Int, length: Int) throws -> (frames: [ZMQFrame], crc: UInt32) {
         guard let ec = erasure else { throw SMPError(ErasureState.noLayout) }
-        let n = ec.placement.n, k = ec.layout.k, L = ec.chunkBytes
-        guard row < n, index < n else { throw SMPError("row \(row), index \(index) out of range for \(n) nodes") }
-        guard length > 0, offset + length <= L else { throw SMPError("range \(offset)+\(length) outside a chunk of \(L) bytes") }
-        let holder = ec.placement.position(ofCodewordIndex: index, row: row)
-        guard holder == ec.position else { throw SMPError("codeword index \(index) of row \(row) is not on \(config.nodeID)") }
+        let k = ec.layout.k, L = ec.chunkBytes
+        // Row, index (held here) and range against the layout; offset + length is
+        // never computed before it is known to fit (an offset near Int64.max trapped).
+        try ec.layout.checkFetch(position: ec.position, row: row, index: index, offset: offset, length: length)
         if index >= k {
             guard let p = ec.parity[step]?[row], ec.folded[step]?[row]?.count == k else {
                 throw SMPError("no complete parity of row \(row) for step \(step) on \(config.nodeID)")
@@ -688,7 +734,7 @@ extension SMPServer {
                         s = existing
                     } else {
                         guard let endpoint = ec.layout.endpoints[node] else { throw SMPError("no data endpoint for \(node)") }
-                        s = try context.socket(.dealer)
+                        s = try context.socket(.dealer, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
                         sockets[node] = s
                         try s.setLinger(milliseconds: 0)
                         try s.connect(endpoint)
@@ -884,6 +930,13 @@ extension SMPServer {
         for e in parsed.entries {
             let id = e.registration.workerID
             if case .new(let bytes) = try store.register(e.registration) {
+                do throws(StoreError) {
+                    try checkMemory(worker: id, slotBytes: bytes)
+                } catch {
+                    store.remove(worker: id)
+                    logger.error("rebuild refused: \(error)")
+                    throw error
+                }
                 segments[id] = try (0..<2).map { try createSlot(name: segmentName(worker: id, slot: $0), count: bytes) }
             }
             let segment = segments[id]![0]

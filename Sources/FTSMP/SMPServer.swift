@@ -35,6 +35,10 @@ public struct SMPConfiguration: Sendable {
     /// The event loop not turning for this long is a hang: heartbeats stop so
     /// that the coordinator replaces this SMP.
     public var hangBound = 10.0
+    /// The most shared memory (bytes, both slots of every worker) this SMP
+    /// allocates; a registration past it is refused (`memory_limit`). nil:
+    /// `defaultMemoryLimit()`, taken at start.
+    public var memoryLimit: Int?
 
     public init(jobID: String, nodeID: String, endpoint: String? = nil, runDirectory: String, workerCount: Int,
                 workerCommand: [String], maxRestarts: Int = 100, extraEnvironment: [String: String] = [:]) {
@@ -48,6 +52,13 @@ public struct SMPConfiguration: Sendable {
         self.workerCommand = workerCommand
         self.maxRestarts = maxRestarts
         self.extraEnvironment = extraEnvironment
+    }
+
+    /// The default budget: 90% of what /dev/shm has free when the SMP starts
+    /// (every registration is also checked against what it has free then).
+    public static func defaultMemoryLimit() -> Int {
+        guard let space = try? SharedMemorySegment.space() else { return WireLimits.maxBytes }
+        return space.free / 10 * 9
     }
 
     /// Job and node ids go into shared-memory names: keep them to [A-Za-z0-9_-].
@@ -122,6 +133,16 @@ public final class SMPServer: @unchecked Sendable {
     private var pendingRebuild: (step: Int?, lost: [String])?
     /// Workers' requests that arrived during a rebuild, answered once it is over.
     private var heldRequests: [[ZMQMessage]] = []
+    /// At most this many requests are held during a rebuild; more are refused (`busy`).
+    static let maxHeldRequests = 4096
+    /// The shared-memory budget in force (bytes).
+    public let memoryLimit: Int
+    /// Shared memory allocated now (bytes, every slot of every worker).
+    var sharedMemoryBytes: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
+    /// Requests refused because they did not fit the layout or a bound (`out_of_range`, `memory_limit`, …).
+    public private(set) var refusedRequests = 0
+    /// EC chunk frames and fetches from peers refused (outside the layout, or for a round not expected).
+    var refusedChunks = 0
     /// The committed slot each worker's bytes were last checked in (step, slot).
     var verifiedSlots: [String: (step: Int, slot: Int)] = [:]
     private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil }
@@ -134,12 +155,14 @@ public final class SMPServer: @unchecked Sendable {
         try SMPConfiguration.validateID(config.nodeID, "node id")
         self.config = config
         self.logger = logger
+        memoryLimit = config.memoryLimit ?? SMPConfiguration.defaultMemoryLimit()
         signals = watchSignals ? try SignalWatcher(signals: [SIGTERM, SIGINT]) : nil
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
         stopPipe = (fds[0], fds[1])
         context = try ZMQContext()
-        router = try context.socket(.router)
+        // Workers' requests and peers' EC frames: an envelope or one bulk frame at most.
+        router = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
         try router.setLinger(milliseconds: 0)
         try FileManager.default.createDirectory(atPath: config.runDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/logs", withIntermediateDirectories: true)
@@ -189,7 +212,7 @@ public final class SMPServer: @unchecked Sendable {
     @discardableResult
     public func run() throws -> Int32 {
         logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
-                                        "data": "\(dataEndpoint)", "pid": "\(getpid())"])
+                                        "data": "\(dataEndpoint)", "pid": "\(getpid())", "memory_limit": "\(memoryLimit)"])
         writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
         appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
         for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
@@ -399,6 +422,15 @@ public final class SMPServer: @unchecked Sendable {
                 default:
                     if rebuildInProgress {
                         // This node's memory is being rebuilt: its workers wait for the answer.
+                        guard heldRequests.count < Self.maxHeldRequests else {
+                            refusedRequests += 1
+                            logger.warning("refused a request from \(envelope.sender): \(Self.maxHeldRequests) requests are already held during the rebuild")
+                            reply = [.bytes(SMPMessage.error(code: StoreError.Code.busy.rawValue,
+                                                             message: "\(Self.maxHeldRequests) requests are held while node \(config.nodeID) rebuilds; ask again later")
+                                .envelope(sender: config.nodeID).encoded())]
+                            try? router.send([.bytes(identity)] + reply)
+                            continue
+                        }
                         heldRequests.append(frames)
                         continue
                     }
@@ -423,7 +455,16 @@ public final class SMPServer: @unchecked Sendable {
     func handle(_ message: SMPMessage, from sender: String) -> [ZMQFrame] {
         func reply(_ m: SMPMessage) -> [ZMQFrame] { [.bytes(m.envelope(sender: config.nodeID).encoded())] }
         func refuse(_ e: StoreError) -> [ZMQFrame] {
-            logger.info("refused a request from \(sender): \(e)")
+            switch e.code {
+            case .memoryLimit:
+                refusedRequests += 1
+                logger.error("refused a request from \(sender): \(e)")
+            case .outOfRange, .invalidRegistration, .busy, .unexpectedRound:
+                refusedRequests += 1
+                logger.warning("refused a request from \(sender): \(e)")
+            default:
+                logger.info("refused a request from \(sender): \(e)")
+            }
             return reply(.error(code: e.code.rawValue, message: e.message))
         }
         do throws(StoreError) {
@@ -437,11 +478,20 @@ public final class SMPServer: @unchecked Sendable {
                 let slotBytes = store.workers[registration.workerID]!.layout.slotBytes
                 switch outcome {
                 case .new(let bytes):
+                    do throws(StoreError) {
+                        try checkMemory(worker: registration.workerID, slotBytes: bytes)
+                    } catch {
+                        store.remove(worker: registration.workerID)
+                        throw error
+                    }
                     do {
                         segments[registration.workerID] = try names.map { try createSlot(name: $0, count: bytes) }
                     } catch {
                         store.remove(worker: registration.workerID)
-                        throw StoreError(.internalError, "could not allocate 2 × \(bytes) bytes of shared memory: \(error)")
+                        for name in names { SharedMemorySegment.unlink(name: name) }
+                        let free = (try? SharedMemorySegment.space().free).map(String.init) ?? "unknown"
+                        throw StoreError(.memoryLimit, "could not allocate 2 × \(bytes) bytes of shared memory for worker \(registration.workerID) "
+                            + "(/dev/shm has \(free) bytes free): \(error)")
                     }
                     logger.info("worker registered", metadata: ["worker": "\(sender)", "slot.bytes": "\(bytes)",
                                                                "tensors": "\(registration.specs.count)"])
@@ -485,6 +535,25 @@ public final class SMPServer: @unchecked Sendable {
             }
         } catch {
             return refuse(error)
+        }
+    }
+
+    /// Whether two slots of `slotBytes` fit this SMP's budget (`memoryLimit`)
+    /// and /dev/shm's free space; a `memory_limit` error naming the bytes
+    /// needed and available if not.
+    func checkMemory(worker: String, slotBytes: Int) throws(StoreError) {
+        guard let needed = Checked.product(slotBytes, 2) else {
+            throw StoreError(.memoryLimit, "worker \(worker) needs 2 × \(slotBytes) bytes of shared memory, more than any node has")
+        }
+        let used = sharedMemoryBytes
+        if needed > memoryLimit - used {
+            throw StoreError(.memoryLimit, "worker \(worker) needs \(needed) bytes of shared memory (2 slots of \(slotBytes)); "
+                + "node \(config.nodeID) has \(max(0, memoryLimit - used)) of its budget of \(memoryLimit) bytes left "
+                + "(\(used) in use; ft-smp --memory-limit)")
+        }
+        if let free = try? SharedMemorySegment.space().free, needed > free {
+            throw StoreError(.memoryLimit, "worker \(worker) needs \(needed) bytes of shared memory (2 slots of \(slotBytes)); "
+                + "/dev/shm has \(free) bytes available")
         }
     }
 
@@ -710,7 +779,8 @@ public final class SMPServer: @unchecked Sendable {
             workers.append(entry)
         }
         let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
-                                     "malformed_frames": malformedFrames, "workers": workers]
+                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks,
+                                     "memory_limit": memoryLimit, "shared_memory_bytes": sharedMemoryBytes, "workers": workers]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

@@ -37,6 +37,17 @@ public final class SharedMemorySegment: @unchecked Sendable {
 
     public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: count) }
 
+    /// Free and total bytes of the file system under `path` (`/dev/shm`:
+    /// what POSIX shared memory can still take), from `statvfs`.
+    public static func space(path: String = "/dev/shm") throws(SystemError) -> (free: Int, total: Int) {
+        var st = statvfs()
+        _ = try sys("statvfs \(path)") { statvfs(path, &st) }
+        let unit = Int(st.f_frsize == 0 ? st.f_bsize : st.f_frsize)
+        let (free, o1) = Int(clamping: st.f_bavail).multipliedReportingOverflow(by: unit)
+        let (total, o2) = Int(clamping: st.f_blocks).multipliedReportingOverflow(by: unit)
+        return (o1 ? Int.max : free, o2 ? Int.max : total)
+    }
+
     /// Creates `name` (which must start with "/") with `count` bytes.
     public static func create(name: String, count: Int, prefault: Bool = true) throws(SystemError) -> SharedMemorySegment {
         let fd = try sys("shm_open \(name) (create, 0600)") { shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }

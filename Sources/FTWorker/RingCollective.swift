@@ -23,6 +23,8 @@ public struct Interrupted: Error, Sendable {
 /// on the socket *and* the interrupt descriptor, so a pause abandons the
 /// collective at once (`Interrupted`), whatever the peers do.
 public final class RingCollective: @unchecked Sendable {
+    /// The default bound on one collective message (1 GiB of gradients).
+    public static let defaultMaxMessageBytes = 1 << 30
     public let rank: Int
     public let worldSize: Int
     private let context: ZMQContext
@@ -42,13 +44,16 @@ public final class RingCollective: @unchecked Sendable {
 
     /// `job` tags every message, so a process of another job that reaches this
     /// port (a stale one, a reused port) is ignored.
-    public init(rank: Int, worldSize: Int, job: String = "", host: String = "127.0.0.1") throws {
+    /// `maxMessageBytes`: the largest buffer `allreduceSum` is given (a peer's
+    /// larger message is dropped by libzmq before it is allocated).
+    public init(rank: Int, worldSize: Int, job: String = "", host: String = "127.0.0.1",
+                maxMessageBytes: Int = RingCollective.defaultMaxMessageBytes) throws {
         precondition(worldSize >= 1 && (0..<worldSize).contains(rank))
         jobTag = UInt64(CRC32C.checksum(Array(job.utf8))) | UInt64(job.utf8.count) << 32
         self.rank = rank
         self.worldSize = worldSize
         context = try ZMQContext()
-        pull = try context.socket(.pull)
+        pull = try context.socket(.pull, maxMessageBytes: maxMessageBytes)
         try pull.setLinger(milliseconds: 0)
         endpoint = try pull.bind("tcp://\(host):*")
     }
@@ -66,7 +71,7 @@ public final class RingCollective: @unchecked Sendable {
         self.epoch = epoch
         sequence = 0
         guard worldSize > 1 else { return }
-        let p = try context.socket(.push)
+        let p = try context.socket(.push, maxMessageBytes: ZMQSocket.sendOnlyMaxMessageBytes)  // sends only
         try p.setLinger(milliseconds: 0)
         try p.setSendHighWaterMark(16)
         try p.connect(peers[(rank + 1) % worldSize])

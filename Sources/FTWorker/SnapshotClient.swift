@@ -286,6 +286,10 @@ final class SnapshotEngine: @unchecked Sendable {
     private var peers: [String: ZMQSocket] = [:]
     private let requestTimeoutMilliseconds: Int
     private let chunkBytes: Int
+    /// The largest frame this worker's sockets accept (`ZMQ_MAXMSGSIZE`): an
+    /// SMP envelope, and once registered the largest slice of a replicated
+    /// tensor any rank stores (a slice reply carries one in a single frame).
+    private var maxFrameBytes = SMPMessage.maxFrameBytes(bulkFrameBytes: 0)
 
     private var tensors: [RegisteredTensor] = []
     private var layout: ShardLayout?
@@ -321,9 +325,15 @@ final class SnapshotEngine: @unchecked Sendable {
         self.chunkBytes = chunkBytes
         self.requestTimeoutMilliseconds = requestTimeoutMilliseconds
         context = try ZMQContext()
-        socket = try context.socket(.dealer)
+        socket = try context.socket(.dealer, maxMessageBytes: maxFrameBytes)
         try socket.setLinger(milliseconds: 0)
         try socket.connect(identity.smpEndpoint)
+    }
+
+    /// The largest slice of a replicated tensor that any rank of `dpSize` stores:
+    /// ceil(elements / dpSize) elements (slices are cut on element boundaries).
+    static func largestSlice(_ specs: [TensorSpec], dpSize: Int) -> Int {
+        specs.filter(\.replicated).map { ($0.elementCount + dpSize - 1) / dpSize * $0.dtype.size }.max() ?? 0
     }
 
     deinit {
@@ -368,6 +378,11 @@ final class SnapshotEngine: @unchecked Sendable {
         }
         self.tensors = tensors
         self.layout = layout
+        // Slice replies carry a whole slice in one frame: admit the largest one from now on.
+        maxFrameBytes = SMPMessage.maxFrameBytes(bulkFrameBytes: Self.largestSlice(registration.specs, dpSize: identity.dpSize))
+        rpcLock.lock()
+        resetLocalSocket()
+        rpcLock.unlock()
         condition.lock()
         _stats.lastCommittedStep = committed
         condition.unlock()
@@ -750,7 +765,7 @@ final class SnapshotEngine: @unchecked Sendable {
                 } else if let existing = peers[f.endpoint] {
                     socket = existing
                 } else {
-                    socket = try context.socket(.dealer)
+                    socket = try context.socket(.dealer, maxMessageBytes: maxFrameBytes)
                     try socket.setLinger(milliseconds: 0)
                     try socket.connect(f.endpoint)
                     peers[f.endpoint] = socket
@@ -844,7 +859,7 @@ final class SnapshotEngine: @unchecked Sendable {
     /// one can never be taken for the answer to a later request.
     private func resetLocalSocket() {
         socket.close()
-        if let fresh = try? context.socket(.dealer) {
+        if let fresh = try? context.socket(.dealer, maxMessageBytes: maxFrameBytes) {
             try? fresh.setLinger(milliseconds: 0)
             try? fresh.connect(identity.smpEndpoint)
             socket = fresh

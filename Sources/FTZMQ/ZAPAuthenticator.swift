@@ -24,7 +24,7 @@ public final class ZAPAuthenticator: @unchecked Sendable {
         for key in allowedClientKeys { try CurveKeyPair.validate(key, what: "allowed client key") }
         allowed = Set(allowedClientKeys)
         self.onDenied = onDenied
-        socket = try context.socket(.rep)
+        socket = try context.socket(.rep, maxMessageBytes: nil)  // inproc (ZAP)
         try socket.setLinger(milliseconds: 0)
         try socket.bind(Self.endpoint)
         let thread = Thread { [self] in self.serve() }

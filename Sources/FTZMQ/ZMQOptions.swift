@@ -21,6 +21,23 @@ extension ZMQSocket {
         return Int(v)
     }
 
+    /// The largest frame accepted from a peer (`ZMQ_MAXMSGSIZE`, bytes; -1:
+    /// no bound). A peer that announces a larger frame is disconnected
+    /// before anything is allocated for it. Applies to connections made
+    /// after it is set: set it before bind or connect.
+    public func setMaxMessageSize(_ bytes: Int) throws(ZMQError) {
+        var v = Int64(bytes)
+        try zmqCall("setsockopt ZMQ_MAXMSGSIZE=\(bytes)") { zmq_setsockopt(raw, ZMQ_MAXMSGSIZE, &v, MemoryLayout<Int64>.size) }
+    }
+
+    /// The bound set by `setMaxMessageSize` (-1: none).
+    public func maxMessageSize() throws(ZMQError) -> Int {
+        var v: Int64 = 0
+        var len = MemoryLayout<Int64>.size
+        try zmqCall("getsockopt ZMQ_MAXMSGSIZE") { zmq_getsockopt(raw, ZMQ_MAXMSGSIZE, &v, &len) }
+        return Int(v)
+    }
+
     /// How long `close` waits to flush unsent messages (0: drop them; -1: forever).
     public func setLinger(milliseconds: Int) throws(ZMQError) { try setInt(ZMQ_LINGER, milliseconds, "ZMQ_LINGER") }
 

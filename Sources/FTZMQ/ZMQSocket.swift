@@ -21,10 +21,17 @@ public final class ZMQContext: @unchecked Sendable {
         while zmq_ctx_term(handle) == -1 && ft_zmq_errno() == EINTR {}
     }
 
-    /// A new socket of `type` in this context.
-    public func socket(_ type: ZMQSocketType) throws(ZMQError) -> ZMQSocket {
+    /// A new socket of `type` in this context. `maxMessageBytes` is the
+    /// largest frame it accepts from a peer (`ZMQ_MAXMSGSIZE`): libzmq drops
+    /// the connection of a peer that announces a larger one, before
+    /// allocating it. Every caller says what its socket legitimately
+    /// carries; nil (no bound) only for `inproc://` sockets, whose peers are
+    /// this process.
+    public func socket(_ type: ZMQSocketType, maxMessageBytes: Int?) throws(ZMQError) -> ZMQSocket {
         guard let s = zmq_socket(handle, type.rawValue) else { throw ZMQError.last("zmq_socket \(type)") }
-        return ZMQSocket(handle: s, type: type, context: self)
+        let socket = ZMQSocket(handle: s, type: type, context: self)
+        if let maxMessageBytes { try socket.setMaxMessageSize(maxMessageBytes) }
+        return socket
     }
 
     /// Whether libzmq was built with a capability (`"curve"`, `"ipc"`, ...).
@@ -78,6 +85,9 @@ public enum ZMQSocketType: Sendable, CustomStringConvertible {
 public final class ZMQSocket: @unchecked Sendable {
     private var handle: UnsafeMutableRawPointer?
     public let type: ZMQSocketType
+    /// `ZMQ_MAXMSGSIZE` for a socket that only sends (PUSH) or is never
+    /// read: room for ZMTP's own commands (READY, PING, CURVE's), nothing more.
+    public static let sendOnlyMaxMessageBytes = 64 << 10
     // Keeps the context alive while the socket is open.
     private let context: ZMQContext
 
@@ -221,7 +231,7 @@ public final class ZMQSocket: @unchecked Sendable {
     public func monitor(events: ZMQSocketEvent.Kind = .all) throws(ZMQError) -> ZMQSocket {
         let endpoint = "inproc://ft-monitor-\(UInt(bitPattern: raw))-\(UInt64.random(in: 0...UInt64.max))"
         try zmqCall("zmq_socket_monitor \(endpoint)") { zmq_socket_monitor(raw, endpoint, events.rawValue) }
-        let pair = try context.socket(.pair)
+        let pair = try context.socket(.pair, maxMessageBytes: nil)  // inproc
         try pair.connect(endpoint)
         return pair
     }

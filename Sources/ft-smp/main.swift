@@ -67,6 +67,9 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Milliseconds the event loop may go without turning before heartbeats stop (a hung SMP is then replaced).")
     var hangMs: Int = 10_000
 
+    @Option(help: "Most shared memory (bytes) this SMP allocates for its workers' slots; a registration past it is refused (default: 90% of /dev/shm's free space at start).")
+    var memoryLimit: Int?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -86,6 +89,7 @@ struct FTSMPCommand: ParsableCommand {
         if keys != nil && coordinator == nil { throw ValidationError("--keys is for the coordinator link; give --coordinator too") }
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
         guard hangMs > timeoutMs else { throw ValidationError("--hang-ms must exceed --timeout-ms") }
+        if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
     }
 
     func run() throws {
@@ -124,6 +128,7 @@ struct FTSMPCommand: ParsableCommand {
         config.heartbeatInterval = Double(heartbeatMs) / 1000
         config.heartbeatTimeout = Double(timeoutMs) / 1000
         config.hangBound = Double(hangMs) / 1000
+        config.memoryLimit = memoryLimit
         let code: Int32
         do {
             let server = try SMPServer(config: config, logger: logger, watchSignals: true)

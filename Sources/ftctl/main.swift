@@ -64,7 +64,7 @@ struct Status: ParsableCommand {
         let jobKeys = try keyDir.map { try JobKeys.load(from: $0) }
         let context = try ZMQContext()
         repeat {
-            let socket = try context.socket(.dealer)
+            let socket = try context.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
             try socket.setLinger(milliseconds: 0)
             if let jobKeys { try socket.makeCurveClient(serverKey: jobKeys.serverPublicKey, keys: jobKeys.member) }
             try socket.connect(target)

@@ -116,7 +116,7 @@ struct RecoveryIntegrationTests {
         let keys = try JobKeys.load(from: job.dir + "/keys")
         let ctx = try ZMQContext()
         // An authenticated client sending garbage, truncated and oversized frames.
-        let bad = try ctx.socket(.dealer)
+        let bad = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
         defer { bad.close() }
         try bad.setLinger(milliseconds: 0)
         try bad.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member)
@@ -131,7 +131,7 @@ struct RecoveryIntegrationTests {
         }
         try bad.send([[1, 2], [3, 4]])  // two frames
         // A client with a key the job does not know: its handshake is refused.
-        let stranger = try ctx.socket(.dealer)
+        let stranger = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
         defer { stranger.close() }
         try stranger.setLinger(milliseconds: 0)
         try stranger.makeCurveClient(serverKey: keys.serverPublicKey, keys: try CurveKeyPair.generate())

@@ -194,6 +194,8 @@ struct ControlSimulation {
             case .log(let line):
                 log.append(stamp(now) + " " + line)
                 if line.contains("nothing left to wait for") { violations.append("a recovery phase waited on an empty set: \(line)") }
+            case .refused(let sender, let error):
+                violations.append("the coordinator refused a legitimate message from \(sender): \(error)")
             case .send(let to, let m):
                 checkOutgoing(to: to, m)
                 send(from: "coordinator", to: to, m, epoch: coordinator.epoch)

@@ -149,7 +149,7 @@ struct SnapshotPathTests {
         let smp = try InProcessSMP(tag: "bad")
         defer { smp.stop() }
         let ctx = try ZMQContext()
-        let raw = try ctx.socket(.dealer)
+        let raw = try ctx.socket(.dealer, maxMessageBytes: WireEnvelope.maxFrameBytes)
         defer { raw.close() }
         try raw.setLinger(milliseconds: 0)
         try raw.connect(smp.server.boundEndpoint)

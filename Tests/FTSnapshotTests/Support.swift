@@ -40,14 +40,14 @@ final class InProcessSMP: @unchecked Sendable {
     let jobID: String
     private let done = DispatchSemaphore(value: 0)
 
-    init(tag: String) throws {
+    init(tag: String, memoryLimit: Int? = nil) throws {
         directory = makeRunDirectory(tag)
         jobID = uniqueJobID(tag)
         var logger = Logger(label: "test-smp")
         logger.logLevel = .warning
-        server = try SMPServer(config: SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: directory, workerCount: 0,
-                                                        workerCommand: []),
-                               logger: logger, watchSignals: false)
+        var config = SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: directory, workerCount: 0, workerCommand: [])
+        config.memoryLimit = memoryLimit
+        server = try SMPServer(config: config, logger: logger, watchSignals: false)
         let thread = Thread { [server, done] in
             do { try server.run() } catch { print("in-process SMP failed: \(error)") }
             done.signal()

@@ -25,7 +25,7 @@ func removeTree(_ path: String) {
 
 /// A socket that drops unsent messages on close, so a test never waits on one.
 func lingerless(_ ctx: ZMQContext, _ type: ZMQSocketType) throws -> ZMQSocket {
-    let socket = try ctx.socket(type)
+    let socket = try ctx.socket(type, maxMessageBytes: 64 << 20)
     try socket.setLinger(milliseconds: 0)
     return socket
 }
@@ -54,6 +54,26 @@ struct ZMQTests {
         try dealer.setRoutingID(Array("dealer-1".utf8))
         try dealer.connect("inproc://ft-test-roundtrip")
         #expect(try roundTrip(router: router, dealer: dealer, payload: Array("ping".utf8)))
+    }
+
+    @Test("ZMQ_MAXMSGSIZE: a frame over the socket's bound never arrives; frames within it do")
+    func maxMessageSize() throws {
+        let ctx = try ZMQContext()
+        let router = try ctx.socket(.router, maxMessageBytes: 1024)
+        try router.setLinger(milliseconds: 0)
+        defer { router.close() }
+        #expect(try router.maxMessageSize() == 1024)
+        let endpoint = try router.bind("tcp://127.0.0.1:*")
+        let big = try lingerless(ctx, .dealer)
+        let small = try lingerless(ctx, .dealer)
+        defer { big.close(); small.close() }
+        try big.connect(endpoint)
+        try big.send([[UInt8](repeating: 1, count: 4096)])  // the router drops this peer's connection
+        try small.connect(endpoint)
+        try small.send([[UInt8](repeating: 2, count: 1000)])
+        let received = try #require(try router.receive(timeoutMilliseconds: 10_000))
+        #expect(received.count == 2 && received[1] == [UInt8](repeating: 2, count: 1000))
+        #expect(try router.receive(timeoutMilliseconds: 200) == nil)
     }
 
     @Test("ROUTER/DEALER round trip over tcp://127.0.0.1 on a free port")

@@ -1,0 +1,95 @@
+import FTCore
+import FTSMP
+import FTToy
+import FTWorker
+import FTZMQ
+import Foundation
+import Testing
+
+/// Crafted messages against a real SMP (issue 13): each is refused with a
+/// typed error reply and the SMP keeps serving.
+@Suite("Hostile input to an SMP", .serialized)
+struct HostileInputTests {
+    /// A raw DEALER to the SMP that sends one frame and returns the decoded reply.
+    final class Raw {
+        let ctx: ZMQContext
+        let socket: ZMQSocket
+        init(_ endpoint: String) throws {
+            ctx = try ZMQContext()
+            socket = try ctx.socket(.dealer, maxMessageBytes: WireEnvelope.maxFrameBytes)
+            try socket.setLinger(milliseconds: 0)
+            try socket.connect(endpoint)
+        }
+        deinit { socket.close() }
+
+        func ask(_ frame: [UInt8]) throws -> SMPMessage {
+            try socket.send([frame])
+            let reply = try #require(try socket.receive(timeoutMilliseconds: 10_000), "the SMP did not answer")
+            return try SMPMessage.decode(reply[0]).0
+        }
+
+        /// Whether `m` is a `registered` reply.
+        static func isRegistered(_ m: SMPMessage) -> Bool { if case .registered = m { true } else { false } }
+
+        /// The error reply's code and message (nil: not an error).
+        func refusal(_ m: SMPMessage, from sender: String = "w0") throws -> (code: String, message: String)? {
+            guard case .error(let code, let message) = try ask(m.envelope(sender: sender).encoded()) else { return nil }
+            return (code, message)
+        }
+    }
+
+    @Test("an enormous shape, a huge dpSize, an ecFetch near Int64.max and negative values are refused; the SMP answers after")
+    func craftedOverflows() throws {
+        let smp = try InProcessSMP(tag: "ovf")
+        defer { smp.stop() }
+        let raw = try Raw(smp.server.boundEndpoint)
+        let huge = WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 1,
+                                      specs: [TensorSpec(name: "t", dtype: .f64, shape: [1 << 61], role: .param, replicated: false)])
+        let r1 = try #require(try raw.refusal(.register(huge)))
+        #expect(r1.code == "malformed" && r1.message.contains("out_of_range"), "\(r1)")
+        let wide = WorkerRegistration(workerID: "w0", dpRank: Int.max - 1, dpSize: Int.max,
+                                      specs: [TensorSpec(name: "t", dtype: .f32, shape: [1 << 20], role: .param, replicated: true)])
+        let r2 = try #require(try raw.refusal(.register(wide)))
+        #expect(r2.code == "malformed" && r2.message.contains("out_of_range"), "\(r2)")
+        let fetch = try #require(try raw.refusal(.ecFetch(step: 1, row: 0, index: 0, offset: Int(Int64.max) - 10, length: 100), from: "n9"))
+        #expect(fetch.code == "malformed" && fetch.message.contains("out_of_range"), "\(fetch)")
+        let chunk = try #require(try raw.refusal(.ecChunk(step: Int.max, row: 0, dataIndex: 0, offset: 0, length: 8, crc: 0), from: "n9"))
+        #expect(chunk.code == "malformed", "\(chunk)")
+        let negative = try #require(try raw.refusal(.begin(step: -3)))
+        #expect(negative.code == "malformed" && negative.message.contains("bad_value"), "\(negative)")
+        #expect(smp.server.malformedFrames == 5)
+
+        // Still serving: a status request, then a real registration and a snapshot round.
+        let status = try raw.ask(SMPMessage.status.envelope(sender: "ops").encoded())
+        let json = try #require({ if case .statusReply(let text) = status { text } else { nil } }(), "\(status)")
+        #expect(json.contains("\"malformed_frames\":5"), "\(json)")
+        let client = try SnapshotClient(identity: smp.identity("w1"))
+        try register(client, ToyModel(elements: 1000, dpRank: 0))
+        #expect(try client.restore() == nil)
+    }
+
+    @Test("a registration past --memory-limit is refused with memory_limit, naming the bytes; smaller ones still fit")
+    func memoryLimit() throws {
+        let smp = try InProcessSMP(tag: "mem", memoryLimit: 1 << 20)
+        defer { smp.stop() }
+        #expect(smp.server.memoryLimit == 1 << 20)
+        let raw = try Raw(smp.server.boundEndpoint)
+        func registration(_ worker: String, rank: Int, bytes: Int) -> WorkerRegistration {
+            WorkerRegistration(workerID: worker, dpRank: rank, dpSize: 4, chunkBytes: 4096,
+                               specs: [TensorSpec(name: "t", dtype: .u8, shape: [bytes], role: .param, replicated: false)])
+        }
+        // 2 slots of 600 KB: past a 1 MiB budget.
+        let big = try #require(try raw.refusal(.register(registration("w0", rank: 0, bytes: 600_000))))
+        #expect(big.code == StoreError.Code.memoryLimit.rawValue, "\(big)")
+        #expect(big.message.contains("1200000 bytes") && big.message.contains("1048576"), "\(big.message)")
+        #expect(segments(ofJob: smp.jobID).isEmpty)
+        // 2 slots of 300 KB fit; then 448,576 bytes are left: a second such worker does not fit.
+        #expect(Raw.isRegistered(try raw.ask(SMPMessage.register(registration("w1", rank: 1, bytes: 300_000)).envelope(sender: "w1").encoded())))
+        let second = try #require(try raw.refusal(.register(registration("w2", rank: 2, bytes: 300_000)), from: "w2"))
+        #expect(second.code == StoreError.Code.memoryLimit.rawValue, "\(second)")
+        #expect(segments(ofJob: smp.jobID).count == 2)
+        // The refused worker is not half-registered: a smaller registration under its id works.
+        #expect(Raw.isRegistered(try raw.ask(SMPMessage.register(registration("w2", rank: 2, bytes: 100_000)).envelope(sender: "w2").encoded())))
+        #expect(segments(ofJob: smp.jobID).count == 4)
+    }
+}
