@@ -163,9 +163,13 @@ final class ErasureState {
         return b
     }
 
-    /// Steps parity is held for at once: the current round and the next one
-    /// (a commit drops older steps; a holder never sees a third legitimate one).
-    static let maxParitySteps = 2
+    /// Steps parity is held for at once: the committed step's (what a rebuild
+    /// decodes from), the round in flight, and the next one, whose chunks can
+    /// come from a peer that saw the commit before this node did (this node
+    /// processes its peers' frames before the coordinator's commit in a loop
+    /// turn). A fourth cannot come: the round after next needs this node's
+    /// own `protected` of the next, so it processed that commit first.
+    static let maxParitySteps = 3
 
     /// Whether a peer's chunk for `step` may allocate parity (`ParitySteps`):
     /// returns the step whose parity was dropped to make room, if any.
@@ -588,9 +592,11 @@ extension SMPServer {
                 case .ecAck(let step, let row, let index, let error):
                     guard error.isEmpty else {
                         logger.warning("\(node) refused chunk \(row)/\(index) of step \(step): \(error)")
-                        if error == ErasureState.noLayout, ec.outgoing?.step == step {
-                            // It has not got the layout yet: send the round again shortly
-                            // (holders ignore the frames they already folded).
+                        if error == ErasureState.noLayout || error.hasPrefix(StoreError.Code.unexpectedRound.rawValue),
+                           ec.outgoing?.step == step {
+                            // It has not got the layout yet, or not yet dropped an old step's
+                            // parity: send the round again shortly (holders ignore the frames
+                            // they already folded).
                             ec.resendAt = monotonicSeconds() + 0.1
                         }
                         continue
