@@ -61,7 +61,7 @@ public struct CoordinatorSettings: Sendable {
 
 /// The coordinator's brain as a value type: membership, epochs and fencing,
 /// failure detection, the global snapshot commit, and recovery orchestration
-/// (DESIGN.md, "Failure detection", "Recovery"). It takes messages and `now`
+/// (ARCHITECTURE.md, "Failure detection", "Recovery"). It takes messages and `now`
 /// and returns directives (messages to send, lines to log); the
 /// `ft-coordinator` shell does the sockets and the clock.
 ///

@@ -74,7 +74,7 @@ struct NodeImage {
     }
 }
 
-/// Erasure-coding state of one SMP (DESIGN.md, "Erasure coding across nodes"):
+/// Erasure-coding state of one SMP (ARCHITECTURE.md, "Erasure coding across nodes"):
 /// parity it holds for other nodes (by step), and the round it is protecting.
 final class ErasureState {
     var layout: ECLayout
@@ -110,7 +110,7 @@ final class ErasureState {
         var index: Int
     }
 
-    /// Bytes per frame of a bulk transfer (DESIGN.md: 1-4 MiB). `FT_EC_FRAME_BYTES`
+    /// Bytes per frame of a bulk transfer (ARCHITECTURE.md: 1-4 MiB). `FT_EC_FRAME_BYTES`
     /// overrides it (4 KiB...64 MiB), so tests can spread a small image over many frames.
     static let frameBytes: Int = {
         guard let v = ProcessInfo.processInfo.environment["FT_EC_FRAME_BYTES"].flatMap(Int.init) else { return 4 << 20 }
@@ -227,7 +227,7 @@ enum ZeroCopyFrames {
     }
 }
 
-/// A replacement node's rebuild from its group (DESIGN.md, "Recovery", step 3),
+/// A replacement node's rebuild from its group (ARCHITECTURE.md, "Recovery", step 3),
 /// driven by the SMP's event loop so heartbeats and the coordinator's messages
 /// keep flowing while frames are in flight.
 ///

@@ -29,7 +29,7 @@ public protocol Trainable: AnyObject {
     func report(step s: Int) -> String?
 }
 
-/// The training loop of a worker under a coordinator (DESIGN.md, "Recovery"):
+/// The training loop of a worker under a coordinator (ARCHITECTURE.md, "Recovery"):
 /// restore and resume when told; every step compute, agree with the other
 /// ranks whether to snapshot, wait for the copy only if the update needs it,
 /// update, snapshot; on a pause abandon the step at once and wait.
