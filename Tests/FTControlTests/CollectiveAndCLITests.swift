@@ -101,7 +101,7 @@ struct FtctlTests {
         let o = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any])
         let top: [String: String] = ["schema": "n", "job": "s", "state": "s", "epoch": "n", "committed_step": "n",
                                      "committed_age_ms": "n", "snapshot_interval": "n", "uptime_s": "n", "nodes": "a",
-                                     "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n",
+                                     "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n", "refused_messages": "n",
                                      "malformed_frames": "n", "unauthenticated": "n", "skipped_snapshots": "n",
                                      "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o"]
         #expect(Set(o.keys) == Set(top.keys))
