@@ -141,7 +141,8 @@ public final class SMPServer: @unchecked Sendable {
     var sharedMemoryBytes: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
     /// Requests refused because they did not fit the layout or a bound (`out_of_range`, `memory_limit`, …).
     public private(set) var refusedRequests = 0
-    /// EC chunk frames and fetches from peers refused (outside the layout, or for a round not expected).
+    /// EC fetches from peers refused (outside the layout); refused chunk frames
+    /// are counted by the round core (`ECRoundInstance.refusedFrames`).
     var refusedChunks = 0
     /// The committed slot each worker's bytes were last checked in (step, slot).
     var verifiedSlots: [String: (step: Int, slot: Int)] = [:]
@@ -785,7 +786,7 @@ public final class SMPServer: @unchecked Sendable {
             workers.append(entry)
         }
         let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
-                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks,
+                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks + (erasure?.round.refusedFrames ?? 0),
                                      "memory_limit": memoryLimit, "shared_memory_bytes": sharedMemoryBytes, "workers": workers]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
