@@ -646,6 +646,9 @@ struct ECSimulation {
             let d = node.round.onChunkFrame(from: msg.from, epoch: msg.epoch, ownEpoch: node.epoch, step: step, row: row, dataIndex: di,
                                             offset: offset, length: length, frameBytes: bytes.count, crcMatches: Self.crc(bytes) == crc,
                                             committedStep: node.committed)
+            if d.contains(where: { if case .ack(_, _, _, _, let e) = $0 { e.hasPrefix("fenced") } else { false } }) {
+                faultCounts["zombie frame refused", default: 0] += 1
+            }
             let fenced = fencedAt["\(msg.from)#\(msg.fromInc)"]
             if fenced != nil, d.contains(where: { if case .fold = $0 { true } else { false } }) {
                 node.taint[step, default: [:]][row] = fenced

@@ -42,9 +42,11 @@ struct ECSimulationTests {
     }
 
     /// Seeds that found bugs, kept as regressions (see `ECCoreTests` for the
-    /// hand-built sequence of each): 58, RS(3+2), a survivor with a flipped
-    /// byte was given up for the whole rebuild.
-    @Test("seeds that once found a bug keep every invariant and commit again", arguments: [58 as UInt64])
+    /// hand-built sequence of each): 10, a zombie's chunk frames were folded
+    /// into parity its holders kept (without the epoch fence on `ecChunk`);
+    /// 58, RS(3+2), a survivor with a flipped byte was given up for the whole
+    /// rebuild.
+    @Test("seeds that once found a bug keep every invariant and commit again", arguments: [10, 58] as [UInt64])
     func foundSeeds(seed: UInt64) {
         var sim = ECSimulation(seed: seed)
         sim.run(until: 14)
