@@ -144,9 +144,9 @@ struct ECSimulation {
     var dupRate: Double
     var corruptRate: Double
     var faultCounts: [String: Int] = [:]
-    /// A crash while some node's committed image held a flipped byte: with
-    /// m = 1 that is two erasures in a row, which memory cannot recover.
-    var doubleFault = false
+    /// A crash or pause while flipped bytes at rest left some row with more
+    /// than m erasures: memory cannot recover that (the job would stop).
+    var beyondM = false
 
     var violations: [String] = []
     var log: [String] = []
@@ -316,12 +316,24 @@ struct ECSimulation {
 
     var allUp: Bool { dead.isEmpty && recovery == nil && nodes.values.allSatisfy { $0.pausedUntil == nil } && restorePending.isEmpty }
 
-    /// A flipped byte not yet repaired and a node lost (or paused long enough
-    /// to be replaced): two erasures in a row, more than m = 1 can recover.
-    mutating func noteDoubleFault() {
-        if names.contains(where: { x in nodes[x]!.committed.flatMap { c in nodes[x]!.images[c].map { !badBlocks($0, name: x).isEmpty } } ?? false }) {
-            doubleFault = true
-            note("double fault: a corrupt image and a lost node")
+    /// Flipped bytes not yet repaired and a node lost (or paused long enough
+    /// to be replaced): a row with more than m erasures cannot be recovered.
+    mutating func noteBeyondM(lost: String) {
+        for row in 0..<n {
+            var erasures = 0
+            for (p, x) in names.enumerated() {
+                if x == lost { erasures += 1; continue }
+                guard placement.codewordIndex(of: p, row: row) < k, let c = nodes[x]!.committed, let img = nodes[x]!.images[c] else { continue }
+                let chunk = placement.dataRows(of: p).firstIndex(of: row)!
+                let range = chunk * chunkBytes..<(chunk + 1) * chunkBytes
+                if badBlocks(img, name: x).contains(where: { range.overlaps(($0.lowerBound + manifestBytes(x))..<($0.upperBound + manifestBytes(x))) }) {
+                    erasures += 1
+                }
+            }
+            if erasures > m {
+                beyondM = true
+                note("beyond m: row \(row) has \(erasures) erasures (flipped bytes at rest and a lost node)")
+            }
         }
     }
 
@@ -329,7 +341,7 @@ struct ECSimulation {
         if allUp, chance(0.004) {
             let name = names[Int(rng.next() % UInt64(n))]
             note("crash \(name)#\(nodes[name]!.inc)")
-            noteDoubleFault()
+            noteBeyondM(lost: name)
             dead[name] = now
             faultCounts["crash", default: 0] += 1
         } else if allUp, chance(0.003) {
@@ -337,7 +349,7 @@ struct ECSimulation {
             let d = 0.2 + Double(rng.next() % 2000) / 1000
             nodes[name]!.pausedUntil = now + d
             note("pause \(name)#\(nodes[name]!.inc) for \(d) s")
-            noteDoubleFault()
+            noteBeyondM(lost: name)
             faultCounts["pause", default: 0] += 1
         }
         if chance(0.003) {
