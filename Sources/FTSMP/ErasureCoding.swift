@@ -424,6 +424,8 @@ extension SMPServer {
             let e = entries[i]
             if let bad = badChunks(worker: e.id, base: segments[e.id]![e.slot].base, crcs: e.entry.crcs, first: true,
                                    within: p.offset..<p.offset + p.count).first {
+                // And it repairs itself from its row (when the step is the committed one).
+                if store.committedStep == step, ec.repairing == nil { _ = try? verifyAndRepair(worker: e.id) }
                 throw StoreError(.corrupt, "\(config.nodeID) holds worker \(e.id)'s \(bad.name) of step \(step) corrupt")
             }
         }
