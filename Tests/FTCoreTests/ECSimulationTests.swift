@@ -11,13 +11,21 @@ struct ECSimulationTests {
         "FT_SIM_FIRST_SEED=\(seed) FT_SIM_SEEDS=1 swift test --filter ECSimulationTests/manySeeds"
     }
 
+    /// Runs a simulation to 14 s (faults stop at 9 s), and on, up to 40 s,
+    /// while it has not committed since: the slowest configurations (8-byte
+    /// frames, a window of one) take several seconds to rebuild a node.
+    static func run(_ sim: inout ECSimulation) {
+        sim.run(until: 14)
+        if sim.lastCommitAt <= sim.faultsUntil && !sim.beyondM { sim.run(until: 40) }
+    }
+
     @Test("hundreds of seeded runs of an EC group with every fault kind keep every invariant and commit again once faults stop")
     func manySeeds() {
         var faults: [String: Int] = [:]
         var commits = 0, recoveries = 0, repairs = 0, beyondMRuns = 0
         for seed in Self.seeds {
             var sim = ECSimulation(seed: seed)
-            sim.run(until: 14)
+            Self.run(&sim)
             let failure = { (what: String) in
                 "seed \(seed) (replay: \(Self.replay(seed))): \(what)\n" + sim.log.suffix(Int(ProcessInfo.processInfo.environment["FT_SIM_LOG_LINES"] ?? "60") ?? 60).joined(separator: "\n")
             }
@@ -49,7 +57,7 @@ struct ECSimulationTests {
     @Test("seeds that once found a bug keep every invariant and commit again", arguments: [10, 58] as [UInt64])
     func foundSeeds(seed: UInt64) {
         var sim = ECSimulation(seed: seed)
-        sim.run(until: 14)
+        Self.run(&sim)
         #expect(sim.violations.isEmpty, "seed \(seed) (replay: \(Self.replay(seed))): \(sim.violations)")
         #expect(sim.lastCommitAt > sim.faultsUntil, "seed \(seed) (replay: \(Self.replay(seed)))")
     }
