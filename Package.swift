@@ -1,6 +1,6 @@
 // swift-tools-version:6.0
 //
-// Three rings (see ../shared/DESIGN.md, "Code layout"), dependencies pointing inward:
+// Three rings (see ARCHITECTURE.md, "Code layout"), dependencies pointing inward:
 //   core      FTCore                         pure value types, wire format; no I/O
 //   adapters  FTErasure, FTZMQ, FTVerbs      the only modules that import a C library
 //             (CISAL, CZMQ, CVerbsShim)      the C libraries themselves

@@ -1,6 +1,6 @@
 import Foundation
 
-/// One `ft-bench` section's result, in the format of DESIGN.md "Benchmarks":
+/// One `ft-bench` section's result, in the format README.md describes under "Benchmarks":
 /// `{"section", "machine", "figures", "ratios"}`. Figures carry their unit in
 /// the name; ratios compare the system with a floor measured in the same run.
 public struct BenchReport: Sendable {

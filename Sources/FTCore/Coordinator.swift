@@ -61,7 +61,7 @@ public struct CoordinatorSettings: Sendable {
 
 /// The coordinator's brain as a value type: membership, epochs and fencing,
 /// failure detection, the global snapshot commit, and recovery orchestration
-/// (DESIGN.md, "Failure detection", "Recovery"). It takes messages and `now`
+/// (ARCHITECTURE.md, "Failure detection", "Recovery"). It takes messages and `now`
 /// and returns directives (messages to send, lines to log); the
 /// `ft-coordinator` shell does the sockets and the clock.
 ///
@@ -420,8 +420,13 @@ public struct CoordinatorInstance: Sendable {
             out.append(.log("this coordinator stalled for \(Int(gap * 1000)) ms (its loop did not run): every member gets a fresh "
                 + "grace period; timeouts are now \(Int(detector.effectiveTimeout * 1000)) ms (local health \(detector.localHealth))"))
         }
+        // Every member found silent in this tick is marked dead before any is acted
+        // upon: the recovery planned for the first must already see the others. (A
+        // worker and its SMP timed out in one tick; the worker's recovery, planned
+        // alone, ordered restores naming the SMP's old data endpoint, and the
+        // server stamped those orders with the epoch of the SMP's failure.)
+        var silent: [(id: String, kind: String, ms: Int)] = []
         for d in t.dead {
-            let ms = Int(d.silentFor * 1000)
             let id = d.id
             if state == .starting {
                 out += lostWhileStarting(id)
@@ -434,12 +439,15 @@ public struct CoordinatorInstance: Sendable {
                     workers[key]?.state = .dead
                     detector.forget(key)
                 }
-                out += failure(what: id, kind: "smp", detectedBy: "heartbeat timeout (silent \(ms) ms)", now: now)
+                silent.append((id, "smp", Int(d.silentFor * 1000)))
             } else if workers[id] != nil {
                 workers[id]?.state = .dead
                 workers[id]?.ready = false
-                out += failure(what: id, kind: "worker", detectedBy: "heartbeat timeout (silent \(ms) ms)", now: now)
+                silent.append((id, "worker", Int(d.silentFor * 1000)))
             }
+        }
+        for f in silent {
+            out += failure(what: f.id, kind: f.kind, detectedBy: "heartbeat timeout (silent \(f.ms) ms)", now: now)
             if state == .failed { return out }
         }
         if state == .starting, takesOverRunningJob, let since = startingSince, now - since > settings.startGrace {

@@ -1,4 +1,4 @@
-/// Heartbeat failure detection as a value type (DESIGN.md, "Failure
+/// Heartbeat failure detection as a value type (ARCHITECTURE.md, "Failure
 /// detection"): members are heard from, time passes, and `tick(now:)` says who
 /// died. No clock reads: `now` is seconds on any monotonic clock.
 ///

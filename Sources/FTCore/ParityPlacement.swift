@@ -1,4 +1,4 @@
-/// Where the Reed-Solomon chunks of one EC group live (DESIGN.md, "Erasure
+/// Where the Reed-Solomon chunks of one EC group live (ARCHITECTURE.md, "Erasure
 /// coding across nodes"). A pure description, the same on every node.
 ///
 /// A group has `n = k + m` nodes (positions `0..<n`) and `n` rows. In row `r`

@@ -1,4 +1,4 @@
-/// The step-progress watchdog (DESIGN.md, "Failure detection": a hang is a
+/// The step-progress watchdog (ARCHITECTURE.md, "Failure detection": a hang is a
 /// failure). A worker can be alive, its heartbeats flowing, while its training
 /// is stuck: a deadlocked collective, a stuck kernel. This value type learns
 /// how long the job's steps take and says when steps stopped completing for

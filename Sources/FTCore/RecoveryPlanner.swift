@@ -1,5 +1,5 @@
 /// The recovery planner: a pure function from what was lost to what to do
-/// (DESIGN.md, "Recovery", step 2). "Nothing can be done" is a value with its
+/// (ARCHITECTURE.md, "Recovery", step 2). "Nothing can be done" is a value with its
 /// reason, never an exception deep inside the orchestrator.
 public enum RecoveryPlanner {
     public struct Input: Sendable, Equatable {

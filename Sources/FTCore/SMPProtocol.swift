@@ -33,7 +33,7 @@ public enum SMPMessage: Sendable, Equatable {
     /// Whether a snapshot round is pending (staged, not committed) on the node.
     case roundQuery
     case roundReply(committedStep: Int?, pending: Bool)
-    // SMP to SMP (erasure coding, DESIGN.md "Planes"): bulk bytes travel in
+    // SMP to SMP (erasure coding, ARCHITECTURE.md "Planes"): bulk bytes travel in
     // frames of at most `frameBytes` (1-4 MiB by default), each with its own
     // CRC32C, as extra ZeroMQ frames after the envelope (sent zero-copy from
     // slot or parity memory). A frame is folded or decoded as soon as it arrives.

@@ -1,5 +1,5 @@
 /// The project's binary wire format: one envelope for every control-plane
-/// message (DESIGN.md, "Planes").
+/// message (ARCHITECTURE.md, "Planes").
 ///
 ///     offset  size  field
 ///     0       4     magic "FTW\0"

@@ -99,7 +99,7 @@ public final class ChaosRunner: @unchecked Sendable {
     /// What the soak draws from: every fault kind that keeps the job recoverable.
     static let soakKinds = ["kill-worker", "kill-smp", "kill-node", "kill-coordinator", "sigstop-node", "coordinator-pause",
                             "hung-worker", "kill-all-workers", "kill-coordinator-during-recovery", "kill-replacement-during-rebuild",
-                            "second-fault-during-recovery"]
+                            "second-fault-during-recovery", "stuck-worker", "kill-worker-mid-copy"]
 
     public let options: Options
     private var goldens: [Shape: [String]] = [:]

@@ -5,10 +5,11 @@ import Foundation
 extension ChaosRunner {
     /// Injects faults at exponential intervals (mean `mtbf` seconds) for
     /// `duration` seconds of a long job, one at a time (the next after the job
-    /// runs again), drawn from every fault kind (`soakKinds`), plus a worker
-    /// that hangs with its heartbeats alive and one that dies mid-copy at
-    /// random moments of their own; then lets the job finish and checks it
-    /// like a scenario.
+    /// runs again), drawn from every fault kind (`soakKinds`, which include a
+    /// worker that hangs with its heartbeats alive and one that dies halfway
+    /// through a snapshot's copy: the harness drops a trigger file that the
+    /// chosen rank acts on at its next step, `FT_FAULT_TRIGGER_DIR`); then
+    /// lets the job finish and checks it like a scenario.
     public func soak(duration: Double, mtbf: Double, seed: UInt64) -> Result {
         var result = Result(name: "soak", seed: seed)
         let started = monotonicSeconds()
@@ -33,13 +34,12 @@ extension ChaosRunner {
         let shape = jobShape(for: "kill-node", steps: steps)
         options.progress("soak: \(steps) steps (~\(String(format: "%.1f", perStep * 1000)) ms/step uninterrupted), faults at a mean of every \(mtbf) s for \(duration) s")
         let expected = try golden(shape)
-        // Two self-inflicted faults at random steps of the first half: a hang and a death mid-copy.
-        let workers = shape.nodes * shape.workersPerNode
-        let hangStep = Int.random(in: steps / 10...steps / 2, using: &rng)
-        let midCopyStep = Int.random(in: steps / 10...steps / 2, using: &rng)
-        let environment = ["FT_FAULT_HANG_STEP": "\(hangStep)", "FT_FAULT_KILL_MID_COPY_STEP": "\(midCopyStep)",
-                           "FT_FAULT_RANK": "\(Int.random(in: 0..<workers, using: &rng))"]
-        var opts = LocalJob.Options(binaries: options.binaries, runDirectory: options.workDirectory + "/soak-\(seed)", jobID: "soak\(getpid())")
+        // Faults a worker injects itself (a hang, a death mid-copy) come from trigger files.
+        let runDirectory = options.workDirectory + "/soak-\(seed)"
+        let triggers = runDirectory + "/fault-triggers"
+        try FileManager.default.createDirectory(atPath: triggers, withIntermediateDirectories: true)
+        let environment = ["FT_FAULT_TRIGGER_DIR": triggers]
+        var opts = LocalJob.Options(binaries: options.binaries, runDirectory: runDirectory, jobID: "soak\(getpid())")
         opts.nodes = shape.nodes
         opts.workersPerNode = shape.workersPerNode
         opts.erasure = (shape.k, shape.m)
@@ -52,10 +52,10 @@ extension ChaosRunner {
         var keep = true
         defer { job.stop(removeFiles: !keep) }
         guard watch.until(seconds: 300, { watch.state == "running" }) else { throw ChaosError("the soak job did not start") }
-        var counts: [String: Int] = ["stuck-worker (self-inflicted)": 0]
+        var counts: [String: Int] = [:]
         var injections: [Double] = []
         var stopped: [Int32] = []  // processes the faults themselves stopped
-        var notes = ["rank \(environment["FT_FAULT_RANK"]!) set to die mid-copy at step \(midCopyStep) and to hang at step \(hangStep)"]
+        var notes: [String] = []
         let soakEnd = monotonicSeconds() + duration
         while monotonicSeconds() < soakEnd {
             // Exponential wait, from the moment the job runs again.
@@ -71,6 +71,11 @@ extension ChaosRunner {
             options.progress("soak: \(Int(monotonicSeconds() - (soakEnd - duration))) s: \(kind) n\(n)/w\(w) (furthest step \(watch.furthestStep)/\(steps))")
             let injected = monotonicSeconds()
             injections.append(injected)
+            if kind == "stuck-worker" || kind == "kill-worker-mid-copy" {
+                let rank = n * shape.workersPerNode + w
+                let file = triggers + (kind == "stuck-worker" ? "/hang-rank-\(rank)" : "/kill-mid-copy-rank-\(rank)")
+                guard FileManager.default.createFile(atPath: file, contents: nil) else { throw ChaosError("cannot create \(file)") }
+            }
             stopped += try inject(kind, job: job, watch: watch, shape: shape, node: n, worker: w, rng: &rng, notes: &notes).flatMap(\.stopped)
             watch.supervisor.killDeclaredDead = true
             counts[kind, default: 0] += 1
@@ -92,10 +97,8 @@ extension ChaosRunner {
         let resumed = watch.resumed
         result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
         result.restoredSteps = resumed.map { jsonInt($0["restored_step"]) }
-        for f in watch.failures.values {
-            let by = f["detected_by"] as? String ?? ""
-            if by.contains("watchdog") { counts["stuck-worker (self-inflicted)"]! += 1 }
-        }
+        let hangsCaught = watch.failures.values.filter { ($0["detected_by"] as? String ?? "").contains("watchdog") }.count
+        notes.insert("\(hangsCaught) hangs caught by the watchdog", at: 0)
         let recoveries = resumed.map { (($0["recovery_ms"] as? Double) ?? Double(jsonInt($0["recovery_ms"]))) }
         result.recoveryMs = recoveries.max() ?? -1
         let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0

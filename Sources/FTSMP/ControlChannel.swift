@@ -7,7 +7,7 @@ import Logging
 import Synchronization
 
 /// The SMP's link to the coordinator, on a thread of its own with a ZeroMQ
-/// context of its own (DESIGN.md, "Failure detection": heartbeats never queue
+/// context of its own (ARCHITECTURE.md, "Failure detection": heartbeats never queue
 /// behind bulk work, neither in the event loop nor in the I/O thread that
 /// carries EC frames). The thread runs at a real-time priority where allowed
 /// (`ThreadPriority`) and creates its context, so that libzmq's I/O thread

@@ -74,7 +74,7 @@ public struct SMPError: Error, Sendable, CustomStringConvertible {
     public init(_ description: String) { self.description = description }
 }
 
-/// The snapshot management process of one node (DESIGN.md, "Processes").
+/// The snapshot management process of one node (ARCHITECTURE.md, "Processes").
 ///
 /// A single-threaded event loop over one ZeroMQ ROUTER (workers' requests,
 /// see `SMPMessage`), one pidfd per child worker (its exit is seen at once,

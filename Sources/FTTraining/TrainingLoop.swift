@@ -29,7 +29,7 @@ public protocol Trainable: AnyObject {
     func report(step s: Int) -> String?
 }
 
-/// The training loop of a worker under a coordinator (DESIGN.md, "Recovery"):
+/// The training loop of a worker under a coordinator (ARCHITECTURE.md, "Recovery"):
 /// restore and resume when told; every step compute, agree with the other
 /// ranks whether to snapshot, wait for the copy only if the update needs it,
 /// update, snapshot; on a pause abandon the step at once and wait.
@@ -50,6 +50,13 @@ public struct CoordinatedTrainingLoop {
     public let waitForPreviousRound: Bool
     /// Test fault injection: hang forever in this step (see `hangForever`).
     public var hangAtStep: Int?
+    /// Test fault injection at moments another process picks
+    /// (`FT_FAULT_TRIGGER_DIR`): before each step the loop looks for
+    /// `hang-rank-R` and `kill-mid-copy-rank-R` (R its DP rank) there, removes
+    /// the file (one incarnation acts on it), and hangs in that step or dies
+    /// halfway through the next snapshot's copy. Unlike the step-based faults,
+    /// these fire in whichever incarnation runs when the file appears.
+    public var faultTriggerDirectory: String?
     public let say: (String) -> Void
 
     public init(model: Trainable, client: SnapshotClient, control: WorkerControl, ring: RingCollective, steps: Int,
@@ -133,6 +140,7 @@ public struct CoordinatedTrainingLoop {
                             if control.isPaused { throw Interrupted() }
                             control.setActivity(.computing)
                             if s == hangAtStep { hangForever() }
+                            if let dir = faultTriggerDirectory { checkFaultTriggers(dir, step: s) }
                             try model.computeGradients(step: s, collective: ring, interrupt: control.interruptFD)
                             // Only due steps ask the ranks (every rank knows which steps are due).
                             let due = s - lastSnapshot >= snapshotInterval
@@ -199,6 +207,15 @@ extension CoordinatedTrainingLoop {
         say("carrying on at step=\(model.step)")
     }
 
+    private func checkFaultTriggers(_ dir: String, step: Int) {
+        let rank = client.identity.dpRank
+        if unlink("\(dir)/hang-rank-\(rank)") == 0 { hangForever() }
+        if unlink("\(dir)/kill-mid-copy-rank-\(rank)") == 0 {
+            say("fault injection: dying halfway through the copy of the snapshot of step \(step) or later")
+            client.killMidCopyAtStep = step
+        }
+    }
+
     /// Test fault injection (`FT_FAULT_HANG_STEP`): a step that never ends,
     /// deaf to pauses, while the control thread keeps heartbeating: what a
     /// deadlocked collective or a stuck kernel looks like from outside.
@@ -221,7 +238,9 @@ extension CoordinatedTrainingLoop {
     /// R) makes the first incarnation SIGKILL itself halfway through copying
     /// the first snapshot at or after step S; `FT_FAULT_HANG_STEP=S` (with
     /// `FT_FAULT_RANK`) makes the first incarnation hang in step S, its
-    /// heartbeats alive (a stuck worker for the step-progress watchdog).
+    /// heartbeats alive (a stuck worker for the step-progress watchdog);
+    /// `FT_FAULT_TRIGGER_DIR=DIR` does either whenever a file appears (see
+    /// `faultTriggerDirectory`).
     public static func runUnderCoordinator(model: Trainable, client: SnapshotClient, steps: Int,
                                            environment env: [String: String] = ProcessInfo.processInfo.environment,
                                            say: @escaping (String) -> Void) throws -> Int32 {
@@ -251,6 +270,7 @@ extension CoordinatedTrainingLoop {
                                           snapshotInterval: interval, waitForPreviousRound: env["FT_SNAPSHOT_SKIP_IF_BUSY"] != "1", say: say)
         let faultRank = env["FT_FAULT_RANK"].flatMap(Int.init).map { $0 == identity.dpRank } ?? true
         if identity.restartCount == 0, faultRank, let s = env["FT_FAULT_HANG_STEP"].flatMap(Int.init) { loop.hangAtStep = s }
+        loop.faultTriggerDirectory = env["FT_FAULT_TRIGGER_DIR"]
         switch try loop.run() {
         case .completed: return 0
         case .stopped(_, let failed): return failed ? 1 : 0

@@ -109,7 +109,7 @@ public struct WorkerIdentity: Sendable {
     }
 }
 
-/// The worker side of the snapshot path (DESIGN.md, "Snapshot path").
+/// The worker side of the snapshot path (ARCHITECTURE.md, "Snapshot path").
 ///
 /// `register` once; after each optimizer update call `snapshot(step:)`, which
 /// returns at once: a background thread asks the SMP for the free slot, copies

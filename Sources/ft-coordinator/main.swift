@@ -126,7 +126,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         config.lingerSeconds = Double(lingerMs) / 1000
         // The failure detector's loop must turn on time on a loaded host (it sleeps in poll
         // otherwise); raised before the server makes its context, whose I/O thread inherits it.
-        let priority = ThreadPriority.raiseCurrentThread()
+        let priority = ThreadPriority.raiseCurrentThread(priority: ThreadPriority.eventLoop)
         let logger = Logger(label: "ft-coordinator")
         logger.info("scheduling: \(priority)")
         let server = try CoordinatorServer(config: config, logger: logger, watchSignals: true)

@@ -130,8 +130,8 @@ struct ErasureIntegrationTests {
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
         // Pause the job (kill a worker on another node), then corrupt the committed slot of n2 before it restores.
         kill(job.smps[2].pid, SIGSTOP)
+        // No wait needed: n2 is stopped, so its committed slot stays as it is until SIGCONT.
         if let pid = job.workerPID(node: 0, worker: 0) { kill(pid, SIGKILL) }
-        usleep(100_000)
         var flipped = 0
         for slot in 0..<2 {
             let path = "/dev/shm/ft-\(job.job)-n2-p\(job.smps[2].pid)-w0-s\(slot)"

@@ -99,7 +99,8 @@ struct SnapshotStoreTests {
         var store = SnapshotStoreInstance()
         _ = try store.register(registration("w0"))
         let slot1 = try round(&store, "w0", 1)
-        guard case .write(let slot2) = try store.begin(worker: "w0", step: 2) else { return }
+        let begun = try store.begin(worker: "w0", step: 2)
+        guard case .write(let slot2) = begun else { Issue.record("step 2 not begun as a write: \(begun)"); return }
         #expect(slot2 != slot1)
         store.workerExited("w0")
         #expect(store.workers["w0"]!.slots[slot2] == .empty)
@@ -114,7 +115,8 @@ struct SnapshotStoreTests {
         var store = SnapshotStoreInstance()
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
-        guard case .write(let a) = try store.begin(worker: "w0", step: 1) else { return }
+        let begun = try store.begin(worker: "w0", step: 1)
+        guard case .write(let a) = begun else { Issue.record("step 1 not begun as a write: \(begun)"); return }
         #expect(try store.staged(worker: "w0", step: 1, slot: a, crcs: crcs(store, "w0")) == .waiting)
         guard case .skip(let reason) = try store.begin(worker: "w0", step: 2) else {
             Issue.record("not skipped")

@@ -301,7 +301,7 @@ class TrainingState:
         (n,) = struct.unpack("<Q", view[:8].tobytes())
         if n + 8 > self.meta.numel():
             raise StateError(f"tensor 'meta' holds a length of {n} bytes, beyond its capacity")
-        meta = pickle.loads(view[8:8 + n].tobytes())  # our own SMP's memory, CRC-checked: trusted (DESIGN.md, "Trust")
+        meta = pickle.loads(view[8:8 + n].tobytes())  # our own SMP's memory (mode 0600, same user), CRC-checked: trusted
         if meta.get("format") != META_FORMAT:
             raise StateError(f"tensor 'meta' has format {meta.get('format')}, expected {META_FORMAT}")
         for (kind, arg), buf in self._captured:
