@@ -7,6 +7,9 @@
 public enum WireLimits {
     /// The largest step a message may name (2^53: a step every microsecond for 285 years).
     public static let maxStep = 1 << 53
+    /// The largest epoch an envelope may carry (2^53, as steps): receivers add
+    /// one to the epochs they adopt (a coordinator taking over a job).
+    public static let maxEpoch: UInt64 = 1 << 53
     /// The largest byte count or offset a message may name (64 TiB): a node's
     /// image, a chunk, a slot. Sums over 2^16 nodes stay below 2^62.
     public static let maxBytes = 1 << 46

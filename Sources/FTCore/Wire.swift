@@ -62,6 +62,9 @@ public struct WireEnvelope: Sendable, Equatable {
         }
         type = try r.u16(field: "type")
         epoch = try r.u64(field: "epoch")
+        guard epoch <= WireLimits.maxEpoch else {
+            throw WireError(.outOfRange, "epoch \(epoch) exceeds \(WireLimits.maxEpoch)")
+        }
         let senderLength = Int(try r.u16(field: "sender length"))
         guard senderLength <= Self.maxSenderBytes else {
             throw WireError(.badLength, "sender length \(senderLength) exceeds \(Self.maxSenderBytes)")

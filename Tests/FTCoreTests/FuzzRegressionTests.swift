@@ -19,4 +19,26 @@ struct FuzzRegressionTests {
         let e = WireEnvelope(type: 1, epoch: 2, sender: longest, payload: [1])
         #expect(try WireEnvelope(decoding: e.encoded()) == e)
     }
+
+    /// fuzz/run coordinator (crash-8063e2f6…): a member's envelope carried an
+    /// epoch near UInt64.max; a coordinator taking over adopts the largest
+    /// epoch it hears and adds one, which trapped. Envelopes now carry at most
+    /// `WireLimits.maxEpoch`.
+    @Test("coordinator: an epoch past WireLimits.maxEpoch is refused; the largest allowed survives a takeover")
+    func hugeEpoch() throws {
+        let huge = WireEnvelope(type: 1, epoch: .max, sender: "n0", payload: [])
+        let error = #expect(throws: WireError.self) { try WireEnvelope(decoding: huge.encoded()) }
+        #expect(error?.code == .outOfRange)
+        let largest = WireEnvelope(type: 1, epoch: WireLimits.maxEpoch, sender: "n0", payload: [])
+        #expect(try WireEnvelope(decoding: largest.encoded()) == largest)
+
+        var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "t", nodes: 1, workersPerNode: 1))
+        _ = c.receive(.smpHello(.init(node: "n0", pid: 10, dataEndpoint: "tcp://d", workers: ["w0"], rankOffset: 0, committedStep: 5,
+                                      stagedStep: nil, protectedStep: nil, layoutChunkBytes: 0)),
+                      from: "n0", epoch: WireLimits.maxEpoch, now: 0)
+        _ = c.receive(.workerHello(.init(node: "n0", worker: "w0", rank: 0, worldSize: 1, pid: 11, collectiveEndpoint: "r")),
+                      from: "n0/w0", epoch: WireLimits.maxEpoch, now: 0.01)
+        _ = c.tick(now: 30)
+        #expect(c.epoch > WireLimits.maxEpoch)  // adopted, then raised by the takeover
+    }
 }

@@ -3,7 +3,7 @@ import Testing
 
 @Suite("Wire envelope")
 struct WireTests {
-    let sample = WireEnvelope(type: 7, epoch: 0x0102_0304_0506_0708, sender: "smp-node-3", payload: Array(0..<200).map { UInt8($0) })
+    let sample = WireEnvelope(type: 7, epoch: 0x0001_0304_0506_0708, sender: "smp-node-3", payload: Array(0..<200).map { UInt8($0) })
 
     @Test("round-trips every field")
     func roundTrip() throws {
@@ -19,7 +19,7 @@ struct WireTests {
         #expect(Array(bytes[0..<4]) == [0x46, 0x54, 0x57, 0x00])
         #expect(Array(bytes[4..<6]) == [UInt8(WireEnvelope.version), 0])
         #expect(Array(bytes[6..<8]) == [7, 0])
-        #expect(Array(bytes[8..<16]) == [8, 7, 6, 5, 4, 3, 2, 1])
+        #expect(Array(bytes[8..<16]) == [8, 7, 6, 5, 4, 3, 1, 0])
         #expect(Array(bytes[16..<18]) == [10, 0])
         #expect(bytes.count == 22 + 10 + 200)
     }
