@@ -116,7 +116,7 @@ let package = Package(
         ]),
 
         // MARK: tests
-        .testTarget(name: "FTCoreTests", dependencies: ["FTCore"]),
+        .testTarget(name: "FTCoreTests", dependencies: ["FTCore", "FTErasure"]),
         .testTarget(name: "FTErasureTests", dependencies: ["FTErasure", "FTCore"]),
         .testTarget(name: "FTZMQTests", dependencies: ["FTZMQ"]),
         .testTarget(name: "FTVerbsTests", dependencies: [

@@ -48,11 +48,15 @@ public enum SMPMessage: Sendable, Equatable {
     /// One frame of data chunk `dataIndex` of `row` for `step`: its bytes at
     /// `offset` of the chunk follow (`length` is the whole chunk's byte count;
     /// bytes past it are zeros and never sent); `crc` is the CRC32C of this frame.
+    /// The envelope's epoch is the sender's: a holder in a later epoch refuses
+    /// the frame (`fenced`), so a replaced SMP changes no parity (`ECRoundInstance`).
     case ecChunk(step: Int, row: Int, dataIndex: Int, offset: Int, length: Int, crc: UInt32)
     /// The holder folded every frame of the chunk (error empty), or refused one.
     case ecAck(step: Int, row: Int, dataIndex: Int, error: String)
     /// Bytes `offset..<offset+length` of codeword index `index` of `row` for
-    /// `step` (data or parity), for a repair; `length` at most 64 MiB.
+    /// `step` (data or parity), for a rebuild or a repair (`RebuildInstance`);
+    /// `length` at most 64 MiB. Data bytes that fail their CRC at rest are
+    /// refused (`corrupt`), never served.
     case ecFetch(step: Int, row: Int, index: Int, offset: Int, length: Int)
     /// The answer to `ecFetch`: the bytes follow (CRC32C `crc` over all of
     /// them), or `error` says why there are none.

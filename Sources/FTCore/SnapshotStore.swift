@@ -41,6 +41,9 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         case unexpectedRound = "unexpected_round"
         /// A bounded queue is full (requests held during a rebuild).
         case busy = "busy"
+        /// An erasure-coding frame from an epoch older than the receiver's: its
+        /// sender was replaced (a zombie) and may change nothing anyone keeps.
+        case fenced = "fenced"
         case internalError = "internal"
     }
 

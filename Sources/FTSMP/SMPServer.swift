@@ -141,11 +141,13 @@ public final class SMPServer: @unchecked Sendable {
     var sharedMemoryBytes: Int { segments.values.reduce(0) { $0 + $1.reduce(0) { $0 + $1.count } } }
     /// Requests refused because they did not fit the layout or a bound (`out_of_range`, `memory_limit`, …).
     public private(set) var refusedRequests = 0
-    /// EC chunk frames and fetches from peers refused (outside the layout, or for a round not expected).
+    /// EC fetches from peers refused (outside the layout); refused chunk frames
+    /// are counted by the round core (`ECRoundInstance.refusedFrames`).
     var refusedChunks = 0
     /// The committed slot each worker's bytes were last checked in (step, slot).
     var verifiedSlots: [String: (step: Int, slot: Int)] = [:]
-    private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil }
+    /// Workers' requests wait while this node's memory is rebuilt or repaired.
+    private var rebuildInProgress: Bool { pendingRebuild != nil || erasure?.rebuilding != nil || erasure?.repairing != nil }
     private var stopRequested = false
 
     /// `watchSignals`: take SIGTERM/SIGINT through a signalfd (the `ft-smp`
@@ -233,7 +235,7 @@ public final class SMPServer: @unchecked Sendable {
             if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
             if let channel { items.append(.init(channel.inbox, .readable)) }
             var wait = Int(config.heartbeatInterval * 1000)
-            if let at = erasure?.resendAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
+            if let at = erasure?.wakeAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
             let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
             if ready[1].isReadable {
                 logger.info("smp stopping on request")
@@ -303,7 +305,7 @@ public final class SMPServer: @unchecked Sendable {
     private func applyLayout(_ layout: ECLayout) {
         if let ec = erasure, ec.layout.k == layout.k, ec.layout.m == layout.m, ec.layout.chunkBytes == layout.chunkBytes,
            ec.layout.groups == layout.groups {
-            if ec.layout.endpoints != layout.endpoints { ec.updateEndpoints(layout) }
+            if ec.layout.endpoints != layout.endpoints { updateEndpoints(ec, layout) }
             return
         }
         do {
@@ -365,7 +367,7 @@ public final class SMPServer: @unchecked Sendable {
                     ec.stagedAt = ec.stagedAt.filter { $0.key > step }
                     ec.foldStats = ec.foldStats.filter { $0.key > step }
                 }
-                erasure?.dropParity { $0 < step }
+                if let ec = erasure { runRound(ec, ec.round.commit(step: step)) }
                 if store.allHaveStaged(step) {
                     store.commit(step: step)
                     logger.debug("committed step \(step)")
@@ -375,11 +377,11 @@ public final class SMPServer: @unchecked Sendable {
             case .abort(let step):
                 lastProtected = nil
                 store.abort(step: step)
-                erasure?.dropParity { $0 == step }
+                if let ec = erasure { runRound(ec, ec.round.abort(step: step)) }
                 logger.info("snapshot round \(step) aborted by the coordinator")
             case .restore(let step, _):
                 lastProtected = nil  // any staged round is void now
-                erasure?.dropParity { $0 != step }
+                if let ec = erasure { runRound(ec, ec.round.restore(step: step)) }
                 if !store.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
@@ -417,7 +419,7 @@ public final class SMPServer: @unchecked Sendable {
                 switch message {
                 case .ecChunk, .ecFetch:
                     // A chunk's frames are acked once all are folded: most get no reply.
-                    guard let r = peerRequest(message, frames: frames) else { continue }
+                    guard let r = peerRequest(message, envelope: envelope, frames: frames) else { continue }
                     reply = r
                 default:
                     if rebuildInProgress {
@@ -434,7 +436,11 @@ public final class SMPServer: @unchecked Sendable {
                         heldRequests.append(frames)
                         continue
                     }
-                    reply = handle(message, from: envelope.sender)
+                    guard let r = handle(message, from: envelope.sender) else {
+                        heldRequests.append(frames)  // a repair from parity started: answered once it is over
+                        continue
+                    }
+                    reply = r
                 }
             } catch {
                 malformedFrames += 1
@@ -452,7 +458,8 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: requests
 
-    func handle(_ message: SMPMessage, from sender: String) -> [ZMQFrame] {
+    /// The reply to a worker's request, or nil when it waits for a repair.
+    func handle(_ message: SMPMessage, from sender: String) -> [ZMQFrame]? {
         func reply(_ m: SMPMessage) -> [ZMQFrame] { [.bytes(m.envelope(sender: config.nodeID).encoded())] }
         func refuse(_ e: StoreError) -> [ZMQFrame] {
             switch e.code {
@@ -516,7 +523,7 @@ public final class SMPServer: @unchecked Sendable {
                     store.commit(step: expected)
                 }
                 store.discardUncommitted(worker: sender)  // any round of its in flight is void
-                try verifyAndRepair(worker: sender)
+                guard try verifyAndRepair(worker: sender) else { return nil }
                 let point = try store.restorePoint(worker: sender)
                 if let expected, point?.step != expected {
                     throw StoreError(.nothingCommitted, "node \(config.nodeID) holds step \(point.map { String($0.step) } ?? "none") "
@@ -559,13 +566,13 @@ public final class SMPServer: @unchecked Sendable {
 
     /// The committed bytes of one tensor slice, from a slot checked against
     /// its CRCs (a corrupt chunk is repaired from parity, or named, never served).
-    private func slice(rank: Int, size: Int, tensor: String) throws(StoreError) -> [ZMQFrame] {
+    private func slice(rank: Int, size: Int, tensor: String) throws(StoreError) -> [ZMQFrame]? {
         guard let owner = store.worker(dpRank: rank, dpSize: size) else {
             throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
         }
         let id = owner.registration.workerID
         // Once per committed step: every rank fetches slices of the same slot.
-        try verifyAndRepair(worker: id, unlessVerified: true)
+        guard try verifyAndRepair(worker: id, unlessVerified: true) else { return nil }
         guard let point = try store.restorePoint(worker: id) else {
             throw StoreError(.nothingCommitted, "worker \(id) has no committed snapshot")
         }
@@ -779,7 +786,7 @@ public final class SMPServer: @unchecked Sendable {
             workers.append(entry)
         }
         let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
-                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks,
+                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks + (erasure?.round.refusedFrames ?? 0),
                                      "memory_limit": memoryLimit, "shared_memory_bytes": sharedMemoryBytes, "workers": workers]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
