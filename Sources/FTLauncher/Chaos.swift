@@ -81,7 +81,7 @@ public final class ChaosRunner: @unchecked Sendable {
         ("kill-m+1-nodes", "RS(2+2): SIGKILL 3 nodes of the group: the job must stop with its report, nothing resumed"),
         ("sigstop-node", "SIGSTOP a node past the timeout (the launcher may not kill it: a zombie); after the recovery SIGCONT it: it must be fenced"),
         ("kill-coordinator", "SIGKILL the coordinator; the launcher restarts it and it rebuilds its view"),
-        ("flip-byte", "flip a byte in both stored slots of a worker, then force a restore: repaired from parity"),
+        ("flip-byte", "kill a worker and flip a byte in both its stored slots: its replacement's restore repairs it from parity"),
         ("coordinator-pause", "SIGSTOP the coordinator for 3 s, then SIGCONT: no false failure, or nothing lost"),
         ("kill-coordinator-during-recovery", "SIGKILL a node or a worker, then the coordinator at a random moment of the recovery"),
         ("hung-worker", "SIGSTOP one worker: declared dead by timeout, killed by its SMP, replaced"),

@@ -144,16 +144,16 @@ extension ChaosRunner {
         return Fault(kind: kind, target: kind.hasSuffix("smp") ? "n\(n)" : "n\(n)/w\(w)", at: at)
     }
 
-    /// Holds node `node`'s SMP still, forces a recovery (kills a worker
-    /// elsewhere), corrupts both slots of one of its workers and lets it go:
-    /// its restore must find the bad chunk and rebuild it from parity.
+    /// Holds node `node`'s SMP still, corrupts both slots of one of its
+    /// workers, kills that worker first (a recovery: the survivors keep their live
+    /// state, so only the replacement reads the slots) and lets the SMP go:
+    /// the replacement's restore must find the bad chunk, rebuilt from parity.
     func flipByte(_ job: LocalJob, watch: Watch, shape: Shape, node: Int, worker: Int,
                   rng: inout SplitMix64, notes: inout [String]) throws -> Fault {
-        let other = (node + 1) % shape.nodes
         let smp = job.smps[node]
         let at = monotonicSeconds()
         kill(smp.pid, SIGSTOP)
-        if let pid = job.workerPID(node: other, worker: 0), RecordedProcesses.belongs(pid, toJob: job.job) { kill(pid, SIGKILL) }
+        if let pid = job.workerPID(node: node, worker: worker), RecordedProcesses.belongs(pid, toJob: job.job) { kill(pid, SIGKILL) }
         usleep(100_000)
         var flipped = 0
         let prefix = "ft-\(job.job)-n\(node)-p\(smp.pid)-w\(worker)-s"

@@ -85,6 +85,11 @@ public struct CoordinatedTrainingLoop {
         // The step of the last snapshot (or restore): the same on every rank,
         // because every rank restores the same step and agrees on each snapshot.
         var lastSnapshot = 0
+        // The step whose snapshot the registered tensors hold exactly, nil when
+        // unknown (a new process, a restore that failed partway). A step
+        // abandoned before its update leaves it as it was, so a survivor told
+        // to restore that step keeps its state (`liveStateIs`).
+        var liveStep: Int?
         ring.onWait = { [control] rank in control.setActivity(rank == nil ? .computing : .collective, waitingOn: rank ?? -1) }
         while true {
             control.setActivity(.idle)
@@ -96,9 +101,12 @@ public struct CoordinatedTrainingLoop {
                     // instruction): a dead source must not hold the recovery up.
                     let movedOn = { [control] in control.epoch != epoch || control.hasPendingInstruction }
                     var failure: Error?
+                    var live = liveStep
+                    liveStep = nil
                     for attempt in 1...3 {
                         do {
-                            try client.restore(step: step, sources: sources, abandon: movedOn)
+                            defer { live = nil }  // a failed attempt may have written part of the tensors
+                            try client.restore(step: step, sources: sources, liveStateIs: live, abandon: movedOn)
                             failure = nil
                             break
                         } catch {
@@ -116,6 +124,7 @@ public struct CoordinatedTrainingLoop {
                     say("restored step=\(step) hash=\(model.hash) epoch=\(epoch)"
                         + (client.stats.lastRestore.map { " (\($0))" } ?? ""))
                     lastSnapshot = step
+                    liveStep = step
                 } else {
                     // Never throw away progress: a fresh start is refused while this
                     // node's SMP holds a committed step (the coordinator must restore it).
@@ -124,6 +133,7 @@ public struct CoordinatedTrainingLoop {
                         continue
                     }
                     lastSnapshot = 0
+                    liveStep = nil
                     model.reset()
                     say("fresh start epoch=\(epoch)")
                 }
@@ -162,7 +172,9 @@ public struct CoordinatedTrainingLoop {
                             control.setActivity(.snapshotWait)
                             try client.waitBeforeUpdate()
                             control.setActivity(.computing)
+                            liveStep = nil
                             model.applyUpdate(step: s)
+                            liveStep = s
                             if snapshotNow {
                                 try client.snapshot(step: s)
                                 lastSnapshot = s

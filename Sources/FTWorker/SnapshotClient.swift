@@ -180,10 +180,20 @@ public final class SnapshotClient: @unchecked Sendable {
     /// `abandon` is asked while a peer's answer is awaited: when it says yes
     /// (the coordinator moved on, e.g. a source died), the restore stops at
     /// once with `.interrupted` instead of waiting out the peer timeout.
-    public func restore(step: Int, sources: [String], abandon: @escaping () -> Bool = { false }) throws {
+    ///
+    /// `liveStateIs: step` says the registered tensors in memory hold exactly
+    /// what the snapshot of `step` copied (this worker took that snapshot, or
+    /// restored it, and has changed nothing since: a step abandoned before its
+    /// update). Then nothing is copied: every chunk of this rank's own slot is
+    /// checksummed in place against the committed CRCs, and only if one
+    /// differs (or a tensor is external) is the whole restore done. A survivor
+    /// of a failure thus rejoins in milliseconds instead of moving its whole
+    /// state, and the replaced workers have the sources to themselves.
+    public func restore(step: Int, sources: [String], liveStateIs live: Int? = nil,
+                        abandon: @escaping () -> Bool = { false }) throws {
         engine.abandonRestore = abandon
         defer { engine.abandonRestore = { false } }
-        let restored = try engine.restore(expecting: step, sources: sources)
+        let restored = try engine.restore(expecting: step, sources: sources, keepLive: live == step)
         guard restored == step else {
             throw SnapshotError(code: .refused, message: "restored \(restored.map(String.init) ?? "nothing"), the coordinator asked for step \(step)")
         }
@@ -260,9 +270,15 @@ public struct RestoreTiming: Sendable, Equatable, CustomStringConvertible {
     public var sliceSeconds: Double
     /// SMPs the slices came from.
     public var sources: Int
+    /// Bytes of this rank's own slot found already in the live tensors and
+    /// checked in place instead of copied (`restore(step:sources:liveStateIs:)`).
+    public var keptBytes: Int = 0
 
     public var description: String {
         func mib(_ b: Int) -> String { String(format: "%.1f MiB", Double(b) / 1_048_576) }
+        if keptBytes > 0 {
+            return "live state kept: own slot \(mib(keptBytes)) checked in place in \(Int(ownSeconds * 1000)) ms"
+        }
         return "own slot \(mib(ownBytes)) in \(Int(ownSeconds * 1000)) ms, slices \(mib(sliceBytes)) from \(sources) SMPs in \(Int(sliceSeconds * 1000)) ms"
     }
 }
@@ -632,7 +648,7 @@ final class SnapshotEngine: @unchecked Sendable {
     /// returns its step, or nil when nothing is committed (a fresh start).
     /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
     /// worker, tensor and chunk, and leaves the tensors partly written.
-    func restore(expecting expected: Int?, sources: [String]) throws -> Int? {
+    func restore(expecting expected: Int?, sources: [String], keepLive: Bool = false) throws -> Int? {
         guard let layout else { throw SnapshotError(code: .misuse, message: "restore before register") }
         // A round in flight is void: let it finish, and forget how it ended.
         condition.lock()
@@ -647,6 +663,14 @@ final class SnapshotEngine: @unchecked Sendable {
             throw SnapshotError(code: .refused, message: "restore point does not match the layout")
         }
         let slot = slots[point.slot]
+        if keepLive, point.step == expected, !tensors.contains(where: \.external), liveStateMatches(layout, crcs: point.crcs) {
+            condition.lock()
+            _stats.lastCommittedStep = point.step
+            _stats.lastRestore = RestoreTiming(ownBytes: 0, ownSeconds: monotonicSeconds() - started, sliceBytes: 0, sliceSeconds: 0,
+                                               sources: 0, keptBytes: layout.slotBytes)
+            condition.unlock()
+            return point.step
+        }
         // The registered tensors, external ones pointing at their restore buffers.
         let destinations = try tensors.enumerated().map { index, t in
             guard t.external else { return t }
@@ -716,6 +740,21 @@ final class SnapshotEngine: @unchecked Sendable {
                                            sliceSeconds: monotonicSeconds() - ownDone, sources: Set(fetches.map(\.endpoint)).count)
         condition.unlock()
         return point.step
+    }
+
+    /// Whether every chunk this rank stores, read from the live tensors, has
+    /// the CRC the committed snapshot recorded for it (the SMP's copy is not
+    /// read: a corruption at rest does not make live state wrong).
+    private func liveStateMatches(_ layout: ShardLayout, crcs: [UInt32]) -> Bool {
+        for (index, entry) in layout.entries.enumerated() {
+            let base = UnsafeRawPointer(tensors[index].buffer.baseAddress!) + entry.storedRange.lowerBound
+            for chunk in 0..<entry.chunkCount {
+                let range = layout.chunkRange(entry, chunk: chunk)
+                let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count))
+                if crc != crcs[entry.firstChunk + chunk] { return false }
+            }
+        }
+        return true
     }
 
     /// One slice of a replicated tensor held by another rank, and where to get it ("": this node's SMP).

@@ -51,6 +51,42 @@ struct SnapshotPathTests {
         #expect(segments(ofJob: smp.jobID).isEmpty)
     }
 
+    @Test("a survivor told to restore the step its live tensors hold keeps them, checked in place; changed tensors are restored")
+    func keepsLiveState() throws {
+        let smp = try InProcessSMP(tag: "keep")
+        defer { smp.stop() }
+        let model = ToyModel(elements: 300_000, dpRank: 0)
+        let client = try SnapshotClient(identity: smp.identity("w0"))
+        try register(client, model)
+        for step in 1...2 {
+            try client.waitBeforeUpdate()
+            model.apply(step: step)
+            try client.snapshot(step: step)
+            try client.waitForRound()
+        }
+        let committed = model.hash
+        try client.restore(step: 2, sources: [], liveStateIs: 2)
+        let kept = try #require(client.stats.lastRestore)
+        #expect(kept.keptBytes > 0)
+        #expect(kept.ownBytes == 0)
+        #expect(model.hash == committed)
+
+        // The tensors changed although the caller says they hold step 2: the
+        // in-place check finds it, and the whole slot is restored.
+        model.apply(step: 3)
+        #expect(model.hash != committed)
+        try client.restore(step: 2, sources: [], liveStateIs: 2)
+        #expect(try #require(client.stats.lastRestore).keptBytes == 0)
+        #expect(model.hash == committed)
+        #expect(model.step == 2)
+
+        // Live state of another step: restored, not checked.
+        model.apply(step: 3)
+        try client.restore(step: 2, sources: [], liveStateIs: 3)
+        #expect(try #require(client.stats.lastRestore).ownBytes > 0)
+        #expect(model.hash == committed)
+    }
+
     @Test("a flipped byte in shared memory is reported with the exact worker, tensor and chunk")
     func flippedByte() throws {
         let smp = try InProcessSMP(tag: "flip")
@@ -103,7 +139,10 @@ struct SnapshotPathTests {
         // Slot size: a third of each replicated tensor, plus the small per-rank ones.
         let fullState = 2 * 100_001 * 4
         let status = try clients[0].request(.status).0
-        guard case .statusReply(let json) = status else { return }
+        guard case .statusReply(let json) = status else {
+            Issue.record("no status reply: \(status)")
+            return
+        }
         #expect(json.contains("\"committed_step\":3"))
         let layout = ShardLayout(specs: models[0].tensors.map(\.0), dpRank: 0, dpSize: size)
         #expect(layout.slotBytes < fullState / 2)
