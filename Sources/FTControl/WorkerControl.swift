@@ -24,7 +24,8 @@ import Synchronization
 ///
 /// Heartbeats carry the step, whether the loop trains, and what it is doing
 /// (`setActivity`), for the coordinator's step-progress watchdog. The largest
-/// gap between two heartbeats is logged at shutdown (and any gap over 0.3 s
+/// gap between two heartbeats (a hello to a restarted coordinator counts as
+/// one) is logged at shutdown (and any gap over 0.3 s
 /// when it happens). The thread runs at a real-time priority where allowed
 /// (`ThreadPriority`): it sleeps in `poll` but must wake on time on a host
 /// whose cores train.
@@ -215,6 +216,12 @@ public final class WorkerControl: @unchecked Sendable {
             let now = monotonicSeconds()
             if !welcomed && now >= nextHello {
                 link.send(.workerHello(info))
+                // A hello says "alive" too: re-introducing itself to a restarted
+                // coordinator is not a gap in this worker's liveness.
+                if let last = lastBeat {
+                    if Int((now - last) * 1000) > largestGapMs.load(ordering: .relaxed) { largestGapMs.store(Int((now - last) * 1000), ordering: .relaxed) }
+                    lastBeat = now
+                }
                 nextHello = now + 0.5
             }
             if now >= nextBeat {

@@ -25,8 +25,9 @@ import Synchronization
 /// heartbeats, so the coordinator declares the SMP dead and it is replaced
 /// instead of holding the job up forever.
 ///
-/// The largest gap between two heartbeats is logged when the channel closes,
-/// and any gap over 0.3 × the coordinator's timeout when it happens.
+/// The largest gap between two heartbeats (a hello to a restarted coordinator
+/// counts as one) is logged when the channel closes, and any gap over 0.3 ×
+/// the coordinator's timeout when it happens.
 final class ControlChannel: @unchecked Sendable {
     private let context: ZMQContext
     private let link: CoordinatorLink
@@ -193,7 +194,12 @@ final class ControlChannel: @unchecked Sendable {
                 nextBeat = now + interval
             }
             if !welcomed, now >= nextHello {
-                if let h = lock.withLock({ hello }) { link.send(.smpHello(h)) }
+                if let h = lock.withLock({ hello }) {
+                    link.send(.smpHello(h))
+                    // A hello says "alive" too: re-introducing itself to a restarted
+                    // coordinator is not a gap in this SMP's liveness.
+                    if let last = lastBeat { largestGap = max(largestGap, now - last); lastBeat = now }
+                }
                 nextHello = now + 0.5
             }
             let wait = max(1, Int(((welcomed ? nextBeat : min(nextHello, now + interval)) - monotonicSeconds()) * 1000))
