@@ -93,7 +93,8 @@ extension ChaosRunner {
         result.faults = injections.count
         result.failures = watch.failures.count
         result.finalHashEqual = hashes == expected
-        result.heartbeatGaps = Self.heartbeatGaps(job, excluding: Set(stopped))
+        let gapLines = Self.heartbeatGapLines(job, excluding: Set(stopped))
+        result.heartbeatGaps = gapLines.mapValues(\.ms)
         let resumed = watch.resumed
         result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
         result.restoredSteps = resumed.map { jsonInt($0["restored_step"]) }
@@ -106,6 +107,11 @@ extension ChaosRunner {
                       "\(resumed.count) recoveries, detect-to-resume p50 \(Int(percentile(recoveries, 0.5))) ms, max \(Int(recoveries.max() ?? 0)) ms",
                       "worst steps lost per failure \(worstLost)",
                       "largest heartbeat gaps (ms): " + result.heartbeatGaps.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")]
+        if result.heartbeatGaps["coordinator_loop"] == -1 {
+            detail.append("coordinator_loop -1: no coordinator of the soak logged one that counts (each was killed, or paused, and a pause's gap is the fault's own)")
+        }
+        // Which process and when: the run directory of a soak that passed is removed.
+        detail += gapLines.sorted { $0.key < $1.key }.filter { !$0.value.line.isEmpty }.map { "largest \($0.key) gap from: \($0.value.line)" }
         var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed, finalCoordinator: jsonInt(final["coordinator_pid"]))
         let leftovers = awaitLeftovers(job)
         if !leftovers.isEmpty { problems.append("left behind: \(leftovers)") }

@@ -101,14 +101,20 @@ extension ChaosRunner {
     /// killed with SIGKILL logs only the gaps that passed the threshold.
     /// `excluding`: processes the fault itself stopped (their own gap is the fault's).
     static func heartbeatGaps(_ job: LocalJob, excluding stopped: Set<Int32> = []) -> [String: Int] {
-        func largest(_ text: String, _ patterns: [String]) -> Int {
-            var best = -1
+        heartbeatGapLines(job, excluding: stopped).mapValues(\.ms)
+    }
+
+    /// `heartbeatGaps` with the log line each largest gap came from ("" when none),
+    /// so a long run that passed still says which process stalled and when.
+    static func heartbeatGapLines(_ job: LocalJob, excluding stopped: Set<Int32> = []) -> [String: (ms: Int, line: String)] {
+        func largest(_ text: String, _ patterns: [String]) -> (ms: Int, line: String) {
+            var best = (ms: -1, line: "")
             for line in text.split(separator: "\n") {
                 if let r = line.range(of: "(pid "), let pid = Int32(line[r.upperBound...].prefix { $0.isNumber }), stopped.contains(pid) { continue }
                 for p in patterns {
                     guard let r = line.range(of: p) else { continue }
                     let digits = line[r.upperBound...].prefix { $0.isNumber }
-                    if let v = Int(digits) { best = max(best, v) }
+                    if let v = Int(digits), v > best.ms { best = (v, String(line)) }
                 }
             }
             return best

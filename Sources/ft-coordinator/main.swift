@@ -51,8 +51,12 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "The recovery rate assumed before one is measured, in MB/s (rebuild and restore deadlines).")
     var recoveryMbps = 100.0
 
-    @Option(help: "A restarted coordinator waits this many milliseconds for every node's hello; then nodes still silent are lost and replaced.")
-    var startGraceMs = 2000
+    @Option(help: "A restarted coordinator waits this many milliseconds for every node's hello; then nodes still silent are lost and replaced (default: the larger of 2000 and twice --timeout-ms).")
+    var startGraceMs: Int?
+
+    /// The start grace in force: given, or derived from the timeout (a grace
+    /// shorter than the timeout would call a merely slow node silent).
+    var startGrace: Int { startGraceMs ?? max(2000, 2 * timeoutMs) }
 
     @Option(help: "Step-progress watchdog: steps may stop completing for max(this floor, --hang-multiplier × p99 step time) milliseconds before the job is hung.")
     var hangFloorMs = 3000
@@ -85,7 +89,9 @@ struct FTCoordinatorCommand: ParsableCommand {
         }
         guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
         guard recoveryMbps > 0 else { throw ValidationError("--recovery-mbps must be positive") }
-        guard startGraceMs > timeoutMs else { throw ValidationError("--start-grace-ms must exceed --timeout-ms") }
+        if let startGraceMs, startGraceMs <= timeoutMs {
+            throw ValidationError("--start-grace-ms (\(startGraceMs)) must exceed --timeout-ms (\(timeoutMs))")
+        }
         guard hangFloorMs > 0, hangInitialMs > 0, hangMultiplier >= 1 else {
             throw ValidationError("--hang-floor-ms and --hang-initial-ms must be positive and --hang-multiplier at least 1")
         }
@@ -116,7 +122,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.heartbeatTimeout = Double(timeoutMs) / 1000
         settings.phaseTimeout = phaseTimeout
         settings.recoveryBytesPerSecond = recoveryMbps * 1e6
-        settings.startGrace = Double(startGraceMs) / 1000
+        settings.startGrace = Double(startGrace) / 1000
         settings.watchdog.floor = Double(hangFloorMs) / 1000
         settings.watchdog.multiplier = hangMultiplier
         settings.watchdog.initialBound = Double(hangInitialMs) / 1000

@@ -64,8 +64,11 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "The coordinator's heartbeat timeout in milliseconds (its --timeout-ms); longer heartbeat gaps than 0.3× of it are logged.")
     var timeoutMs: Int = 500
 
-    @Option(help: "Milliseconds the event loop may go without turning before heartbeats stop (a hung SMP is then replaced).")
-    var hangMs: Int = 10_000
+    @Option(help: "Milliseconds the event loop may go without turning before heartbeats stop (a hung SMP is then replaced; default: the larger of 10000 and twice --timeout-ms).")
+    var hangMs: Int?
+
+    /// The hang bound in force: given, or derived from the timeout.
+    var hangBound: Int { hangMs ?? max(10_000, 2 * timeoutMs) }
 
     @Option(help: "Most shared memory (bytes) this SMP allocates for its workers' slots; a registration past it is refused (default: 90% of /dev/shm's free space at start).")
     var memoryLimit: Int?
@@ -88,7 +91,7 @@ struct FTSMPCommand: ParsableCommand {
         }
         if keys != nil && coordinator == nil { throw ValidationError("--keys is for the coordinator link; give --coordinator too") }
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
-        guard hangMs > timeoutMs else { throw ValidationError("--hang-ms must exceed --timeout-ms") }
+        if let hangMs, hangMs <= timeoutMs { throw ValidationError("--hang-ms (\(hangMs)) must exceed --timeout-ms (\(timeoutMs))") }
         if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
     }
 
@@ -127,7 +130,7 @@ struct FTSMPCommand: ParsableCommand {
         config.worldSize = worldSize
         config.heartbeatInterval = Double(heartbeatMs) / 1000
         config.heartbeatTimeout = Double(timeoutMs) / 1000
-        config.hangBound = Double(hangMs) / 1000
+        config.hangBound = Double(hangBound) / 1000
         config.memoryLimit = memoryLimit
         let code: Int32
         do {

@@ -8,6 +8,16 @@ import Testing
 /// Real processes on loopback: a coordinator, SMPs, toy workers.
 @Suite("Control plane with real processes", .serialized)
 struct RecoveryIntegrationTests {
+    @Test("a heartbeat timeout above the coordinator's default start grace is taken: the grace follows the timeout, and the job runs to its end",
+          .timeLimit(.minutes(2)))
+    func longTimeout() throws {
+        let job = try LocalJob(tag: "lt", nodes: 2, workersPerNode: 1, steps: 60) { o in o.timeoutMs = 3000 }
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 90) { job.coordinator?.poll() != nil }, "job did not end\n\(job.logs)")
+        #expect(job.coordinator?.status == .exited(0), "\(job.logs)")
+        #expect(!job.logs.contains("must exceed"), "\(job.logs)")
+    }
+
     @Test("a SIGKILLed worker is detected through its SMP in under 100 ms; the job restores, resumes and ends bit-exact",
           .timeLimit(.minutes(3)))
     func workerKill() throws {
