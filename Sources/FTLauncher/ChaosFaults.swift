@@ -171,7 +171,8 @@ extension ChaosRunner {
         kill(smp.pid, SIGCONT)
         notes.append("flipped a byte in \(flipped) slots of n\(node)/w\(worker)")
         guard flipped == 2 else { throw ChaosError("found \(flipped) slots of n\(node)/w\(worker) to corrupt, expected 2") }
-        return Fault(kind: "flip-byte", target: "n\(node)/w\(worker)", at: at)
+        // The SMP was held still for the flip: its heartbeat gap then is the fault's own.
+        return Fault(kind: "flip-byte", target: "n\(node)/w\(worker)", at: at, stopped: [smp.pid])
     }
 
     /// What each scenario must show besides the common end checks.

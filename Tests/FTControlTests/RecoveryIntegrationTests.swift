@@ -9,7 +9,7 @@ import Testing
 @Suite("Control plane with real processes", .serialized)
 struct RecoveryIntegrationTests {
     @Test("a heartbeat timeout above the coordinator's default start grace is taken: the grace follows the timeout, and the job runs to its end",
-          .timeLimit(.minutes(2)))
+          .timeLimit(.minutes(5)))
     func longTimeout() throws {
         let job = try LocalJob(tag: "lt", nodes: 2, workersPerNode: 1, steps: 60) { o in o.timeoutMs = 3000 }
         defer { job.cleanUp() }
