@@ -746,8 +746,9 @@ final class SnapshotEngine: @unchecked Sendable {
     /// the CRC the committed snapshot recorded for it (the SMP's copy is not
     /// read: a corruption at rest does not make live state wrong).
     private func liveStateMatches(_ layout: ShardLayout, crcs: [UInt32]) -> Bool {
-        for (index, entry) in layout.entries.enumerated() {
-            let base = UnsafeRawPointer(tensors[index].buffer.baseAddress!) + entry.storedRange.lowerBound
+        for (index, entry) in layout.entries.enumerated() where entry.chunkCount > 0 {
+            guard let start = tensors[index].buffer.baseAddress else { return false }
+            let base = UnsafeRawPointer(start) + entry.storedRange.lowerBound
             for chunk in 0..<entry.chunkCount {
                 let range = layout.chunkRange(entry, chunk: chunk)
                 let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: base + range.lowerBound, count: range.count))
