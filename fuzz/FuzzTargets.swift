@@ -40,7 +40,7 @@ public func fuzzInitialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMu
     let reg = WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 2, chunkBytes: 4096,
                                  specs: [TensorSpec(name: "p", dtype: .f32, shape: [3, 5], role: .param, replicated: true)])
     let smp: [SMPMessage] = [.register(reg), .begin(step: 3), .staged(step: 3, slot: 1, crcs: [1, 2]), .restoreQuery(expected: 2),
-                             .fetchSlice(dpRank: 1, dpSize: 2, tensor: "p"), .ecChunk(step: 4, row: 1, dataIndex: 0, offset: 0, length: 64, crc: 9),
+                             .fetchSlice(dpRank: 1, dpSize: 2, tensor: "p", chunks: 0..<2), .ecChunk(step: 4, row: 1, dataIndex: 0, offset: 0, length: 64, crc: 9),
                              .ecFetch(step: 4, row: 2, index: 1, offset: 64, length: 128), .error(code: "x", message: "y")]
     let control: [ControlMessage] = [
         .smpHello(.init(node: "n0", pid: 7, dataEndpoint: "tcp://a", workers: ["w0"], rankOffset: 0, committedStep: 2, stagedStep: nil)),
@@ -161,7 +161,9 @@ func fuzzStore(_ bytes: [UInt8]) {
         case 2, 3: message = .begin(step: c.int())
         case 4, 5: message = .staged(step: c.int(), slot: c.int(), crcs: c.crcs())
         case 6: message = .restoreQuery(expected: c.optionalInt())
-        case 7: message = .fetchSlice(dpRank: c.int(), dpSize: c.int(), tensor: c.string(names))
+        case 7:
+            let (a, b) = (c.int(), c.int())
+            message = .fetchSlice(dpRank: c.int(), dpSize: c.int(), tensor: c.string(names), chunks: min(a, b)..<max(a, b))
         default:
             // The coordinator's side of the store: commit, abort, restore.
             switch c.below(4) {
@@ -187,9 +189,13 @@ func fuzzStore(_ bytes: [UInt8]) {
             if let expected, store.committedStep != expected, store.allHaveStaged(expected) { store.commit(step: expected) }
             store.discardUncommitted(worker: from)
             _ = try? store.restorePoint(worker: from)
-        case .fetchSlice(let rank, let size, let tensor):
-            if let w = store.worker(dpRank: rank, dpSize: size), let entry = w.layout.entry(named: tensor) {
-                _ = w.layout.chunkRange(entry, chunk: max(0, entry.chunkCount - 1))
+        case .fetchSlice(let rank, let size, let tensor, let chunks):
+            // As the SMP checks and serves it: chunks within the slice, then their byte range.
+            if let w = store.worker(dpRank: rank, dpSize: size), let entry = w.layout.entry(named: tensor),
+               chunks.upperBound <= entry.chunkCount, !chunks.isEmpty {
+                let lo = w.layout.chunkRange(entry, chunk: chunks.lowerBound).lowerBound
+                let hi = w.layout.chunkRange(entry, chunk: chunks.upperBound - 1).upperBound
+                precondition(lo <= hi && hi <= entry.storedBytes)
             }
         default:
             break

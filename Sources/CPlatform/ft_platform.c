@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 
 #ifndef MADV_POPULATE_WRITE
@@ -37,6 +38,15 @@ int ft_prefault(void *addr, size_t len) {
 int ft_keep_freed_blocks(int mmap_threshold, int trim_threshold) {
     if (mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1) return -1;
     if (mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1) return -1;
+    return 0;
+}
+
+int ft_peer_credentials(int fd, int *pid, unsigned int *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -1;
+    *pid = (int)cred.pid;
+    *uid = (unsigned int)cred.uid;
     return 0;
 }
 

@@ -1,10 +1,17 @@
 /// Worker-to-SMP messages, carried in a `WireEnvelope` over ZeroMQ (the
-/// worker's DEALER to its SMP's ROUTER, `ipc://` in the run directory).
+/// worker's DEALER to its SMP's workers' ROUTER, `ipc://` in
+/// `RUN_DIR/sockets`, where the SMP checks each request's peer; a
+/// `fetchSlice` to another node goes to that SMP's TCP data endpoint, which
+/// serves slices and EC frames only).
 ///
 /// Every request gets exactly one reply: its `…Reply` or `.error`. The
 /// envelope's `sender` is the worker id; its `epoch` is the job epoch (0 until
-/// a coordinator exists). A slice reply carries the slice's bytes in a second
-/// ZeroMQ frame after the envelope.
+/// a coordinator exists). A slice reply carries the bytes of the chunks asked
+/// for in a second ZeroMQ frame after the envelope. A worker asks for a
+/// replicated tensor's slice a few chunks at a time (`SnapshotEngine.slicePieces`), so
+/// that each reply lands in a small receive buffer that the allocator reuses
+/// instead of pages faulted in afresh (at 32 MiB per reply, zeroing fresh
+/// pages took about 40% of a restore's CPU).
 ///
 ///     worker                              SMP
 ///     register(registration)        ->    registered(slot names, slot bytes, committed step)
@@ -13,7 +20,8 @@
 ///     staged(step, slot, crcs)      ->    stagedReply(committed step)
 ///     restoreQuery(expected step)   ->    restoreReply(step, slot, crcs) | nothing committed
 ///     roundQuery                    ->    roundReply(committed step, round pending?)
-///     fetchSlice(dp rank, tensor)   ->    sliceReply(step, range, crcs) + [bytes]
+///     fetchSlice(dp rank, tensor,   ->    sliceReply(step, byte range, crcs of those chunks) + [bytes]
+///                chunk range)
 ///     status                        ->    statusReply(text)
 ///     any malformed or refused      ->    error(code, message)
 public enum SMPMessage: Sendable, Equatable {
@@ -26,7 +34,8 @@ public enum SMPMessage: Sendable, Equatable {
     /// `expected`: the step the coordinator decided (nil: whatever is committed).
     case restoreQuery(expected: Int?)
     case restoreReply(SnapshotStoreInstance.RestorePoint?)
-    case fetchSlice(dpRank: Int, dpSize: Int, tensor: String)
+    /// Chunks `chunks` (indexes into the rank's stored slice of `tensor`).
+    case fetchSlice(dpRank: Int, dpSize: Int, tensor: String, chunks: Range<Int>)
     case sliceReply(step: Int, range: Range<Int>, crcs: [UInt32])
     case status
     case statusReply(String)
@@ -139,10 +148,12 @@ public enum SMPMessage: Sendable, Equatable {
             w.i64(Int64(point?.step ?? -1))
             w.i64(Int64(point?.slot ?? -1))
             Self.writeCRCs(point?.crcs ?? [], &w)
-        case .fetchSlice(let rank, let size, let tensor):
+        case .fetchSlice(let rank, let size, let tensor, let chunks):
             w.i64(Int64(rank))
             w.i64(Int64(size))
             w.string(tensor)
+            w.i64(Int64(chunks.lowerBound))
+            w.i64(Int64(chunks.upperBound))
         case .sliceReply(let step, let range, let crcs):
             w.i64(Int64(step))
             w.i64(Int64(range.lowerBound))
@@ -217,7 +228,11 @@ public enum SMPMessage: Sendable, Equatable {
         case 9:
             let rank = try Self.int(&r, "dp rank", max: WireLimits.maxDPSize - 1)
             let size = try WireLimits.check(try Self.int(&r, "dp size"), 1...WireLimits.maxDPSize, "dp size")
-            self = .fetchSlice(dpRank: rank, dpSize: size, tensor: try r.string(field: "tensor", max: 255))
+            let tensor = try r.string(field: "tensor", max: 255)
+            let first = try Self.int(&r, "first chunk", max: WireLimits.maxTensorBytes)
+            let end = try Self.int(&r, "chunk end", max: WireLimits.maxTensorBytes)
+            guard first <= end else { throw WireError(.badValue, "chunk range \(first)..<\(end)") }
+            self = .fetchSlice(dpRank: rank, dpSize: size, tensor: tensor, chunks: first..<end)
         case 10:
             let step = try Self.step(&r, "step")
             let lo = try Self.int(&r, "range start", max: WireLimits.maxTensorBytes)

@@ -44,6 +44,10 @@ public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         /// An erasure-coding frame from an epoch older than the receiver's: its
         /// sender was replaced (a zombie) and may change nothing anyone keeps.
         case fenced = "fenced"
+        /// A request its peer may not send: a worker's request on the data
+        /// endpoint, a peer's on the workers' socket, or a worker's request from
+        /// a process that is not that worker (SO_PEERCRED).
+        case unauthorized = "unauthorized"
         case internalError = "internal"
     }
 

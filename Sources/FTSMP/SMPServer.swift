@@ -10,7 +10,9 @@ import Logging
 public struct SMPConfiguration: Sendable {
     public var jobID: String
     public var nodeID: String
-    /// Where workers reach the SMP: `ipc://…` (default in the run directory) or `tcp://127.0.0.1:PORT`.
+    /// Where workers reach the SMP: `ipc://…` (default: `RUN_DIR/sockets/`, a
+    /// directory of mode 0700; the socket file is 0600) or `tcp://127.0.0.1:PORT`
+    /// (tests only: over TCP no peer credentials can be checked).
     public var endpoint: String
     /// Logs, PID files and the endpoint socket live here.
     public var runDirectory: String
@@ -47,12 +49,15 @@ public struct SMPConfiguration: Sendable {
         self.runDirectory = runDirectory
         // The pid keeps a stopped-then-continued SMP of this node (a zombie the
         // coordinator fences) from unlinking its replacement's socket file.
-        self.endpoint = endpoint ?? "ipc://\(runDirectory)/\(nodeID)-p\(getpid()).smp.sock"
+        self.endpoint = endpoint ?? "ipc://\(runDirectory)/\(Self.socketDirectoryName)/\(nodeID)-p\(getpid()).smp.sock"
         self.workerCount = workerCount
         self.workerCommand = workerCommand
         self.maxRestarts = maxRestarts
         self.extraEnvironment = extraEnvironment
     }
+
+    /// The directory under the run directory that holds the workers' sockets (mode 0700).
+    public static let socketDirectoryName = "sockets"
 
     /// The default budget: 90% of what /dev/shm has free when the SMP starts
     /// (every registration is also checked against what it has free then).
@@ -76,8 +81,13 @@ public struct SMPError: Error, Sendable, CustomStringConvertible {
 
 /// The snapshot management process of one node (ARCHITECTURE.md, "Processes").
 ///
-/// A single-threaded event loop over one ZeroMQ ROUTER (workers' requests,
-/// see `SMPMessage`), one pidfd per child worker (its exit is seen at once,
+/// A single-threaded event loop over two ZeroMQ ROUTERs, one per audience:
+/// the workers' socket (`ipc://`, in a 0700 directory, the file 0600; every
+/// request's peer is checked with SO_PEERCRED: the job's uid, and for spawned
+/// workers the process, or a descendant of the process, of the very worker the
+/// request names) and, with a coordinator, the data endpoint (TCP: peers' EC
+/// frames and other nodes' workers' slice requests, and nothing else). Then
+/// one pidfd per child worker (its exit is seen at once,
 /// not by timeout), a signalfd (SIGTERM/SIGINT: graceful shutdown) and a stop
 /// pipe (in-process use). Decisions are made by `SnapshotStoreInstance`; this
 /// shell owns the shared memory (two pre-faulted 0600 slots per worker, named
@@ -104,7 +114,10 @@ public final class SMPServer: @unchecked Sendable {
     let logger: Logger
     var store: SnapshotStoreInstance
     let context: ZMQContext
+    /// Workers' requests (the ipc socket).
     let router: ZMQSocket
+    /// Peers: EC frames from other SMPs, slice requests from other nodes' workers (TCP).
+    let dataRouter: ZMQSocket?
     public private(set) var boundEndpoint: String
     var segments: [String: [SharedMemorySegment]] = [:]
     var children: [String: ChildProcess] = [:]
@@ -131,8 +144,12 @@ public final class SMPServer: @unchecked Sendable {
     /// exit is seen; `killAt`: when a stack dump still running is cut short.
     private var replacing: [String: (pid: Int32, killAt: Double?, dumper: ChildProcess?)] = [:]
     private var pendingRebuild: (step: Int?, lost: [String])?
-    /// Workers' requests that arrived during a rebuild, answered once it is over.
-    private var heldRequests: [[ZMQMessage]] = []
+    /// Requests that arrived during a rebuild, answered once it is over.
+    private var heldRequests: [Request] = []
+    /// Which process is which spawned worker: pid -> (worker, the worker's own pid), checked against `children`.
+    private var requestOwners: [Int32: (worker: String, childPID: Int32)] = [:]
+    /// Requests refused for their peer (`unauthorized`).
+    public private(set) var unauthorizedRequests = 0
     /// At most this many requests are held during a rebuild; more are refused (`busy`).
     static let maxHeldRequests = 4096
     /// The shared-memory budget in force (bytes).
@@ -166,15 +183,33 @@ public final class SMPServer: @unchecked Sendable {
         // Workers' requests and peers' EC frames: an envelope or one bulk frame at most.
         router = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
         try router.setLinger(milliseconds: 0)
+        if config.coordinatorEndpoint != nil {
+            let data = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
+            try data.setLinger(milliseconds: 0)
+            dataRouter = data
+        } else {
+            dataRouter = nil
+        }
         try FileManager.default.createDirectory(atPath: config.runDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/logs", withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/pids", withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/stacks", withIntermediateDirectories: true)
         if config.endpoint.hasPrefix("ipc://") {
+            let path = String(config.endpoint.dropFirst(6))
+            let directory = URL(fileURLWithPath: path).deletingLastPathComponent().standardized.path
+            let own = URL(fileURLWithPath: config.runDirectory).appendingPathComponent(SMPConfiguration.socketDirectoryName).standardized.path
+            if directory == own {
+                try Self.makePrivateDirectory(directory)
+            } else if let open = Self.openToOthers(directory) {
+                logger.warning("\("the workers' socket directory \(directory) is open to other users (mode \(open)); its socket file is 0600 and every request's peer is checked")")
+            }
             // A socket file left by a crashed SMP of this node would make bind fail.
-            unlink(String(config.endpoint.dropFirst(6)))
+            unlink(path)
+            boundEndpoint = try router.bind(config.endpoint)
+            guard chmod(path, 0o600) == 0 else { throw SystemError("chmod 0600 \(path)", errno: errno) }
+        } else {
+            boundEndpoint = try router.bind(config.endpoint)
         }
-        boundEndpoint = try router.bind(config.endpoint)
         // Segments left by a previous SMP of this node that died: its memory is
         // lost by definition (a replacement rebuilds from parity), and the names
         // must be free for this one.
@@ -184,7 +219,7 @@ public final class SMPServer: @unchecked Sendable {
         if !stale.isEmpty { logger.info("removed \(stale.count) shared-memory segments left by a previous SMP of \(config.nodeID)") }
         if let coordinator = config.coordinatorEndpoint {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
-            dataEndpoint = try router.bind("tcp://127.0.0.1:*")
+            dataEndpoint = try dataRouter!.bind("tcp://127.0.0.1:*")
             let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
             channel = try ControlChannel(endpoint: coordinator, memberID: config.nodeID, keys: keys,
                                          interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
@@ -233,6 +268,11 @@ public final class SMPServer: @unchecked Sendable {
             let dumperIDs = replacing.keys.sorted().filter { replacing[$0]?.dumper != nil }
             for id in dumperIDs { items.append(.init(fileDescriptor: replacing[id]!.dumper!.pidfd, .readable)) }
             if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
+            var dataIndex: Int?
+            if let dataRouter {
+                dataIndex = items.count
+                items.append(.init(dataRouter, .readable))
+            }
             if let channel { items.append(.init(channel.inbox, .readable)) }
             var wait = Int(config.heartbeatInterval * 1000)
             if let at = erasure?.wakeAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
@@ -250,7 +290,8 @@ public final class SMPServer: @unchecked Sendable {
                 try childExited(id)
             }
             endReplacedWorkers()
-            if ready[0].isReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
+            let dataReadable = dataIndex.map { ready[$0].isReadable } ?? false
+            if ready[0].isReadable || dataReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
             if channel != nil, ready.last!.isReadable { try handleCoordinator() }
             drainPeerAcks()
             if stopRequested { break loop }
@@ -401,12 +442,24 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
+    /// A request as received, and the socket it came on (its reply goes back there).
+    struct Request {
+        var frames: [ZMQMessage]
+        var fromPeers: Bool
+    }
+
     private func drainRequests() throws {
-        func next() throws -> [ZMQMessage]? {
+        func next() throws -> Request? {
             if !rebuildInProgress, !heldRequests.isEmpty { return heldRequests.removeFirst() }
-            return try router.receiveMessages(timeoutMilliseconds: 0)
+            if let frames = try router.receiveMessages(timeoutMilliseconds: 0) { return Request(frames: frames, fromPeers: false) }
+            if let dataRouter, let frames = try dataRouter.receiveMessages(timeoutMilliseconds: 0) {
+                return Request(frames: frames, fromPeers: true)
+            }
+            return nil
         }
-        while let frames = try next() {
+        while let request = try next() {
+            let frames = request.frames
+            let socket = request.fromPeers ? dataRouter! : router
             let identity = frames[0].bytes
             guard frames.count >= 2 else {
                 malformedFrames += 1
@@ -416,6 +469,13 @@ public final class SMPServer: @unchecked Sendable {
             let reply: [ZMQFrame]
             do {
                 let (message, envelope) = try SMPMessage.decode(frames[1].bytes)
+                if let refusal = refusal(message, sender: envelope.sender, frame: frames[1], fromPeers: request.fromPeers) {
+                    unauthorizedRequests += 1
+                    logger.warning("refused a request: \(refusal)", metadata: ["unauthorized.total": "\(unauthorizedRequests)"])
+                    try? socket.send([.bytes(identity), .bytes(SMPMessage.error(code: refusal.code.rawValue, message: refusal.message)
+                        .envelope(sender: config.nodeID).encoded())])
+                    continue
+                }
                 switch message {
                 case .ecChunk, .ecFetch:
                     // A chunk's frames are acked once all are folded: most get no reply.
@@ -430,14 +490,14 @@ public final class SMPServer: @unchecked Sendable {
                             reply = [.bytes(SMPMessage.error(code: StoreError.Code.busy.rawValue,
                                                              message: "\(Self.maxHeldRequests) requests are held while node \(config.nodeID) rebuilds; ask again later")
                                 .envelope(sender: config.nodeID).encoded())]
-                            try? router.send([.bytes(identity)] + reply)
+                            try? socket.send([.bytes(identity)] + reply)
                             continue
                         }
-                        heldRequests.append(frames)
+                        heldRequests.append(request)
                         continue
                     }
                     guard let r = handle(message, from: envelope.sender) else {
-                        heldRequests.append(frames)  // a repair from parity started: answered once it is over
+                        heldRequests.append(request)  // a repair from parity started: answered once it is over
                         continue
                     }
                     reply = r
@@ -449,11 +509,90 @@ public final class SMPServer: @unchecked Sendable {
                     .envelope(sender: config.nodeID).encoded())]
             }
             do {
-                try router.send([.bytes(identity)] + reply)
+                try socket.send([.bytes(identity)] + reply)
             } catch {
                 logger.warning("reply not sent: \(error)")
             }
         }
+    }
+
+    // MARK: who may ask what
+
+    /// Why `message` may not be served to its peer, or nil when it may.
+    ///
+    /// - The data endpoint (TCP, open to the host) serves peers only: EC
+    ///   frames and fetches from other SMPs, and slices to other nodes' workers.
+    ///   A worker's own requests (register, begin, staged, restore, status, …)
+    ///   are refused there, so that no one can void a round or register in a
+    ///   worker's name over TCP.
+    /// - The workers' ipc socket serves workers only, and each request's peer
+    ///   (SO_PEERCRED on the connection it came on) must be of the job's uid
+    ///   (or root); when this SMP spawned its workers, it must also be the
+    ///   process of the worker the request names, or a descendant of it.
+    func refusal(_ message: SMPMessage, sender: String, frame: ZMQMessage, fromPeers: Bool) -> StoreError? {
+        switch (message, fromPeers) {
+        case (.ecChunk, true), (.ecFetch, true), (.fetchSlice, true):
+            return nil
+        case (_, true):
+            return StoreError(.unauthorized, "\(message.type) from '\(sender)' is not served on the data endpoint (a worker asks its own SMP)")
+        case (.ecChunk, false), (.ecFetch, false):
+            return StoreError(.unauthorized, "\(message.type) from '\(sender)' is not served on the workers' socket (peers use the data endpoint)")
+        case (_, false):
+            guard config.endpoint.hasPrefix("ipc://") else { return nil }  // TCP (tests): no credentials to check
+            // Taken when the connection was accepted (libzmq's Peer-Address), else asked of its descriptor now.
+            guard let peer = frame.property("Peer-Address").flatMap(PeerCredentials.init(peerAddress:))
+                    ?? frame.sourceDescriptor.flatMap(PeerCredentials.init(socket:)) else {
+                return StoreError(.unauthorized, "a request from '\(sender)' came with no peer credentials")
+            }
+            guard peer.uid == getuid() || peer.uid == 0 else {
+                return StoreError(.unauthorized, "a request from '\(sender)' came from uid \(peer.uid), not the job's uid \(getuid())")
+            }
+            guard config.workerCount > 0 else { return nil }  // workers started by someone else: the uid is what there is
+            guard let owner = worker(owning: peer.pid) else {
+                return StoreError(.unauthorized, "a request from '\(sender)' came from pid \(peer.pid), not a worker of node \(config.nodeID)")
+            }
+            guard owner == sender else {
+                return StoreError(.unauthorized, "pid \(peer.pid) is worker \(owner) and may not speak for '\(sender)'")
+            }
+            return nil
+        }
+    }
+
+    /// The spawned worker whose process is `pid` or an ancestor of it (a worker
+    /// command may fork its trainer), remembered per pid while that worker's
+    /// process lives.
+    private func worker(owning pid: Int32) -> String? {
+        if let known = requestOwners[pid], children[known.worker]?.pid == known.childPID { return known.worker }
+        requestOwners[pid] = nil
+        var p = pid
+        for _ in 0..<16 {
+            if let (id, child) = children.first(where: { $0.value.pid == p }) {
+                requestOwners[pid] = (id, child.pid)
+                return id
+            }
+            guard let parent = parentProcess(of: p), parent > 1 else { return nil }
+            p = parent
+        }
+        return nil
+    }
+
+    /// Makes `path` a directory of mode 0700 owned by this user (created if
+    /// missing); throws when it belongs to someone else.
+    static func makePrivateDirectory(_ path: String) throws {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw SystemError("mkdir \(path)", errno: errno) }
+        var st = stat()
+        guard lstat(path, &st) == 0 else { throw SystemError("stat \(path)", errno: errno) }
+        guard (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == geteuid() else {
+            throw SMPError("\(path) must be a directory owned by uid \(geteuid()) (it is mode \(String(st.st_mode, radix: 8)), uid \(st.st_uid))")
+        }
+        if st.st_mode & 0o077 != 0, chmod(path, 0o700) != 0 { throw SystemError("chmod 0700 \(path)", errno: errno) }
+    }
+
+    /// The mode of `path` in octal when group or others may enter it, nil otherwise.
+    static func openToOthers(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_mode & 0o011 != 0 else { return nil }
+        return String(st.st_mode & 0o777, radix: 8)
     }
 
     // MARK: requests
@@ -533,8 +672,8 @@ public final class SMPServer: @unchecked Sendable {
             case .roundQuery:
                 let pending = store.workers.values.contains { $0.slots.contains { if case .staged = $0 { true } else { false } } }
                 return reply(.roundReply(committedStep: store.committedStep, pending: pending))
-            case .fetchSlice(let rank, let size, let tensor):
-                return try slice(rank: rank, size: size, tensor: tensor)
+            case .fetchSlice(let rank, let size, let tensor, let chunks):
+                return try slice(rank: rank, size: size, tensor: tensor, chunks: chunks)
             case .status:
                 return reply(.statusReply(statusJSON()))
             default:
@@ -564,25 +703,33 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
-    /// The committed bytes of one tensor slice, from a slot checked against
-    /// its CRCs (a corrupt chunk is repaired from parity, or named, never served).
-    private func slice(rank: Int, size: Int, tensor: String) throws(StoreError) -> [ZMQFrame]? {
+    /// The committed bytes of chunks `chunks` of one rank's slice of a
+    /// replicated tensor, from a slot checked against its CRCs (a corrupt
+    /// chunk is repaired from parity, or named, never served).
+    private func slice(rank: Int, size: Int, tensor: String, chunks: Range<Int>) throws(StoreError) -> [ZMQFrame]? {
         guard let owner = store.worker(dpRank: rank, dpSize: size) else {
             throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
         }
         let id = owner.registration.workerID
+        guard let entry = owner.layout.entry(named: tensor), entry.spec.replicated else {
+            throw StoreError(.unknownTensor, "worker \(id) has no replicated tensor '\(tensor)'")
+        }
+        guard chunks.upperBound <= entry.chunkCount, entry.chunkCount == 0 || !chunks.isEmpty else {
+            throw StoreError(.outOfRange, "chunks \(chunks) of '\(tensor)' asked for; DP rank \(rank) stores \(entry.chunkCount)")
+        }
         // Once per committed step: every rank fetches slices of the same slot.
         guard try verifyAndRepair(worker: id, unlessVerified: true) else { return nil }
         guard let point = try store.restorePoint(worker: id) else {
             throw StoreError(.nothingCommitted, "worker \(id) has no committed snapshot")
         }
-        guard let entry = owner.layout.entry(named: tensor), entry.spec.replicated else {
-            throw StoreError(.unknownTensor, "worker \(id) has no replicated tensor '\(tensor)'")
-        }
+        let bytes = chunks.isEmpty ? 0..<0
+            : owner.layout.chunkRange(entry, chunk: chunks.lowerBound).lowerBound
+                ..< owner.layout.chunkRange(entry, chunk: chunks.upperBound - 1).upperBound
         let segment = segments[id]![point.slot]
-        let data = UnsafeRawBufferPointer(start: segment.base + entry.slotOffset, count: entry.storedBytes)
-        let crcs = (0..<entry.chunkCount).map { point.crcs[entry.firstChunk + $0] }
-        let header = SMPMessage.sliceReply(step: point.step, range: entry.storedRange, crcs: crcs).envelope(sender: config.nodeID).encoded()
+        let data = UnsafeRawBufferPointer(start: segment.base + entry.slotOffset + bytes.lowerBound, count: bytes.count)
+        let crcs = chunks.map { point.crcs[entry.firstChunk + $0] }
+        let range = (entry.storedRange.lowerBound + bytes.lowerBound) ..< (entry.storedRange.lowerBound + bytes.upperBound)
+        let header = SMPMessage.sliceReply(step: point.step, range: range, crcs: crcs).envelope(sender: config.nodeID).encoded()
         // Zero-copy from the committed slot (verified above; the receiver checks every chunk's CRC again).
         return [.bytes(header), ZeroCopyFrames.frame(data)]
     }
@@ -743,6 +890,7 @@ public final class SMPServer: @unchecked Sendable {
         }
         children.removeAll()
         router.close()
+        dataRouter?.close()
         quiesceZeroCopy()  // libzmq may still be reading slot memory: wait before unmapping it
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
@@ -787,6 +935,7 @@ public final class SMPServer: @unchecked Sendable {
         }
         let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
                                      "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks + (erasure?.round.refusedFrames ?? 0),
+                                     "unauthorized_requests": unauthorizedRequests,
                                      "memory_limit": memoryLimit, "shared_memory_bytes": sharedMemoryBytes, "workers": workers]
         let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)

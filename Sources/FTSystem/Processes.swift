@@ -157,3 +157,49 @@ public func monotonicSeconds() -> Double {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
 }
+
+/// Who is at the other end of a connected Unix-domain socket (SO_PEERCRED).
+public struct PeerCredentials: Sendable, Equatable {
+    public var pid: Int32
+    public var uid: UInt32
+
+    public init(pid: Int32, uid: UInt32) {
+        self.pid = pid
+        self.uid = uid
+    }
+
+    /// From libzmq's ipc:// "Peer-Address" property, which ends in
+    /// ":UID:GID:PID" (nil for any other form).
+    public init?(peerAddress: String) {
+        let fields = peerAddress.split(separator: ":", omittingEmptySubsequences: false).suffix(3)
+        guard fields.count == 3, let uid = UInt32(fields[fields.startIndex]), let pid = Int32(fields[fields.startIndex + 2]), pid > 0 else {
+            return nil
+        }
+        self.init(pid: pid, uid: uid)
+    }
+
+    /// The credentials of the process that connected `fd`, nil when `fd` is
+    /// not a Unix-domain socket (TCP) or is closed.
+    public init?(socket fd: Int32) {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        guard ft_peer_credentials(fd, &pid, &uid) == 0, pid > 0 else { return nil }
+        self.init(pid: pid, uid: uid)
+    }
+}
+
+/// The parent of process `pid` (from /proc/PID/stat), nil when it is gone.
+public func parentProcess(of pid: Int32) -> Int32? {
+    let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 1024)
+    let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    guard n > 0 else { return nil }
+    let text = String(decoding: buffer[..<n], as: UTF8.self)
+    guard let end = text.lastIndex(of: ")") else { return nil }
+    // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses; the last ')' ends it.
+    let fields = text[text.index(after: end)...].split(separator: " ")
+    guard fields.count >= 2, let ppid = Int32(fields[1]) else { return nil }
+    return ppid
+}

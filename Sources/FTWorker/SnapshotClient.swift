@@ -729,8 +729,12 @@ final class SnapshotEngine: @unchecked Sendable {
         var fetches: [SliceFetch] = []
         for (index, entry) in layout.entries.enumerated() where entry.spec.replicated && identity.dpSize > 1 {
             for rank in 0..<identity.dpSize where rank != identity.dpRank {
-                fetches.append(SliceFetch(spec: entry.spec, rank: rank, buffer: destinations[index].buffer,
-                                          endpoint: rank < sources.count && !sources[rank].isEmpty ? sources[rank] : ""))
+                let endpoint = rank < sources.count && !sources[rank].isEmpty ? sources[rank] : ""
+                let stored = ShardLayout.storedRange(of: entry.spec, dpRank: rank, dpSize: identity.dpSize).count
+                for chunks in Self.slicePieces(storedBytes: stored, chunkBytes: chunkBytes) {
+                    fetches.append(SliceFetch(spec: entry.spec, rank: rank, chunks: chunks, buffer: destinations[index].buffer,
+                                              endpoint: endpoint))
+                }
             }
         }
         let sliceBytes = try gatherSlices(fetches, step: point.step)
@@ -758,23 +762,53 @@ final class SnapshotEngine: @unchecked Sendable {
         return true
     }
 
-    /// One slice of a replicated tensor held by another rank, and where to get it ("": this node's SMP).
+    /// A piece (`chunks`) of another rank's slice of a replicated tensor, and
+    /// where to get it ("": this node's SMP).
     struct SliceFetch {
         var spec: TensorSpec
         var rank: Int
+        var chunks: Range<Int>
         var buffer: UnsafeMutableRawBufferPointer
         var endpoint: String
     }
 
+    /// Chunks asked for per request while gathering slices: each reply is
+    /// received into a buffer of this size, which the allocator reuses (see
+    /// `SMPMessage`).
+    static let slicePieceChunks = 2
+
     /// Requests in flight per source while gathering slices.
-    static let sliceWindow = 4
+    static let sliceWindow = 2
+
+    /// Makes freed blocks below 16 MiB stay in malloc's heaps (and up to 256
+    /// MiB of free space at a heap's top stay mapped), once per process: a
+    /// slice reply's buffer is then reused for the next one.
+    static func keepReceiveBuffers() { _ = keptReceiveBuffers }
+    private static let keptReceiveBuffers: Bool = keepFreedBlocks(below: 16 << 20, trimAbove: 256 << 20)
+
+    /// The chunk ranges in which a slice of `storedBytes` is fetched: pieces of
+    /// `slicePieceChunks` chunks, one empty piece for an empty slice (its reply
+    /// still says the step).
+    static func slicePieces(storedBytes: Int, chunkBytes: Int) -> [Range<Int>] {
+        let chunks = (storedBytes + chunkBytes - 1) / chunkBytes
+        guard chunks > 0 else { return [0..<0] }
+        return stride(from: 0, to: chunks, by: slicePieceChunks).map { $0 ..< min($0 + slicePieceChunks, chunks) }
+    }
+
+    /// The bytes of the tensor that chunks `chunks` of rank `rank`'s slice cover.
+    func pieceRange(of spec: TensorSpec, rank: Int, chunks: Range<Int>) -> Range<Int> {
+        let stored = ShardLayout.storedRange(of: spec, dpRank: rank, dpSize: identity.dpSize)
+        let lo = min(stored.lowerBound + chunks.lowerBound * chunkBytes, stored.upperBound)
+        return lo ..< min(stored.lowerBound + chunks.upperBound * chunkBytes, stored.upperBound)
+    }
 
     /// How long a source may take to answer a slice of `bytes`: generous, as
     /// every rank of the job gathers at once and a source answers in turn (a
     /// dead source makes the coordinator move on long before: `abandonRestore`).
     static func sliceTimeout(_ bytes: Int) -> Double { max(5, Double(bytes) / 20e6) }
 
-    /// Gathers other ranks' slices of replicated tensors: up to `sliceWindow`
+    /// Gathers other ranks' slices of replicated tensors, a piece of a few
+    /// chunks per request: up to `sliceWindow`
     /// requests in flight to every source at once (an SMP answers its requests
     /// in order), each reply checked chunk by chunk and copied from cache into
     /// the tensor as it arrives. A source that does not answer its oldest
@@ -784,9 +818,10 @@ final class SnapshotEngine: @unchecked Sendable {
     /// Returns the bytes gathered.
     private func gatherSlices(_ fetches: [SliceFetch], step: Int) throws -> Int {
         guard !fetches.isEmpty else { return 0 }
-        // Replies are malloc'd by libzmq, up to a window of them at once: keep such
-        // blocks in the heap and reuse them, rather than fault fresh pages in for each.
-        _ = keepFreedBlocks(below: 64 << 20, trimAbove: 1 << 30)
+        // Replies are malloc'd by libzmq's I/O thread, a window of them per source
+        // at once: keep such blocks in the heap and reuse them, rather than fault
+        // fresh pages in for each (glibc refuses a threshold above 32 MiB).
+        Self.keepReceiveBuffers()
         rpcLock.lock()
         defer { rpcLock.unlock() }
         struct Source {
@@ -822,8 +857,9 @@ final class SnapshotEngine: @unchecked Sendable {
                 for key in keys {
                     while sourcesByKey[key]!.inFlight.count < Self.sliceWindow, !sourcesByKey[key]!.queue.isEmpty {
                         let f = sourcesByKey[key]!.queue.removeFirst()
-                        let bytes = ShardLayout.storedRange(of: f.spec, dpRank: f.rank, dpSize: identity.dpSize).count
-                        try sourcesByKey[key]!.socket.send([SMPMessage.fetchSlice(dpRank: f.rank, dpSize: identity.dpSize, tensor: f.spec.name)
+                        let bytes = pieceRange(of: f.spec, rank: f.rank, chunks: f.chunks).count
+                        try sourcesByKey[key]!.socket.send([SMPMessage.fetchSlice(dpRank: f.rank, dpSize: identity.dpSize, tensor: f.spec.name,
+                                                                                  chunks: f.chunks)
                             .envelope(sender: identity.workerID).encoded()])
                         if sourcesByKey[key]!.inFlight.isEmpty { sourcesByKey[key]!.deadline = now + Self.sliceTimeout(bytes) }
                         sourcesByKey[key]!.inFlight.append(f)
@@ -843,7 +879,7 @@ final class SnapshotEngine: @unchecked Sendable {
                         let f = sourcesByKey[key]!.inFlight.removeFirst()
                         gathered += try placeSlice(frames, of: f, step: step)
                         if let next = sourcesByKey[key]!.inFlight.first {
-                            let bytes = ShardLayout.storedRange(of: next.spec, dpRank: next.rank, dpSize: identity.dpSize).count
+                            let bytes = pieceRange(of: next.spec, rank: next.rank, chunks: next.chunks).count
                             sourcesByKey[key]!.deadline = monotonicSeconds() + Self.sliceTimeout(bytes)
                         }
                     }
@@ -868,13 +904,14 @@ final class SnapshotEngine: @unchecked Sendable {
         guard case .sliceReply(let sliceStep, let range, let crcs) = reply, frames.count == 2 else {
             throw unexpected(reply, "fetch slice \(f.spec.name) of rank \(f.rank)")
         }
-        let expectedRange = ShardLayout.storedRange(of: f.spec, dpRank: f.rank, dpSize: identity.dpSize)
+        let expectedRange = pieceRange(of: f.spec, rank: f.rank, chunks: f.chunks)
         guard sliceStep == step, range == expectedRange, frames[1].count == range.count else {
             throw SnapshotError(code: .refused,
                                 message: "slice of \(f.spec.name) from DP rank \(f.rank) is step \(sliceStep) bytes \(range) (\(frames[1].count) received); expected step \(step) bytes \(expectedRange)")
         }
         let chunks = range.isEmpty ? 0 : (range.count + chunkBytes - 1) / chunkBytes
         guard crcs.count == chunks else { throw SnapshotError(code: .refused, message: "slice CRC count \(crcs.count) != \(chunks)") }
+        let firstChunk = f.chunks.lowerBound
         try frames[1].withUnsafeBytes { (data: UnsafeRawBufferPointer) throws(SnapshotError) in
             let dst = f.buffer.baseAddress! + range.lowerBound
             for c in 0..<chunks {
@@ -888,7 +925,7 @@ final class SnapshotEngine: @unchecked Sendable {
                     offset += n
                 }
                 guard actual == crcs[c] else {
-                    throw corrupt(worker: "dp-rank-\(f.rank)", tensor: f.spec.name, chunk: c, expected: crcs[c], actual: actual)
+                    throw corrupt(worker: "dp-rank-\(f.rank)", tensor: f.spec.name, chunk: firstChunk + c, expected: crcs[c], actual: actual)
                 }
             }
         }

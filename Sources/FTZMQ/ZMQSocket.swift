@@ -286,4 +286,20 @@ public final class ZMQMessage: @unchecked Sendable {
     }
 
     public var bytes: [UInt8] { withUnsafeBytes { Array($0) } }
+
+    /// The descriptor of the connection this message came in on (libzmq's
+    /// ZMQ_SRCFD, from the connection's metadata: set on frames a peer sent,
+    /// not on the routing-id frame a ROUTER adds); nil when unknown.
+    public var sourceDescriptor: Int32? {
+        let fd = zmq_msg_get(msg, ZMQ_SRCFD)
+        return fd >= 0 ? fd : nil
+    }
+
+    /// A metadata property of the connection this message came in on (e.g.
+    /// "Peer-Address": over ipc://, libzmq appends ":UID:GID:PID" of the peer,
+    /// taken with SO_PEERCRED when the connection was accepted); nil when unset.
+    public func property(_ name: String) -> String? {
+        guard let value = zmq_msg_gets(msg, name) else { return nil }
+        return String(cString: value)
+    }
 }

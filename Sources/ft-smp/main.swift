@@ -37,7 +37,7 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Run directory for the endpoint socket, logs and PID files.")
     var runDir: String
 
-    @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/NODE-pPID.smp.sock).")
+    @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/sockets/NODE-pPID.smp.sock; that directory is made 0700, the socket 0600, and each request must come from the worker it names).")
     var endpoint: String?
 
     @Option(help: "Number of workers to spawn.")

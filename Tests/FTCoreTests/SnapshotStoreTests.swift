@@ -268,7 +268,7 @@ struct SMPMessageTests {
             .staged(step: 4, slot: 1, crcs: [1, 2, 3]), .stagedReply(committedStep: 4), .stagedReply(committedStep: nil),
             .restoreQuery(expected: nil), .restoreQuery(expected: 7), .restoreReply(nil), .roundQuery,
             .roundReply(committedStep: 3, pending: true), .roundReply(committedStep: nil, pending: false), .restoreReply(.init(step: 3, slot: 0, crcs: [9])),
-            .fetchSlice(dpRank: 1, dpSize: 4, tensor: "params"), .sliceReply(step: 3, range: 10..<20, crcs: [5]),
+            .fetchSlice(dpRank: 1, dpSize: 4, tensor: "params", chunks: 2..<6), .sliceReply(step: 3, range: 10..<20, crcs: [5]),
             .status, .statusReply("{}"), .error(code: "unknown_worker", message: "who?"),
             .ecChunk(step: 5, row: 2, dataIndex: 1, offset: 4 << 20, length: 341 << 20, crc: 0xDEAD_BEEF),
             .ecAck(step: 5, row: 2, dataIndex: 1, error: ""), .ecAck(step: 5, row: 2, dataIndex: 1, error: "no EC layout"),

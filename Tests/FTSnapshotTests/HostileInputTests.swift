@@ -1,5 +1,6 @@
 import FTCore
 import FTSMP
+import FTSystem
 import FTToy
 import FTWorker
 import FTZMQ
@@ -36,6 +37,31 @@ struct HostileInputTests {
             guard case .error(let code, let message) = try ask(m.envelope(sender: sender).encoded()) else { return nil }
             return (code, message)
         }
+    }
+
+    @Test("an ipc:// request carries its sender's pid and uid (libzmq's Peer-Address, and SO_PEERCRED on its descriptor); other forms are not credentials")
+    func peerCredentials() throws {
+        #expect(PeerCredentials(peerAddress: ":1000:1000:4242") == PeerCredentials(pid: 4242, uid: 1000))
+        for text in ["127.0.0.1", "::1", "", ":a:b:c", ":0:0:0", ":0:0:-5"] { #expect(PeerCredentials(peerAddress: text) == nil, "\(text)") }
+        #expect(parentProcess(of: getpid()) == getppid())
+        #expect(parentProcess(of: -1) == nil)
+
+        let dir = makeRunDirectory("cred")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ctx = try ZMQContext()
+        let server = try ctx.socket(.router, maxMessageBytes: 1024)
+        let client = try ctx.socket(.dealer, maxMessageBytes: 1024)
+        defer { server.close(); client.close() }
+        try server.setLinger(milliseconds: 0)
+        try client.setLinger(milliseconds: 0)
+        let endpoint = try server.bind("ipc://\(dir)/cred.sock")
+        try client.connect(endpoint)
+        try client.send([[1, 2, 3]])
+        let frames = try #require(try server.receiveMessages(timeoutMilliseconds: 10_000))
+        let me = PeerCredentials(pid: getpid(), uid: getuid())
+        #expect(frames[1].property("Peer-Address").flatMap(PeerCredentials.init(peerAddress:)) == me,
+                "\(String(describing: frames[1].property("Peer-Address")))")
+        #expect(frames[1].sourceDescriptor.flatMap(PeerCredentials.init(socket:)) == me)
     }
 
     @Test("an enormous shape, a huge dpSize, an ecFetch near Int64.max and negative values are refused; the SMP answers after")

@@ -157,6 +157,52 @@ struct SnapshotPathTests {
         }
     }
 
+    @Test("slices of many chunks come a few chunks per request: the bytes come back exact, and a corrupt chunk in a later piece is named by its index in the slice")
+    func slicesInPieces() throws {
+        let smp = try InProcessSMP(tag: "dpp")
+        defer { smp.stop() }
+        let chunk = 4096
+        // 10_007 floats per tensor over 2 ranks: slices of 20_016 and 20_012 bytes, 5 chunks
+        // each (the last partial): several pieces of at most `slicePieceChunks` chunks.
+        let models = (0..<2).map { ToyModel(elements: 10_007, dpRank: $0) }
+        let clients = try (0..<2).map { try SnapshotClient(identity: smp.identity("w\($0)", rank: $0, size: 2), chunkBytes: chunk) }
+        for (c, m) in zip(clients, models) { try register(c, m) }
+        for (c, m) in zip(clients, models) {
+            m.apply(step: 1)
+            try c.snapshot(step: 1)
+        }
+        for c in clients { try c.waitForRound() }
+        let stored = ShardLayout.storedRange(of: models[0].tensors[0].0, dpRank: 1, dpSize: 2).count
+        #expect(SnapshotEngine.slicePieces(storedBytes: stored, chunkBytes: chunk).count > 1)
+        #expect(SnapshotEngine.slicePieces(storedBytes: stored, chunkBytes: chunk).flatMap { Array($0) } == Array(0..<5))
+
+        let expected = models.map(\.hash)
+        for rank in 0..<2 {
+            let fresh = ToyModel(elements: 10_007, dpRank: rank)
+            let client = try SnapshotClient(identity: smp.identity("w\(rank)", rank: rank, size: 2), chunkBytes: chunk)
+            try register(client, fresh)
+            #expect(try client.restore() == 1)
+            #expect(fresh.hash == expected[rank], "rank \(rank)")
+        }
+
+        // Chunk 4 of rank 1's params slice (in the second piece) flipped at rest.
+        let layout = ShardLayout(specs: models[1].tensors.map(\.0), dpRank: 1, dpSize: 2, chunkBytes: chunk)
+        let segment = try SharedMemorySegment.open(name: "/ft-\(smp.jobID)-n0-p\(getpid())-w1-s0", count: layout.slotBytes, writable: true)
+        let offset = layout.entry(named: "params")!.slotOffset + 4 * chunk + 3
+        segment.base.storeBytes(of: segment.base.load(fromByteOffset: offset, as: UInt8.self) ^ 0x01, toByteOffset: offset, as: UInt8.self)
+        let client = try SnapshotClient(identity: smp.identity("w0", rank: 0, size: 2), chunkBytes: chunk)
+        let target = ToyModel(elements: 10_007, dpRank: 0)  // alive while the client writes into it
+        try register(client, target)
+        do {
+            _ = try withExtendedLifetime(target) { try client.restore() }
+            Issue.record("restore with a corrupt peer chunk succeeded")
+        } catch let error as SnapshotError {
+            #expect(error.code == .corrupt)
+            #expect(error.corruption?.worker == "dp-rank-1" && error.corruption?.tensor == "params" && error.corruption?.chunk == 4,
+                    "\(error.message)")
+        }
+    }
+
     @Test("a corrupt slice held by another rank fails the restore, naming that rank, tensor and chunk (without parity nothing repairs it)")
     func corruptPeerSlice() throws {
         let smp = try InProcessSMP(tag: "dpc")
@@ -225,7 +271,10 @@ struct SnapshotPathTests {
         }
         #expect(try errorCode(.staged(step: 10, slot: slot, crcs: [1, 2]), from: "w0") == "size_mismatch")
         #expect(try errorCode(.begin(step: 9), from: "w0") == "step_not_increasing")
-        #expect(try errorCode(.fetchSlice(dpRank: 5, dpSize: 9, tensor: "params"), from: "w0") == "unknown_worker")
+        #expect(try errorCode(.fetchSlice(dpRank: 5, dpSize: 9, tensor: "params", chunks: 0..<1), from: "w0") == "unknown_worker")
+        // Chunks beyond the slice, and an empty piece of a slice that has chunks.
+        #expect(try errorCode(.fetchSlice(dpRank: 0, dpSize: 1, tensor: "params", chunks: 0..<99), from: "w0") == "out_of_range")
+        #expect(try errorCode(.fetchSlice(dpRank: 0, dpSize: 1, tensor: "params", chunks: 0..<0), from: "w0") == "out_of_range")
         #expect(try errorCode(.registered(slotNames: [], slotBytes: 0, committedStep: nil), from: "w0") == "malformed")
         #expect(smp.server.malformedFrames >= 1)
 

@@ -1,6 +1,8 @@
 import FTCore
+import FTSMP
 import FTSystem
 import FTToy
+import FTZMQ
 import Foundation
 import Testing
 
@@ -146,5 +148,63 @@ struct SMPLifecycleTests {
         #expect(segments(ofJob: job).isEmpty)
         for pid in workers { #expect(kill(pid, 0) == -1, "worker \(pid) still running after the SMP stopped") }
         #expect(readText(dir + "/smp.log").contains("stopping on signal 15"))
+    }
+
+    @Test("the workers' socket is 0600 in a 0700 directory; a request from a process that is not the worker it names is refused, and the real worker goes on",
+          .timeLimit(.minutes(1)))
+    func workerSocketPeers() throws {
+        let dir = makeRunDirectory("peer")
+        let job = uniqueJobID("peer")
+        // Both children say they are w1 (their environment is overridden): the
+        // child spawned as w0 speaks for w1 and must be refused; w1 is itself.
+        let smp = try ChildProcess(
+            arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "2",
+                        "--max-restarts", "0", "--", "/usr/bin/env", "FT_WORKER_ID=w1",
+                        productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "2"],
+            environment: ProcessInfo.processInfo.environment, outputPath: dir + "/smp.log")
+        func workerPIDs() -> [Int32] {
+            (0..<2).compactMap { Int32(readText(dir + "/pids/n0-w\($0).pid").trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        defer {
+            if smp.poll() == nil {
+                for pid in workerPIDs() { kill(pid, SIGKILL) }
+                smp.kill(SIGKILL)
+                smp.wait(timeoutSeconds: 10)
+            }
+            for name in segments(ofJob: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
+            try? FileManager.default.removeItem(atPath: dir)
+        }
+        let smpLog = { readText(dir + "/smp.log") }
+        #expect(waitUntil(seconds: 30) { smpLog().contains("may not speak for 'w1'") }, "\(smpLog())")
+        #expect(waitUntil(seconds: 30) { readText(dir + "/logs/n0-w1.log").contains("fresh start") }, "\(smpLog())")
+        #expect(segments(ofJob: job).count == 2, "only w1 (the real one) registered: \(segments(ofJob: job))")
+
+        let sockets = dir + "/" + SMPConfiguration.socketDirectoryName
+        let files = try FileManager.default.contentsOfDirectory(atPath: sockets).filter { $0.hasSuffix(".smp.sock") }
+        let socketFile = try #require(files.first, "no socket in \(sockets)")
+        var st = stat()
+        #expect(stat(sockets, &st) == 0 && st.st_mode & 0o777 == 0o700, "\(String(st.st_mode, radix: 8))")
+        #expect(stat(sockets + "/" + socketFile, &st) == 0 && st.st_mode & 0o777 == 0o600, "\(String(st.st_mode, radix: 8))")
+
+        // This test process is no worker of the SMP: nothing it asks is served, whatever name it gives.
+        let ctx = try ZMQContext()
+        let raw = try ctx.socket(.dealer, maxMessageBytes: WireEnvelope.maxFrameBytes)
+        defer { raw.close() }
+        try raw.setLinger(milliseconds: 0)
+        try raw.connect("ipc://" + sockets + "/" + socketFile)
+        for (message, sender) in [(SMPMessage.restoreQuery(expected: nil), "w1"), (.status, "ops"), (.begin(step: 1 << 30), "w1")] {
+            try raw.send([message.envelope(sender: sender).encoded()])
+            let reply = try #require(try raw.receive(timeoutMilliseconds: 10_000), "no reply to \(message.type)")
+            guard case .error(let code, let text) = try SMPMessage.decode(reply[0]).0 else {
+                Issue.record("\(message.type) from a stranger was served")
+                continue
+            }
+            #expect(code == "unauthorized" && text.contains("not a worker of node n0"), "\(code): \(text)")
+        }
+        // The real w1 still trains and snapshots.
+        let before = readText(dir + "/logs/n0-w1.log").count
+        #expect(waitUntil(seconds: 20) { readText(dir + "/logs/n0-w1.log").count > before }, "w1 stopped after the refusals")
+        smp.kill(SIGTERM)
+        #expect(smp.wait(timeoutSeconds: 20) != nil)
     }
 }

@@ -26,6 +26,10 @@ int ft_prefault(void *addr, size_t len);
 /// or -1 when the C library refused.
 int ft_keep_freed_blocks(int mmap_threshold, int trim_threshold);
 
+/// The pid and uid of the process at the other end of a Unix-domain socket
+/// (SO_PEERCRED: who connected it). Returns 0, or -1 with errno.
+int ft_peer_credentials(int fd, int *pid, unsigned int *uid);
+
 /// Blocks `signals` for this thread (call before starting threads) and
 /// returns a signalfd that reads them. Returns -1 with errno.
 int ft_signalfd(const int *signals, int count);
