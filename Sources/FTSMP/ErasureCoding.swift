@@ -195,6 +195,7 @@ extension SMPServer {
         let s = try context.socket(.dealer, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
         try s.setLinger(milliseconds: 0)
         try s.setSendHighWaterMark(0)
+        try s.boundBulkReceives()
         try s.connect(endpoint)
         ec.peers[node] = s
         return s

@@ -186,6 +186,7 @@ public final class SMPServer: @unchecked Sendable {
         if config.coordinatorEndpoint != nil {
             let data = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
             try data.setLinger(milliseconds: 0)
+            try data.boundBulkReceives()  // peers' EC frames
             dataRouter = data
         } else {
             dataRouter = nil
@@ -306,13 +307,15 @@ public final class SMPServer: @unchecked Sendable {
 
     // MARK: coordinator
 
-    /// A slot segment, pre-faulted in 16 MiB pieces with heartbeats between
-    /// (a 1 GiB slot takes a second to fault in, far longer on a loaded VM).
+    /// A slot segment, pre-faulted in 4 MiB pieces with heartbeats between
+    /// (a 1 GiB slot takes a second to fault in, far longer on a loaded VM;
+    /// each piece is one system call, kept short for the cores' sake, see
+    /// `ZMQSocket.bulkReceiveBufferBytes`).
     func createSlot(name: String, count: Int) throws -> SharedMemorySegment {
         let segment = try SharedMemorySegment.create(name: name, count: count, prefault: false)
         var offset = 0
         while offset < count {
-            let n = min(16 << 20, count - offset)
+            let n = min(4 << 20, count - offset)
             try segment.prefault(offset..<offset + n)
             offset += n
             keepAlive()

@@ -343,6 +343,7 @@ final class SnapshotEngine: @unchecked Sendable {
         context = try ZMQContext()
         socket = try context.socket(.dealer, maxMessageBytes: maxFrameBytes)
         try socket.setLinger(milliseconds: 0)
+        try socket.boundBulkReceives()
         try socket.connect(identity.smpEndpoint)
     }
 
@@ -842,6 +843,7 @@ final class SnapshotEngine: @unchecked Sendable {
                 } else {
                     socket = try context.socket(.dealer, maxMessageBytes: maxFrameBytes)
                     try socket.setLinger(milliseconds: 0)
+                    try socket.boundBulkReceives()
                     try socket.connect(f.endpoint)
                     peers[f.endpoint] = socket
                 }
@@ -938,6 +940,7 @@ final class SnapshotEngine: @unchecked Sendable {
         socket.close()
         if let fresh = try? context.socket(.dealer, maxMessageBytes: maxFrameBytes) {
             try? fresh.setLinger(milliseconds: 0)
+            try? fresh.boundBulkReceives()
             try? fresh.connect(identity.smpEndpoint)
             socket = fresh
         }

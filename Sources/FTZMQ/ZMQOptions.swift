@@ -49,6 +49,23 @@ extension ZMQSocket {
 
     public func setSendHighWaterMark(_ messages: Int) throws(ZMQError) { try setInt(ZMQ_SNDHWM, messages, "ZMQ_SNDHWM") }
 
+    /// The kernel receive buffer of this socket's connections (SO_RCVBUF; set
+    /// before connect or bind). It also bounds how much one `recv` copies.
+    public func setReceiveBuffer(bytes: Int) throws(ZMQError) { try setInt(ZMQ_RCVBUF, bytes, "ZMQ_RCVBUF") }
+
+    /// For sockets that receive bulk bytes (slices, EC frames). libzmq receives a
+    /// large message straight into its freshly allocated buffer, and a `recv`
+    /// that faults fresh pages in is one stretch of kernel work that holds its
+    /// core until the copy ends: 4-6 MiB (what the kernel's autotuned buffer
+    /// held) took 70-80 ms on the 2-core VM, during which the real-time
+    /// heartbeat threads woken on that core waited (heartbeat gaps of 150-240
+    /// ms). 512 KiB (the kernel doubles it) bounds each such stretch to about a
+    /// tenth of that and still fills a loopback or datacenter link.
+    public static let bulkReceiveBufferBytes = 512 << 10
+
+    /// `setReceiveBuffer(bytes: bulkReceiveBufferBytes)`.
+    public func boundBulkReceives() throws(ZMQError) { try setReceiveBuffer(bytes: Self.bulkReceiveBufferBytes) }
+
     public func setReceiveHighWaterMark(_ messages: Int) throws(ZMQError) { try setInt(ZMQ_RCVHWM, messages, "ZMQ_RCVHWM") }
 
     /// The identity a ROUTER sees for this DEALER/REQ (set before connect).

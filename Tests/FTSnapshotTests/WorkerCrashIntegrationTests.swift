@@ -118,62 +118,69 @@ struct WorkerCrashIntegrationTests {
 
 @Suite("ft-smp lifecycle (real processes)")
 struct SMPLifecycleTests {
-    @Test("SIGTERM stops the workers and frees every shared-memory segment", .timeLimit(.minutes(1)))
-    func sigterm() throws {
-        let dir = makeRunDirectory("term")
-        let job = uniqueJobID("term")
-        let smp = try ChildProcess(
-            arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "2",
-                        "--", productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "2"],
-            environment: ProcessInfo.processInfo.environment, outputPath: dir + "/smp.log")
+    /// A real `ft-smp` (node n0, no coordinator) spawning two endless toy
+    /// workers, `workerPrefix` before the worker command; `end()` ends exactly
+    /// what it started, by PID, and frees its segments and run directory.
+    final class TwoWorkerSMP {
+        let dir: String
+        let job: String
+        let process: ChildProcess
+
+        init(tag: String, options: [String] = [], workerPrefix: [String] = []) throws {
+            dir = makeRunDirectory(tag)
+            job = uniqueJobID(tag)
+            process = try ChildProcess(
+                arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "2"]
+                    + options + ["--"] + workerPrefix
+                    + [productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "2"],
+                environment: ProcessInfo.processInfo.environment, outputPath: dir + "/smp.log")
+        }
+
+        var log: String { readText(dir + "/smp.log") }
+
         func workerPIDs() -> [Int32] {
             (0..<2).compactMap { Int32(readText(dir + "/pids/n0-w\($0).pid").trimmingCharacters(in: .whitespacesAndNewlines)) }
         }
-        defer {
-            if smp.poll() == nil {
+
+        func end() {
+            if process.poll() == nil {
                 for pid in workerPIDs() { kill(pid, SIGKILL) }
-                smp.kill(SIGKILL)
-                smp.wait(timeoutSeconds: 10)
+                process.kill(SIGKILL)
+                process.wait(timeoutSeconds: 10)
             }
             for name in segments(ofJob: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
             try? FileManager.default.removeItem(atPath: dir)
         }
-        #expect(waitUntil(seconds: 30) { segments(ofJob: job).count == 4 && readText(dir + "/logs/n0-w1.log").contains("fresh start") })
-        for name in segments(ofJob: job) { #expect(try SharedMemorySegment.mode(name: "/" + name) == 0o600) }
+    }
+
+    // Time limits count the wait for a free test thread too: on 2 cores the seeded
+    // simulations can hold both for minutes while this suite waits its turn.
+    @Test("SIGTERM stops the workers and frees every shared-memory segment", .timeLimit(.minutes(4)))
+    func sigterm() throws {
+        let job = try TwoWorkerSMP(tag: "term")
+        defer { job.end() }
+        let (dir, smp) = (job.dir, job.process)
+        func workerPIDs() -> [Int32] { job.workerPIDs() }
+        #expect(waitUntil(seconds: 30) { segments(ofJob: job.job).count == 4 && readText(dir + "/logs/n0-w1.log").contains("fresh start") })
+        for name in segments(ofJob: job.job) { #expect(try SharedMemorySegment.mode(name: "/" + name) == 0o600) }
         let workers = workerPIDs()
         #expect(workers.count == 2)
         smp.kill(SIGTERM)
         let status = smp.wait(timeoutSeconds: 20)
         #expect(status == .exited(0), "\(readText(dir + "/smp.log"))")
-        #expect(segments(ofJob: job).isEmpty)
+        #expect(segments(ofJob: job.job).isEmpty)
         for pid in workers { #expect(kill(pid, 0) == -1, "worker \(pid) still running after the SMP stopped") }
         #expect(readText(dir + "/smp.log").contains("stopping on signal 15"))
     }
 
     @Test("the workers' socket is 0600 in a 0700 directory; a request from a process that is not the worker it names is refused, and the real worker goes on",
-          .timeLimit(.minutes(1)))
+          .timeLimit(.minutes(4)))
     func workerSocketPeers() throws {
-        let dir = makeRunDirectory("peer")
-        let job = uniqueJobID("peer")
         // Both children say they are w1 (their environment is overridden): the
         // child spawned as w0 speaks for w1 and must be refused; w1 is itself.
-        let smp = try ChildProcess(
-            arguments: [productsDirectory + "/ft-smp", "--job-id", job, "--node-id", "n0", "--run-dir", dir, "--workers", "2",
-                        "--max-restarts", "0", "--", "/usr/bin/env", "FT_WORKER_ID=w1",
-                        productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "64", "--step-ms", "2"],
-            environment: ProcessInfo.processInfo.environment, outputPath: dir + "/smp.log")
-        func workerPIDs() -> [Int32] {
-            (0..<2).compactMap { Int32(readText(dir + "/pids/n0-w\($0).pid").trimmingCharacters(in: .whitespacesAndNewlines)) }
-        }
-        defer {
-            if smp.poll() == nil {
-                for pid in workerPIDs() { kill(pid, SIGKILL) }
-                smp.kill(SIGKILL)
-                smp.wait(timeoutSeconds: 10)
-            }
-            for name in segments(ofJob: job) { _ = SharedMemorySegment.unlink(name: "/" + name) }
-            try? FileManager.default.removeItem(atPath: dir)
-        }
+        let smp = try TwoWorkerSMP(tag: "peer", options: ["--max-restarts", "0"], workerPrefix: ["/usr/bin/env", "FT_WORKER_ID=w1"])
+        defer { smp.end() }
+        let (dir, job) = (smp.dir, smp.job)
         let smpLog = { readText(dir + "/smp.log") }
         #expect(waitUntil(seconds: 30) { smpLog().contains("may not speak for 'w1'") }, "\(smpLog())")
         #expect(waitUntil(seconds: 30) { readText(dir + "/logs/n0-w1.log").contains("fresh start") }, "\(smpLog())")
@@ -204,7 +211,7 @@ struct SMPLifecycleTests {
         // The real w1 still trains and snapshots.
         let before = readText(dir + "/logs/n0-w1.log").count
         #expect(waitUntil(seconds: 20) { readText(dir + "/logs/n0-w1.log").count > before }, "w1 stopped after the refusals")
-        smp.kill(SIGTERM)
-        #expect(smp.wait(timeoutSeconds: 20) != nil)
+        smp.process.kill(SIGTERM)
+        #expect(smp.process.wait(timeoutSeconds: 20) != nil)
     }
 }
