@@ -790,6 +790,7 @@ public final class SMPServer: @unchecked Sendable {
     private func childExited(_ id: String) throws {
         guard let child = children[id], let status = child.poll() else { return }
         children[id] = nil
+        requestOwners = requestOwners.filter { $0.value.worker != id }  // its processes are gone
         store.workerExited(id)
         let committed = store.workers[id]?.lastCommitted
         logger.info("worker exited", metadata: ["worker": "\(id)", "pid": "\(child.pid)", "status": "\(status)",

@@ -783,7 +783,9 @@ final class SnapshotEngine: @unchecked Sendable {
 
     /// Makes freed blocks below 16 MiB stay in malloc's heaps (and up to 256
     /// MiB of free space at a heap's top stay mapped), once per process: a
-    /// slice reply's buffer is then reused for the next one.
+    /// slice reply's buffer is then reused for the next one. The setting is the
+    /// whole process's (a PyTorch worker's CPU allocations too), taken at its
+    /// first restore that gathers slices.
     static func keepReceiveBuffers() { _ = keptReceiveBuffers }
     private static let keptReceiveBuffers: Bool = keepFreedBlocks(below: 16 << 20, trimAbove: 256 << 20)
 

@@ -64,6 +64,35 @@ struct HostileInputTests {
         #expect(frames[1].sourceDescriptor.flatMap(PeerCredentials.init(socket:)) == me)
     }
 
+    @Test("each socket serves its audience only: a worker's requests on the TCP data endpoint and EC frames on the workers' socket are refused (unauthorized)")
+    func endpointsByAudience() throws {
+        // Nobody listens at this coordinator endpoint: the SMP only needs one to open its data endpoint.
+        let smp = try InProcessSMP(tag: "aud", coordinator: "tcp://127.0.0.1:9")
+        defer { smp.stop() }
+        let data = try Raw(smp.server.dataEndpoint)
+        let reg = WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 1,
+                                     specs: [TensorSpec(name: "t", dtype: .f32, shape: [1024], role: .param, replicated: true)])
+        // Register, stage, void a round, read status: none of it over TCP.
+        for m: SMPMessage in [.register(reg), .begin(step: 1), .staged(step: 1, slot: 0, crcs: [0]), .restoreQuery(expected: nil),
+                              .roundQuery, .status] {
+            let r = try #require(try data.refusal(m), "\(m.type) over the data endpoint was served")
+            #expect(r.code == "unauthorized", "\(m.type): \(r)")
+        }
+        // A slice request is a peer's: it is handled (here: no such worker), not refused for its socket.
+        let slice = try #require(try data.refusal(.fetchSlice(dpRank: 0, dpSize: 1, tensor: "t", chunks: 0..<1)))
+        #expect(slice.code == "unknown_worker", "\(slice)")
+        // EC frames are for the data endpoint only.
+        let local = try Raw(smp.server.boundEndpoint)
+        for m: SMPMessage in [.ecFetch(step: 1, row: 0, index: 0, offset: 0, length: 8),
+                              .ecChunk(step: 1, row: 0, dataIndex: 0, offset: 0, length: 8, crc: 0)] {
+            let r = try #require(try local.refusal(m, from: "n1"), "\(m.type) on the workers' socket was served")
+            #expect(r.code == "unauthorized", "\(m.type): \(r)")
+        }
+        #expect(smp.server.unauthorizedRequests == 8)
+        // The workers' socket still serves a worker.
+        #expect(Raw.isRegistered(try local.ask(SMPMessage.register(reg).envelope(sender: "w0").encoded())))
+    }
+
     @Test("an enormous shape, a huge dpSize, an ecFetch near Int64.max and negative values are refused; the SMP answers after")
     func craftedOverflows() throws {
         let smp = try InProcessSMP(tag: "ovf")

@@ -40,13 +40,16 @@ final class InProcessSMP: @unchecked Sendable {
     let jobID: String
     private let done = DispatchSemaphore(value: 0)
 
-    init(tag: String, memoryLimit: Int? = nil) throws {
+    /// `coordinator`: an endpoint to report to (nobody need listen there); with
+    /// one the SMP also opens its TCP data endpoint.
+    init(tag: String, memoryLimit: Int? = nil, coordinator: String? = nil) throws {
         directory = makeRunDirectory(tag)
         jobID = uniqueJobID(tag)
         var logger = Logger(label: "test-smp")
         logger.logLevel = .warning
         var config = SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: directory, workerCount: 0, workerCommand: [])
         config.memoryLimit = memoryLimit
+        config.coordinatorEndpoint = coordinator
         server = try SMPServer(config: config, logger: logger, watchSignals: false)
         let thread = Thread { [server, done] in
             do { try server.run() } catch { print("in-process SMP failed: \(error)") }
