@@ -129,7 +129,14 @@ struct RecoveryIntegrationTests {
         defer { bad.close() }
         try bad.setLinger(milliseconds: 0)
         try bad.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member)
+        // Sends block until the handshake is done (a DEALER has no peer before):
+        // wait for it here, however slowly a loaded machine gets there.
+        let monitor = try bad.monitor(events: [.handshakeSucceeded])
+        defer { monitor.close() }
         try bad.connect(job.endpoint)
+        var handshake: ZMQSocketEvent?
+        for _ in 0..<12 where handshake == nil { handshake = try ZMQSocketEvent.receive(from: monitor, timeoutMilliseconds: 5000) }
+        #expect(handshake?.kind == .handshakeSucceeded)
         var rng = SplitMix64(seed: 99)
         let valid = ControlMessage.workerHeartbeat(step: 1, running: true, skipped: 0, activity: .idle).envelope(sender: "x", epoch: 1).encoded()
         for i in 0..<200 {
