@@ -233,7 +233,7 @@ func fuzzCoordinator(_ bytes: [UInt8]) {
         let sender = c.string(senders)
         let epoch = c.byte() % 4 == 0 ? UInt64(truncatingIfNeeded: c.int()) : coordinator.epoch
         let message: ControlMessage
-        switch c.below(13) {
+        switch c.below(14) {
         case 0:
             let node = c.byte() % 8 == 0 ? c.string(nodeIDs) : sender
             message = .smpHello(.init(node: node, pid: c.int(), dataEndpoint: "tcp://d", workers: (0..<c.below(4)).map { _ in c.string(settings.workerIDs + ["w9"]) },
@@ -255,6 +255,7 @@ func fuzzCoordinator(_ bytes: [UInt8]) {
         case 9: message = .rebuilt(step: c.optionalInt(), error: c.byte() % 2 == 0 ? "" : "failed")
         case 10: message = .statusQuery
         case 11: message = .commit(step: c.int())  // not for the coordinator: must change nothing
+        case 12: message = .startRefused(worker: c.string(settings.workerIDs), reason: "fuzz")
         default: message = .smpHeartbeat(dataBytes: c.int() & 0xFFFF, parityBytes: 0)
         }
         // As the coordinator's server receives it: encoded, decoded (bounds apply), then handled.

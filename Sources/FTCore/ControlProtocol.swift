@@ -3,7 +3,7 @@
 /// its `sender` the member id: a node id for an SMP, `node/worker` for a
 /// worker). SMPs and workers are ZeroMQ DEALERs; the coordinator is a ROUTER.
 ///
-///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, protected
+///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, startRefused, protected
 ///     worker -> coordinator   workerHello, workerHeartbeat, ready, restoreFailed, workerDone
 ///     coordinator -> member   welcome, ack, helloRequired, commit, abort, pause,
 ///                             restore, restartWorkers, resume, fenced, stop
@@ -28,6 +28,11 @@ public enum ControlMessage: Sendable, Equatable {
     case smpHeartbeat(dataBytes: Int, parityBytes: Int)
     /// A child worker (process `pid`) exited on its own.
     case childExited(worker: String, pid: Int, status: String)
+    /// A worker cannot join: its SMP refused its registration for a reason
+    /// that starting it again does not change (the shared memory it needs is
+    /// more than the node's budget or /dev/shm holds). A job still starting
+    /// stops at once with `reason` rather than wait for its start timeout.
+    case startRefused(worker: String, reason: String)
     case protected(step: Int)
     // worker -> coordinator
     case workerHello(WorkerInfo)
@@ -145,6 +150,7 @@ public enum ControlMessage: Sendable, Equatable {
         case .smpHello: 101
         case .smpHeartbeat: 102
         case .childExited: 103
+        case .startRefused: 105
         case .protected: 104
         case .workerHello: 111
         case .workerHeartbeat: 112
@@ -182,6 +188,8 @@ public enum ControlMessage: Sendable, Equatable {
             w.i64(Int64(d)); w.i64(Int64(p))
         case .childExited(let worker, let pid, let status):
             w.string(worker); w.i64(Int64(pid)); w.string(status)
+        case .startRefused(let worker, let reason):
+            w.string(worker); w.string(reason)
         case .protected(let s), .commit(let s), .abort(let s), .workerDone(let s):
             w.i64(Int64(s))
         case .workerHello(let i):
@@ -267,6 +275,9 @@ public enum ControlMessage: Sendable, Equatable {
             let pid = try pid("pid")
             self = .childExited(worker: worker, pid: pid, status: try r.string(field: "status", max: 255))
         case 104: self = .protected(step: try step("step"))
+        case 105:
+            let worker = try r.string(field: "worker", max: 255)
+            self = .startRefused(worker: worker, reason: try r.string(field: "reason", max: 1024))
         case 111:
             let node = try r.string(field: "node", max: 255)
             let worker = try r.string(field: "worker", max: 255)

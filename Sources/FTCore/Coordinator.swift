@@ -232,6 +232,11 @@ public struct CoordinatorInstance: Sendable {
     private var burstStartedAt: Double?
     /// When this coordinator first saw anything (its start grace counts from there).
     private var startingSince: Double?
+    /// Exits of workers that had not joined yet, while the job starts: each is
+    /// started again, until `maxStartExits` exits of one worker stop the job.
+    private var startExits: [String: Int] = [:]
+    /// Exits of one worker before it joins after which a starting job stops.
+    public static let maxStartExits = 3
     /// Some member said hello knowing an epoch or holding a snapshot: this
     /// coordinator replaces one that ran the job.
     public private(set) var takesOverRunningJob = false
@@ -299,7 +304,7 @@ public struct CoordinatorInstance: Sendable {
             return out
         case .childExited(let worker, let pid, let status):
             let key = "\(sender)/\(worker)"
-            guard var w = workers[key] else { return [] }
+            guard var w = workers[key] else { return exitedBeforeJoining(key, node: sender, worker: worker, status: status, now: now) }
             switch w.state {
             case .alive where pid == 0 || pid == w.info.pid:
                 break  // the worker the job runs with died
@@ -315,6 +320,12 @@ public struct CoordinatorInstance: Sendable {
             detector.forget(key)
             if state == .failed || state == .stopped { return [] }
             return failure(what: key, kind: "worker", detectedBy: "reported by SMP \(sender): \(status)", now: now)
+        case .startRefused(let worker, let reason):
+            let key = "\(sender)/\(worker)"
+            guard state == .starting, !takesOverRunningJob, nodes[sender] != nil else {
+                return [.log("worker \(key) could not register: \(reason)")]
+            }
+            return fail("worker \(key) cannot start: \(reason)", now: now)
         case .protected(let step):
             guard current, state == .running, nodes[sender]?.state == .alive else { return [] }
             if let c = committedStep, step <= c { return [] }
@@ -384,7 +395,7 @@ public struct CoordinatorInstance: Sendable {
             guard info.worldSize == expectedWorkers, info.rank < expectedWorkers else {
                 throw WireError(.notInJob, "worker \(sender) says rank \(info.rank) of \(info.worldSize); the job has \(expectedWorkers) ranks")
             }
-        case .smpHeartbeat, .childExited, .protected, .rebuilt:
+        case .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt:
             guard !sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from SMPs, not from worker \(sender)") }
         case .workerHeartbeat(_, _, _, let activity):
             guard sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from workers, not from SMP \(sender)") }
@@ -712,6 +723,21 @@ public struct CoordinatorInstance: Sendable {
     /// yet (nothing is planned before the view is complete). A node is
     /// forgotten, so that it counts as missing; a worker is forgotten and
     /// its SMP told to end that process if it still runs and start it again.
+    /// A worker the coordinator does not know exited (it had not said hello).
+    /// While the job starts, nothing else would start it again: its SMP does,
+    /// on this order, until `maxStartExits` exits say it never will join (a
+    /// bad command, a crash at start-up) and the job stops with its status.
+    private mutating func exitedBeforeJoining(_ key: String, node: String, worker: String, status: String, now: Double) -> [Directive] {
+        guard state == .starting, nodes[node] != nil else { return [] }
+        startExits[key, default: 0] += 1
+        let exits = startExits[key]!
+        if exits >= Self.maxStartExits {
+            return fail("worker \(key) exited \(exits) times before it joined the job (last: \(status)); see its log", now: now)
+        }
+        return [.log("worker \(key) exited before it joined the job (\(status)); starting it again (\(exits) of \(Self.maxStartExits))"),
+                .send(to: node, .restartWorkers([.init(worker: worker, pid: 0)]))]
+    }
+
     private mutating func lostWhileStarting(_ id: String) -> [Directive] {
         detector.forget(id)
         if let n = nodes.removeValue(forKey: id) {

@@ -19,6 +19,7 @@ import Foundation
 ///     heartbeat_ms = 100
 ///     timeout_ms = 500
 ///     phase_timeout = 60    # seconds a recovery phase may take at least (default 5; 60 for PyTorch workers)
+///     memory_limit = 8G     # shared memory per node for snapshots (default: derived from the machine)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -37,6 +38,21 @@ public struct ClusterConfig: Equatable, Sendable {
     /// coordinator's default). A PyTorch worker's restart (a process group
     /// and DDP rebuilt, a lost node's new process importing torch) needs more.
     public var phaseTimeout: Double?
+    /// Each node's shared-memory budget for snapshot slots in bytes (nil: the
+    /// SMP's default, derived from the machine). A worker whose slots would
+    /// not fit is refused, and a job still starting stops at once saying so.
+    public var memoryLimit: Int?
+
+    /// Bytes from "N", "NK", "NM", "NG" or "NT" (powers of 1024), nil if malformed or not positive.
+    public static func parseBytes(_ text: String) -> Int? {
+        var t = text.trimmingCharacters(in: .whitespaces).uppercased()
+        if t.hasSuffix("IB") { t.removeLast(2) } else if t.hasSuffix("B") { t.removeLast() }
+        let shifts: [Character: Int] = ["K": 10, "M": 20, "G": 30, "T": 40]
+        var shift = 0
+        if let last = t.last, let s = shifts[last] { shift = s; t.removeLast() }
+        guard let n = Int(t), n > 0, n <= Int.max >> shift else { return nil }
+        return n << shift
+    }
 
     public struct ErasureCode: Equatable, Sendable {
         public var k: Int
@@ -63,7 +79,8 @@ public struct ClusterConfig: Equatable, Sendable {
     public init() {}
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
-                                    "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout"]
+                                    "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
+                                    "memory_limit"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -105,6 +122,11 @@ public struct ClusterConfig: Equatable, Sendable {
         case "phase_timeout":
             guard let v = Double(value), v > 0 else { throw ConfigError("phase_timeout must be a positive number of seconds, not '\(value)'") }
             phaseTimeout = v
+        case "memory_limit":
+            guard let v = Self.parseBytes(value) else {
+                throw ConfigError("memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '\(value)'")
+            }
+            memoryLimit = v
         default:
             throw ConfigError("unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
         }
@@ -192,6 +214,7 @@ public struct ClusterConfig: Equatable, Sendable {
         o.heartbeatMs = heartbeatMs
         o.timeoutMs = timeoutMs
         o.phaseTimeout = phaseTimeout
+        o.memoryLimit = memoryLimit
         return o
     }
 }

@@ -34,6 +34,8 @@ public final class LocalJob: @unchecked Sendable {
         public var snapshotInterval = 1
         /// The floor of a recovery phase's deadline in seconds (nil: the coordinator's default).
         public var phaseTimeout: Double?
+        /// Each SMP's shared-memory budget in bytes (`ft-smp --memory-limit`; nil: its default).
+        public var memoryLimit: Int?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -87,6 +89,7 @@ public final class LocalJob: @unchecked Sendable {
          "--rank-offset", "\(rankOffset)", "--world-size", "\(options.nodes * options.workersPerNode)",
          "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
+            + (options.memoryLimit.map { ["--memory-limit", "\($0)"] } ?? [])
     }
 
     private func smpEnvironment(_ extra: [String: String]) -> [String: String] {

@@ -608,6 +608,9 @@ public final class SMPServer: @unchecked Sendable {
             case .memoryLimit:
                 refusedRequests += 1
                 logger.error("refused a request from \(sender): \(e)")
+                // Starting the worker again needs the same memory: a job still
+                // starting stops now, saying why, rather than at its start timeout.
+                if case .register = message { channel?.send(.startRefused(worker: sender, reason: e.message)) }
             case .outOfRange, .invalidRegistration, .busy, .unexpectedRound:
                 refusedRequests += 1
                 logger.warning("refused a request from \(sender): \(e)")

@@ -29,7 +29,7 @@ struct Start: ParsableCommand {
 
             Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or
             none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms,
-            phase_timeout.
+            phase_timeout, memory_limit.
             See cluster/example.conf.
             """)
 
@@ -72,6 +72,9 @@ struct Start: ParsableCommand {
     @Option(help: "The floor of a recovery phase's deadline in seconds (default 5; give 60 for PyTorch workers, whose restart rebuilds the process group).")
     var phaseTimeout: Double?
 
+    @Option(help: ArgumentHelp("Shared memory per node for snapshot slots, e.g. 8G or 512M (default: the SMP's, derived from the machine). A job whose workers do not fit stops at once, saying what they need.", valueName: "size"))
+    var memoryLimit: String?
+
     @Option(help: "Seconds to wait for the job to start running.")
     var startTimeout = 120.0
 
@@ -101,6 +104,12 @@ struct Start: ParsableCommand {
             if let heartbeatMs { c.heartbeatMs = heartbeatMs }
             if let timeoutMs { c.timeoutMs = timeoutMs }
             if let phaseTimeout { c.phaseTimeout = phaseTimeout }
+            if let memoryLimit {
+                guard let v = ClusterConfig.parseBytes(memoryLimit) else {
+                    throw ValidationError("--memory-limit must be a positive size in bytes (e.g. 8G, 512M), not '\(memoryLimit)'")
+                }
+                c.memoryLimit = v
+            }
             if !workerCommand.isEmpty { c.workerCommand = workerCommand }
             try c.validate(binaries: binaries)
         } catch let error as ClusterConfig.ConfigError {
@@ -123,8 +132,15 @@ struct Start: ParsableCommand {
         let started = monotonicSeconds()
         while (local.status(timeout: 0.5)?["state"] as? String) != "running" {
             if local.coordinator?.poll() != nil || monotonicSeconds() - started > startTimeout {
-                say("the job did not start running (\(local.coordinator?.poll() != nil ? "the coordinator ended" : "timeout")); logs under \(dir):")
+                // A job that cannot start (a worker refused or crashing at start-up) stops
+                // with its reason in status.json.
+                let final = (try? String(contentsOfFile: dir + "/status.json", encoding: .utf8))
+                    .flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+                let why = (final?["stop_reason"] as? String).map { "it stopped: \($0)" }
+                    ?? (local.coordinator?.poll() != nil ? "the coordinator ended" : "no start within \(Int(startTimeout)) s")
+                say("the job did not start running (\(why)); logs under \(dir):")
                 say(String(local.logs.suffix(4000)))
+                say("the job did not start running: \(why)")
                 throw ExitCode(1)
             }
             if signals.next() != nil { say("interrupted; stopping"); throw ExitCode(130) }

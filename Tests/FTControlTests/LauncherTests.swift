@@ -38,12 +38,20 @@ struct ClusterConfigTests {
             heartbeat_ms = 50
             timeout_ms = 300
             phase_timeout = 60
+            memory_limit = 8G
             """)
         #expect(c.nodes == 6 && c.workersPerNode == 1 && c.erasure == .init(k: 4, m: 2) && c.spares == 2)
         #expect(c.snapshotInterval == 5 && c.steps == 100 && c.workerCommand == ["/bin/sleep", "1000"])
         #expect(c.runDirectory == "/tmp/x" && c.jobID == "abc" && c.heartbeatMs == 50 && c.timeoutMs == 300 && c.phaseTimeout == 60)
+        #expect(c.memoryLimit == 8 << 30 && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").memoryLimit == 8 << 30)
+        #expect(ClusterConfig.parseBytes("512M") == 512 << 20 && ClusterConfig.parseBytes("4096") == 4096 && ClusterConfig.parseBytes("2GiB") == 2 << 30)
+        #expect(ClusterConfig.parseBytes("0") == nil && ClusterConfig.parseBytes("-1G") == nil && ClusterConfig.parseBytes("lots") == nil)
+        #expect(ClusterConfig.parseBytes("9999999999999T") == nil)
+        #expect(throws: ClusterConfig.ConfigError("test.conf:1: memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '8Q'")) {
+            try config("memory_limit = 8Q")
+        }
         #expect(try config("ec = none").erasure == nil)
-        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
         #expect(throws: ClusterConfig.ConfigError("test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
@@ -162,6 +170,32 @@ struct LauncherProcessTests {
         #expect(RecordedProcesses.segments(job: job).isEmpty)
         let (again, againText, _) = try runTool("ft-launch", ["stop", dir])
         #expect(again == .exited(0) && againText.contains("nothing of it is running"), "\(againText)")
+    }
+
+    @Test("a job that cannot start stops at once saying why (workers over the memory budget; a worker that exits at start-up), leaving nothing",
+          arguments: ["memory", "exits"])
+    func cannotStart(_ cause: String) throws {
+        realProcessJobs.lock()
+        defer { realProcessJobs.unlock() }
+        let dir = "/tmp/ft-ctl-nostart-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let job = "nostart\(getpid())\(cause)"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { RecordedProcesses.freeSharedMemory(job: job) }
+        // 2 slots of 64 MiB per worker, over a 16 MiB budget.
+        let worker = cause == "memory" ? [productsDirectory + "/ft-toy-worker", "--steps", "100", "--state-kib", "65536"] : ["/bin/false"]
+        // The start timeout is far away: the launcher must end on the job's own report.
+        let (status, text, _) = try runTool("ft-launch", ["start", "--nodes", "2", "--workers-per-node", "1", "--ec", "none",
+                                                          "--memory-limit", "16M", "--start-timeout", "600", "--run-dir", dir,
+                                                          "--job-id", job, "--"] + worker, timeout: 120)
+        #expect(status == .exited(1), "\(text)")
+        let expected = cause == "memory"
+            ? "cannot start: worker w0 needs 134217" : "exited \(3) times before it joined the job (last: exit 1)"
+        #expect(text.contains("the job did not start running: it stopped: worker n"), "\(text)")
+        #expect(text.contains(expected), "\(text)")
+        let recorded = RecordedProcesses.all(runDirectory: dir)
+        #expect(recorded.count >= 3, "\(recorded)")  // the coordinator, 2 SMPs, their workers
+        #expect(!recorded.contains { RecordedProcesses.belongs($0, toJob: job) }, "\(recorded)")
+        #expect(RecordedProcesses.segments(job: job).isEmpty)
     }
 
     @Test("a bad config is refused before any process starts")

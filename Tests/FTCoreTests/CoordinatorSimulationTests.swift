@@ -286,6 +286,45 @@ struct ControlSimulationTests {
         #expect(c.failureCount == 2)
     }
 
+    @Test("a worker that exits before it joins a starting job is started again, and its third exit stops the job naming it")
+    func exitsBeforeJoining() {
+        var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "x", nodes: 2, workersPerNode: 1))
+        _ = c.receive(.smpHello(.init(node: "n0", pid: 10, dataEndpoint: "tcp://n0", workers: ["w0"], rankOffset: 0,
+                                      committedStep: nil, stagedStep: nil)), from: "n0", epoch: 0, now: 0)
+        // An exit reported by a node that has not said hello starts nothing: it is asked to say hello.
+        #expect(c.receive(.childExited(worker: "w0", pid: 9, status: "exit 1"), from: "n1", epoch: 0, now: 0.1) == [.send(to: "n1", .helloRequired)])
+        for i in 1..<CoordinatorInstance.maxStartExits {
+            let out = c.receive(.childExited(worker: "w0", pid: 10 + i, status: "exit 1"), from: "n0", epoch: 0, now: Double(i))
+            #expect(out.contains(.send(to: "n0", .restartWorkers([.init(worker: "w0", pid: 0)]))), "\(out)")
+            #expect(c.state == .starting)
+        }
+        _ = c.receive(.childExited(worker: "w0", pid: 20, status: "signal 6"), from: "n0", epoch: 0, now: 5)
+        #expect(c.state == .failed)
+        #expect(c.stopReason == "worker n0/w0 exited 3 times before it joined the job (last: signal 6); see its log")
+    }
+
+    @Test("a registration refused for lack of memory stops a starting job at once with the SMP's reason; in a running job it is logged")
+    func startRefused() {
+        func started() -> CoordinatorInstance {
+            var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "x", nodes: 1, workersPerNode: 1))
+            _ = c.receive(.smpHello(.init(node: "n0", pid: 10, dataEndpoint: "tcp://n0", workers: ["w0"], rankOffset: 0,
+                                          committedStep: nil, stagedStep: nil)), from: "n0", epoch: 0, now: 0)
+            return c
+        }
+        var c = started()
+        _ = c.receive(.startRefused(worker: "w0", reason: "needs 8 bytes; 4 left"), from: "n0", epoch: 0, now: 0.1)
+        #expect(c.state == .failed && c.stopReason == "worker n0/w0 cannot start: needs 8 bytes; 4 left")
+        // Only an SMP may say so.
+        var d = started()
+        #expect(throws: WireError.self) { try d.validate(.startRefused(worker: "w0", reason: "r"), from: "n0/w0") }
+        _ = d.receive(.workerHello(.init(node: "n0", worker: "w0", rank: 0, worldSize: 1, pid: 11, collectiveEndpoint: "r")),
+                      from: "n0/w0", epoch: 0, now: 0)
+        _ = d.receive(.ready(restoredStep: nil), from: "n0/w0", epoch: d.epoch, now: 0.1)
+        #expect(d.state == .running)
+        let out = d.receive(.startRefused(worker: "w0", reason: "r"), from: "n0", epoch: d.epoch, now: 0.2)
+        #expect(d.state == .running && out == [.log("worker n0/w0 could not register: r")])
+    }
+
     @Test("a restarted coordinator commits a round every SMP's hello says it protected, and restores that step")
     func restartCommitsProtectedRound() throws {
         let hello = { (node: String, committed: Int?, staged: Int?, protected: Int?) in
