@@ -77,12 +77,12 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-smp", dependencies: [
-            "FTSMP",
+            "FTSMP", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-coordinator", dependencies: [
-            "FTControl", "FTCore", "FTSystem",
+            "FTControl", "FTCore", "FTSystem", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -28,8 +28,12 @@ public struct CoordinatorServerConfig: Sendable {
 ///
 /// Every frame is decoded defensively: a malformed frame is counted, logged and
 /// dropped; an unauthenticated client never gets a frame through (ZAP refuses
-/// its handshake; refusals are counted). Status queries are answered from the
-/// instance's view (`CoordinatorStatus`).
+/// its handshake; refusals are counted). With keys, each client's role comes
+/// from the key it presented (`JobKeys.KeyRole`, the handshake's user id), and
+/// a message its role may not send (an operator's anything but a status query,
+/// a worker's SMP report, an SMP's worker message) is counted as unauthorized,
+/// logged and dropped. Status queries are answered from the instance's view
+/// (`CoordinatorStatus`).
 ///
 /// Fencing by incarnation: the server remembers which member and process
 /// (pid) said an accepted hello on each connection. A message on a connection
@@ -55,6 +59,8 @@ public final class CoordinatorServer: @unchecked Sendable {
     private let stopPipe: (read: Int32, write: Int32)
     public private(set) var boundEndpoint: String
     public private(set) var malformedFrames = 0
+    /// Messages dropped because the sender's key role may not send them.
+    public private(set) var unauthorizedMessages = 0
     private let startedAt = monotonicSeconds()
 
     public init(config: CoordinatorServerConfig, logger: Logger, watchSignals: Bool) throws {
@@ -67,13 +73,14 @@ public final class CoordinatorServer: @unchecked Sendable {
         stopPipe = (fds[0], fds[1])
         context = try ZMQContext()
         if let dir = config.keysDirectory {
-            let keys = try JobKeys.load(from: dir, withServerSecret: true)
-            zap = try ZAPAuthenticator(context: context, allowedClientKeys: [keys.member.publicKey]) { [logger] line in
+            let server = try CurveKeyPair.load(from: dir + "/coordinator.key")
+            let roles = try JobKeys.clientRoles(in: dir)
+            zap = try ZAPAuthenticator(context: context, clients: roles.mapValues(\.rawValue)) { [logger] line in
                 logger.warning("unauthenticated: \(line)")
             }
             router = try context.socket(.router, maxMessageBytes: ControlMessage.maxFrameBytes)
             try router.setZAPDomain("ft")
-            try router.makeCurveServer(keys.server!)
+            try router.makeCurveServer(server)
         } else {
             zap = nil
             router = try context.socket(.router, maxMessageBytes: ControlMessage.maxFrameBytes)
@@ -136,7 +143,8 @@ public final class CoordinatorServer: @unchecked Sendable {
     }
 
     private func drain() {
-        while let frames = try? router.receiveNow() {
+        while let messages = try? router.receiveMessages(timeoutMilliseconds: 0) {
+            let frames = messages.map(\.bytes)
             guard frames.count == 2 else {
                 countMalformed("a message of \(frames.count) frames")
                 continue
@@ -150,9 +158,19 @@ public final class CoordinatorServer: @unchecked Sendable {
                 continue
             }
             let (message, envelope) = decoded
+            if zap != nil {
+                // The role of the key this connection presented (ZAP's user id), not a field of the message.
+                let role = messages[1].property("User-Id").flatMap(JobKeys.KeyRole.init(rawValue:))
+                guard let role, role.may(message) else {
+                    unauthorizedMessages += 1
+                    logger.warning("dropped \(String(describing: message).prefix(60)) from \(envelope.sender): the \(role?.rawValue ?? "unknown") key may not send it",
+                                   metadata: ["unauthorized.total": "\(unauthorizedMessages)"])
+                    continue
+                }
+            }
             if case .statusQuery = message {
                 let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
-                                                  unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt,
+                                                  unauthenticated: unauthenticated, unauthorized: unauthorizedMessages, uptime: monotonicSeconds() - startedAt,
                                                   fencedByServer: fencedByIncarnation)
                 send(identity, .statusReply(json))
                 continue
@@ -245,7 +263,7 @@ public final class CoordinatorServer: @unchecked Sendable {
     private func writeFinalStatus() {
         guard let dir = config.runDirectory else { return }
         let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
-                                          unauthenticated: unauthenticated, uptime: monotonicSeconds() - startedAt,
+                                          unauthenticated: unauthenticated, unauthorized: unauthorizedMessages, uptime: monotonicSeconds() - startedAt,
                                           fencedByServer: fencedByIncarnation)
         try? (json + "\n").write(toFile: dir + "/status.json", atomically: true, encoding: .utf8)
     }
@@ -270,14 +288,14 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///                                     last_failure without age_ms; a failure during a
 ///                                     recovery ends the one before with outcome "superseded by …"],
 ///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "refused_messages", "skipped_snapshots",
-///      "malformed_frames", "unauthenticated", "coordinator_pid",
+///      "malformed_frames", "unauthenticated", "unauthorized", "coordinator_pid",
 ///      "detector": {"timeout_ms" (in force), "local_health", "stalls", "largest_loop_gap_ms"},
 ///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)}}
 public enum CoordinatorStatus {
     public static let schema = 1
 
     /// `fencedByServer`: messages the server fenced by incarnation, counted with the instance's in `fenced_messages`.
-    public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double,
+    public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, unauthorized: Int = 0, uptime: Double,
                               fencedByServer: Int = 0) -> [String: Any] {
         var nodes: [[String: Any]] = []
         for n in c.nodes.values.sorted(by: { $0.id < $1.id }) {
@@ -317,7 +335,7 @@ public enum CoordinatorStatus {
             "aborted_rounds": c.abortedRounds, "fenced_messages": c.fencedMessages + fencedByServer,
             "refused_messages": c.refusedMessages,
             "skipped_snapshots": c.workers.values.map(\.skipped).max() ?? 0,
-            "malformed_frames": malformed, "unauthenticated": unauthenticated,
+            "malformed_frames": malformed, "unauthenticated": unauthenticated, "unauthorized": unauthorized,
             "coordinator_pid": Int(getpid()),
             "detector": ["timeout_ms": Int(c.detector.effectiveTimeout * 1000), "local_health": c.detector.localHealth,
                          "stalls": c.detector.stalls, "largest_loop_gap_ms": Int(c.detector.largestGap * 1000)],
@@ -325,9 +343,10 @@ public enum CoordinatorStatus {
         ]
     }
 
-    public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, uptime: Double,
+    public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, unauthorized: Int = 0, uptime: Double,
                             fencedByServer: Int = 0) -> String {
-        let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, uptime: uptime, fencedByServer: fencedByServer)
+        let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, unauthorized: unauthorized, uptime: uptime,
+                       fencedByServer: fencedByServer)
         let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

@@ -6,33 +6,73 @@ import Foundation
 /// A job's CURVE keys, in one directory (mode 0700, files 0600):
 ///
 ///     coordinator.key   the coordinator's key pair (server)
-///     coordinator.pub   its public key, which every member needs
-///     member.key        the key pair every SMP, worker and ftctl presents
+///     coordinator.pub   its public key, which every client needs
+///     smp.key           the key pair SMPs present
+///     worker.key        the key pair workers present (their SMP points them here)
+///     operator.key      the key pair of operators (`ftctl status`): read-only
 ///
-/// The coordinator admits only clients presenting `member.key`'s public key.
+/// The coordinator admits only clients presenting one of the three client
+/// keys, and takes from each only what its role sends (`KeyRole.may`): an
+/// operator's key reads the status and can change nothing.
 public struct JobKeys: Sendable {
     public var server: CurveKeyPair?
     public var serverPublicKey: String
+    /// The key pair this process presents, its role's.
     public var member: CurveKeyPair
+    public var role: KeyRole
 
+    /// The roles of the job's client keys; a key's role is the user id its ZAP
+    /// handshake gives every message it sends.
+    public enum KeyRole: String, Sendable, CaseIterable {
+        case smp, worker, `operator`
+
+        public var file: String { "\(rawValue).key" }
+
+        /// Whether a client holding this role's key may send `message`: an SMP
+        /// its reports, a worker its own, anyone the status query.
+        public func may(_ message: ControlMessage) -> Bool {
+            switch message {
+            case .statusQuery: true
+            case .smpHello, .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt: self == .smp
+            case .workerHello, .workerHeartbeat, .ready, .restoreFailed, .workerDone: self == .worker
+            default: false  // the coordinator's own messages: nobody sends them to it
+            }
+        }
+    }
+
+    /// Writes a fresh key pair for the coordinator and for every role.
+    @discardableResult
     public static func generate(in directory: String) throws -> JobKeys {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         let server = try CurveKeyPair.generate()
-        let member = try CurveKeyPair.generate()
         try server.write(to: directory + "/coordinator.key")
-        try member.write(to: directory + "/member.key")
+        var pairs: [KeyRole: CurveKeyPair] = [:]
+        for role in KeyRole.allCases {
+            pairs[role] = try CurveKeyPair.generate()
+            try pairs[role]!.write(to: directory + "/" + role.file)
+        }
         try ("# ft coordinator public key (Z85)\n" + server.publicKey + "\n")
             .write(toFile: directory + "/coordinator.pub", atomically: true, encoding: .utf8)
-        return JobKeys(server: server, serverPublicKey: server.publicKey, member: member)
+        return JobKeys(server: server, serverPublicKey: server.publicKey, member: pairs[.operator]!, role: .operator)
     }
 
-    /// Loads what a member needs (`withServerSecret`: the coordinator's pair too).
-    public static func load(from directory: String, withServerSecret: Bool = false) throws(ZMQError) -> JobKeys {
-        let member = try CurveKeyPair.load(from: directory + "/member.key")
+    /// Loads what a client of `role` needs (`withServerSecret`: the coordinator's pair too).
+    public static func load(from directory: String, role: KeyRole, withServerSecret: Bool = false) throws(ZMQError) -> JobKeys {
+        let member = try CurveKeyPair.load(from: directory + "/" + role.file)
         let pub = try loadPublicKey(from: directory + "/coordinator.pub")
         let server = withServerSecret ? try CurveKeyPair.load(from: directory + "/coordinator.key") : nil
-        return JobKeys(server: server, serverPublicKey: pub, member: member)
+        return JobKeys(server: server, serverPublicKey: pub, member: member, role: role)
+    }
+
+    /// The coordinator's view: every role's public key (key -> role).
+    public static func clientRoles(in directory: String) throws(ZMQError) -> [String: KeyRole] {
+        var roles: [String: KeyRole] = [:]
+        for role in KeyRole.allCases {
+            let key = try CurveKeyPair.load(from: directory + "/" + role.file).publicKey
+            roles[key] = role
+        }
+        return roles
     }
 }
 

@@ -39,6 +39,7 @@ public enum StatusTable {
             out += "\nlast failure: none\n"
         }
         out += "\nmalformed frames \(int(o["malformed_frames"])), unauthenticated \(int(o["unauthenticated"])), "
+        out += "unauthorized \(int(o["unauthorized"])), "
         out += "fenced messages \(int(o["fenced_messages"])), aborted rounds \(int(o["aborted_rounds"])), "
         out += "skipped snapshots \(int(o["skipped_snapshots"]))\n"
         return out

@@ -62,7 +62,7 @@ public final class LocalJob: @unchecked Sendable {
     public init(_ options: Options) throws {
         self.options = options
         try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true)
-        if options.curve { _ = try JobKeys.generate(in: options.runDirectory + "/keys") }
+        if options.curve { try JobKeys.generate(in: options.runDirectory + "/keys") }
         try (options.jobID + "\n").write(toFile: options.runDirectory + "/job.id", atomically: true, encoding: .utf8)
         endpoint = "tcp://127.0.0.1:\(try options.coordinatorPort ?? Self.freePort())"
         coordinatorArgs = [options.binaries + "/ft-coordinator", "--job-id", options.jobID, "--nodes", "\(options.nodes)",
@@ -220,7 +220,7 @@ public final class LocalJob: @unchecked Sendable {
         guard let ctx = try? ZMQContext(), let s = try? ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes) else { return nil }
         defer { s.close() }
         try? s.setLinger(milliseconds: 0)
-        if options.curve, let keys = try? JobKeys.load(from: dir + "/keys") {
+        if options.curve, let keys = try? JobKeys.load(from: dir + "/keys", role: .operator) {
             try? s.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member)
         }
         guard (try? s.connect(endpoint)) != nil else { return nil }

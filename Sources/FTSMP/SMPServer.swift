@@ -221,7 +221,7 @@ public final class SMPServer: @unchecked Sendable {
         if let coordinator = config.coordinatorEndpoint {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try dataRouter!.bind("tcp://127.0.0.1:*")
-            let keys = try config.keysDirectory.map { try JobKeys.load(from: $0) }
+            let keys = try config.keysDirectory.map { try JobKeys.load(from: $0, role: .smp) }
             channel = try ControlChannel(endpoint: coordinator, memberID: config.nodeID, keys: keys,
                                          interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
                                          hangBound: config.hangBound, logger: logger)

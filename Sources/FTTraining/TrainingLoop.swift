@@ -269,7 +269,7 @@ extension CoordinatedTrainingLoop {
             throw SnapshotError(code: .misuse, message: "FT_COORDINATOR_ENDPOINT is not set (ft-smp --coordinator)")
         }
         let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
-        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0, role: .worker) }
         let heartbeat = env["FT_HEARTBEAT_MS"].flatMap(Double.init).map { $0 / 1000 } ?? 0.1
         let control = try WorkerControl(
             info: .init(node: env["FT_NODE_ID"] ?? "n0", worker: identity.workerID, rank: identity.dpRank,

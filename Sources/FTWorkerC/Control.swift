@@ -118,7 +118,7 @@ public func ft_control_open(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int
         case .success(let i): identity = i
         case .failure(let e): throw ABIFailure(status: FT_E_NO_ENVIRONMENT, message: e.message)
         }
-        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0) }
+        let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0, role: .worker) }
         // The same timing as a Swift worker's (CoordinatedTrainingLoop.runUnderCoordinator).
         let heartbeat = env["FT_HEARTBEAT_MS"].flatMap(Double.init).map { $0 / 1000 } ?? 0.1
         let control = try WorkerControl(

@@ -4,7 +4,10 @@ import Synchronization
 
 /// A ZeroMQ ZAP handler (RFC 27) that admits CURVE clients whose public key
 /// is on a list and refuses every other one. It serves every CURVE server
-/// socket of its context; start it before those sockets bind.
+/// socket of its context; start it before those sockets bind. Each admitted
+/// key has a user id, which libzmq attaches to every message that client
+/// sends (`ZMQMessage.property("User-Id")`): the server reads who sent it
+/// from the handshake, not from the message.
 ///
 /// A refused handshake never delivers a message: the client's frames are
 /// dropped by libzmq, the refusal is counted and reported to `onDenied`.
@@ -12,17 +15,24 @@ public final class ZAPAuthenticator: @unchecked Sendable {
     public static let endpoint = "inproc://zeromq.zap.01"
 
     private let socket: ZMQSocket
-    private let allowed: Set<String>
+    /// Admitted client key (Z85) -> its user id.
+    private let allowed: [String: String]
     private let onDenied: @Sendable (String) -> Void
     private let stopFlag = Atomic<Bool>(false)
     private let finished = DispatchSemaphore(value: 0)
     private let deniedCount = Atomic<Int>(0)
     private let admittedCount = Atomic<Int>(0)
 
-    /// `allowedClientKeys`: Z85 public keys of the clients to admit.
-    public init(context: ZMQContext, allowedClientKeys: [String], onDenied: @escaping @Sendable (String) -> Void = { _ in }) throws(ZMQError) {
-        for key in allowedClientKeys { try CurveKeyPair.validate(key, what: "allowed client key") }
-        allowed = Set(allowedClientKeys)
+    /// `allowedClientKeys`: Z85 public keys of the clients to admit, each its own user id.
+    public convenience init(context: ZMQContext, allowedClientKeys: [String],
+                            onDenied: @escaping @Sendable (String) -> Void = { _ in }) throws(ZMQError) {
+        try self.init(context: context, clients: Dictionary(allowedClientKeys.map { ($0, $0) }) { a, _ in a }, onDenied: onDenied)
+    }
+
+    /// `clients`: the Z85 public key of each client to admit -> the user id its messages carry.
+    public init(context: ZMQContext, clients: [String: String], onDenied: @escaping @Sendable (String) -> Void = { _ in }) throws(ZMQError) {
+        for key in clients.keys { try CurveKeyPair.validate(key, what: "allowed client key") }
+        allowed = clients
         self.onDenied = onDenied
         socket = try context.socket(.rep, maxMessageBytes: nil)  // inproc (ZAP)
         try socket.setLinger(milliseconds: 0)
@@ -54,15 +64,16 @@ public final class ZAPAuthenticator: @unchecked Sendable {
             let version = request[0], requestID = request[1]
             let address = String(decoding: request[3], as: UTF8.self)
             let mechanism = String(decoding: request[5], as: UTF8.self)
-            var ok = false
+            var user: String?
             var clientKey = "?"
             if mechanism == "CURVE", request.count >= 7, request[6].count == 32 {
                 clientKey = Self.z85(request[6])
-                ok = allowed.contains(clientKey)
+                user = allowed[clientKey]
             }
+            let ok = user != nil
             let status = ok ? "200" : "400"
             let text = ok ? "OK" : "client key not allowed"
-            try? socket.send([version, requestID, Array(status.utf8), Array(text.utf8), ok ? Array(clientKey.utf8) : [], []])
+            try? socket.send([version, requestID, Array(status.utf8), Array(text.utf8), Array((user ?? "").utf8), []])
             if ok {
                 admittedCount.add(1, ordering: .relaxed)
             } else {

@@ -2,6 +2,7 @@ import ArgumentParser
 import FTControl
 import FTCore
 import FTSystem
+import FTZMQ
 import Foundation
 import Logging
 
@@ -11,7 +12,10 @@ struct FTCoordinatorCommand: ParsableCommand {
         abstract: "The job's coordinator: membership, failure detection, snapshot commit, recovery.",
         discussion: """
             SMPs and workers connect to it as ZeroMQ DEALERs. With --keys, every connection is
-            CURVE-encrypted and only clients presenting the job's member key are admitted.
+            CURVE-encrypted and only clients presenting one of the job's client keys are admitted,
+            each sending only what its role may (smp.key, worker.key; operator.key reads the status).
+            An --endpoint that the network can reach (not 127.0.0.0/8, [::1] or ipc://) needs
+            --keys, or --insecure on a network you trust (then every start logs a warning).
             It writes RUN_DIR/coordinator.endpoint and coordinator.pid at start and
             RUN_DIR/status.json at exit. Exit status: 0 when the job completed or on SIGTERM,
             1 when it stopped the job as unrecoverable.
@@ -36,8 +40,11 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "Run directory (coordinator.endpoint, coordinator.pid, status.json).")
     var runDir: String?
 
-    @Option(help: "Directory with the job's CURVE keys (coordinator.key, coordinator.pub, member.key); see `ftctl keygen`.")
+    @Option(help: "Directory with the job's CURVE keys (coordinator.key, coordinator.pub, smp.key, worker.key, operator.key); see `ftctl keygen`.")
     var keys: String?
+
+    @Flag(help: "Allow a non-loopback --endpoint without --keys: anyone who reaches it can read the job's status and send control messages. Logged at every start.")
+    var insecure = false
 
     @Option(help: "Heartbeat interval in milliseconds.")
     var heartbeatMs = 100
@@ -87,6 +94,10 @@ struct FTCoordinatorCommand: ParsableCommand {
         guard endpoint.hasPrefix("tcp://") || endpoint.hasPrefix("ipc://") else {
             throw ValidationError("--endpoint must be tcp://HOST:PORT or ipc://PATH")
         }
+        if keys == nil, !insecure, !ZMQEndpoint.isLoopbackOnly(endpoint) {
+            throw ValidationError("--endpoint \(endpoint) can be reached from the network: give --keys (CURVE; see `ftctl keygen`), "
+                + "or --insecure on a network you trust")
+        }
         guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
         guard recoveryMbps > 0 else { throw ValidationError("--recovery-mbps must be positive") }
         if let startGraceMs, startGraceMs <= timeoutMs {
@@ -135,6 +146,9 @@ struct FTCoordinatorCommand: ParsableCommand {
         let priority = ThreadPriority.raiseCurrentThread(priority: ThreadPriority.eventLoop)
         let logger = Logger(label: "ft-coordinator")
         logger.info("scheduling: \(priority)")
+        if keys == nil, !ZMQEndpoint.isLoopbackOnly(endpoint) {
+            logger.warning("INSECURE: \(endpoint) is reachable from the network without CURVE keys (--insecure): anyone who reaches it can read the job's status and send control messages")
+        }
         let server = try CoordinatorServer(config: config, logger: logger, watchSignals: true)
         let state = try server.run()
         if state == .failed { throw ExitCode(1) }

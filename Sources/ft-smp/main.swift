@@ -1,5 +1,6 @@
 import ArgumentParser
 import FTSMP
+import FTZMQ
 import Foundation
 import Logging
 
@@ -40,6 +41,9 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/sockets/NODE-pPID.smp.sock; that directory is made 0700, the socket 0600, and each request must come from the worker it names).")
     var endpoint: String?
 
+    @Flag(help: "Allow a tcp --endpoint the network can reach: workers' requests there carry no credentials the SMP can check, so anyone who reaches it can read and void snapshots. Logged at every start.")
+    var insecure = false
+
     @Option(help: "Number of workers to spawn.")
     var workers: Int = 1
 
@@ -49,7 +53,7 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Coordinator endpoint (tcp://HOST:PORT). Without it, a step commits when every local worker staged it.")
     var coordinator: String?
 
-    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, member.key).")
+    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, smp.key; its workers get worker.key from it).")
     var keys: String?
 
     @Option(help: "Global DP rank of this node's first worker.")
@@ -93,6 +97,10 @@ struct FTSMPCommand: ParsableCommand {
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
         if let hangMs, hangMs <= timeoutMs { throw ValidationError("--hang-ms (\(hangMs)) must exceed --timeout-ms (\(timeoutMs))") }
         if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
+        if let endpoint, !insecure, !ZMQEndpoint.isLoopbackOnly(endpoint) {
+            throw ValidationError("--endpoint \(endpoint) can be reached from the network, where workers' requests cannot be "
+                + "authenticated: leave it out (a private ipc socket), use 127.0.0.1, or give --insecure on a network you trust")
+        }
     }
 
     func run() throws {
@@ -122,6 +130,9 @@ struct FTSMPCommand: ParsableCommand {
             }
         }
         let logger = Logger(label: "ft-smp.\(nodeId)")
+        if let endpoint, !ZMQEndpoint.isLoopbackOnly(endpoint) {
+            logger.warning("INSECURE: workers' endpoint \(endpoint) is reachable from the network (--insecure): anyone who reaches it can read and void this node's snapshots")
+        }
         var config = SMPConfiguration(jobID: jobId, nodeID: nodeId, endpoint: endpoint, runDirectory: runDir,
                                       workerCount: workers, workerCommand: workerCommand, maxRestarts: maxRestarts)
         config.coordinatorEndpoint = coordinator

@@ -26,7 +26,7 @@ struct Status: ParsableCommand {
     @Option(help: "Job run directory (reads coordinator.endpoint; keys from RUN_DIR/keys unless --keys).")
     var runDir: String?
 
-    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, member.key).")
+    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, operator.key: the read-only key; default RUN_DIR/keys).")
     var keys: String?
 
     @Flag(help: "Print one JSON object (schema 1) instead of a table.")
@@ -60,8 +60,8 @@ struct Status: ParsableCommand {
             target = text.trimmingCharacters(in: .whitespacesAndNewlines)
         }
         var keyDir = keys
-        if keyDir == nil, let runDir, FileManager.default.fileExists(atPath: runDir + "/keys/member.key") { keyDir = runDir + "/keys" }
-        let jobKeys = try keyDir.map { try JobKeys.load(from: $0) }
+        if keyDir == nil, let runDir, FileManager.default.fileExists(atPath: runDir + "/keys/operator.key") { keyDir = runDir + "/keys" }
+        let jobKeys = try keyDir.map { try JobKeys.load(from: $0, role: .operator) }
         let context = try ZMQContext()
         repeat {
             let socket = try context.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
@@ -89,13 +89,13 @@ struct Status: ParsableCommand {
 
 struct Keygen: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, member.key; mode 0600).")
+        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, smp.key, worker.key and the read-only operator.key; mode 0600).")
 
     @Argument(help: "The directory to create or fill.")
     var directory: String
 
     func run() throws {
-        _ = try JobKeys.generate(in: directory)
+        try JobKeys.generate(in: directory)
         print("keys written to \(directory)")
     }
 }

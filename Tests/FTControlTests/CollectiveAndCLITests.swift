@@ -101,7 +101,7 @@ struct FtctlTests {
         let top: [String: String] = ["schema": "n", "job": "s", "state": "s", "epoch": "n", "committed_step": "n",
                                      "committed_age_ms": "n", "snapshot_interval": "n", "uptime_s": "n", "nodes": "a",
                                      "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n", "refused_messages": "n",
-                                     "malformed_frames": "n", "unauthenticated": "n", "skipped_snapshots": "n",
+                                     "malformed_frames": "n", "unauthenticated": "n", "unauthorized": "n", "skipped_snapshots": "n",
                                      "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o"]
         #expect(Set(o.keys) == Set(top.keys))
         for (key, kind) in top { #expect(matches(o[key], kind), "\(key): \(String(describing: o[key]))") }
@@ -163,6 +163,29 @@ struct FtctlTests {
         let (status, text, _) = try runTool("ftctl", ["status", "--endpoint", "tcp://127.0.0.1:\(port)", "--timeout", "0.5"])
         #expect(status == .exited(2))
         #expect(text.contains("no answer from the coordinator at tcp://127.0.0.1:\(port) within 0.5 s"))
+    }
+
+    @Test("ft-coordinator and ft-smp refuse a network-reachable endpoint without keys; --insecure allows it and says so at start")
+    func insecureEndpoints() throws {
+        let dir = "/tmp/ft-ctl-insecure-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freePort()
+        let coordinator = ["--job-id", "insec", "--nodes", "1", "--workers-per-node", "1", "--endpoint", "tcp://0.0.0.0:\(port)"]
+        let (refused, refusedText, _) = try runTool("ft-coordinator", coordinator)
+        #expect(refused == .exited(64), "\(refusedText)")
+        #expect(refusedText.contains("--endpoint tcp://0.0.0.0:\(port) can be reached from the network: give --keys"), "\(refusedText)")
+        let smp = ["--job-id", "insec", "--node-id", "n0", "--run-dir", dir, "--workers", "0", "--endpoint", "tcp://*:\(port)"]
+        let (smpRefused, smpText, _) = try runTool("ft-smp", smp)
+        #expect(smpRefused == .exited(64), "\(smpText)")
+        #expect(smpText.contains("--endpoint tcp://*:\(port) can be reached from the network"), "\(smpText)")
+        // With --insecure the coordinator starts, warning at once; it is ended by PID.
+        let out = dir + ".out"
+        defer { unlink(out) }
+        let p = try ChildProcess(arguments: [productsDirectory + "/ft-coordinator"] + coordinator + ["--insecure", "--linger-ms", "0"],
+                                 environment: ProcessInfo.processInfo.environment, outputPath: out)
+        defer { if p.poll() == nil { p.kill(SIGKILL); p.wait(timeoutSeconds: 5) } }
+        #expect(waitUntil(seconds: 30) { readText(out).contains("INSECURE: tcp://0.0.0.0:\(port) is reachable from the network") }, "\(readText(out))")
+        #expect(p.poll() == nil, "\(readText(out))")
     }
 
     func matches(_ v: Any?, _ kind: String) -> Bool {

@@ -122,7 +122,7 @@ struct RecoveryIntegrationTests {
         let job = try LocalJob(tag: "mf", nodes: 1, workersPerNode: 1, steps: 100_000)
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { (job.status()?["state"] as? String) == "running" }, "\(job.logs)")
-        let keys = try JobKeys.load(from: job.dir + "/keys")
+        let keys = try JobKeys.load(from: job.dir + "/keys", role: .worker)
         let ctx = try ZMQContext()
         // An authenticated client sending garbage, truncated and oversized frames.
         let bad = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
@@ -160,5 +160,37 @@ struct RecoveryIntegrationTests {
         }, "\(String(describing: job.status()))")
         #expect(job.coordinator?.poll() == nil)
         #expect((job.status()?["state"] as? String) == "running")
+    }
+
+    @Test("the read-only operator key reads the status and nothing else: a forged SMP report with it (or a worker's key) is dropped and counted",
+          .timeLimit(.minutes(2)))
+    func operatorKeyIsReadOnly() throws {
+        let job = try LocalJob(tag: "op", nodes: 1, workersPerNode: 1, steps: 100_000)
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { (job.status()?["state"] as? String) == "running" }, "\(job.logs)")
+        let workerPID = try #require(job.workerPID(node: 0, worker: 0))
+        let ctx = try ZMQContext()
+        // ftctl finds RUN_DIR/keys/operator.key and reads the status with it.
+        let (status, text, _) = try runTool("ftctl", ["status", "--run-dir", job.dir, "--json"])
+        #expect(status == .exited(0), "\(text)")
+        #expect(text.contains("\"state\":\"running\""), "\(text)")
+        for role in [JobKeys.KeyRole.operator, .worker] {
+            let keys = try JobKeys.load(from: job.dir + "/keys", role: role)
+            let s = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
+            defer { s.close() }
+            try s.setLinger(milliseconds: 0)
+            try s.makeCurveClient(serverKey: keys.serverPublicKey, keys: keys.member)
+            try s.connect(job.endpoint)
+            // The live worker's death, as its SMP would report it: a recovery, if it were believed.
+            let epoch = UInt64(int(job.status()?["epoch"]))
+            try s.send([ControlMessage.childExited(worker: "w0", pid: Int(workerPID), status: "signal 9").envelope(sender: "n0", epoch: epoch).encoded()])
+            try s.send([ControlMessage.statusQuery.envelope(sender: "x", epoch: 0).encoded()])
+            let reply = try #require(try s.receive(timeoutMilliseconds: 10_000), "no status reply to the \(role) key")
+            guard case .statusReply = try ControlMessage.decode(reply[0]).0 else { Issue.record("not a status reply"); continue }
+        }
+        #expect(waitUntil(seconds: 10) { int(job.status()?["unauthorized"]) >= 2 }, "\(String(describing: job.status()))")
+        #expect(int(job.status()?["failures_total"]) == 0)
+        #expect((job.status()?["state"] as? String) == "running")
+        #expect(job.workerPID(node: 0, worker: 0) == workerPID)
     }
 }

@@ -261,3 +261,18 @@ struct CurveKeyFileTests {
         #expect(throws: ZMQError.self) { try CurveKeyPair(publicKey: String(repeating: "A", count: 39), secretKey: "x") }
     }
 }
+
+@Suite("endpoint scope")
+struct EndpointScopeTests {
+    @Test("only ipc, inproc and loopback tcp endpoints count as reachable from this host alone")
+    func loopback() {
+        for e in ["ipc:///tmp/x.sock", "inproc://a", "tcp://127.0.0.1:5555", "tcp://127.1.2.3:*", "tcp://localhost:1", "tcp://[::1]:9",
+                  "tcp://10.0.0.1;127.0.0.1:5"] {
+            #expect(ZMQEndpoint.isLoopbackOnly(e), "\(e)")
+        }
+        for e in ["tcp://*:5555", "tcp://0.0.0.0:1", "tcp://10.0.0.1:1", "tcp://eth0:1", "tcp://[::]:1", "tcp://128.0.0.1:1",
+                  "tcp://127.0.0.1.5:1", "tcp://1270.0.0.1:1", "tcp://127.0.0.1", "udp://127.0.0.1:1", "tcp://[::1:1", "pgm://x"] {
+            #expect(!ZMQEndpoint.isLoopbackOnly(e), "\(e)")
+        }
+    }
+}
