@@ -69,10 +69,18 @@ struct HostileInputTests {
         // Nobody listens at this coordinator endpoint: the SMP only needs one to open its data endpoint.
         let smp = try InProcessSMP(tag: "aud", coordinator: "tcp://127.0.0.1:9")
         defer { smp.stop() }
+        // Both sockets are ipc files of mode 0600 in the run directory's 0700 sockets directory.
+        for endpoint in [smp.server.dataEndpoint, smp.server.boundEndpoint] {
+            #expect(endpoint.hasPrefix("ipc://"), "\(endpoint)")
+            var st = stat()
+            #expect(stat(String(endpoint.dropFirst(6)), &st) == 0 && st.st_mode & 0o777 == 0o600, "\(endpoint)")
+            let directory = URL(fileURLWithPath: String(endpoint.dropFirst(6))).deletingLastPathComponent().path
+            #expect(stat(directory, &st) == 0 && st.st_mode & 0o777 == 0o700, "\(directory)")
+        }
         let data = try Raw(smp.server.dataEndpoint)
         let reg = WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 1,
                                      specs: [TensorSpec(name: "t", dtype: .f32, shape: [1024], role: .param, replicated: true)])
-        // Register, stage, void a round, read status: none of it over TCP.
+        // Register, stage, void a round, read status: none of it over the data endpoint.
         for m: SMPMessage in [.register(reg), .begin(step: 1), .staged(step: 1, slot: 0, crcs: [0]), .restoreQuery(expected: nil),
                               .roundQuery, .status] {
             let r = try #require(try data.refusal(m), "\(m.type) over the data endpoint was served")
