@@ -101,6 +101,29 @@ struct HostileInputTests {
         #expect(Raw.isRegistered(try local.ask(SMPMessage.register(reg).envelope(sender: "w0").encoded())))
     }
 
+    @Test("a process of another user cannot reach either SMP socket (the sockets directory is 0700)",
+          .enabled(if: getuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0 && access("/usr/bin/python3", X_OK) == 0,
+                   "needs root, setpriv and /usr/bin/python3 to run a process as uid 65534"))
+    func otherUserLockedOut() throws {
+        let smp = try InProcessSMP(tag: "uid", coordinator: "tcp://127.0.0.1:9")
+        defer { smp.stop() }
+        for endpoint in [smp.server.dataEndpoint, smp.server.boundEndpoint] {
+            let out = "/tmp/ft-uid-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).out"
+            defer { unlink(out) }
+            let connect = "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nprint('connected')"
+            let p = try ChildProcess(arguments: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                                 "/usr/bin/python3", "-c", connect, String(endpoint.dropFirst(6))],
+                                     environment: [:], outputPath: out)
+            let status = p.wait(timeoutSeconds: 30)
+            #expect(status != nil && status != .exited(0), "\(endpoint): \(readText(out))")
+            #expect(readText(out).contains("PermissionError"), "\(endpoint): \(readText(out))")
+        }
+        // The job's own user still reaches them.
+        #expect(Raw.isRegistered(try Raw(smp.server.boundEndpoint).ask(SMPMessage.register(
+            WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 1, specs: [TensorSpec(name: "t", dtype: .f32, shape: [4], role: .param, replicated: false)]))
+            .envelope(sender: "w0").encoded())))
+    }
+
     @Test("an enormous shape, a huge dpSize, an ecFetch near Int64.max and negative values are refused; the SMP answers after")
     func craftedOverflows() throws {
         let smp = try InProcessSMP(tag: "ovf")
