@@ -134,9 +134,9 @@ struct SnapshotStoreTests {
         var store = SnapshotStoreInstance()
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
-        guard case .write(let a) = try store.begin(worker: "w0", step: 2) else { return }
+        guard case .write(let a) = try store.begin(worker: "w0", step: 2) else { Issue.record("step 2 of w0 not begun as a write"); return }
         _ = try store.staged(worker: "w0", step: 2, slot: a, crcs: crcs(store, "w0"))
-        guard case .write(let b) = try store.begin(worker: "w1", step: 3) else { return }
+        guard case .write(let b) = try store.begin(worker: "w1", step: 3) else { Issue.record("step 3 of w1 not begun as a write"); return }
         _ = try store.staged(worker: "w1", step: 3, slot: b, crcs: crcs(store, "w1"))
         // w0's round 2 can never commit: w1 is past it. w0 writes 3 instead.
         guard case .write(let c) = try store.begin(worker: "w0", step: 3) else {
@@ -163,7 +163,7 @@ struct SnapshotStoreTests {
         #expect(code { _ = try store.begin(worker: "w0", step: 5) } == .stepNotIncreasing)
         #expect(code { _ = try store.begin(worker: "w0", step: 4) } == .stepNotIncreasing)
         #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: 0, crcs: []) } == .noWriteInProgress)
-        guard case .write(let slot) = try store.begin(worker: "w0", step: 6) else { return }
+        guard case .write(let slot) = try store.begin(worker: "w0", step: 6) else { Issue.record("step 6 not begun as a write"); return }
         #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: slot, crcs: [1]) } == .sizeMismatch)
         #expect(code { _ = try store.staged(worker: "w0", step: 7, slot: slot, crcs: crcs(store, "w0")) } == .noWriteInProgress)
         #expect(code { _ = try store.restorePoint(worker: "ghost") } == .unknownWorker)
@@ -321,7 +321,7 @@ struct ReportedRoundTests {
             _ = try store.register(registration("w0", rank: 0, size: 2))
             _ = try store.register(registration("w1", rank: 1, size: 2))
             for id in ["w0", "w1"] {
-                guard case .write(let slot) = try store.begin(worker: id, step: 1) else { return }
+                guard case .write(let slot) = try store.begin(worker: id, step: 1) else { Issue.record("step 1 of \(id) not begun as a write"); return }
                 _ = try store.staged(worker: id, step: 1, slot: slot, crcs: Array(repeating: 1, count: store.workers[id]!.layout.chunkCount))
             }
             if reported {
