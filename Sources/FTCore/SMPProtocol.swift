@@ -1,12 +1,15 @@
 /// Worker-to-SMP messages, carried in a `WireEnvelope` over ZeroMQ (the
 /// worker's DEALER to its SMP's workers' ROUTER, `ipc://` in
 /// `RUN_DIR/sockets`, where the SMP checks each request's peer; a
-/// `fetchSlice` to another node goes to that SMP's TCP data endpoint, which
-/// serves slices and EC frames only).
+/// `fetchSlice` to another node goes to that SMP's data endpoint, beside it,
+/// which serves slices and EC frames only).
 ///
 /// Every request gets exactly one reply: its `…Reply` or `.error`. The
-/// envelope's `sender` is the worker id; its `epoch` is the job epoch (0 until
-/// a coordinator exists). A slice reply carries the bytes of the chunks asked
+/// envelope's `sender` is the worker id. In a worker's request its `epoch`
+/// field is a request id, new for each request, that the reply carries back:
+/// a reply whose id is not the one awaited (the late answer to a request
+/// given up on) is dropped, never taken for the next answer. Between SMPs
+/// (EC frames) it is the sender's job epoch. A slice reply carries the bytes of the chunks asked
 /// for in a second ZeroMQ frame after the envelope. A worker asks for a
 /// replicated tensor's slice a few chunks at a time (`SnapshotEngine.slicePieces`), so
 /// that each reply lands in a small receive buffer that the allocator reuses

@@ -122,8 +122,11 @@ extension SMPServer {
     // MARK: requests
 
     /// The reply to a worker's request, or nil when it waits for a repair.
-    func handle(_ message: SMPMessage, from sender: String) -> [ZMQFrame]? {
-        func reply(_ m: SMPMessage) -> [ZMQFrame] { [.bytes(m.envelope(sender: config.nodeID).encoded())] }
+    /// `requestID`: the request's id (its envelope's epoch field), which the
+    /// reply carries back, so that a worker never takes a late reply for the
+    /// answer to a later request (`SMPMessage`).
+    func handle(_ message: SMPMessage, from sender: String, requestID: UInt64 = 0) -> [ZMQFrame]? {
+        func reply(_ m: SMPMessage) -> [ZMQFrame] { [.bytes(m.envelope(sender: config.nodeID, epoch: requestID).encoded())] }
         func refuse(_ e: StoreError) -> [ZMQFrame] {
             switch e.code {
             case .memoryLimit:
@@ -200,7 +203,7 @@ extension SMPServer {
                 let pending = store.workers.values.contains { $0.slots.contains { if case .staged = $0 { true } else { false } } }
                 return reply(.roundReply(committedStep: store.committedStep, pending: pending))
             case .fetchSlice(let rank, let size, let tensor, let chunks):
-                return try slice(rank: rank, size: size, tensor: tensor, chunks: chunks)
+                return try slice(rank: rank, size: size, tensor: tensor, chunks: chunks, requestID: requestID)
             case .status:
                 return reply(.statusReply(statusJSON()))
             default:
@@ -233,7 +236,7 @@ extension SMPServer {
     /// The committed bytes of chunks `chunks` of one rank's slice of a
     /// replicated tensor, from a slot checked against its CRCs (a corrupt
     /// chunk is repaired from parity, or named, never served).
-    func slice(rank: Int, size: Int, tensor: String, chunks: Range<Int>) throws(StoreError) -> [ZMQFrame]? {
+    func slice(rank: Int, size: Int, tensor: String, chunks: Range<Int>, requestID: UInt64) throws(StoreError) -> [ZMQFrame]? {
         guard let owner = store.worker(dpRank: rank, dpSize: size) else {
             throw StoreError(.unknownWorker, "no worker with DP rank \(rank) of \(size) on this node")
         }
@@ -256,7 +259,7 @@ extension SMPServer {
         let data = UnsafeRawBufferPointer(start: segment.base + entry.slotOffset + bytes.lowerBound, count: bytes.count)
         let crcs = chunks.map { point.crcs[entry.firstChunk + $0] }
         let range = (entry.storedRange.lowerBound + bytes.lowerBound) ..< (entry.storedRange.lowerBound + bytes.upperBound)
-        let header = SMPMessage.sliceReply(step: point.step, range: range, crcs: crcs).envelope(sender: config.nodeID).encoded()
+        let header = SMPMessage.sliceReply(step: point.step, range: range, crcs: crcs).envelope(sender: config.nodeID, epoch: requestID).encoded()
         // Zero-copy from the committed slot (verified above; the receiver checks every chunk's CRC again).
         return [.bytes(header), ZeroCopyFrames.frame(data)]
     }

@@ -388,7 +388,7 @@ public final class SMPServer: @unchecked Sendable {
                     unauthorizedRequests += 1
                     logger.warning("refused a request: \(refusal)", metadata: ["unauthorized.total": "\(unauthorizedRequests)"])
                     try? socket.send([.bytes(identity), .bytes(SMPMessage.error(code: refusal.code.rawValue, message: refusal.message)
-                        .envelope(sender: config.nodeID).encoded())])
+                        .envelope(sender: config.nodeID, epoch: envelope.epoch).encoded())])
                     continue
                 }
                 switch message {
@@ -404,14 +404,14 @@ public final class SMPServer: @unchecked Sendable {
                             logger.warning("refused a request from \(envelope.sender): \(Self.maxHeldRequests) requests are already held during the rebuild")
                             reply = [.bytes(SMPMessage.error(code: StoreError.Code.busy.rawValue,
                                                              message: "\(Self.maxHeldRequests) requests are held while node \(config.nodeID) rebuilds; ask again later")
-                                .envelope(sender: config.nodeID).encoded())]
+                                .envelope(sender: config.nodeID, epoch: envelope.epoch).encoded())]
                             try? socket.send([.bytes(identity)] + reply)
                             continue
                         }
                         heldRequests.append(request)
                         continue
                     }
-                    guard let r = handle(message, from: envelope.sender) else {
+                    guard let r = handle(message, from: envelope.sender, requestID: envelope.epoch) else {
                         heldRequests.append(request)  // a repair from parity started: answered once it is over
                         continue
                     }

@@ -246,6 +246,9 @@ public final class SnapshotClient: @unchecked Sendable {
     }
 
     func request(_ message: SMPMessage) throws -> (SMPMessage, [ZMQMessage]) { try engine.request(message) }
+
+    /// Replies from SMPs dropped because they answered an earlier request (one given up on).
+    public var staleReplies: Int { engine.staleReplyCount }
 }
 
 /// Counters of one worker's snapshot path.
@@ -300,6 +303,21 @@ final class SnapshotEngine: @unchecked Sendable {
     private var socket: ZMQSocket
     private let rpcLock = NSLock()
     private var peers: [String: ZMQSocket] = [:]
+    /// The id of the last request sent (under `rpcLock`); a reply carries its request's id.
+    private var lastRequestID: UInt64 = 0
+    /// Replies dropped because they answered an earlier request (given up on).
+    private var staleReplies = 0
+    var staleReplyCount: Int {
+        rpcLock.lock()
+        defer { rpcLock.unlock() }
+        return staleReplies
+    }
+
+    private func nextRequestID() -> UInt64 {
+        lastRequestID &+= 1
+        if lastRequestID == 0 { lastRequestID = 1 }
+        return lastRequestID
+    }
     private let requestTimeoutMilliseconds: Int
     private let chunkBytes: Int
     /// The largest frame this worker's sockets accept (`ZMQ_MAXMSGSIZE`): an
@@ -830,7 +848,8 @@ final class SnapshotEngine: @unchecked Sendable {
         struct Source {
             var socket: ZMQSocket
             var queue: [SliceFetch]
-            var inFlight: [SliceFetch] = []
+            /// Requests sent and not yet answered, oldest first, with their ids.
+            var inFlight: [(fetch: SliceFetch, id: UInt64)] = []
             /// When the oldest request in flight must be answered by.
             var deadline = 0.0
         }
@@ -862,13 +881,14 @@ final class SnapshotEngine: @unchecked Sendable {
                     while sourcesByKey[key]!.inFlight.count < Self.sliceWindow, !sourcesByKey[key]!.queue.isEmpty {
                         let f = sourcesByKey[key]!.queue.removeFirst()
                         let bytes = pieceRange(of: f.spec, rank: f.rank, chunks: f.chunks).count
+                        let id = nextRequestID()
                         try sourcesByKey[key]!.socket.send([SMPMessage.fetchSlice(dpRank: f.rank, dpSize: identity.dpSize, tensor: f.spec.name,
                                                                                   chunks: f.chunks)
-                            .envelope(sender: identity.workerID).encoded()])
+                            .envelope(sender: identity.workerID, epoch: id).encoded()])
                         if sourcesByKey[key]!.inFlight.isEmpty { sourcesByKey[key]!.deadline = now + Self.sliceTimeout(bytes) }
-                        sourcesByKey[key]!.inFlight.append(f)
+                        sourcesByKey[key]!.inFlight.append((f, id))
                     }
-                    if let head = sourcesByKey[key]!.inFlight.first, now > sourcesByKey[key]!.deadline {
+                    if let head = sourcesByKey[key]!.inFlight.first?.fetch, now > sourcesByKey[key]!.deadline {
                         throw SnapshotError(code: .timeout, message: "no slice of \(head.spec.name) for DP rank \(head.rank) from "
                             + "\(key.isEmpty ? identity.smpEndpoint : key) in time")
                     }
@@ -880,9 +900,10 @@ final class SnapshotEngine: @unchecked Sendable {
                 let ready = try ZMQPoller.poll(busy.map { .init(sourcesByKey[$0]!.socket, .readable) }, timeoutMilliseconds: 20)
                 for (i, key) in busy.enumerated() where ready[i].isReadable {
                     while !sourcesByKey[key]!.inFlight.isEmpty, let frames = try sourcesByKey[key]!.socket.receiveMessages(timeoutMilliseconds: 0) {
-                        let f = sourcesByKey[key]!.inFlight.removeFirst()
+                        guard try isAnswer(frames, to: sourcesByKey[key]!.inFlight[0].id) else { continue }
+                        let f = sourcesByKey[key]!.inFlight.removeFirst().fetch
                         gathered += try placeSlice(frames, of: f, step: step)
-                        if let next = sourcesByKey[key]!.inFlight.first {
+                        if let next = sourcesByKey[key]!.inFlight.first?.fetch {
                             let bytes = pieceRange(of: next.spec, rank: next.rank, chunks: next.chunks).count
                             sourcesByKey[key]!.deadline = monotonicSeconds() + Self.sliceTimeout(bytes)
                         }
@@ -986,23 +1007,21 @@ final class SnapshotEngine: @unchecked Sendable {
 
     private func exchange(_ message: SMPMessage, on socket: ZMQSocket, endpoint: String,
                           timeoutMilliseconds: Int? = nil, abandon: (() -> Bool)? = nil) throws -> (SMPMessage, [ZMQMessage]) {
-        let frame = message.envelope(sender: identity.workerID).encoded()
+        let id = nextRequestID()
+        let frame = message.envelope(sender: identity.workerID, epoch: id).encoded()
         try socket.send([frame])
         let timeout = timeoutMilliseconds ?? requestTimeoutMilliseconds
+        let deadline = monotonicSeconds() + Double(timeout) / 1000
         var frames: [ZMQMessage]?
-        if let abandon {
-            // In 20 ms slices, asking between them whether to give up.
-            var waited = 0
-            while frames == nil && waited < timeout {
-                if abandon() {
-                    throw SnapshotError(code: .interrupted, message: "abandoned waiting for \(endpoint): the coordinator moved on")
-                }
-                let slice = min(20, timeout - waited)
-                frames = try socket.receiveMessages(timeoutMilliseconds: slice)
-                waited += slice
+        while frames == nil {
+            let left = Int(((deadline - monotonicSeconds()) * 1000).rounded(.up))
+            guard left > 0 else { break }
+            if let abandon, abandon() {
+                throw SnapshotError(code: .interrupted, message: "abandoned waiting for \(endpoint): the coordinator moved on")
             }
-        } else {
-            frames = try socket.receiveMessages(timeoutMilliseconds: timeout)
+            // With `abandon`, in 20 ms slices, asking between them whether to give up.
+            frames = try socket.receiveMessages(timeoutMilliseconds: abandon == nil ? left : min(20, left))
+            if let f = frames, !(try isAnswer(f, to: id)) { frames = nil }
         }
         guard let frames else {
             throw SnapshotError(code: .timeout, message: "no reply from the SMP at \(endpoint) within \(timeout) ms")
@@ -1012,6 +1031,16 @@ final class SnapshotEngine: @unchecked Sendable {
             throw SnapshotError(code: .refused, message: text, smpCode: code)
         }
         return (reply, Array(frames.dropFirst()))
+    }
+
+    /// Whether `frames` answer request `id`; a late reply to an earlier
+    /// request is counted and dropped (false).
+    private func isAnswer(_ frames: [ZMQMessage], to id: UInt64) throws -> Bool {
+        guard let first = frames.first else { throw SnapshotError(code: .transport, message: "an empty reply") }
+        let envelope = try WireEnvelope(decoding: first.bytes)
+        if envelope.epoch == id { return true }
+        staleReplies += 1
+        return false
     }
 
     private func unexpected(_ reply: SMPMessage, _ what: String) -> SnapshotError {

@@ -124,6 +124,44 @@ struct HostileInputTests {
             .envelope(sender: "w0").encoded())))
     }
 
+    @Test("a late reply (another request's id) is dropped, never taken for the answer to the request awaited")
+    func lateReplyDropped() throws {
+        let dir = "/tmp/ft-late-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ctx = try ZMQContext()
+        let fake = try ctx.socket(.router, maxMessageBytes: nil)
+        defer { fake.close() }
+        try fake.setLinger(milliseconds: 0)
+        let endpoint = try fake.bind("ipc://\(dir)/fake.sock")
+        let client = try SnapshotClient(identity: WorkerIdentity(jobID: "late", workerID: "w0", dpRank: 0, dpSize: 1, smpEndpoint: endpoint))
+        // A fake SMP: it answers the round query first with a reply under an older id (step 7), then under the request's own (step 3).
+        let served = DispatchSemaphore(value: 0)
+        final class Problem: @unchecked Sendable {
+            private var text: String?
+            private let lock = NSLock()
+            func set(_ t: String) { lock.lock(); text = t; lock.unlock() }
+            func get() -> String? { lock.lock(); defer { lock.unlock() }; return text }
+        }
+        let problem = Problem()
+        Thread {
+            defer { served.signal() }
+            do {
+                guard let frames = try fake.receive(timeoutMilliseconds: 10_000), frames.count == 2 else { problem.set("no request"); return }
+                let (request, envelope) = try SMPMessage.decode(frames[1])
+                guard case .roundQuery = request, envelope.epoch > 0 else { problem.set("unexpected request \(request) id \(envelope.epoch)"); return }
+                try fake.send([frames[0], SMPMessage.roundReply(committedStep: 7, pending: false).envelope(sender: "n0", epoch: envelope.epoch &- 1).encoded()])
+                try fake.send([frames[0], SMPMessage.roundReply(committedStep: 3, pending: false).envelope(sender: "n0", epoch: envelope.epoch).encoded()])
+            } catch {
+                problem.set("\(error)")
+            }
+        }.start()
+        #expect(try client.committedStepOnSMP() == 3)
+        served.wait()
+        #expect(problem.get() == nil, "\(problem.get() ?? "")")
+        #expect(client.staleReplies == 1)
+    }
+
     @Test("an enormous shape, a huge dpSize, an ecFetch near Int64.max and negative values are refused; the SMP answers after")
     func craftedOverflows() throws {
         let smp = try InProcessSMP(tag: "ovf")
