@@ -37,7 +37,7 @@ public struct ECClusterBench {
 
     public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
         var report = BenchReport(section: "ec-cluster")
-        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "loopback GB/s", "fold GB/s", "ISA-L row GB/s",
+        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "ipc GB/s", "loopback GB/s", "fold GB/s", "ISA-L row GB/s",
                          "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
         for code in codes {
             for mib in sizesMiB where code == (3, 1) || mib <= maxMiBForWideCodes {
@@ -49,7 +49,8 @@ public struct ECClusterBench {
                 let chunk = (bytes + code.k - 1) / code.k
                 let rawRow = measureRawRowUpdate(k: code.k, m: code.m, chunkBytes: chunk)
                 let disk = try measureDisk(bytes)
-                let loopback = try measureLoopback(bytes)
+                let loopback = try measureStream(bytes, over: "tcp://127.0.0.1:*")
+                let ipc = try measureStream(bytes, over: "ipc:///tmp/ft-bench-stream-\(getpid()).sock")
                 progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: the job")
                 let m = try measureJob(k: code.k, m: code.m, bytes: bytes, progress: progress)
                 let commit = median(m.commitMs)
@@ -63,6 +64,7 @@ public struct ECClusterBench {
                 report.figure("disk_write_fsync_ms_\(tag)", disk.write * 1000)
                 report.figure("disk_read_cold_ms_\(tag)", disk.read * 1000)
                 report.figure("loopback_zmq_gbps_\(tag)", loopback)
+                report.figure("ipc_zmq_gbps_\(tag)", ipc)
                 for (lost, ms) in m.repairMs.sorted(by: { $0.key < $1.key }) {
                     report.figure("repair_\(lost)_nodes_ms_\(tag)", median(ms))
                 }
@@ -71,21 +73,22 @@ public struct ECClusterBench {
                 report.ratio("encode_vs_isal_\(tag)", fold / rawRow)
                 report.ratio("repair_vs_disk_read_\(tag)", disk.read * 1000 / repair1)
                 report.ratio("commit_vs_loopback_\(tag)", commitGBps / loopback)
+                report.ratio("commit_vs_ipc_\(tag)", commitGBps / ipc)
                 if code == (3, 1) && mib == 1024 {
                     report.ratio("commit_vs_memcpy", commitGBps / memcpyGBps)
                     report.ratio("encode_vs_isal", fold / rawRow)
                     report.ratio("repair_vs_disk_read", disk.read * 1000 / repair1)
                 }
-                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(loopback), f(fold), f(rawRow),
+                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(ipc), f(loopback), f(fold), f(rawRow),
                                      f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)])
             }
         }
         report.notes.append("All nodes share this machine's cores and memory bandwidth: a real cluster gives each node its own. "
                             + "commit = staged to committed per node (median over nodes and rounds); fold = in-system parity folding "
                             + "at the holders; repair = the replacement's rebuild from parity; disk read after evicting the file "
-                            + "from the page cache; loopback = one ZeroMQ stream of 4 MiB zero-copy frames over tcp://127.0.0.1 "
-                            + "in this process (the transport's ceiling on this machine, with nothing else running; during a round "
-                            + "every node sends m × S at once over the same cores). "
+                            + "from the page cache; ipc = one ZeroMQ stream of 4 MiB zero-copy frames over an ipc:// socket, the "
+                            + "transport the SMPs' data endpoints use (its ceiling on this machine, with nothing else running; during "
+                            + "a round every node sends m × S at once over the same cores); loopback = the same over tcp://127.0.0.1. "
                             + "Ratios without a suffix are RS(3+1) at 1 GiB per node.")
         return report
     }
@@ -162,9 +165,10 @@ public struct ECClusterBench {
         return result
     }
 
-    /// One ZeroMQ PUSH -> PULL stream over loopback TCP: `bytes` in 4 MiB
-    /// zero-copy frames (like the SMPs' transfers), median of 3, in GB/s.
-    func measureLoopback(_ bytes: Int) throws -> Double {
+    /// One ZeroMQ PUSH -> PULL stream over `endpoint` (loopback TCP, or an
+    /// ipc socket like the SMPs' data endpoints): `bytes` in 4 MiB zero-copy
+    /// frames (like the SMPs' transfers), median of 3, in GB/s.
+    func measureStream(_ bytes: Int, over endpoint: String) throws -> Double {
         let frame = 4 << 20
         let count = max(1, bytes / frame)
         let source = AlignedBuffer(count: frame, fill: 7)
@@ -178,8 +182,9 @@ public struct ECClusterBench {
         try pull.setLinger(milliseconds: 0)
         try push.setLinger(milliseconds: 0)
         try push.setSendHighWaterMark(16)
-        let endpoint = try pull.bind("tcp://127.0.0.1:*")
-        try push.connect(endpoint)
+        let bound = try pull.bind(endpoint)
+        defer { if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) } }
+        try push.connect(bound)
         var times: [Double] = []
         for _ in 0..<3 {
             let sender = Thread {
