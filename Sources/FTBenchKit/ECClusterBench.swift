@@ -182,6 +182,7 @@ public struct ECClusterBench {
         try pull.setLinger(milliseconds: 0)
         try push.setLinger(milliseconds: 0)
         try push.setSendHighWaterMark(16)
+        if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) }  // left by a run that crashed
         let bound = try pull.bind(endpoint)
         defer { if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) } }
         try push.connect(bound)

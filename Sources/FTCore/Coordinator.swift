@@ -322,7 +322,7 @@ public struct CoordinatorInstance: Sendable {
             return failure(what: key, kind: "worker", detectedBy: "reported by SMP \(sender): \(status)", now: now)
         case .startRefused(let worker, let reason):
             let key = "\(sender)/\(worker)"
-            guard state == .starting, !takesOverRunningJob, nodes[sender] != nil else {
+            guard state == .starting, !takesOverRunningJob, nodes[sender]?.workers.contains(worker) == true else {
                 return [.log("worker \(key) could not register: \(reason)")]
             }
             return fail("worker \(key) cannot start: \(reason)", now: now)
@@ -728,7 +728,7 @@ public struct CoordinatorInstance: Sendable {
     /// on this order, until `maxStartExits` exits say it never will join (a
     /// bad command, a crash at start-up) and the job stops with its status.
     private mutating func exitedBeforeJoining(_ key: String, node: String, worker: String, status: String, now: Double) -> [Directive] {
-        guard state == .starting, nodes[node] != nil else { return [] }
+        guard state == .starting, nodes[node] != nil, nodes[node]!.workers.contains(worker), settings.isMemberID(key) else { return [] }
         startExits[key, default: 0] += 1
         let exits = startExits[key]!
         if exits >= Self.maxStartExits {

@@ -97,6 +97,10 @@ extension SMPServer {
     /// its exit is seen; if none runs, start one now. An order about an
     /// incarnation that is gone (a newer one runs) changes nothing.
     func replaceWorker(_ r: ControlMessage.WorkerRestart) throws {
+        guard (0..<config.workerCount).contains(where: { "w\($0)" == r.worker }) else {
+            logger.warning("the coordinator asked to restart worker '\(r.worker)', which this node does not run")
+            return
+        }
         guard let child = children[r.worker] else {
             guard replacing[r.worker] == nil else { return }
             restarts[r.worker, default: 0] += 1

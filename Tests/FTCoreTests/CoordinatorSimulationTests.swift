@@ -293,6 +293,8 @@ struct ControlSimulationTests {
                                       committedStep: nil, stagedStep: nil)), from: "n0", epoch: 0, now: 0)
         // An exit reported by a node that has not said hello starts nothing: it is asked to say hello.
         #expect(c.receive(.childExited(worker: "w0", pid: 9, status: "exit 1"), from: "n1", epoch: 0, now: 0.1) == [.send(to: "n1", .helloRequired)])
+        // A worker the node does not run starts nothing.
+        #expect(c.receive(.childExited(worker: "w7", pid: 9, status: "exit 1"), from: "n0", epoch: 0, now: 0.1).isEmpty)
         for i in 1..<CoordinatorInstance.maxStartExits {
             let out = c.receive(.childExited(worker: "w0", pid: 10 + i, status: "exit 1"), from: "n0", epoch: 0, now: Double(i))
             #expect(out.contains(.send(to: "n0", .restartWorkers([.init(worker: "w0", pid: 0)]))), "\(out)")
