@@ -12,8 +12,9 @@ import Logging
 /// the workers' socket (`ipc://`, in a 0700 directory, the file 0600; every
 /// request's peer is checked with SO_PEERCRED: the job's uid, and for spawned
 /// workers the process, or a descendant of the process, of the very worker the
-/// request names) and, with a coordinator, the data endpoint (TCP: peers' EC
-/// frames and other nodes' workers' slice requests, and nothing else). Then
+/// request names) and, with a coordinator, the data endpoint (`ipc://` beside
+/// it, each peer of the job's uid: peers' EC frames and other nodes' workers'
+/// slice requests, and nothing else). Then
 /// one pidfd per child worker (its exit is seen at once,
 /// not by timeout), a signalfd (SIGTERM/SIGINT: graceful shutdown) and a stop
 /// pipe (in-process use). Decisions are made by `SnapshotStoreInstance`; this
@@ -24,8 +25,13 @@ import Logging
 /// steps), heartbeats (from a thread of its own, `ControlChannel`, so that
 /// bulk work on the event loop never delays one), reports a child's exit at
 /// once, reports `protected(s)` when every local worker staged `s`, and obeys
-/// `commit`, `abort`, `restore`, `restartWorkers`, `fenced` and `stop`. It
-/// also listens on TCP (its data endpoint) for peers' slice requests.
+/// `commit`, `abort`, `restore`, `restartWorkers`, `fenced` and `stop`.
+///
+/// Files: this one holds the event loop, the coordinator's orders and the
+/// intake of requests; `SMPServer+Requests.swift` who may ask what and the
+/// answers (a worker's request id comes back in its reply);
+/// `SMPServer+Children.swift` the worker processes, shutdown and status;
+/// `ErasureCoding.swift` and `ErasureCoding+Rebuild.swift` the data plane.
 ///
 /// `restartWorkers` names the incarnation to replace: a worker the coordinator
 /// declared dead but whose process still runs (hung, stopped, cut off) is
