@@ -128,10 +128,14 @@ struct ErasureIntegrationTests {
                               smpEnvironment: Dictionary(uniqueKeysWithValues: (0..<4).map { ($0, ["FT_EC_FRAME_BYTES": "4096"]) }))
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
-        // Pause the job (kill a worker on another node), then corrupt the committed slot of n2 before it restores.
+        // Hold n2's SMP still, kill its worker and corrupt both of that worker's slots before the SMP
+        // sees the death. The worker itself must die: a survivor whose live state is the committed
+        // step checks its own memory and reads nothing, so only a replacement reads the slot.
         kill(job.smps[2].pid, SIGSTOP)
-        // No wait needed: n2 is stopped, so its committed slot stays as it is until SIGCONT.
-        if let pid = job.workerPID(node: 0, worker: 0) { kill(pid, SIGKILL) }
+        let victim = try #require(job.workerPID(node: 2, worker: 0), "\(job.logs)")
+        kill(victim, SIGKILL)
+        // Dead (a zombie its stopped parent has not reaped) before its slots are touched.
+        #expect(waitUntil(seconds: 10) { readText("/proc/\(victim)/stat").split(separator: ")").last?.dropFirst().first == "Z" })
         var flipped = 0
         for slot in 0..<2 {
             let path = "/dev/shm/ft-\(job.job)-n2-p\(job.smps[2].pid)-w0-s\(slot)"
