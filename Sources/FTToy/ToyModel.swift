@@ -17,7 +17,11 @@ public final class ToyModel: @unchecked Sendable {
     /// Whether parameters and moments are registered as replicated (DP-sliced).
     public let replicated: Bool
 
-    public init(elements: Int, dpRank: Int, replicated: Bool = true) {
+    /// `initialized: false` leaves the tensors unwritten (their values
+    /// undefined) until `reset()` or a restore: a worker under a coordinator
+    /// is told which before it trains, and a replacement that restores 256 MiB
+    /// must not first spend a second writing a state it overwrites.
+    public init(elements: Int, dpRank: Int, replicated: Bool = true, initialized: Bool = true) {
         self.elements = elements
         self.dpRank = dpRank
         self.replicated = replicated
@@ -25,7 +29,12 @@ public final class ToyModel: @unchecked Sendable {
         moments = .allocate(byteCount: elements * 4, alignment: 64)
         rng = .allocate(byteCount: 8, alignment: 8)
         meta = .allocate(byteCount: 8, alignment: 8)
-        reset()
+        if initialized {
+            reset()
+        } else {
+            rng.storeBytes(of: 0, as: UInt64.self)
+            meta.storeBytes(of: 0, as: Int64.self)
+        }
     }
 
     /// Back to the initial state (step 0).

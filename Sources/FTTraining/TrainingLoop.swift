@@ -16,7 +16,9 @@ public protocol Trainable: AnyObject {
     var tensors: [RegisteredTensor] { get }
     /// The last completed step (0 before the first).
     var step: Int { get }
-    /// Back to the initial state of step 0.
+    /// Back to the initial state of step 0. The loop calls it before a fresh
+    /// start, so a model built under a coordinator may leave its tensors
+    /// unwritten until then (or until a restore overwrites them).
     func reset()
     /// Forward and backward of step `s`, including the gradient all-reduce.
     /// Throws `Interrupted` when the control plane pauses the job.

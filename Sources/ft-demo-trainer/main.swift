@@ -72,9 +72,12 @@ struct DemoTrainer: ParsableCommand {
         if let corpus, !FileManager.default.isReadableFile(atPath: corpus) { throw ValidationError("cannot read --corpus \(corpus)") }
     }
 
-    func makeModel(rank: Int, worldSize: Int) throws -> Trainable {
+    /// `initialized: false`: under a coordinator, which says before any step
+    /// whether to start fresh (the loop resets the model) or restore.
+    func makeModel(rank: Int, worldSize: Int, initialized: Bool = true) throws -> Trainable {
         if synthetic {
-            return ToyTrainable(model: ToyModel(elements: stateMb << 17, dpRank: rank), stepMilliseconds: stepMs, reportEvery: reportEvery)
+            return ToyTrainable(model: ToyModel(elements: stateMb << 17, dpRank: rank, initialized: initialized),
+                                stepMilliseconds: stepMs, reportEvery: reportEvery)
         }
         var config = CharLM.Config()
         config.batch = batch
@@ -96,7 +99,7 @@ struct DemoTrainer: ParsableCommand {
         guard ProcessInfo.processInfo.environment["FT_COORDINATOR_ENDPOINT"] != nil else {
             throw ValidationError("started by ft-smp without a coordinator: data-parallel training needs one (ft-smp --coordinator)")
         }
-        let model = try makeModel(rank: identity.dpRank, worldSize: identity.dpSize)
+        let model = try makeModel(rank: identity.dpRank, worldSize: identity.dpSize, initialized: false)
         if let lm = model as? CharLM {
             say("model: char MLP, \(lm.parameterCount) parameters, state \(lm.stateBytes) bytes per worker before DP slicing; rank \(identity.dpRank) of \(identity.dpSize)")
         }
