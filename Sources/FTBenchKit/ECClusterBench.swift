@@ -26,6 +26,9 @@ public struct ECClusterBench {
     public var maxMiBForWideCodes = 256
     public var rounds = 3
     public var diskDirectory = "/tmp"
+    /// SMP data planes on `tcp://dataHost:*` with CURVE; then the floor also
+    /// has one CURVE stream over that address (`curve_zmq_gbps_*`).
+    public var dataHost: String?
 
     public init(binaries: String) { self.binaries = binaries }
 
@@ -51,6 +54,7 @@ public struct ECClusterBench {
                 let disk = try measureDisk(bytes)
                 let loopback = try measureStream(bytes, over: "tcp://127.0.0.1:*")
                 let ipc = try measureStream(bytes, over: "ipc:///tmp/ft-bench-stream-\(getpid()).sock")
+                let curve = try dataHost.map { try measureStream(bytes, over: "tcp://\($0):*", curve: true) }
                 progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: the job")
                 let m = try measureJob(k: code.k, m: code.m, bytes: bytes, progress: progress)
                 let commit = median(m.commitMs)
@@ -65,6 +69,10 @@ public struct ECClusterBench {
                 report.figure("disk_read_cold_ms_\(tag)", disk.read * 1000)
                 report.figure("loopback_zmq_gbps_\(tag)", loopback)
                 report.figure("ipc_zmq_gbps_\(tag)", ipc)
+                if let curve {
+                    report.figure("curve_zmq_gbps_\(tag)", curve)
+                    report.ratio("commit_vs_curve_\(tag)", commitGBps / curve)
+                }
                 for (lost, ms) in m.repairMs.sorted(by: { $0.key < $1.key }) {
                     report.figure("repair_\(lost)_nodes_ms_\(tag)", median(ms))
                 }
@@ -90,6 +98,10 @@ public struct ECClusterBench {
                             + "transport the SMPs' data endpoints use (its ceiling on this machine, with nothing else running; during "
                             + "a round every node sends m × S at once over the same cores); loopback = the same over tcp://127.0.0.1. "
                             + "Ratios without a suffix are RS(3+1) at 1 GiB per node.")
+        if let dataHost {
+            report.notes.append("Data planes on tcp://\(dataHost):* with CURVE (--data-host): the transport is the curve stream "
+                                + "(the same stream with CURVE encryption, curve_zmq_gbps_*), and commit_vs_curve_* compares with it.")
+        }
         return report
     }
 
@@ -101,6 +113,7 @@ public struct ECClusterBench {
         o.workersPerNode = 1
         o.erasure = (k, m)
         o.timeoutMs = 3000  // large copies on a shared 2-core machine must not look like deaths
+        o.dataHost = dataHost
         o.heartbeatMs = 200
         let stepMs = max(2000, (bytes >> 20) * 12)
         o.workerCommand = [binaries + "/ft-toy-worker", "--steps", "1000000", "--state-kib", "\(bytes >> 11)", "--no-replicate",
@@ -166,9 +179,10 @@ public struct ECClusterBench {
     }
 
     /// One ZeroMQ PUSH -> PULL stream over `endpoint` (loopback TCP, or an
-    /// ipc socket like the SMPs' data endpoints): `bytes` in 4 MiB zero-copy
-    /// frames (like the SMPs' transfers), median of 3, in GB/s.
-    func measureStream(_ bytes: Int, over endpoint: String) throws -> Double {
+    /// ipc socket like the SMPs' data endpoints; `curve`: CURVE encrypted, no
+    /// ZAP handler): `bytes` in 4 MiB zero-copy frames (like the SMPs'
+    /// transfers), median of 3, in GB/s.
+    func measureStream(_ bytes: Int, over endpoint: String, curve: Bool = false) throws -> Double {
         let frame = 4 << 20
         let count = max(1, bytes / frame)
         let source = AlignedBuffer(count: frame, fill: 7)
@@ -182,6 +196,11 @@ public struct ECClusterBench {
         try pull.setLinger(milliseconds: 0)
         try push.setLinger(milliseconds: 0)
         try push.setSendHighWaterMark(16)
+        if curve {
+            let server = try CurveKeyPair.generate()
+            try pull.makeCurveServer(server)
+            try push.makeCurveClient(serverKey: server.publicKey, keys: try CurveKeyPair.generate())
+        }
         if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) }  // left by a run that crashed
         let bound = try pull.bind(endpoint)
         defer { if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) } }

@@ -7,7 +7,9 @@ import Foundation
 ///
 ///     coordinator.key   the coordinator's key pair (server)
 ///     coordinator.pub   its public key, which every client needs
-///     smp.key           the key pair SMPs present
+///     smp.key           the key pair SMPs present (and serve their data
+///                       endpoints with, when on TCP: `DataPlaneKeys`)
+///     smp.pub           its public key, which data-plane clients need
 ///     worker.key        the key pair workers present (their SMP points them here)
 ///     operator.key      the key pair of operators (`ftctl status`): read-only
 ///
@@ -54,6 +56,9 @@ public struct JobKeys: Sendable {
         }
         try ("# ft coordinator public key (Z85)\n" + server.publicKey + "\n")
             .write(toFile: directory + "/coordinator.pub", atomically: true, encoding: .utf8)
+        // SMP data endpoints on TCP serve with the SMP pair (`DataPlaneKeys`).
+        try ("# ft SMP data-plane public key (Z85)\n" + pairs[.smp]!.publicKey + "\n")
+            .write(toFile: directory + "/smp.pub", atomically: true, encoding: .utf8)
         return JobKeys(server: server, serverPublicKey: server.publicKey, member: pairs[.operator]!, role: .operator)
     }
 

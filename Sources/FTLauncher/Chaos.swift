@@ -27,6 +27,8 @@ public final class ChaosRunner: @unchecked Sendable {
         /// The workload: the demo trainer, or the PyTorch example (`--worker torch`).
         public var worker = ChaosWorker.demo
         public var keepDirectories = false
+        /// SMP data planes on `tcp://dataHost:*` with CURVE instead of ipc (`LocalJob.Options.dataHost`).
+        public var dataHost: String?
         public var progress: @Sendable (String) -> Void = { _ in }
         public init(binaries: String, workDirectory: String) {
             self.binaries = binaries
@@ -141,6 +143,7 @@ public final class ChaosRunner: @unchecked Sendable {
         o.snapshotInterval = options.snapshotInterval
         o.environment = environment
         o.workerCommand = workerCommand(shape.steps)
+        o.dataHost = options.dataHost
         options.worker.configure(&o)
         return o
     }

@@ -46,6 +46,7 @@ extension ChaosRunner {
         opts.snapshotInterval = options.snapshotInterval
         opts.environment = environment
         opts.workerCommand = workerCommand(steps)
+        opts.dataHost = options.dataHost
         options.worker.configure(&opts)
         let job = try LocalJob(opts)
         let watch = Watch(job: job)

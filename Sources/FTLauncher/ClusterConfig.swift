@@ -20,6 +20,7 @@ import Foundation
 ///     timeout_ms = 500
 ///     phase_timeout = 60    # seconds a recovery phase may take at least (default 5; 60 for PyTorch workers)
 ///     memory_limit = 8G     # shared memory per node for snapshots (default: derived from the machine)
+///     data_host = 10.0.0.2  # SMP data planes on tcp://ADDRESS:* with CURVE (default: private ipc sockets)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -42,6 +43,10 @@ public struct ClusterConfig: Equatable, Sendable {
     /// SMP's default, derived from the machine). A worker whose slots would
     /// not fit is refused, and a job still starting stops at once saying so.
     public var memoryLimit: Int?
+    /// Serve each SMP's data plane (EC chunks, fetches, slices) on
+    /// `tcp://ADDRESS:*`, with CURVE, as nodes on separate hosts must; nil:
+    /// a private ipc socket per SMP (one host).
+    public var dataHost: String?
 
     /// Bytes from "N", "NK", "NM", "NG" or "NT" (powers of 1024), nil if malformed or not positive.
     public static func parseBytes(_ text: String) -> Int? {
@@ -80,7 +85,7 @@ public struct ClusterConfig: Equatable, Sendable {
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
                                     "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
-                                    "memory_limit"]
+                                    "memory_limit", "data_host"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -127,6 +132,7 @@ public struct ClusterConfig: Equatable, Sendable {
                 throw ConfigError("memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '\(value)'")
             }
             memoryLimit = v
+        case "data_host": dataHost = value
         default:
             throw ConfigError("unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
         }
@@ -136,6 +142,9 @@ public struct ClusterConfig: Equatable, Sendable {
     /// EC groups against the node count, the binaries, the worker command,
     /// the port, the run directory. `binaries`: where ft-coordinator and ft-smp are.
     public func validate(binaries: String) throws(ConfigError) {
+        if let dataHost, dataHost.isEmpty || dataHost.contains(where: { "/ :*".contains($0) }) {
+            throw ConfigError("data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not '\(dataHost)'")
+        }
         guard nodes >= 1 && nodes <= 256 else { throw ConfigError("nodes must be in 1...256, not \(nodes)") }
         guard workersPerNode >= 1 && workersPerNode <= 64 else {
             throw ConfigError("workers_per_node must be in 1...64, not \(workersPerNode)")
@@ -215,6 +224,7 @@ public struct ClusterConfig: Equatable, Sendable {
         o.timeoutMs = timeoutMs
         o.phaseTimeout = phaseTimeout
         o.memoryLimit = memoryLimit
+        o.dataHost = dataHost
         return o
     }
 }

@@ -36,6 +36,9 @@ public final class LocalJob: @unchecked Sendable {
         public var phaseTimeout: Double?
         /// Each SMP's shared-memory budget in bytes (`ft-smp --memory-limit`; nil: its default).
         public var memoryLimit: Int?
+        /// Each SMP's data endpoint on `tcp://dataHost:*` (CURVE with the job's
+        /// keys) instead of its private ipc socket (`ft-smp --data-endpoint`).
+        public var dataHost: String?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -90,6 +93,7 @@ public final class LocalJob: @unchecked Sendable {
          "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.memoryLimit.map { ["--memory-limit", "\($0)"] } ?? [])
+            + (options.dataHost.map { ["--data-endpoint", "tcp://\($0):*"] + (options.curve ? [] : ["--insecure"]) } ?? [])
     }
 
     private func smpEnvironment(_ extra: [String: String]) -> [String: String] {

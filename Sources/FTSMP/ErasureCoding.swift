@@ -196,6 +196,7 @@ extension SMPServer {
         try s.setLinger(milliseconds: 0)
         try s.setSendHighWaterMark(0)
         try s.boundBulkReceives()
+        try dataKeys?.secureClient(s, for: endpoint)
         try s.connect(endpoint)
         ec.peers[node] = s
         return s

@@ -39,10 +39,11 @@ public struct SMPConfiguration: Sendable {
     public var hangBound = 10.0
     /// Where peers reach the SMP (EC frames, fetches, other nodes' workers'
     /// slices), with a coordinator: `ipc://` in the same private directory as
-    /// the workers' socket (default; the socket file 0600, each request's peer
-    /// must be of the job's uid or root), or a `tcp://` address (tests only:
-    /// no credentials there). Nodes on other hosts need the data plane on the
-    /// network, with CURVE: not yet (README, "Known limits").
+    /// the workers' socket (default, one host; the socket file 0600, each
+    /// request's peer must be of the job's uid or root), or a `tcp://` address
+    /// for nodes on other hosts: with `keysDirectory` it is a CURVE server
+    /// that admits only the job's SMP and worker keys (`DataPlaneKeys`);
+    /// without, nothing is checked (tests, `ft-smp --insecure`).
     public var dataEndpoint: String
     /// The most shared memory (bytes, both slots of every worker) this SMP
     /// allocates; a registration past it is refused (`memory_limit`). nil:

@@ -174,6 +174,7 @@ extension SMPServer {
         for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
         segments.removeAll()
         channel?.shutdown()
+        dataZAP?.stop()
         if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
         // Only our own record: a replacement of this node may have written its pid there.
         let pidFile = config.runDirectory + "/pids/\(config.nodeID).smp.pid"

@@ -14,7 +14,10 @@ extension SMPServer {
     ///
     /// - The data endpoint serves peers only: EC frames and fetches from other
     ///   SMPs, and slices to other nodes' workers; on ipc (the default) each
-    ///   request's peer must be of the job's uid (or root). A worker's own
+    ///   request's peer must be of the job's uid (or root); on TCP in a job
+    ///   with keys (CURVE, `DataPlaneKeys`) EC frames and fetches must come
+    ///   under the SMP key and slice requests under the SMP or worker key,
+    ///   as the handshake proved it. A worker's own
     ///   requests (register, begin, staged, restore, status, …) are refused
     ///   there, so that no peer can void a round or register in a worker's name.
     /// - The workers' ipc socket serves workers only, and each request's peer
@@ -24,7 +27,17 @@ extension SMPServer {
     func refusal(_ message: SMPMessage, sender: String, frame: ZMQMessage, fromPeers: Bool) -> StoreError? {
         switch (message, fromPeers) {
         case (.ecChunk, true), (.ecFetch, true), (.fetchSlice, true):
-            guard dataEndpoint.hasPrefix("ipc://") else { return nil }  // TCP (tests): no credentials to check
+            if dataKeys != nil {
+                // CURVE: the role is the one the sender's key proved in its handshake.
+                let role = frame.property("User-Id") ?? "none"
+                var allowed = [DataPlaneKeys.smpUser]
+                if case .fetchSlice = message { allowed.append(DataPlaneKeys.workerUser) }
+                guard allowed.contains(role) else {
+                    return StoreError(.unauthorized, "\(message.type) from '\(sender)' came under the key of role '\(role)', not \(allowed.joined(separator: " or "))")
+                }
+                return nil
+            }
+            guard dataEndpoint.hasPrefix("ipc://") else { return nil }  // TCP without keys (tests, --insecure): no credentials to check
             guard let peer = Self.peer(of: frame) else {
                 return StoreError(.unauthorized, "\(message.type) from '\(sender)' came with no peer credentials")
             }

@@ -69,6 +69,11 @@ public final class SMPServer: @unchecked Sendable {
     /// SMP halfway through sending its chunks of the first round at or after step S.
     let faultKillDuringECStep = ProcessInfo.processInfo.environment["FT_FAULT_KILL_DURING_EC_STEP"].flatMap(Int.init)
     public internal(set) var dataEndpoint: String = ""
+    /// CURVE on a `tcp://` data endpoint of a job with keys: the pair this SMP
+    /// serves with and presents to its peers (`DataPlaneKeys`); nil on ipc.
+    let dataKeys: DataPlaneKeys?
+    /// Admits only the SMP and worker keys to the data endpoint (with `dataKeys`).
+    let dataZAP: ZAPAuthenticator?
     var exitCode: Int32 = 0
     /// The step of the last `protected` sent, while that round is still staged
     /// (a hello says it again for a coordinator that restarts).
@@ -120,9 +125,25 @@ public final class SMPServer: @unchecked Sendable {
             let data = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
             try data.setLinger(milliseconds: 0)
             try data.boundBulkReceives()  // peers' EC frames
+            if let dir = config.keysDirectory, config.dataEndpoint.hasPrefix("tcp://") {
+                // On the network: CURVE, and only the job's SMP and worker keys get in.
+                let keys = try DataPlaneKeys.load(from: dir, memberFile: "smp.key")
+                let workerKey = try CurveKeyPair.load(from: dir + "/worker.key").publicKey
+                dataZAP = try ZAPAuthenticator(context: context, clients: [keys.member.publicKey: DataPlaneKeys.smpUser,
+                                                                           workerKey: DataPlaneKeys.workerUser]) { [logger] line in
+                    logger.warning("data endpoint: \(line)")
+                }
+                try data.makeCurveServer(keys.member)
+                dataKeys = keys
+            } else {
+                dataKeys = nil
+                dataZAP = nil
+            }
             dataRouter = data
         } else {
             dataRouter = nil
+            dataKeys = nil
+            dataZAP = nil
         }
         try FileManager.default.createDirectory(atPath: config.runDirectory, withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/logs", withIntermediateDirectories: true)

@@ -85,27 +85,33 @@ public struct WorkerIdentity: Sendable {
     public var smpEndpoint: String
     /// How many times the SMP restarted this worker before (0 on first start).
     public var restartCount: Int
+    /// The job's key directory (FT_KEYS_DIR): slices fetched from SMP data
+    /// endpoints on TCP go over CURVE with `worker.key` (`DataPlaneKeys`).
+    public var keysDirectory: String?
 
-    public init(jobID: String, workerID: String, dpRank: Int, dpSize: Int, smpEndpoint: String, restartCount: Int = 0) {
+    public init(jobID: String, workerID: String, dpRank: Int, dpSize: Int, smpEndpoint: String, restartCount: Int = 0,
+                keysDirectory: String? = nil) {
         self.jobID = jobID
         self.workerID = workerID
         self.dpRank = dpRank
         self.dpSize = dpSize
         self.smpEndpoint = smpEndpoint
         self.restartCount = restartCount
+        self.keysDirectory = keysDirectory
     }
 
     public static let environmentKeys = ["FT_JOB_ID", "FT_WORKER_ID", "FT_DP_RANK", "FT_DP_SIZE", "FT_SMP_ENDPOINT"]
 
     /// From FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, FT_DP_SIZE, FT_SMP_ENDPOINT
-    /// and FT_RESTART_COUNT; nil with the missing names when not under an SMP.
+    /// FT_RESTART_COUNT and FT_KEYS_DIR; nil with the missing names when not under an SMP.
     public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Result<WorkerIdentity, SnapshotError> {
         let missing = environmentKeys.filter { env[$0] == nil }
         guard missing.isEmpty, let rank = Int(env["FT_DP_RANK"]!), let size = Int(env["FT_DP_SIZE"]!) else {
             return .failure(SnapshotError(code: .misuse, message: "not started by ft-smp: missing or invalid \(missing.isEmpty ? "FT_DP_RANK/FT_DP_SIZE" : missing.joined(separator: ", "))"))
         }
         return .success(WorkerIdentity(jobID: env["FT_JOB_ID"]!, workerID: env["FT_WORKER_ID"]!, dpRank: rank, dpSize: size,
-                                       smpEndpoint: env["FT_SMP_ENDPOINT"]!, restartCount: Int(env["FT_RESTART_COUNT"] ?? "0") ?? 0))
+                                       smpEndpoint: env["FT_SMP_ENDPOINT"]!, restartCount: Int(env["FT_RESTART_COUNT"] ?? "0") ?? 0,
+                                       keysDirectory: env["FT_KEYS_DIR"]))
     }
 }
 
@@ -349,6 +355,7 @@ final class SnapshotEngine: @unchecked Sendable {
     private var stopping = false
     private var _stats = Stats()
     private var copier: Thread?
+    private var loadedDataKeys: DataPlaneKeys?
 
     /// Copy granularity: small enough that the CRC reads the bytes back from L2.
     static let copyPiece = 256 << 10
@@ -865,6 +872,7 @@ final class SnapshotEngine: @unchecked Sendable {
                     socket = try context.socket(.dealer, maxMessageBytes: maxFrameBytes)
                     try socket.setLinger(milliseconds: 0)
                     try socket.boundBulkReceives()
+                    try dataPlaneKeys(for: f.endpoint)?.secureClient(socket, for: f.endpoint)
                     try socket.connect(f.endpoint)
                     peers[f.endpoint] = socket
                 }
@@ -919,6 +927,20 @@ final class SnapshotEngine: @unchecked Sendable {
             throw error
         }
         return gathered
+    }
+
+    /// The keys to fetch from `endpoint` with: nil for ipc or a job without
+    /// keys; on TCP in a job with keys, `worker.key` (loaded once), or an
+    /// error naming what could not be read.
+    private func dataPlaneKeys(for endpoint: String) throws -> DataPlaneKeys? {
+        guard endpoint.hasPrefix("tcp://"), let dir = identity.keysDirectory else { return nil }
+        if let loadedDataKeys { return loadedDataKeys }
+        do {
+            loadedDataKeys = try DataPlaneKeys.load(from: dir, memberFile: "worker.key")
+        } catch {
+            throw SnapshotError(code: .misuse, message: "cannot fetch from \(endpoint) over CURVE: \(error)")
+        }
+        return loadedDataKeys
     }
 
     /// Checks a slice reply and copies its bytes into the tensor, chunk by

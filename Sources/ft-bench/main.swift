@@ -259,8 +259,12 @@ struct ECCluster: ParsableCommand {
     @Option(help: "Directory of the disk file for the disk floor.")
     var diskDir = "/tmp"
 
+    @Option(help: ArgumentHelp("SMP data planes on tcp://ADDRESS:* with CURVE (as on separate hosts) instead of ipc; adds the floor of one CURVE stream over that address.", valueName: "address"))
+    var dataHost: String?
+
     func run() throws {
         var bench = ECClusterBench(binaries: executableDirectory)
+        bench.dataHost = dataHost
         let sizes = sizesMib.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !sizes.isEmpty, sizes.allSatisfy({ $0 >= 1 && $0 <= 4096 }) else {
             throw ValidationError("--sizes-mib takes sizes in MiB between 1 and 4096")

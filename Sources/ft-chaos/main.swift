@@ -46,6 +46,9 @@ struct Chaos: ParsableCommand {
     @Option(help: "Synthetic state of this many MiB per worker instead of the char LM (ft-demo-trainer --synthetic).")
     var stateMb: Int?
 
+    @Option(help: ArgumentHelp("SMP data planes on tcp://ADDRESS:* with CURVE (as nodes on separate hosts) instead of private ipc sockets.", valueName: "address"))
+    var dataHost: String?
+
     @Option(help: "With --state-mb: simulated compute per step in milliseconds.")
     var stepMs = 10.0
 
@@ -117,6 +120,7 @@ struct Chaos: ParsableCommand {
         options.snapshotInterval = snapshotInterval
         options.stateMB = stateMb
         options.stepMs = stepMs
+        options.dataHost = dataHost
         options.worker = try chaosWorker()
         options.keepDirectories = keep
         options.progress = { line in FileHandle.standardError.write(Data("chaos: \(line)\n".utf8)) }
@@ -140,6 +144,7 @@ struct Chaos: ParsableCommand {
         if json {
             var o: [String: Any] = ["scenarios": results.map(\.json), "steps": steps, "snapshot_interval": snapshotInterval]
             o["state_mb"] = stateMb ?? NSNull()
+            o["data_host"] = dataHost ?? NSNull()
             let data = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {

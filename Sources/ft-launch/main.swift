@@ -75,6 +75,9 @@ struct Start: ParsableCommand {
     @Option(help: ArgumentHelp("Shared memory per node for snapshot slots, e.g. 8G or 512M (default: the SMP's, derived from the machine). A job whose workers do not fit stops at once, saying what they need.", valueName: "size"))
     var memoryLimit: String?
 
+    @Option(help: ArgumentHelp("Serve each SMP's data plane (EC chunks, rebuild fetches, DP slices) on tcp://ADDRESS:* with CURVE, as nodes on separate hosts must, instead of a private ipc socket per SMP.", valueName: "address"))
+    var dataHost: String?
+
     @Option(help: "Seconds to wait for the job to start running.")
     var startTimeout = 120.0
 
@@ -110,6 +113,7 @@ struct Start: ParsableCommand {
                 }
                 c.memoryLimit = v
             }
+            if let dataHost { c.dataHost = dataHost }
             if !workerCommand.isEmpty { c.workerCommand = workerCommand }
             try c.validate(binaries: binaries)
         } catch let error as ClusterConfig.ConfigError {

@@ -41,7 +41,10 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/sockets/NODE-pPID.smp.sock; that directory is made 0700, the socket 0600, and each request must come from the worker it names).")
     var endpoint: String?
 
-    @Flag(help: "Allow a tcp --endpoint the network can reach: workers' requests there carry no credentials the SMP can check, so anyone who reaches it can read and void snapshots. Logged at every start.")
+    @Option(help: "Where peers reach this SMP (EC chunks, fetches, other nodes' workers' slices); needs --coordinator. Default: ipc://RUN_DIR/sockets/NODE-pPID.data.sock (one host; the socket 0600, each peer of the job's uid). A tcp://ADDR:PORT (or :*) for nodes on other hosts: with --keys it is CURVE, admitting only the job's SMP and worker keys; without --keys it needs --insecure.")
+    var dataEndpoint: String?
+
+    @Flag(help: "Allow a tcp --endpoint the network can reach, or a tcp --data-endpoint without --keys: requests there carry no credentials the SMP can check, so anyone who reaches it can read and void snapshots. Logged at every start.")
     var insecure = false
 
     @Option(help: "Number of workers to spawn.")
@@ -53,7 +56,7 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Coordinator endpoint (tcp://HOST:PORT). Without it, a step commits when every local worker staged it.")
     var coordinator: String?
 
-    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, smp.key; its workers get worker.key from it).")
+    @Option(help: "Directory with the job's CURVE keys (coordinator.pub, smp.key, smp.pub; its workers get worker.key from it). A tcp --data-endpoint serves with smp.key.")
     var keys: String?
 
     @Option(help: "Global DP rank of this node's first worker.")
@@ -97,6 +100,16 @@ struct FTSMPCommand: ParsableCommand {
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
         if let hangMs, hangMs <= timeoutMs { throw ValidationError("--hang-ms (\(hangMs)) must exceed --timeout-ms (\(timeoutMs))") }
         if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
+        if let dataEndpoint {
+            guard coordinator != nil else { throw ValidationError("--data-endpoint is for peers of a job with a coordinator; give --coordinator too") }
+            guard dataEndpoint.hasPrefix("tcp://") || dataEndpoint.hasPrefix("ipc://") else {
+                throw ValidationError("--data-endpoint must be tcp://ADDR:PORT or ipc://PATH, not '\(dataEndpoint)'")
+            }
+            if dataEndpoint.hasPrefix("tcp://"), keys == nil, !insecure {
+                throw ValidationError("--data-endpoint \(dataEndpoint) without --keys would serve every tensor to whoever reaches it: "
+                    + "give --keys (CURVE), leave it out (a private ipc socket), or give --insecure on a network you trust")
+            }
+        }
         if let endpoint, !insecure, !ZMQEndpoint.isLoopbackOnly(endpoint) {
             throw ValidationError("--endpoint \(endpoint) can be reached from the network, where workers' requests cannot be "
                 + "authenticated: leave it out (a private ipc socket), use 127.0.0.1, or give --insecure on a network you trust")
@@ -137,6 +150,12 @@ struct FTSMPCommand: ParsableCommand {
                                       workerCount: workers, workerCommand: workerCommand, maxRestarts: maxRestarts)
         config.coordinatorEndpoint = coordinator
         config.keysDirectory = keys
+        if let dataEndpoint {
+            config.dataEndpoint = dataEndpoint
+            if dataEndpoint.hasPrefix("tcp://") && keys == nil {
+                logger.warning("INSECURE: data endpoint \(dataEndpoint) has no CURVE (--insecure without --keys): anyone who reaches it can read every tensor and inject parity")
+            }
+        }
         config.rankOffset = rankOffset
         config.worldSize = worldSize
         config.heartbeatInterval = Double(heartbeatMs) / 1000

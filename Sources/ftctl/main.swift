@@ -89,7 +89,7 @@ struct Status: ParsableCommand {
 
 struct Keygen: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, smp.key, worker.key and the read-only operator.key; mode 0600).")
+        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, smp.key, smp.pub, worker.key and the read-only operator.key; mode 0600).")
 
     @Argument(help: "The directory to create or fill.")
     var directory: String

@@ -178,6 +178,15 @@ struct FtctlTests {
         let (smpRefused, smpText, _) = try runTool("ft-smp", smp)
         #expect(smpRefused == .exited(64), "\(smpText)")
         #expect(smpText.contains("--endpoint tcp://*:\(port) can be reached from the network"), "\(smpText)")
+        // A data endpoint on TCP serves tensors: it needs --keys (CURVE), or --insecure.
+        let data = ["--job-id", "insec", "--node-id", "n0", "--run-dir", dir, "--workers", "0",
+                    "--coordinator", "tcp://127.0.0.1:\(port)", "--data-endpoint", "tcp://127.0.0.1:*"]
+        let (dataRefused, dataText, _) = try runTool("ft-smp", data)
+        #expect(dataRefused == .exited(64), "\(dataText)")
+        #expect(dataText.contains("--data-endpoint tcp://127.0.0.1:* without --keys would serve every tensor"), "\(dataText)")
+        let (noCoordinator, noCoordinatorText, _) = try runTool("ft-smp", Array(data[0..<8]) + ["--data-endpoint", "tcp://127.0.0.1:*"])
+        #expect(noCoordinator == .exited(64), "\(noCoordinatorText)")
+        #expect(noCoordinatorText.contains("--data-endpoint is for peers of a job with a coordinator"), "\(noCoordinatorText)")
         // With --insecure the coordinator starts, warning at once; it is ended by PID.
         let out = dir + ".out"
         defer { unlink(out) }

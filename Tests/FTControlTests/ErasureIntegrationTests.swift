@@ -1,5 +1,7 @@
+import FTCore
 import FTLauncher
 import FTSystem
+import FTZMQ
 import Foundation
 import Testing
 
@@ -152,6 +154,65 @@ struct ErasureIntegrationTests {
         #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
                 "\(job.logs)")
         #expect(readText(job.dir + "/smp-n2.log").contains("repaired worker w0"), "\(readText(job.dir + "/smp-n2.log"))")
+        expectBitExact(job)
+    }
+
+    @Test("SMP data planes on TCP with CURVE: a stranger's key is refused in the handshake, a worker's key may not fetch EC chunks, and a node is rebuilt and every slice fetched over CURVE, bit-exact",
+          .timeLimit(.minutes(3)))
+    func curveDataPlane() throws {
+        let job = try LocalJob(tag: "eccurve", nodes: 4, workersPerNode: 1, steps: 500, stateKiB: 512, stepMs: 5) { o in
+            o.erasure = (3, 1)
+            o.dataHost = "127.0.0.1"
+        }
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
+        let up = try #require(readText(job.dir + "/smp-n0.log").split(separator: "\n").first { $0.contains("smp up") })
+        let data = try #require(up.split(separator: " ").first { $0.hasPrefix("data=tcp://127.0.0.1:") }.map { String($0.dropFirst(5)) },
+                                "\(up)")
+        let keys = job.dir + "/keys"
+        #expect(try loadPublicKey(from: keys + "/smp.pub") == CurveKeyPair.load(from: keys + "/smp.key").publicKey)
+        let ctx = try ZMQContext()
+
+        // A key the job does not know: the SMP's ZAP handler refuses the handshake.
+        let stranger = try ctx.socket(.dealer, maxMessageBytes: 1 << 20)
+        defer { stranger.close() }
+        try stranger.setLinger(milliseconds: 0)
+        try stranger.makeCurveClient(serverKey: try loadPublicKey(from: keys + "/smp.pub"), keys: try CurveKeyPair.generate())
+        let strangerEvents = try stranger.monitor(events: [.handshakeFailedAuth, .handshakeSucceeded])
+        defer { strangerEvents.close() }
+        try stranger.connect(data)
+        var event: ZMQSocketEvent?
+        for _ in 0..<12 where event == nil { event = try ZMQSocketEvent.receive(from: strangerEvents, timeoutMilliseconds: 5000) }
+        #expect(event?.kind == .handshakeFailedAuth, "\(String(describing: event))")
+
+        // A worker's key gets in, as the role its key proves: it may fetch slices, not EC chunks.
+        let worker = try ctx.socket(.dealer, maxMessageBytes: 1 << 20)
+        defer { worker.close() }
+        try worker.setLinger(milliseconds: 0)
+        try DataPlaneKeys.load(from: keys, memberFile: "worker.key").secureClient(worker, for: data)
+        let workerEvents = try worker.monitor(events: [.handshakeSucceeded])
+        defer { workerEvents.close() }
+        try worker.connect(data)
+        var handshake: ZMQSocketEvent?
+        for _ in 0..<12 where handshake == nil { handshake = try ZMQSocketEvent.receive(from: workerEvents, timeoutMilliseconds: 5000) }
+        #expect(handshake?.kind == .handshakeSucceeded)
+        // Under an SMP's name: the name is not what counts, the key is.
+        try worker.send([SMPMessage.ecFetch(step: 1, row: 0, index: 0, offset: 0, length: 64).envelope(sender: "n1", epoch: 7).encoded()])
+        let frames = try #require(try worker.receiveMessages(timeoutMilliseconds: 30_000), "no answer to an EC fetch under a worker key")
+        let (reply, _) = try SMPMessage.decode(frames[0].bytes)
+        guard case .error(let code, let text) = reply else {
+            Issue.record("an EC fetch under a worker key was answered with \(reply)")
+            return
+        }
+        #expect(code == "unauthorized" && text.contains("role 'worker'"), "\(code): \(text)")
+
+        // The job itself: EC rounds, a node's rebuild and the restores' slices, all over CURVE.
+        killNode(job, 2)
+        #expect(waitDeclaredDead(job, [2]), "\(job.logs)")
+        try job.inner.startSMP(node: 2)
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        #expect(readText(job.dir + "/smp-n2.log").contains("rebuilt node n2"))
         expectBitExact(job)
     }
 }

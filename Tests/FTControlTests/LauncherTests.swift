@@ -39,11 +39,13 @@ struct ClusterConfigTests {
             timeout_ms = 300
             phase_timeout = 60
             memory_limit = 8G
+            data_host = 10.0.0.2
             """)
         #expect(c.nodes == 6 && c.workersPerNode == 1 && c.erasure == .init(k: 4, m: 2) && c.spares == 2)
         #expect(c.snapshotInterval == 5 && c.steps == 100 && c.workerCommand == ["/bin/sleep", "1000"])
         #expect(c.runDirectory == "/tmp/x" && c.jobID == "abc" && c.heartbeatMs == 50 && c.timeoutMs == 300 && c.phaseTimeout == 60)
         #expect(c.memoryLimit == 8 << 30 && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").memoryLimit == 8 << 30)
+        #expect(c.dataHost == "10.0.0.2" && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").dataHost == "10.0.0.2")
         #expect(ClusterConfig.parseBytes("512M") == 512 << 20 && ClusterConfig.parseBytes("4096") == 4096 && ClusterConfig.parseBytes("2GiB") == 2 << 30)
         #expect(ClusterConfig.parseBytes("0") == nil && ClusterConfig.parseBytes("-1G") == nil && ClusterConfig.parseBytes("lots") == nil)
         #expect(ClusterConfig.parseBytes("9999999999999T") == nil)
@@ -51,7 +53,7 @@ struct ClusterConfigTests {
             try config("memory_limit = 8Q")
         }
         #expect(try config("ec = none").erasure == nil)
-        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
         #expect(throws: ClusterConfig.ConfigError("test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
@@ -74,6 +76,9 @@ struct ClusterConfigTests {
         c.erasure = nil
         c.spares = 1
         #expect(error(c) == "spares need ec: a spare rebuilds a lost node from its group's parity")
+        c = ClusterConfig()
+        c.dataHost = "tcp://10.0.0.2:5000"
+        #expect(error(c) == "data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not 'tcp://10.0.0.2:5000'")
         c = ClusterConfig()
         c.snapshotInterval = 0
         #expect(error(c) == "snapshot_interval must be at least 1 step, not 0")
