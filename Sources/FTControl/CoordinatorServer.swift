@@ -74,8 +74,8 @@ public final class CoordinatorServer: @unchecked Sendable {
         context = try ZMQContext()
         if let dir = config.keysDirectory {
             let server = try CurveKeyPair.load(from: dir + "/coordinator.key")
-            let roles = try JobKeys.clientRoles(in: dir)
-            zap = try ZAPAuthenticator(context: context, clients: roles.mapValues(\.rawValue)) { [logger] line in
+            let users = try JobKeys.clientUsers(in: dir)
+            zap = try ZAPAuthenticator(context: context, clients: users) { [logger] line in
                 logger.warning("unauthenticated: \(line)")
             }
             router = try context.socket(.router, maxMessageBytes: ControlMessage.maxFrameBytes)
@@ -159,11 +159,18 @@ public final class CoordinatorServer: @unchecked Sendable {
             }
             let (message, envelope) = decoded
             if zap != nil {
-                // The role of the key this connection presented (ZAP's user id), not a field of the message.
-                let role = messages[1].property("User-Id").flatMap(JobKeys.KeyRole.init(rawValue:))
-                guard let role, role.may(message) else {
+                // The role of the key this connection presented (ZAP's user id), not a field of
+                // the message; a node's own key speaks only for that node.
+                let user = messages[1].property("User-Id").map(DataPlaneKeys.parseUser)
+                let role = user.flatMap { JobKeys.KeyRole(rawValue: $0.role) }
+                let otherNode = user?.node.map { node -> Bool in
+                    if case .statusQuery = message { return false }
+                    return envelope.sender != node
+                } ?? false
+                guard let role, role.may(message), !otherNode else {
                     unauthorizedMessages += 1
-                    logger.warning("dropped \(String(describing: message).prefix(60)) from \(envelope.sender): the \(role?.rawValue ?? "unknown") key may not send it",
+                    let key = user.map { u in u.node.map { "node \($0)'s" } ?? "the \(u.role)" } ?? "an unknown"
+                    logger.warning("dropped \(String(describing: message).prefix(60)) from \(envelope.sender): \(key) key may not send it",
                                    metadata: ["unauthorized.total": "\(unauthorizedMessages)"])
                     continue
                 }

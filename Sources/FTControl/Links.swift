@@ -10,6 +10,9 @@ import Foundation
 ///     smp.key           the key pair SMPs present (and serve their data
 ///                       endpoints with, when on TCP: `DataPlaneKeys`)
 ///     smp.pub           its public key, which data-plane clients need
+///     smp-NODE.key      each node's own pair, which its SMP presents
+///                       instead (then it may speak only for NODE)
+///     smp-NODE.pub      its public key, which the ZAP handlers admit
 ///     worker.key        the key pair workers present (their SMP points them here)
 ///     operator.key      the key pair of operators (`ftctl status`): read-only
 ///
@@ -42,9 +45,12 @@ public struct JobKeys: Sendable {
         }
     }
 
-    /// Writes a fresh key pair for the coordinator and for every role.
+    /// Writes a fresh key pair for the coordinator and for every role, and
+    /// one for each of `nodes` (`smp-NODE.key`, public half `smp-NODE.pub`):
+    /// an SMP that has its node's key is known by it, so it can speak only
+    /// for its own node.
     @discardableResult
-    public static func generate(in directory: String) throws -> JobKeys {
+    public static func generate(in directory: String, nodes: [String] = []) throws -> JobKeys {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o700])
         let server = try CurveKeyPair.generate()
@@ -59,25 +65,43 @@ public struct JobKeys: Sendable {
         // SMP data endpoints on TCP serve with the SMP pair (`DataPlaneKeys`).
         try ("# ft SMP data-plane public key (Z85)\n" + pairs[.smp]!.publicKey + "\n")
             .write(toFile: directory + "/smp.pub", atomically: true, encoding: .utf8)
+        for node in nodes {
+            let pair = try CurveKeyPair.generate()
+            try pair.write(to: directory + "/" + DataPlaneKeys.nodeKeyFile(node))
+            try ("# ft SMP \(node) public key (Z85)\n" + pair.publicKey + "\n")
+                .write(toFile: directory + "/" + DataPlaneKeys.nodePublicFile(node), atomically: true, encoding: .utf8)
+        }
         return JobKeys(server: server, serverPublicKey: server.publicKey, member: pairs[.operator]!, role: .operator)
     }
 
-    /// Loads what a client of `role` needs (`withServerSecret`: the coordinator's pair too).
-    public static func load(from directory: String, role: KeyRole, withServerSecret: Bool = false) throws(ZMQError) -> JobKeys {
-        let member = try CurveKeyPair.load(from: directory + "/" + role.file)
+    /// Loads what a client of `role` needs (`withServerSecret`: the coordinator's
+    /// pair too). An SMP of `node` presents its node's pair where there is one.
+    public static func load(from directory: String, role: KeyRole, node: String? = nil,
+                            withServerSecret: Bool = false) throws(ZMQError) -> JobKeys {
+        var file = directory + "/" + role.file
+        if role == .smp, let node, access(directory + "/" + DataPlaneKeys.nodeKeyFile(node), F_OK) == 0 {
+            file = directory + "/" + DataPlaneKeys.nodeKeyFile(node)
+        }
+        let member = try CurveKeyPair.load(from: file)
         let pub = try loadPublicKey(from: directory + "/coordinator.pub")
         let server = withServerSecret ? try CurveKeyPair.load(from: directory + "/coordinator.key") : nil
         return JobKeys(server: server, serverPublicKey: pub, member: member, role: role)
     }
 
-    /// The coordinator's view: every role's public key (key -> role).
-    public static func clientRoles(in directory: String) throws(ZMQError) -> [String: KeyRole] {
-        var roles: [String: KeyRole] = [:]
-        for role in KeyRole.allCases {
-            let key = try CurveKeyPair.load(from: directory + "/" + role.file).publicKey
-            roles[key] = role
+    /// The coordinator's view: every client key (Z85) -> the user id its
+    /// messages carry: a role ("smp", "worker", "operator"), or "smp:NODE"
+    /// for a node's key (`DataPlaneKeys.parseUser`).
+    /// Where the directory has node keys, the shared `smp.key` is not admitted
+    /// (every SMP holds it to serve its data endpoint: it must not let one
+    /// speak for another node).
+    public static func clientUsers(in directory: String) throws(ZMQError) -> [String: String] {
+        let nodes = try DataPlaneKeys.nodePublicKeys(in: directory)
+        var users: [String: String] = [:]
+        for role in KeyRole.allCases where !(role == .smp && !nodes.isEmpty) {
+            users[try CurveKeyPair.load(from: directory + "/" + role.file).publicKey] = role.rawValue
         }
-        return roles
+        for (node, key) in nodes { users[key] = DataPlaneKeys.nodeUser(node) }
+        return users
     }
 }
 

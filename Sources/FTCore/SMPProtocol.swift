@@ -99,6 +99,31 @@ public enum SMPMessage: Sendable, Equatable {
         }
     }
 
+    /// The message's name, for logs ("ecFetch", "restoreQuery", …).
+    public var name: String {
+        switch self {
+        case .register: "register"
+        case .registered: "registered"
+        case .begin: "begin"
+        case .beginReply: "beginReply"
+        case .staged: "staged"
+        case .stagedReply: "stagedReply"
+        case .restoreQuery: "restoreQuery"
+        case .restoreReply: "restoreReply"
+        case .fetchSlice: "fetchSlice"
+        case .sliceReply: "sliceReply"
+        case .status: "status"
+        case .statusReply: "statusReply"
+        case .roundQuery: "roundQuery"
+        case .roundReply: "roundReply"
+        case .ecChunk: "ecChunk"
+        case .ecAck: "ecAck"
+        case .ecFetch: "ecFetch"
+        case .ecChunkData: "ecChunkData"
+        case .error: "error"
+        }
+    }
+
     public func envelope(sender: String, epoch: UInt64 = 0) -> WireEnvelope {
         var w = ByteWriter()
         switch self {

@@ -65,7 +65,7 @@ public final class LocalJob: @unchecked Sendable {
     public init(_ options: Options) throws {
         self.options = options
         try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true)
-        if options.curve { try JobKeys.generate(in: options.runDirectory + "/keys") }
+        if options.curve { try JobKeys.generate(in: options.runDirectory + "/keys", nodes: (0..<options.nodes).map { "n\($0)" }) }
         try (options.jobID + "\n").write(toFile: options.runDirectory + "/job.id", atomically: true, encoding: .utf8)
         endpoint = "tcp://127.0.0.1:\(try options.coordinatorPort ?? Self.freePort())"
         coordinatorArgs = [options.binaries + "/ft-coordinator", "--job-id", options.jobID, "--nodes", "\(options.nodes)",

@@ -28,27 +28,30 @@ extension SMPServer {
         switch (message, fromPeers) {
         case (.ecChunk, true), (.ecFetch, true), (.fetchSlice, true):
             if dataKeys != nil {
-                // CURVE: the role is the one the sender's key proved in its handshake.
-                let role = frame.property("User-Id") ?? "none"
+                // CURVE: the role (and node) are the ones the sender's key proved in its handshake.
+                let user = DataPlaneKeys.parseUser(frame.property("User-Id") ?? "none")
                 var allowed = [DataPlaneKeys.smpUser]
                 if case .fetchSlice = message { allowed.append(DataPlaneKeys.workerUser) }
-                guard allowed.contains(role) else {
-                    return StoreError(.unauthorized, "\(message.type) from '\(sender)' came under the key of role '\(role)', not \(allowed.joined(separator: " or "))")
+                guard allowed.contains(user.role) else {
+                    return StoreError(.unauthorized, "\(message.name) from '\(sender)' came under the key of role '\(user.role)', not \(allowed.joined(separator: " or "))")
+                }
+                if let node = user.node, node != sender {
+                    return StoreError(.unauthorized, "\(message.name) from '\(sender)' came under node \(node)'s key")
                 }
                 return nil
             }
             guard dataEndpoint.hasPrefix("ipc://") else { return nil }  // TCP without keys (tests, --insecure): no credentials to check
             guard let peer = Self.peer(of: frame) else {
-                return StoreError(.unauthorized, "\(message.type) from '\(sender)' came with no peer credentials")
+                return StoreError(.unauthorized, "\(message.name) from '\(sender)' came with no peer credentials")
             }
             guard peer.uid == getuid() || peer.uid == 0 else {
-                return StoreError(.unauthorized, "\(message.type) from '\(sender)' came from uid \(peer.uid), not the job's uid \(getuid())")
+                return StoreError(.unauthorized, "\(message.name) from '\(sender)' came from uid \(peer.uid), not the job's uid \(getuid())")
             }
             return nil
         case (_, true):
-            return StoreError(.unauthorized, "\(message.type) from '\(sender)' is not served on the data endpoint (a worker asks its own SMP)")
+            return StoreError(.unauthorized, "\(message.name) from '\(sender)' is not served on the data endpoint (a worker asks its own SMP)")
         case (.ecChunk, false), (.ecFetch, false):
-            return StoreError(.unauthorized, "\(message.type) from '\(sender)' is not served on the workers' socket (peers use the data endpoint)")
+            return StoreError(.unauthorized, "\(message.name) from '\(sender)' is not served on the workers' socket (peers use the data endpoint)")
         case (_, false):
             guard config.endpoint.hasPrefix("ipc://") else { return nil }  // TCP (tests): no credentials to check
             guard let peer = Self.peer(of: frame) else {
@@ -220,7 +223,7 @@ extension SMPServer {
             case .status:
                 return reply(.statusReply(statusJSON()))
             default:
-                throw StoreError(.malformed, "\(message.type) is not a request")
+                throw StoreError(.malformed, "\(message.name) is not a request")
             }
         } catch {
             return refuse(error)

@@ -127,13 +127,17 @@ public final class SMPServer: @unchecked Sendable {
             try data.boundBulkReceives()  // peers' EC frames
             if let dir = config.keysDirectory, config.dataEndpoint.hasPrefix("tcp://") {
                 // On the network: CURVE, and only the job's SMP and worker keys get in.
-                let keys = try DataPlaneKeys.load(from: dir, memberFile: "smp.key")
-                let workerKey = try CurveKeyPair.load(from: dir + "/worker.key").publicKey
-                dataZAP = try ZAPAuthenticator(context: context, clients: [keys.member.publicKey: DataPlaneKeys.smpUser,
-                                                                           workerKey: DataPlaneKeys.workerUser]) { [logger] line in
+                let keys = try DataPlaneKeys.load(from: dir, node: config.nodeID)
+                // Node keys where the directory has them (then the shared smp.key, which
+                // every SMP holds to serve, is not a client key); the shared key where not.
+                var clients = [try CurveKeyPair.load(from: dir + "/worker.key").publicKey: DataPlaneKeys.workerUser]
+                let nodes = try DataPlaneKeys.nodePublicKeys(in: dir)
+                if nodes.isEmpty { clients[keys.serverPublicKey] = DataPlaneKeys.smpUser }
+                for (node, key) in nodes { clients[key] = DataPlaneKeys.nodeUser(node) }
+                dataZAP = try ZAPAuthenticator(context: context, clients: clients) { [logger] line in
                     logger.warning("data endpoint: \(line)")
                 }
-                try data.makeCurveServer(keys.member)
+                try data.makeCurveServer(keys.server!)
                 dataKeys = keys
             } else {
                 dataKeys = nil
@@ -160,7 +164,7 @@ public final class SMPServer: @unchecked Sendable {
         if let coordinator = config.coordinatorEndpoint {
             store = SnapshotStoreInstance(rule: CoordinatorCommitRule())
             dataEndpoint = try Self.bindPrivately(dataRouter!, config.dataEndpoint, runDirectory: config.runDirectory, what: "data", logger: logger)
-            let keys = try config.keysDirectory.map { try JobKeys.load(from: $0, role: .smp) }
+            let keys = try config.keysDirectory.map { try JobKeys.load(from: $0, role: .smp, node: config.nodeID) }
             channel = try ControlChannel(endpoint: coordinator, memberID: config.nodeID, keys: keys,
                                          interval: config.heartbeatInterval, timeout: config.heartbeatTimeout,
                                          hangBound: config.hangBound, logger: logger)

@@ -89,13 +89,16 @@ struct Status: ParsableCommand {
 
 struct Keygen: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, smp.key, smp.pub, worker.key and the read-only operator.key; mode 0600).")
+        abstract: "Generate a job's CURVE keys into a directory (coordinator.key, coordinator.pub, smp.key, smp.pub, worker.key, the read-only operator.key, and smp-NODE.key/.pub per --node; mode 0600).")
 
     @Argument(help: "The directory to create or fill.")
     var directory: String
 
+    @Option(help: ArgumentHelp("A node of the job (repeatable): its SMP gets a key of its own (smp-NODE.key, smp-NODE.pub) and may then speak only for that node; the shared smp.key is then only what SMP data endpoints serve with.", valueName: "node-id"))
+    var node: [String] = []
+
     func run() throws {
-        try JobKeys.generate(in: directory)
+        try JobKeys.generate(in: directory, nodes: node)
         print("keys written to \(directory)")
     }
 }

@@ -200,10 +200,9 @@ struct ErasureIntegrationTests {
         try worker.send([SMPMessage.ecFetch(step: 1, row: 0, index: 0, offset: 0, length: 64).envelope(sender: "n1", epoch: 7).encoded()])
         let frames = try #require(try worker.receiveMessages(timeoutMilliseconds: 30_000), "no answer to an EC fetch under a worker key")
         let (reply, _) = try SMPMessage.decode(frames[0].bytes)
-        guard case .error(let code, let text) = reply else {
-            Issue.record("an EC fetch under a worker key was answered with \(reply)")
-            return
-        }
+        var refusal: (code: String, text: String)?
+        if case .error(let code, let text) = reply { refusal = (code, text) }
+        let (code, text) = try #require(refusal, "an EC fetch under a worker key was answered with \(reply)")
         #expect(code == "unauthorized" && text.contains("role 'worker'"), "\(code): \(text)")
 
         // The job itself: EC rounds, a node's rebuild and the restores' slices, all over CURVE.

@@ -115,6 +115,16 @@ struct HostilePeerTests {
                 try rogue.send([message.envelope(sender: "n\((n + 1) % 4)", epoch: 1).encoded()] + extra)
                 #expect(try refusalCode(rogue) == "unauthorized", "n\(n): \(message) was not refused")
             }
+            // Another node's SMP key under this name: an SMP speaks only for its own node.
+            let other = (n + 1) % 4
+            let (impersonator, impersonatorHandshake) = try connect(ctx, data) {
+                try DataPlaneKeys.load(from: keys, node: "n\(other)").secureClient($0, for: data)
+            }
+            defer { impersonator.close() }
+            #expect(impersonatorHandshake == .handshakeSucceeded, "n\(n)")
+            try impersonator.send([SMPMessage.ecFetch(step: committed, row: 0, index: 0, offset: 0, length: 4096)
+                .envelope(sender: "n\((n + 2) % 4)", epoch: 1).encoded()])
+            #expect(try refusalCode(impersonator) == "unauthorized", "n\(n): n\(other)'s key fetched under another node's name")
             // Truncated, random and multi-frame garbage: counted and dropped, never answered with data.
             let valid = SMPMessage.fetchSlice(dpRank: 0, dpSize: 4, tensor: "params", chunks: 0..<1).envelope(sender: "w0", epoch: 1).encoded()
             for i in 0..<100 {
@@ -141,6 +151,6 @@ struct HostilePeerTests {
             #expect(job.finalHash(node: n, worker: 0) == expected[n], "rank \(n)\n\(job.workerLog(node: n, worker: 0))")
         }
         let refusals = (0..<4).map { readText(job.dir + "/smp-n\($0).log").components(separatedBy: "refused a request").count - 1 }
-        #expect(refusals.reduce(0, +) >= 4 * 5 + 2, "\(refusals)")
+        #expect(refusals.reduce(0, +) >= 4 * 6 + 2, "\(refusals)")
     }
 }

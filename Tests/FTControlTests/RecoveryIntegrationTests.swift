@@ -193,4 +193,46 @@ struct RecoveryIntegrationTests {
         #expect((job.status()?["state"] as? String) == "running")
         #expect(job.workerPID(node: 0, worker: 0) == workerPID)
     }
+
+    @Test("a node's own key speaks only for that node: n1's key reporting n0's worker dead is dropped and counted; the shared smp.key is not admitted",
+          .timeLimit(.minutes(2)))
+    func nodeKeysSpeakForTheirNode() throws {
+        let job = try LocalJob(tag: "nk", nodes: 2, workersPerNode: 1, steps: 100_000)
+        defer { job.cleanUp() }
+        #expect(waitUntil(seconds: 60) { (job.status()?["state"] as? String) == "running" }, "\(job.logs)")
+        let workerPID = try #require(job.workerPID(node: 0, worker: 0))
+        let dir = job.dir + "/keys"
+        let ctx = try ZMQContext()
+        // n1's own key (what n1's SMP presents) under n0's name.
+        let n1 = try JobKeys.load(from: dir, role: .smp, node: "n1")
+        #expect(n1.member == (try CurveKeyPair.load(from: dir + "/smp-n1.key")))
+        let s = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
+        defer { s.close() }
+        try s.setLinger(milliseconds: 0)
+        try s.makeCurveClient(serverKey: n1.serverPublicKey, keys: n1.member)
+        try s.connect(job.endpoint)
+        let epoch = UInt64(int(job.status()?["epoch"]))
+        try s.send([ControlMessage.childExited(worker: "w0", pid: Int(workerPID), status: "signal 9").envelope(sender: "n0", epoch: epoch).encoded()])
+        try s.send([ControlMessage.statusQuery.envelope(sender: "x", epoch: 0).encoded()])
+        let reply = try #require(try s.receive(timeoutMilliseconds: 10_000), "no status reply to n1's key")
+        var answered = false
+        if case .statusReply = try ControlMessage.decode(reply[0]).0 { answered = true }
+        #expect(answered)
+        #expect(waitUntil(seconds: 10) { int(job.status()?["unauthorized"]) >= 1 }, "\(String(describing: job.status()))")
+        // The shared smp.key, which every SMP holds to serve its data endpoint, is not a client key.
+        let shared = try CurveKeyPair.load(from: dir + "/smp.key")
+        let t = try ctx.socket(.dealer, maxMessageBytes: ControlMessage.maxFrameBytes)
+        defer { t.close() }
+        try t.setLinger(milliseconds: 0)
+        try t.makeCurveClient(serverKey: n1.serverPublicKey, keys: shared)
+        let events = try t.monitor(events: [.handshakeSucceeded, .handshakeFailedAuth])
+        defer { events.close() }
+        try t.connect(job.endpoint)
+        var event: ZMQSocketEvent?
+        for _ in 0..<12 where event == nil { event = try ZMQSocketEvent.receive(from: events, timeoutMilliseconds: 5000) }
+        #expect(event?.kind == .handshakeFailedAuth)
+        #expect(int(job.status()?["failures_total"]) == 0)
+        #expect((job.status()?["state"] as? String) == "running")
+        #expect(job.workerPID(node: 0, worker: 0) == workerPID)
+    }
 }
