@@ -109,6 +109,20 @@ extension ZMQSocket {
         try requireCurve()
         try setInt(ZMQ_CURVE_SERVER, 1, "ZMQ_CURVE_SERVER")
         try setBytes(ZMQ_CURVE_SECRETKEY, Array(keys.secretKey.utf8), "ZMQ_CURVE_SECRETKEY", shown: "<secret>")
+        try allowCurveOverhead()
+    }
+
+    /// What CURVE adds to each message on the wire (a MESSAGE command: its
+    /// name, flags, nonce and MAC, 33 bytes), with room to spare.
+    public static let curveMessageOverheadBytes = 256
+
+    /// libzmq checks `ZMQ_MAXMSGSIZE` against the frame on the wire, which
+    /// under CURVE is the encrypted message: without this, a message of
+    /// exactly the bound would drop the connection (and its sender would
+    /// resend it forever).
+    private func allowCurveOverhead() throws(ZMQError) {
+        let bound = try maxMessageSize()
+        if bound >= 0 { try setMaxMessageSize(bound + Self.curveMessageOverheadBytes) }
     }
 
     /// Makes this socket a CURVE client of the server whose public key is
@@ -120,6 +134,7 @@ extension ZMQSocket {
         try setBytes(ZMQ_CURVE_SERVERKEY, Array(serverKey.utf8), "ZMQ_CURVE_SERVERKEY", shown: serverKey)
         try setBytes(ZMQ_CURVE_PUBLICKEY, Array(keys.publicKey.utf8), "ZMQ_CURVE_PUBLICKEY", shown: keys.publicKey)
         try setBytes(ZMQ_CURVE_SECRETKEY, Array(keys.secretKey.utf8), "ZMQ_CURVE_SECRETKEY", shown: "<secret>")
+        try allowCurveOverhead()
     }
 
     private func requireCurve() throws(ZMQError) {

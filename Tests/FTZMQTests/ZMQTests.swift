@@ -76,6 +76,32 @@ struct ZMQTests {
         #expect(try router.receive(timeoutMilliseconds: 200) == nil)
     }
 
+    @Test("under CURVE a message of exactly ZMQ_MAXMSGSIZE still arrives (libzmq checks the encrypted frame); one over it does not")
+    func maxMessageSizeUnderCurve() throws {
+        let ctx = try ZMQContext()
+        let serverKeys = try CurveKeyPair.generate()
+        let bound = 1 << 20
+        let router = try ctx.socket(.router, maxMessageBytes: bound)
+        try router.setLinger(milliseconds: 0)
+        defer { router.close() }
+        try router.makeCurveServer(serverKeys)
+        let endpoint = try router.bind("tcp://127.0.0.1:*")
+        let over = try ctx.socket(.dealer, maxMessageBytes: bound)
+        let exact = try ctx.socket(.dealer, maxMessageBytes: bound)
+        defer { over.close(); exact.close() }
+        for s in [over, exact] {
+            try s.setLinger(milliseconds: 0)
+            try s.makeCurveClient(serverKey: serverKeys.publicKey, keys: try CurveKeyPair.generate())
+        }
+        try over.connect(endpoint)
+        try over.send([[UInt8](repeating: 1, count: bound + ZMQSocket.curveMessageOverheadBytes + 1)])  // dropped with its connection
+        try exact.connect(endpoint)
+        try exact.send([[UInt8](repeating: 2, count: bound)])
+        let received = try #require(try router.receive(timeoutMilliseconds: 10_000), "a message of exactly the bound did not arrive")
+        #expect(received.count == 2 && received[1] == [UInt8](repeating: 2, count: bound))
+        #expect(try router.receive(timeoutMilliseconds: 200) == nil)
+    }
+
     @Test("ROUTER/DEALER round trip over tcp://127.0.0.1 on a free port")
     func tcpRoundTrip() throws {
         let ctx = try ZMQContext()
