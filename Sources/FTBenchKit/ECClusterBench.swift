@@ -40,8 +40,8 @@ public struct ECClusterBench {
 
     public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
         var report = BenchReport(section: "ec-cluster")
-        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "ipc GB/s", "loopback GB/s", "fold GB/s", "ISA-L row GB/s",
-                         "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
+        report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "ipc GB/s", "loopback GB/s", "curve GB/s", "fold GB/s",
+                         "ISA-L row GB/s", "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
         for code in codes {
             for mib in sizesMiB where code == (3, 1) || mib <= maxMiBForWideCodes {
                 let bytes = mib << 20
@@ -87,7 +87,7 @@ public struct ECClusterBench {
                     report.ratio("encode_vs_isal", fold / rawRow)
                     report.ratio("repair_vs_disk_read", disk.read * 1000 / repair1)
                 }
-                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(ipc), f(loopback), f(fold), f(rawRow),
+                report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(ipc), f(loopback), curve.map(f) ?? "-", f(fold), f(rawRow),
                                      f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)])
             }
         }
