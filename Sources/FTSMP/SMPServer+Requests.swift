@@ -16,8 +16,9 @@ extension SMPServer {
     ///   SMPs, and slices to other nodes' workers; on ipc (the default) each
     ///   request's peer must be of the job's uid (or root); on TCP in a job
     ///   with keys (CURVE, `DataPlaneKeys`) EC frames and fetches must come
-    ///   under the SMP key and slice requests under the SMP or worker key,
-    ///   as the handshake proved it. A worker's own
+    ///   under an SMP's key, and under its own node's name where it has a
+    ///   node key, and slice requests under an SMP's or the worker key, as
+    ///   the handshake proved it. A worker's own
     ///   requests (register, begin, staged, restore, status, …) are refused
     ///   there, so that no peer can void a round or register in a worker's name.
     /// - The workers' ipc socket serves workers only, and each request's peer

@@ -12,9 +12,12 @@ import Logging
 /// the workers' socket (`ipc://`, in a 0700 directory, the file 0600; every
 /// request's peer is checked with SO_PEERCRED: the job's uid, and for spawned
 /// workers the process, or a descendant of the process, of the very worker the
-/// request names) and, with a coordinator, the data endpoint (`ipc://` beside
-/// it, each peer of the job's uid: peers' EC frames and other nodes' workers'
-/// slice requests, and nothing else). Then
+/// request names) and, with a coordinator, the data endpoint (peers' EC
+/// frames and other nodes' workers' slice requests, and nothing else): by
+/// default `ipc://` beside it, each peer of the job's uid; on `tcp://` in a
+/// job with keys a CURVE server whose ZAP handler admits only the SMPs' node
+/// keys and the worker key, each request served by the role and node its key
+/// proved (`DataPlaneKeys`). Then
 /// one pidfd per child worker (its exit is seen at once,
 /// not by timeout), a signalfd (SIGTERM/SIGINT: graceful shutdown) and a stop
 /// pipe (in-process use). Decisions are made by `SnapshotStoreInstance`; this

@@ -102,7 +102,7 @@ public struct WorkerIdentity: Sendable {
 
     public static let environmentKeys = ["FT_JOB_ID", "FT_WORKER_ID", "FT_DP_RANK", "FT_DP_SIZE", "FT_SMP_ENDPOINT"]
 
-    /// From FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, FT_DP_SIZE, FT_SMP_ENDPOINT
+    /// From FT_JOB_ID, FT_WORKER_ID, FT_DP_RANK, FT_DP_SIZE, FT_SMP_ENDPOINT,
     /// FT_RESTART_COUNT and FT_KEYS_DIR; nil with the missing names when not under an SMP.
     public static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> Result<WorkerIdentity, SnapshotError> {
         let missing = environmentKeys.filter { env[$0] == nil }
