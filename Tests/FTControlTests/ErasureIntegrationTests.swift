@@ -166,9 +166,8 @@ struct ErasureIntegrationTests {
         }
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 100 }, "\(job.logs)")
-        let up = try #require(readText(job.dir + "/smp-n0.log").split(separator: "\n").first { $0.contains("smp up") })
-        let data = try #require(up.split(separator: " ").first { $0.hasPrefix("data=tcp://127.0.0.1:") }.map { String($0.dropFirst(5)) },
-                                "\(up)")
+        let data = try job.smpUpField(node: 0, "data")
+        #expect(data.hasPrefix("tcp://127.0.0.1:"), "\(data)")
         let keys = job.dir + "/keys"
         #expect(try loadPublicKey(from: keys + "/smp.pub") == CurveKeyPair.load(from: keys + "/smp.key").publicKey)
         let ctx = try ZMQContext()

@@ -62,13 +62,8 @@ struct HostilePeerTests {
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 50 }, "\(job.logs)")
         let keys = job.dir + "/keys"
-        let smpLogs = (0..<4).map { readText(job.dir + "/smp-n\($0).log") }
-        func field(_ log: String, _ name: String) throws -> String {
-            let up = try #require(log.split(separator: "\n").first { $0.contains("smp up") })
-            return try #require(up.split(separator: " ").first { $0.hasPrefix(name + "=") }.map { String($0.dropFirst(name.count + 1)) })
-        }
-        let dataEndpoints = try smpLogs.map { try field($0, "data") }
-        let workerEndpoint = try field(smpLogs[0], "endpoint")
+        let dataEndpoints = try (0..<4).map { try job.smpUpField(node: $0, "data") }
+        let workerEndpoint = try job.smpUpField(node: 0, "endpoint")
         #expect(dataEndpoints.allSatisfy { $0.hasPrefix("tcp://127.0.0.1:") }, "\(dataEndpoints)")
         let ctx = try ZMQContext()
         var rng = SplitMix64(seed: 0x0BAD)

@@ -88,6 +88,16 @@ final class LocalJob: @unchecked Sendable {
         }
     }
 
+    /// A field (`data`, `endpoint`, …) of node `node`'s first SMP's "smp up" log line.
+    func smpUpField(node: Int, _ name: String) throws -> String {
+        let log = readText(inner.dir + "/smp-n\(node).log")
+        let up = try #require(log.split(separator: "\n").first { $0.contains("smp up") }, "\(log)")
+        let prefix = name + "="
+        let field: Substring? = up.split(separator: " ").first { $0.hasPrefix(prefix) }
+        let value = try #require(field, "\(up)")
+        return String(value.dropFirst(prefix.count))
+    }
+
     func finalHash(node: Int, worker: Int) -> String? {
         workerLog(node: node, worker: worker).split(separator: "\n").last { $0.hasPrefix("final step=\(steps) ") }
             .flatMap { $0.split(separator: " ").first { $0.hasPrefix("hash=") } }.map { String($0.dropFirst(5)) }
