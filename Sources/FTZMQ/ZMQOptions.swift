@@ -203,9 +203,9 @@ public struct ZMQSocketEvent: Sendable, Equatable {
     public let value: UInt32
     public let endpoint: String
 
-    /// Reads the next event from a monitor socket; nil on timeout.
-    public static func receive(from monitor: ZMQSocket, timeoutMilliseconds: Int) throws(ZMQError) -> ZMQSocketEvent? {
-        guard let frames = try monitor.receive(timeoutMilliseconds: timeoutMilliseconds) else { return nil }
+    /// Reads the next event from a monitor; nil on timeout.
+    public static func receive(from monitor: ZMQMonitor, timeoutMilliseconds: Int) throws(ZMQError) -> ZMQSocketEvent? {
+        guard let frames = try monitor.pair.receive(timeoutMilliseconds: timeoutMilliseconds) else { return nil }
         guard frames.count == 2, frames[0].count == 6 else {
             throw ZMQError(.system, operation: "monitor receive", message: "malformed monitor event (\(frames.map(\.count)) bytes)")
         }

@@ -84,6 +84,8 @@ public enum ZMQSocketType: Sendable, CustomStringConvertible {
 /// the linger set by `setLinger`, on `close()` or when released.
 public final class ZMQSocket: @unchecked Sendable {
     private var handle: UnsafeMutableRawPointer?
+    /// A `ZMQMonitor` publishes this socket's events.
+    fileprivate var monitored = false
     public let type: ZMQSocketType
     /// `ZMQ_MAXMSGSIZE` for a socket that only sends (PUSH) or is never
     /// read: room for ZMTP's own commands (READY, PING, CURVE's), nothing more.
@@ -99,9 +101,10 @@ public final class ZMQSocket: @unchecked Sendable {
 
     deinit { close() }
 
-    /// Closes the socket. Idempotent.
+    /// Closes the socket (stopping its monitor first, see `ZMQMonitor`). Idempotent.
     public func close() {
         if let h = handle {
+            if monitored { zmq_socket_monitor(h, nil, 0) }
             zmq_close(h)
             handle = nil
         }
@@ -226,14 +229,50 @@ public final class ZMQSocket: @unchecked Sendable {
 
     // MARK: monitor
 
-    /// Starts publishing this socket's events on a PAIR socket at `inproc://…`
-    /// and returns a socket connected to it. Read events with `ZMQSocketEvent.receive(from:)`.
-    public func monitor(events: ZMQSocketEvent.Kind = .all) throws(ZMQError) -> ZMQSocket {
+    /// Starts publishing this socket's events and returns the monitor that
+    /// reads them. Close the monitor (or this socket) when done; see `ZMQMonitor`.
+    public func monitor(events: ZMQSocketEvent.Kind = .all) throws(ZMQError) -> ZMQMonitor {
         let endpoint = "inproc://ft-monitor-\(UInt(bitPattern: raw))-\(UInt64.random(in: 0...UInt64.max))"
         try zmqCall("zmq_socket_monitor \(endpoint)") { zmq_socket_monitor(raw, endpoint, events.rawValue) }
+        monitored = true
         let pair = try context.socket(.pair, maxMessageBytes: nil)  // inproc
         try pair.connect(endpoint)
-        return pair
+        return ZMQMonitor(source: self, pair: pair)
+    }
+
+    fileprivate func stopMonitor() {
+        guard monitored, let h = handle else { return }
+        zmq_socket_monitor(h, nil, 0)
+        monitored = false
+    }
+}
+
+/// The events of one socket (`ZMQSocket.monitor`), read with `ZMQSocketEvent.receive(from:)`.
+///
+/// libzmq sends each event from its I/O thread with a *blocking* send on a
+/// PAIR socket. Once the reading end is closed that send never returns, and
+/// the I/O thread, which serves every socket of the context, stops: no
+/// handshake, no message, no close completes again. So `close()` stops the
+/// monitor on the source socket before closing the reading end, and closing
+/// the source socket stops it too. Read events often enough that no more than
+/// the PAIR's high-water mark (1000) queue up, for the same reason.
+public final class ZMQMonitor: @unchecked Sendable {
+    private var source: ZMQSocket?
+    let pair: ZMQSocket
+
+    fileprivate init(source: ZMQSocket, pair: ZMQSocket) {
+        self.source = source
+        self.pair = pair
+    }
+
+    deinit { close() }
+
+    /// Stops the monitor, then closes the reading end. Idempotent; use it
+    /// from the thread that uses the source socket.
+    public func close() {
+        source?.stopMonitor()
+        source = nil
+        pair.close()
     }
 }
 

@@ -227,6 +227,37 @@ struct ZMQTests {
         let event = try ZMQSocketEvent.receive(from: monitor, timeoutMilliseconds: 5000)
         #expect(event?.kind == .disconnected)
     }
+
+    /// libzmq emits monitor events with a blocking send from its I/O thread:
+    /// with the reading end closed and the monitor left on, the next event
+    /// (here, the peer going away and each reconnect attempt) stops that
+    /// thread, and no socket of the context moves again. This was an
+    /// intermittent hang of the hostile-peer suite.
+    @Test("closing a monitor stops it first: later events on its socket never stall the context")
+    func closedMonitorNeverStallsTheContext() throws {
+        let ctx = try ZMQContext()
+        let server = try lingerless(ctx, .router)
+        let endpoint = try server.bind("tcp://127.0.0.1:*")
+        let client = try lingerless(ctx, .dealer)
+        try client.setReconnectInterval(milliseconds: 10)
+        let monitor = try client.monitor(events: .all)
+        try client.connect(endpoint)
+        var handshake: ZMQSocketEvent?
+        while handshake?.kind != .handshakeSucceeded {
+            handshake = try #require(try ZMQSocketEvent.receive(from: monitor, timeoutMilliseconds: 5000))
+        }
+        monitor.close()
+        server.close()  // the client sees DISCONNECTED, then retries every 10 ms: many events, none read
+        usleep(200_000)
+        let a = try lingerless(ctx, .router)
+        defer { a.close(); client.close() }
+        let b = try lingerless(ctx, .dealer)
+        defer { b.close() }
+        try b.connect(try a.bind("tcp://127.0.0.1:*"))
+        try b.send([[1, 2, 3]])
+        let got = try a.receive(timeoutMilliseconds: 5000)
+        #expect(got?.last == [1, 2, 3], "the context's I/O thread is stalled")
+    }
 }
 
 @Suite("CURVE key files")
