@@ -30,17 +30,18 @@ struct HostilePeerTests {
     }
 
     /// Raw bytes on a TCP port, as a port scanner or a confused client sends them.
-    func rawTCP(_ endpoint: String, _ bytes: [UInt8]) {
-        guard let colon = endpoint.lastIndex(of: ":"), let port = UInt16(endpoint[endpoint.index(after: colon)...]) else { return }
+    func rawTCP(_ endpoint: String, _ bytes: [UInt8]) throws {
+        let colon = try #require(endpoint.lastIndex(of: ":"), "\(endpoint) has no port")
+        let port = try #require(UInt16(endpoint[endpoint.index(after: colon)...]), "\(endpoint) has no port")
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return }
+        try #require(fd >= 0, "socket: errno \(errno)")
         defer { close(fd) }
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = port.bigEndian
         addr.sin_addr.s_addr = inet_addr("127.0.0.1")
         let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
-        guard ok == 0 else { return }
+        try #require(ok == 0, "connect to \(endpoint): errno \(errno)")
         _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
@@ -76,7 +77,7 @@ struct HostilePeerTests {
         }
         defer { strangerToCoordinator.close() }
         #expect(coordinatorHandshake == .handshakeFailedAuth)
-        for n in [0, 1, 7, 64, 4096] { rawTCP(job.endpoint, garbage(n)) }
+        for n in [0, 1, 7, 64, 4096] { try rawTCP(job.endpoint, garbage(n)) }
 
         for (n, data) in dataEndpoints.enumerated() {
             // 2. Each SMP's data endpoint: a stranger's key, or no CURVE at all, never completes a handshake.
@@ -88,7 +89,7 @@ struct HostilePeerTests {
             let (plain, plainHandshake) = try connect(ctx, data)
             plain.close()
             #expect(plainHandshake != .handshakeSucceeded, "n\(n): a client without CURVE completed a handshake")
-            for size in [0, 1, 10, 64, 100_000] { rawTCP(data, garbage(size)) }
+            for size in [0, 1, 10, 64, 100_000] { try rawTCP(data, garbage(size)) }
 
             // 3. With a worker's key (a worker of the job gone rogue): no parity injected, no EC chunk read,
             // no round voided, no registration in a worker's name.

@@ -8,6 +8,12 @@ func registration(_ id: String, rank: Int = 0, size: Int = 1, bytes: Int = 10_00
     ])
 }
 
+extension SnapshotStoreInstance.BeginOutcome {
+    /// The slot to write, or nil for a skip (for `#require`).
+    var slot: Int? { if case .write(let slot) = self { slot } else { nil } }
+    var skipReason: String? { if case .skip(let reason) = self { reason } else { nil } }
+}
+
 @Suite("Snapshot store instance")
 struct SnapshotStoreTests {
     func crcs(_ store: SnapshotStoreInstance, _ id: String) -> [UInt32] {
@@ -17,10 +23,7 @@ struct SnapshotStoreTests {
     /// One full round for one worker; returns the slot written.
     @discardableResult
     func round(_ store: inout SnapshotStoreInstance, _ id: String, _ step: Int) throws -> Int {
-        guard case .write(let slot) = try store.begin(worker: id, step: step) else {
-            Issue.record("step \(step) skipped")
-            return -1
-        }
+        let slot = try #require(try store.begin(worker: id, step: step).slot, "step \(step) skipped")
         _ = try store.staged(worker: id, step: step, slot: slot, crcs: crcs(store, id))
         return slot
     }
@@ -32,10 +35,7 @@ struct SnapshotStoreTests {
         var previous: Int?
         for step in 1...20 {
             let committedBefore = store.workers["w0"]!.committedSlot
-            guard case .write(let slot) = try store.begin(worker: "w0", step: step) else {
-                Issue.record("skipped")
-                return
-            }
+            let slot = try #require(try store.begin(worker: "w0", step: step).slot, "step \(step) skipped")
             #expect(slot != committedBefore)
             if let previous { #expect(slot != previous) }
             previous = slot
@@ -100,7 +100,7 @@ struct SnapshotStoreTests {
         _ = try store.register(registration("w0"))
         let slot1 = try round(&store, "w0", 1)
         let begun = try store.begin(worker: "w0", step: 2)
-        guard case .write(let slot2) = begun else { Issue.record("step 2 not begun as a write: \(begun)"); return }
+        let slot2 = try #require(begun.slot, "step 2 not begun as a write: \(begun)")
         #expect(slot2 != slot1)
         store.workerExited("w0")
         #expect(store.workers["w0"]!.slots[slot2] == .empty)
@@ -116,12 +116,9 @@ struct SnapshotStoreTests {
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
         let begun = try store.begin(worker: "w0", step: 1)
-        guard case .write(let a) = begun else { Issue.record("step 1 not begun as a write: \(begun)"); return }
+        let a = try #require(begun.slot, "step 1 not begun as a write: \(begun)")
         #expect(try store.staged(worker: "w0", step: 1, slot: a, crcs: crcs(store, "w0")) == .waiting)
-        guard case .skip(let reason) = try store.begin(worker: "w0", step: 2) else {
-            Issue.record("not skipped")
-            return
-        }
+        let reason = try #require(try store.begin(worker: "w0", step: 2).skipReason, "not skipped")
         #expect(reason.contains("step 1"))
         #expect(store.workers["w0"]!.skipped == 1)
         try round(&store, "w1", 1)
@@ -134,15 +131,12 @@ struct SnapshotStoreTests {
         var store = SnapshotStoreInstance()
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
-        guard case .write(let a) = try store.begin(worker: "w0", step: 2) else { Issue.record("step 2 of w0 not begun as a write"); return }
+        let a = try #require(try store.begin(worker: "w0", step: 2).slot, "step 2 of w0 not begun as a write")
         _ = try store.staged(worker: "w0", step: 2, slot: a, crcs: crcs(store, "w0"))
-        guard case .write(let b) = try store.begin(worker: "w1", step: 3) else { Issue.record("step 3 of w1 not begun as a write"); return }
+        let b = try #require(try store.begin(worker: "w1", step: 3).slot, "step 3 of w1 not begun as a write")
         _ = try store.staged(worker: "w1", step: 3, slot: b, crcs: crcs(store, "w1"))
         // w0's round 2 can never commit: w1 is past it. w0 writes 3 instead.
-        guard case .write(let c) = try store.begin(worker: "w0", step: 3) else {
-            Issue.record("w0 skipped a round that can never commit")
-            return
-        }
+        let c = try #require(try store.begin(worker: "w0", step: 3).slot, "w0 skipped a round that can never commit")
         #expect(store.workers["w0"]!.aborted == 1)
         #expect(try store.staged(worker: "w0", step: 3, slot: c, crcs: crcs(store, "w0")) == .committed(step: 3))
     }
@@ -163,7 +157,7 @@ struct SnapshotStoreTests {
         #expect(code { _ = try store.begin(worker: "w0", step: 5) } == .stepNotIncreasing)
         #expect(code { _ = try store.begin(worker: "w0", step: 4) } == .stepNotIncreasing)
         #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: 0, crcs: []) } == .noWriteInProgress)
-        guard case .write(let slot) = try store.begin(worker: "w0", step: 6) else { Issue.record("step 6 not begun as a write"); return }
+        let slot = try #require(try store.begin(worker: "w0", step: 6).slot, "step 6 not begun as a write")
         #expect(code { _ = try store.staged(worker: "w0", step: 6, slot: slot, crcs: [1]) } == .sizeMismatch)
         #expect(code { _ = try store.staged(worker: "w0", step: 7, slot: slot, crcs: crcs(store, "w0")) } == .noWriteInProgress)
         #expect(code { _ = try store.restorePoint(worker: "ghost") } == .unknownWorker)
@@ -227,7 +221,7 @@ struct CoordinatorRuleTests {
         _ = try store.register(registration("w0", rank: 0, size: 2))
         _ = try store.register(registration("w1", rank: 1, size: 2))
         func stage(_ id: String, _ step: Int) throws -> SnapshotStoreInstance.StagedOutcome {
-            guard case .write(let slot) = try store.begin(worker: id, step: step) else { return .waiting }
+            guard let slot = try store.begin(worker: id, step: step).slot else { return .waiting }
             return try store.staged(worker: id, step: step, slot: slot, crcs: Array(repeating: 1, count: store.workers[id]!.layout.chunkCount))
         }
         #expect(try stage("w0", 1) == .waiting)
@@ -321,7 +315,7 @@ struct ReportedRoundTests {
             _ = try store.register(registration("w0", rank: 0, size: 2))
             _ = try store.register(registration("w1", rank: 1, size: 2))
             for id in ["w0", "w1"] {
-                guard case .write(let slot) = try store.begin(worker: id, step: 1) else { Issue.record("step 1 of \(id) not begun as a write"); return }
+                let slot = try #require(try store.begin(worker: id, step: 1).slot, "step 1 of \(id) not begun as a write")
                 _ = try store.staged(worker: id, step: 1, slot: slot, crcs: Array(repeating: 1, count: store.workers[id]!.layout.chunkCount))
             }
             if reported {

@@ -98,10 +98,7 @@ struct SnapshotPathTests {
         try client.snapshot(step: 1)
         try client.waitForRound()
         let (reply, _) = try client.request(.restoreQuery(expected: nil))
-        guard case .restoreReply(let point?) = reply else {
-            Issue.record("no restore point: \(reply)")
-            return
-        }
+        let point = try #require({ if case .restoreReply(let p?) = reply { p } else { nil } }(), "no restore point: \(reply)")
         let layout = ShardLayout(specs: model.tensors.map(\.0), dpRank: 0, dpSize: 1)
         let entry = layout.entry(named: "moments")!
         let name = "/ft-\(smp.jobID)-n0-p\(getpid())-w0-s\(point.slot)"
@@ -139,10 +136,7 @@ struct SnapshotPathTests {
         // Slot size: a third of each replicated tensor, plus the small per-rank ones.
         let fullState = 2 * 100_001 * 4
         let status = try clients[0].request(.status).0
-        guard case .statusReply(let json) = status else {
-            Issue.record("no status reply: \(status)")
-            return
-        }
+        let json = try #require({ if case .statusReply(let j) = status { j } else { nil } }(), "no status reply: \(status)")
         #expect(json.contains("\"committed_step\":3"))
         let layout = ShardLayout(specs: models[0].tensors.map(\.0), dpRank: 0, dpSize: size)
         #expect(layout.slotBytes < fullState / 2)
@@ -249,26 +243,21 @@ struct SnapshotPathTests {
             return code
         }
         // Garbage and truncated frames.
-        guard case .error(let code, _)? = try ask([1, 2, 3, 4, 5]) else {
-            Issue.record("no error reply to garbage")
-            return
-        }
+        let garbageReply = try ask([1, 2, 3, 4, 5])
+        let code = try #require({ if case .error(let c, _)? = garbageReply { c } else { nil } }(), "no error reply to garbage: \(String(describing: garbageReply))")
         #expect(code == "malformed")
         #expect(try errorCode(.begin(step: 1), from: "ghost") == "unknown_worker")
         let model = ToyModel(elements: 1000, dpRank: 0)
         let reg = WorkerRegistration(workerID: "w0", dpRank: 0, dpSize: 1, specs: model.tensors.map(\.0))
-        guard case .registered? = try ask(SMPMessage.register(reg).envelope(sender: "w0").encoded()) else {
-            Issue.record("registration refused")
-            return
-        }
+        let registered = try ask(SMPMessage.register(reg).envelope(sender: "w0").encoded())
+        let isRegistered: Bool = { if case .registered? = registered { true } else { false } }()
+        try #require(isRegistered, "registration refused: \(String(describing: registered))")
         var other = reg
         other.specs[0].shape = [8]
         #expect(try errorCode(.register(other), from: "w0") == "registration_mismatch")
         #expect(try errorCode(.register(reg), from: "impostor") == "invalid_registration")
-        guard case .beginReply(let slot?, _)? = try ask(SMPMessage.begin(step: 10).envelope(sender: "w0").encoded()) else {
-            Issue.record("begin refused")
-            return
-        }
+        let begun = try ask(SMPMessage.begin(step: 10).envelope(sender: "w0").encoded())
+        let slot = try #require({ if case .beginReply(let s?, _)? = begun { s } else { nil } }(), "begin refused: \(String(describing: begun))")
         #expect(try errorCode(.staged(step: 10, slot: slot, crcs: [1, 2]), from: "w0") == "size_mismatch")
         #expect(try errorCode(.begin(step: 9), from: "w0") == "step_not_increasing")
         #expect(try errorCode(.fetchSlice(dpRank: 5, dpSize: 9, tensor: "params", chunks: 0..<1), from: "w0") == "unknown_worker")

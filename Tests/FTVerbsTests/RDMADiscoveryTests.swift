@@ -41,11 +41,9 @@ struct RDMADiscoveryTests {
     }
 
     @Test("querying a port of a device that does not exist is an error, not a crash")
-    func portOfMissingDevice() {
-        guard case .failure(let reason) = RDMADevices.port(1, of: "no-such-device-0") else {
-            Issue.record("a port of a nonexistent device was reported")
-            return
-        }
+    func portOfMissingDevice() throws {
+        let port = RDMADevices.port(1, of: "no-such-device-0")
+        let reason = try #require({ if case .failure(let r) = port { r } else { nil } }(), "a port of a nonexistent device was reported: \(port)")
         #expect(reason.errno != 0)
     }
 }
@@ -71,14 +69,11 @@ final class CapturingLogHandler: LogHandler, @unchecked Sendable {
 struct TransportChoiceTests {
     @Test("without a usable RDMA device the choice is TCP, with one log line giving the reason",
           .enabled(if: access("/sys/class/infiniband", F_OK) != 0, "this host has /sys/class/infiniband, so RDMA may be chosen"))
-    func fallsBackToTCP() {
+    func fallsBackToTCP() throws {
         let handler = CapturingLogHandler()
         let logger = Logger(label: "test") { _ in handler }
         let choice = RDMADevices.chooseTransport(logger: logger)
-        guard case .tcp(let reason) = choice else {
-            Issue.record("chose \(choice) on a host without RDMA")
-            return
-        }
+        let reason = try #require({ if case .tcp(let r) = choice { r } else { nil } }(), "chose \(choice) on a host without RDMA")
         #expect(!reason.isEmpty)
         let lines = handler.lines.withLock { $0 }
         #expect(lines.count == 1)
