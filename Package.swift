@@ -49,12 +49,12 @@ let package = Package(
         .target(name: "CPlatform"),
 
         // MARK: adapters (one per C library; no C type in any public signature)
-        .target(name: "FTErasure", dependencies: ["CISAL"]),
-        .target(name: "FTZMQ", dependencies: ["CZMQ"]),
-        .target(name: "FTSystem", dependencies: ["CPlatform"]),
+        .target(name: "FTErasure", dependencies: ["CISAL", "FTCore"]),
+        .target(name: "FTZMQ", dependencies: ["CZMQ", "FTCore"]),
+        .target(name: "FTSystem", dependencies: ["CPlatform", "FTCore"]),
         .target(name: "FTBLAS", dependencies: ["CBLAS"]),
         .target(name: "FTVerbs", dependencies: [
-            "CVerbsShim",
+            "CVerbsShim", "FTCore",
             .product(name: "Logging", package: "swift-log"),
         ]),
 

@@ -36,7 +36,7 @@ public struct DetectBench {
             for trial in 0..<killTrials {
                 progress("SIGKILL trial \(trial + 1)/\(killTrials)")
                 let before = jsonInt(job.status()?["epoch"])
-                guard let pid = job.workerPID(node: trial % 2, worker: 0) else { throw BenchError("no worker pid") }
+                guard let pid = job.workerPID(node: trial % 2, worker: 0) else { throw BenchError(.unexpectedOutcome, "no worker pid") }
                 let t0 = monotonicSeconds()
                 kill(pid, SIGKILL)
                 let failure = try waitFailure(job, afterEpoch: before)
@@ -76,7 +76,7 @@ public struct DetectBench {
             if let s = job.status(), s["state"] as? String == "running", jsonInt(s["committed_step"]) >= 3 { return }
             usleep(20_000)
         }
-        throw BenchError("the job did not reach running within 60 s:\n\(job.logs.suffix(3000))")
+        throw BenchError(.timeout, "the job did not reach running within 60 s:\n\(job.logs.suffix(3000))")
     }
 
     private func waitFailure(_ job: LocalJob, afterEpoch epoch: Int) throws -> [String: Any] {
@@ -86,7 +86,7 @@ public struct DetectBench {
                let f = s["last_failure"] as? [String: Any] { return f }
             usleep(5000)
         }
-        throw BenchError("no detection within 30 s:\n\(job.logs.suffix(3000))")
+        throw BenchError(.timeout, "no detection within 30 s:\n\(job.logs.suffix(3000))")
     }
 
     private func f(_ v: Double) -> String { String(format: "%.1f", v) }

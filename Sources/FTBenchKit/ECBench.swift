@@ -1,3 +1,4 @@
+import FTCore
 import FTErasure
 import Foundation
 
@@ -68,17 +69,17 @@ public struct ECBench {
         memcpy(original.base, buffer.base, n * len)
         try codec.encode(data: chunks[0..<k].map { UnsafeRawBufferPointer($0) }, parity: Array(chunks[k...]))
         guard memcmp(original.base, buffer.base, n * len) == 0 else {
-            throw BenchError("RS(\(k)+\(m)): codec parity differs from raw ISA-L parity")
+            throw BenchError(.mismatch, "RS(\(k)+\(m)): codec parity differs from raw ISA-L parity")
         }
         for i in missing { memset(chunks[i].baseAddress!, 0, len) }
         try codec.reconstruct(chunks, missing: missing)
         guard memcmp(original.base, buffer.base, n * len) == 0 else {
-            throw BenchError("RS(\(k)+\(m)): codec reconstruction does not restore the original bytes")
+            throw BenchError(.mismatch, "RS(\(k)+\(m)): codec reconstruction does not restore the original bytes")
         }
         for i in missing { memset(chunks[i].baseAddress!, 0, len) }
         raw.reconstruct()
         guard memcmp(original.base, buffer.base, n * len) == 0 else {
-            throw BenchError("RS(\(k)+\(m)): raw ISA-L reconstruction does not restore the original bytes")
+            throw BenchError(.mismatch, "RS(\(k)+\(m)): raw ISA-L reconstruction does not restore the original bytes")
         }
 
         var memcpyT: [Double] = [], encT: [Double] = [], rawEncT: [Double] = [], recT: [Double] = [], rawRecT: [Double] = []
@@ -107,7 +108,16 @@ public struct ECBench {
     private func f(_ v: Double) -> String { String(format: "%.2f", v) }
 }
 
-public struct BenchError: Error, CustomStringConvertible {
-    public var description: String
-    public init(_ description: String) { self.description = description }
+/// Why a benchmark could not produce its figures.
+public typealias BenchError = CodedMessage<BenchErrorCode>
+
+public enum BenchErrorCode: String, Sendable {
+    /// A job did not start, progress or end in time.
+    case timeout
+    /// Two results that must be equal differ (parity, a reconstruction, final hashes).
+    case mismatch
+    /// A job or helper did something the benchmark cannot measure.
+    case unexpectedOutcome = "unexpected_outcome"
+    /// A file could not be made or read.
+    case io
 }

@@ -126,9 +126,9 @@ public struct ECClusterBench {
             let deadline = monotonicSeconds() + seconds
             while !condition() {
                 if job.status()?["state"] as? String == "failed" {
-                    throw BenchError("the job failed while waiting for \(what):\n\(job.logs.suffix(6000))")
+                    throw BenchError(.unexpectedOutcome, "the job failed while waiting for \(what):\n\(job.logs.suffix(6000))")
                 }
-                if monotonicSeconds() > deadline { throw BenchError("\(what) did not happen within \(Int(seconds)) s:\n\(job.logs.suffix(4000))") }
+                if monotonicSeconds() > deadline { throw BenchError(.timeout, "\(what) did not happen within \(Int(seconds)) s:\n\(job.logs.suffix(4000))") }
                 usleep(50_000)
             }
         }
@@ -243,7 +243,7 @@ public struct ECClusterBench {
         let buffer = AlignedBuffer(count: 64 << 20)
         buffer.randomize(seed: 9)
         let fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0o600)
-        guard fd >= 0 else { throw BenchError("cannot create \(path): errno \(errno)") }
+        guard fd >= 0 else { throw BenchError(.io, "cannot create \(path): errno \(errno)") }
         let write = timeSeconds {
             var left = bytes
             while left > 0 {
@@ -256,7 +256,7 @@ public struct ECClusterBench {
         posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
         close(fd)
         let rfd = open(path, O_RDONLY)
-        guard rfd >= 0 else { throw BenchError("cannot read \(path)") }
+        guard rfd >= 0 else { throw BenchError(.io, "cannot read \(path)") }
         posix_fadvise(rfd, 0, 0, POSIX_FADV_DONTNEED)
         let target = AlignedBuffer(count: bytes)
         let read = timeSeconds {

@@ -77,12 +77,12 @@ public struct RoundsBench {
                     .map { jsonInt($0["step"]) }.min() ?? 0
                 marks.append((step, monotonicSeconds()))
             }
-            if monotonicSeconds() - started > 600 { throw BenchError("the job did not end in 600 s:\n\(job.logs.suffix(3000))") }
+            if monotonicSeconds() - started > 600 { throw BenchError(.timeout, "the job did not end in 600 s:\n\(job.logs.suffix(3000))") }
             usleep(20_000)
         }
         // The middle of the job: from 10 % to 90 % of the steps.
         guard let a = marks.first(where: { $0.step >= steps / 10 }), let b = marks.last(where: { $0.step <= steps * 9 / 10 }), b.step > a.step else {
-            throw BenchError("too few progress samples (\(marks.count)):\n\(job.logs.suffix(2000))")
+            throw BenchError(.unexpectedOutcome, "too few progress samples (\(marks.count)):\n\(job.logs.suffix(2000))")
         }
         var commits: [Double] = []
         for n in 0..<o.nodes {

@@ -133,7 +133,7 @@ public struct SnapshotBench {
                   let staging = o["staging_s"] as? [Double], let blocked = o["blocked_s_per_step"] as? Double,
                   let call = o["python_s_per_snapshot"] as? Double else {
                 if status == nil { child.kill(SIGKILL); child.wait(timeoutSeconds: 5) }
-                throw BenchError("the Python snapshot client failed (\(status.map { "\($0)" } ?? "timed out")):\n\(text.suffix(3000))")
+                throw BenchError(.unexpectedOutcome, "the Python snapshot client failed (\(status.map { "\($0)" } ?? "timed out")):\n\(text.suffix(3000))")
             }
             return PythonResult(stagingSeconds: median(staging), blockedPerStep: blocked, callSeconds: call)
         }

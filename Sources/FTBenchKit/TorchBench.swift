@@ -92,13 +92,13 @@ public struct TorchBench {
             guard let line = job.workerLog(node: n, worker: 0).split(separator: "\n").last(where: { $0.hasPrefix("final step=\(steps) ") }),
                   let onMs = field(line, "step_ms_on").flatMap(Double.init), let offMs = field(line, "step_ms_off").flatMap(Double.init),
                   let hash = field(line, "hash") else {
-                throw BenchError("worker n\(n) printed no final line (logs in \(job.dir)):\n\(job.workerLog(node: n, worker: 0).suffix(3000))")
+                throw BenchError(.unexpectedOutcome, "worker n\(n) printed no final line (logs in \(job.dir)):\n\(job.workerLog(node: n, worker: 0).suffix(3000))")
             }
             on.append(onMs)
             off.append(offMs)
             hashes.insert(hash)
         }
-        guard hashes.count == 1 else { throw BenchError("the workers ended with different hashes: \(hashes.sorted()) (logs in \(job.dir))") }
+        guard hashes.count == 1 else { throw BenchError(.mismatch, "the workers ended with different hashes: \(hashes.sorted()) (logs in \(job.dir))") }
         keep = false
         return Outcome(onMs: on.reduce(0, +) / Double(on.count), offMs: off.reduce(0, +) / Double(off.count), hash: hashes.first!)
     }
@@ -120,13 +120,13 @@ public struct TorchBench {
             }
         }
         guard let killedAt else {
-            throw BenchError("the job ended before step \(steps / 2) was committed (last status: \(supervisor.lastStatus.map { "\($0["state"] ?? "?"), committed \(jsonInt($0["committed_step"]))" } ?? "none")):\n\(job.logs.suffix(3000))")
+            throw BenchError(.unexpectedOutcome, "the job ended before step \(steps / 2) was committed (last status: \(supervisor.lastStatus.map { "\($0["state"] ?? "?"), committed \(jsonInt($0["committed_step"]))" } ?? "none")):\n\(job.logs.suffix(3000))")
         }
         let status = (try? String(contentsOfFile: job.dir + "/status.json", encoding: .utf8))
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] } ?? [:]
         let failures = ((status["failures"] as? [[String: Any]]) ?? []).filter { $0["outcome"] as? String == "resumed" }
         guard failures.count == 1, let failure = failures.first else {
-            throw BenchError("expected one failure resumed from, got \(failures.count): \(status["failures"] ?? "none")")
+            throw BenchError(.unexpectedOutcome, "expected one failure resumed from, got \(failures.count): \(status["failures"] ?? "none")")
         }
         let detectedAt = (failure["detected_at_s"] as? Double) ?? Double(jsonInt(failure["detected_at_s"]))
         report.figure("recovery_kill_to_detect_ms", (detectedAt - killedAt) * 1000)
@@ -203,9 +203,9 @@ public struct TorchBench {
             let elapsed = monotonicSeconds() - started
             if !running, elapsed > 300 {
                 running = (job.status(timeout: 1)?["state"] as? String).map { $0 != "starting" } ?? false
-                if !running { throw BenchError("the job did not start in 300 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
+                if !running { throw BenchError(.timeout, "the job did not start in 300 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
             }
-            if elapsed > 1800 { throw BenchError("the job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
+            if elapsed > 1800 { throw BenchError(.timeout, "the job did not end in 1800 s (logs in \(job.dir)):\n\(job.logs.suffix(3000))") }
             usleep(100_000)
         }
     }

@@ -91,19 +91,24 @@ public struct ECLayout: Sendable, Equatable {
 
     /// Splits `nodes` (in order) into groups of `k + m`; a clear error when it does not divide.
     public static func groups(of nodes: [String], k: Int, m: Int) throws(ECConfigError) -> [[String]] {
-        guard k >= 1, m >= 1 else { throw ECConfigError("EC k+m needs k >= 1 and m >= 1, got \(k)+\(m)") }
-        guard k + m <= 255 else { throw ECConfigError("EC k+m must be at most 255, got \(k + m)") }
+        guard k >= 1, m >= 1 else { throw ECConfigError(.invalidParameters, "EC k+m needs k >= 1 and m >= 1, got \(k)+\(m)") }
+        guard k + m <= 255 else { throw ECConfigError(.invalidParameters, "EC k+m must be at most 255, got \(k + m)") }
         guard nodes.count % (k + m) == 0 else {
-            throw ECConfigError("\(nodes.count) nodes cannot be divided into EC groups of k+m = \(k)+\(m) = \(k + m) nodes; "
+            throw ECConfigError(.unevenGroups, "\(nodes.count) nodes cannot be divided into EC groups of k+m = \(k)+\(m) = \(k + m) nodes; "
                 + "use a node count that is a multiple of \(k + m)")
         }
         return stride(from: 0, to: nodes.count, by: k + m).map { Array(nodes[$0..<$0 + k + m]) }
     }
 }
 
-public struct ECConfigError: Error, Sendable, Equatable, CustomStringConvertible {
-    public var description: String
-    public init(_ d: String) { description = d }
+/// An erasure-coding layout that cannot be built.
+public typealias ECConfigError = CodedMessage<ECConfigErrorCode>
+
+public enum ECConfigErrorCode: String, Sendable {
+    /// k or m below 1, or k + m above 255 (ISA-L's limit).
+    case invalidParameters = "invalid_parameters"
+    /// The nodes do not divide into groups of k + m.
+    case unevenGroups = "uneven_groups"
 }
 
 extension ECLayout {

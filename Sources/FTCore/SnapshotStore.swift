@@ -19,7 +19,7 @@ public struct WorkerRegistration: Sendable, Equatable {
 
 /// A request the store refused: a stable code and a sentence. The SMP sends
 /// it back to the worker as an error reply and keeps serving everyone else.
-public struct StoreError: Error, Sendable, Equatable, CustomStringConvertible {
+public struct StoreError: CodedError, Equatable {
     public enum Code: String, Sendable, CaseIterable {
         case unknownWorker = "unknown_worker"
         case invalidRegistration = "invalid_registration"

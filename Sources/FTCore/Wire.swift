@@ -90,7 +90,7 @@ public struct WireEnvelope: Sendable, Equatable {
 
 /// A frame that could not be decoded. The receiver counts it, logs it and
 /// drops it; it never crashes on one.
-public struct WireError: Error, Sendable, Equatable, CustomStringConvertible {
+public struct WireError: CodedError, Equatable {
     public enum Code: String, Sendable {
         case truncated
         case badMagic = "bad_magic"

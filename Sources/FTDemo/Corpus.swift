@@ -11,10 +11,10 @@ public struct Corpus: Sendable {
         let chars = Array(text)
         let vocab = Array(Set(chars)).sorted()
         guard vocab.count >= 2, chars.count >= 256 else {
-            throw CorpusError("a corpus needs at least 256 characters and 2 distinct ones (got \(chars.count) and \(vocab.count))")
+            throw CorpusError(.unsuitable, "a corpus needs at least 256 characters and 2 distinct ones (got \(chars.count) and \(vocab.count))")
         }
         guard vocab.count <= 256 else {
-            throw CorpusError("the corpus uses \(vocab.count) distinct characters; the demo model takes at most 256")
+            throw CorpusError(.unsuitable, "the corpus uses \(vocab.count) distinct characters; the demo model takes at most 256")
         }
         let map = Dictionary(uniqueKeysWithValues: vocab.enumerated().map { ($1, $0) })
         vocabulary = vocab
@@ -25,7 +25,7 @@ public struct Corpus: Sendable {
     /// A user's text file (UTF-8).
     public init(file path: String) throws {
         guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-            throw CorpusError("cannot read \(path) as UTF-8 text")
+            throw CorpusError(.unreadable, "cannot read \(path) as UTF-8 text")
         }
         try self.init(text: text)
     }
@@ -64,7 +64,12 @@ public struct Corpus: Sendable {
     }
 }
 
-public struct CorpusError: Error, CustomStringConvertible {
-    public var description: String
-    init(_ d: String) { description = d }
+/// A training text the demo cannot use.
+public typealias CorpusError = CodedMessage<CorpusErrorCode>
+
+public enum CorpusErrorCode: String, Sendable {
+    /// Too short, or more distinct characters than the model's vocabulary.
+    case unsuitable
+    /// Not readable as UTF-8 text.
+    case unreadable
 }

@@ -1,7 +1,9 @@
+import FTCore
+
 /// A failure of the erasure codec: a stable `code`, a message for people, and
 /// the values that caused it. Thrown for invalid parameters and inputs; the
 /// codec never traps on bad input.
-public struct ErasureError: Error, Sendable, Equatable, CustomStringConvertible {
+public struct ErasureError: CodedError, Equatable {
     public enum Code: String, Sendable, Equatable {
         /// `k` or `m` out of range, or `k + m` above ISA-L's limit.
         case invalidParameters = "invalid_parameters"

@@ -169,20 +169,29 @@ public final class ChaosRunner: @unchecked Sendable {
         defer { job.stop(removeFiles: !options.keepDirectories) }
         let started = monotonicSeconds()
         while job.coordinator?.poll() == nil {
-            if monotonicSeconds() - started > 1800 { throw ChaosError("the golden run did not end in 1800 s:\n\(job.logs.suffix(2000))") }
+            if monotonicSeconds() - started > 1800 { throw ChaosError(.timeout, "the golden run did not end in 1800 s:\n\(job.logs.suffix(2000))") }
             usleep(100_000)
         }
         let hashes = Self.finalHashes(job, steps: shape.steps).compactMap { $0 }
         guard hashes.count == shape.nodes * shape.workersPerNode else {
-            throw ChaosError("the golden run did not end with a final hash on every worker (\(hashes)):\n\(job.logs.suffix(2000))")
+            throw ChaosError(.unexpectedOutcome, "the golden run did not end with a final hash on every worker (\(hashes)):\n\(job.logs.suffix(2000))")
         }
         goldens[shape] = hashes
         return hashes
     }
 
-    public struct ChaosError: Error, CustomStringConvertible, Sendable {
-        public var description: String
-        init(_ d: String) { description = d }
+    /// Why a scenario or the soak did not pass, or could not run.
+    public typealias ChaosError = CodedMessage<ChaosErrorCode>
+
+    public enum ChaosErrorCode: String, Sendable {
+        /// An unknown scenario or fault, or one the worker command cannot take.
+        case usage
+        /// What the harness waited for (a start, a recovery, the end) did not come in time.
+        case timeout
+        /// The job did something other than the scenario expects.
+        case unexpectedOutcome = "unexpected_outcome"
+        /// A file the harness needs could not be made.
+        case io
     }
 
     /// Runs one scenario by name with `seed`.
@@ -201,10 +210,10 @@ public final class ChaosRunner: @unchecked Sendable {
 
     private func runScenario(_ name: String, seed: UInt64, into result: inout Result) throws {
         guard Self.scenarios.contains(where: { $0.name == name }) else {
-            throw ChaosError("unknown scenario \(name) (known: \(Self.scenarios.map(\.name).joined(separator: ", ")))")
+            throw ChaosError(.usage, "unknown scenario \(name) (known: \(Self.scenarios.map(\.name).joined(separator: ", ")))")
         }
         guard options.worker.supports(name) else {
-            throw ChaosError("\(name) needs the demo trainer (its fault is injected by the worker itself)")
+            throw ChaosError(.usage, "\(name) needs the demo trainer (its fault is injected by the worker itself)")
         }
         var rng = SplitMix64(seed: seed)
         let shape = jobShape(for: name, steps: options.steps)
@@ -235,9 +244,9 @@ public final class ChaosRunner: @unchecked Sendable {
         // A worker that faults by itself does it at `target`: watch from a little before.
         let watchFrom = name == "stuck-worker" || name == "kill-worker-mid-copy" ? target - 2 : target
         guard watch.until(seconds: 600, { watch.furthestStep >= watchFrom || watch.ended }) else {
-            throw ChaosError("the job never reached step \(watchFrom)")
+            throw ChaosError(.timeout, "the job never reached step \(watchFrom)")
         }
-        guard !watch.ended else { throw ChaosError("the job ended before step \(watchFrom):\n\(job.logs.suffix(1500))") }
+        guard !watch.ended else { throw ChaosError(.unexpectedOutcome, "the job ended before step \(watchFrom):\n\(job.logs.suffix(1500))") }
         let injectedAt = monotonicSeconds()
         var notes: [String] = []
         let resumeLinesBefore = countLines(job, prefix: "resume from=")
@@ -245,7 +254,7 @@ public final class ChaosRunner: @unchecked Sendable {
         result.faults = faults.count
 
         guard watch.until(seconds: 1800, every: 0.1, { watch.ended }) else {
-            throw ChaosError("the job did not end within 1800 s of the fault")
+            throw ChaosError(.timeout, "the job did not end within 1800 s of the fault")
         }
         let final = watch.finalStatus
         watch.merge(final)

@@ -42,20 +42,20 @@ extension ChaosRunner {
             f.stopped = workers + [smp.pid]
             // Wait for the recovery without it (a replacement rebuilt the node), then let it go.
             guard watch.until(seconds: 120, { watch.resumed.contains { watch.detectedAt($0) >= f.at - 1 } || watch.ended }) else {
-                throw ChaosError("no recovery while n\(node) was stopped")
+                throw ChaosError(.unexpectedOutcome, "no recovery while n\(node) was stopped")
             }
             for pid in workers + [smp.pid] { kill(pid, SIGCONT) }
             let fenced = watch.until(seconds: 20) { smp.poll() != nil && workers.allSatisfy { kill($0, 0) != 0 } }
             let status = smp.poll()
             notes.append("continued the old n\(node): its SMP \(status.map { "\($0)" } ?? "still running")")
             guard fenced, status == .exited(3) else {
-                throw ChaosError("the continued SMP of n\(node) was not fenced (exit \(status.map { "\($0)" } ?? "none"), want code 3)")
+                throw ChaosError(.unexpectedOutcome, "the continued SMP of n\(node) was not fenced (exit \(status.map { "\($0)" } ?? "none"), want code 3)")
             }
             return [f]
         case "flip-byte":
             return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
         case "coordinator-pause":
-            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
+            guard let c = job.coordinator else { throw ChaosError(.unexpectedOutcome, "no coordinator") }
             let f = Fault(kind: name, target: "coordinator", at: monotonicSeconds(), stopped: [c.pid])
             kill(c.pid, SIGSTOP)
             watch.sleep(3)
@@ -67,7 +67,7 @@ extension ChaosRunner {
             let first = Int.random(in: 0..<3, using: &rng) < 2 ? "kill-node" : "kill-worker"
             let f1 = try fault(first, job, node: node, worker: worker)
             guard watch.until(seconds: 30, every: 0.01, { watch.state == "recovering" || watch.ended }) else {
-                throw ChaosError("no recovery began within 30 s of \(first) n\(node)")
+                throw ChaosError(.timeout, "no recovery began within 30 s of \(first) n\(node)")
             }
             let d = delay()
             watch.sleep(d)
@@ -82,7 +82,7 @@ extension ChaosRunner {
             let old = job.smps[node].pid
             let f1 = try fault("kill-node", job, node: node, worker: 0)
             guard watch.until(seconds: 30, every: 0.005, { job.smps[node].pid != old || watch.ended }) else {
-                throw ChaosError("n\(node) was not replaced within 30 s")
+                throw ChaosError(.timeout, "n\(node) was not replaced within 30 s")
             }
             let d = delay() / 2
             watch.sleep(d)
@@ -93,7 +93,7 @@ extension ChaosRunner {
                 + "\(Int(d * 1000)) ms after the replacement started (phases done: \(phases.isEmpty ? "none seen" : phases.joined(separator: ",")))")
             return [f1, f2]
         default:
-            throw ChaosError("no such fault: \(name)")
+            throw ChaosError(.usage, "no such fault: \(name)")
         }
     }
 
@@ -110,7 +110,7 @@ extension ChaosRunner {
         let at = monotonicSeconds()
         func worker(_ n: Int, _ w: Int) throws -> Int32 {
             guard let pid = job.workerPID(node: n, worker: w), RecordedProcesses.belongs(pid, toJob: job.job) else {
-                throw ChaosError("no live recorded process for n\(n)/w\(w)")
+                throw ChaosError(.unexpectedOutcome, "no live recorded process for n\(n)/w\(w)")
             }
             return pid
         }
@@ -132,14 +132,14 @@ extension ChaosRunner {
             for pid in all { kill(pid, SIGKILL) }
             return Fault(kind: kind, target: "\(all.count) workers", at: at)
         case "kill-coordinator":
-            guard let c = job.coordinator else { throw ChaosError("no coordinator") }
+            guard let c = job.coordinator else { throw ChaosError(.unexpectedOutcome, "no coordinator") }
             c.kill(SIGKILL)
             return Fault(kind: kind, target: "coordinator", at: at)
         case "sigstop-node":
             for pid in recordedWorkers(job, node: n) + [job.smps[n].pid] { kill(pid, SIGSTOP) }
             return Fault(kind: kind, target: "n\(n)", at: at)
         default:
-            throw ChaosError("no such fault: \(kind)")
+            throw ChaosError(.usage, "no such fault: \(kind)")
         }
         return Fault(kind: kind, target: kind.hasSuffix("smp") ? "n\(n)" : "n\(n)/w\(w)", at: at)
     }
@@ -170,7 +170,7 @@ extension ChaosRunner {
         }
         kill(smp.pid, SIGCONT)
         notes.append("flipped a byte in \(flipped) slots of n\(node)/w\(worker)")
-        guard flipped == 2 else { throw ChaosError("found \(flipped) slots of n\(node)/w\(worker) to corrupt, expected 2") }
+        guard flipped == 2 else { throw ChaosError(.unexpectedOutcome, "found \(flipped) slots of n\(node)/w\(worker) to corrupt, expected 2") }
         // The SMP was held still for the flip: its heartbeat gap then is the fault's own.
         return Fault(kind: "flip-byte", target: "n\(node)/w\(worker)", at: at, stopped: [smp.pid])
     }

@@ -52,7 +52,7 @@ extension ChaosRunner {
         let watch = Watch(job: job)
         var keep = true
         defer { job.stop(removeFiles: !keep) }
-        guard watch.until(seconds: 300, { watch.state == "running" }) else { throw ChaosError("the soak job did not start") }
+        guard watch.until(seconds: 300, { watch.state == "running" }) else { throw ChaosError(.timeout, "the soak job did not start") }
         var counts: [String: Int] = [:]
         var injections: [Double] = []
         var stopped: [Int32] = []  // processes the faults themselves stopped
@@ -75,7 +75,7 @@ extension ChaosRunner {
             if kind == "stuck-worker" || kind == "kill-worker-mid-copy" {
                 let rank = n * shape.workersPerNode + w
                 let file = triggers + (kind == "stuck-worker" ? "/hang-rank-\(rank)" : "/kill-mid-copy-rank-\(rank)")
-                guard FileManager.default.createFile(atPath: file, contents: nil) else { throw ChaosError("cannot create \(file)") }
+                guard FileManager.default.createFile(atPath: file, contents: nil) else { throw ChaosError(.io, "cannot create \(file)") }
             }
             stopped += try inject(kind, job: job, watch: watch, shape: shape, node: n, worker: w, rng: &rng, notes: &notes).flatMap(\.stopped)
             watch.supervisor.killDeclaredDead = true
@@ -83,11 +83,11 @@ extension ChaosRunner {
             // One fault at a time: wait until the job resumed from it (a coordinator pause may declare nothing).
             guard watch.until(seconds: 300, { watch.ended || (watch.state == "running"
                 && (kind == "coordinator-pause" || watch.resumed.contains { watch.detectedAt($0) >= injected - 1 })) }) else {
-                throw ChaosError("no recovery within 300 s of \(kind) n\(n)/w\(w)")
+                throw ChaosError(.timeout, "no recovery within 300 s of \(kind) n\(n)/w\(w)")
             }
         }
         options.progress("soak: faults over (\(injections.count)); letting the job finish")
-        guard watch.until(seconds: 7200, every: 0.2, { watch.ended }) else { throw ChaosError("the soak job did not end") }
+        guard watch.until(seconds: 7200, every: 0.2, { watch.ended }) else { throw ChaosError(.timeout, "the soak job did not end") }
         let final = watch.finalStatus
         watch.merge(final)
         let hashes = Self.finalHashes(job, steps: steps)

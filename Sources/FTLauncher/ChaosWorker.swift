@@ -42,9 +42,9 @@ public enum ChaosWorker: Sendable, Equatable {
     /// is missing.
     public static func torch(python: String) -> Result<ChaosWorker, ChaosRunner.ChaosError> {
         guard let script = repositoryFile("python/examples/gpt.py") else {
-            return .failure(.init("python/examples/gpt.py not found above \(executableDirectory)"))
+            return .failure(.init(.usage, "python/examples/gpt.py not found above \(executableDirectory)"))
         }
-        guard let interpreter = ChildProcess.resolve(python) else { return .failure(.init("\(python) not found in PATH")) }
+        guard let interpreter = ChildProcess.resolve(python) else { return .failure(.init(.usage, "\(python) not found in PATH")) }
         return .success(.torch(python: interpreter, script: script))
     }
 }

@@ -1,3 +1,4 @@
+import FTCore
 import FTSystem
 import Foundation
 
@@ -70,15 +71,30 @@ public struct ClusterConfig: Equatable, Sendable {
             if t == "none" || t == "off" { return nil }
             let parts = t.split(separator: "+")
             guard parts.count == 2, let k = Int(parts[0]), let m = Int(parts[1]) else {
-                throw ConfigError("ec must be K+M (e.g. 3+1) or none, not '\(text)'")
+                throw ConfigError(.badValue, "ec must be K+M (e.g. 3+1) or none, not '\(text)'")
             }
             return ErasureCode(k: k, m: m)
         }
     }
 
-    public struct ConfigError: Error, CustomStringConvertible, Equatable {
-        public var description: String
-        public init(_ description: String) { self.description = description }
+    /// A configuration refused before anything starts: the key or line, and why.
+    public typealias ConfigError = CodedMessage<ConfigErrorCode>
+
+    public enum ConfigErrorCode: String, Sendable {
+        /// A line of a config file that is not `key = value`.
+        case syntax
+        /// A key the configuration does not have.
+        case unknownKey = "unknown_key"
+        /// A value of the wrong form or outside its range.
+        case badValue = "bad_value"
+        /// Values that are fine alone but not together (EC groups and nodes, spares without EC).
+        case inconsistent
+        /// A binary or the worker command that is not an executable file.
+        case missingExecutable = "missing_executable"
+        /// The coordinator's port is taken.
+        case portUnavailable = "port_unavailable"
+        /// The run directory belongs to a job that is still running.
+        case runDirectoryInUse = "run_directory_in_use"
     }
 
     public init() {}
@@ -93,14 +109,14 @@ public struct ClusterConfig: Equatable, Sendable {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
             guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
             guard let eq = line.firstIndex(of: "=") else {
-                throw ConfigError("\(name):\(i + 1): expected key = value, got '\(raw)'")
+                throw ConfigError(.syntax, "\(name):\(i + 1): expected key = value, got '\(raw)'")
             }
             let key = line[..<eq].trimmingCharacters(in: .whitespaces)
             let value = line[line.index(after: eq)...].trimmingCharacters(in: .whitespaces)
             do {
                 try set(key, value)
             } catch {
-                throw ConfigError("\(name):\(i + 1): \(error.description)")
+                throw ConfigError(error.code, "\(name):\(i + 1): \(error.message)")
             }
         }
     }
@@ -108,7 +124,7 @@ public struct ClusterConfig: Equatable, Sendable {
     /// Sets one key from its text.
     public mutating func set(_ key: String, _ value: String) throws(ConfigError) {
         func int() throws(ConfigError) -> Int {
-            guard let v = Int(value) else { throw ConfigError("\(key) must be a whole number, not '\(value)'") }
+            guard let v = Int(value) else { throw ConfigError(.badValue, "\(key) must be a whole number, not '\(value)'") }
             return v
         }
         switch key {
@@ -125,16 +141,16 @@ public struct ClusterConfig: Equatable, Sendable {
         case "heartbeat_ms": heartbeatMs = try int()
         case "timeout_ms": timeoutMs = try int()
         case "phase_timeout":
-            guard let v = Double(value), v > 0 else { throw ConfigError("phase_timeout must be a positive number of seconds, not '\(value)'") }
+            guard let v = Double(value), v > 0 else { throw ConfigError(.badValue, "phase_timeout must be a positive number of seconds, not '\(value)'") }
             phaseTimeout = v
         case "memory_limit":
             guard let v = Self.parseBytes(value) else {
-                throw ConfigError("memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '\(value)'")
+                throw ConfigError(.badValue, "memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '\(value)'")
             }
             memoryLimit = v
         case "data_host": dataHost = value
         default:
-            throw ConfigError("unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
+            throw ConfigError(.unknownKey, "unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
         }
     }
 
@@ -143,51 +159,51 @@ public struct ClusterConfig: Equatable, Sendable {
     /// the port, the run directory. `binaries`: where ft-coordinator and ft-smp are.
     public func validate(binaries: String) throws(ConfigError) {
         if let dataHost, dataHost.isEmpty || dataHost.contains(where: { "/ :*".contains($0) }) {
-            throw ConfigError("data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not '\(dataHost)'")
+            throw ConfigError(.badValue, "data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not '\(dataHost)'")
         }
-        guard nodes >= 1 && nodes <= 256 else { throw ConfigError("nodes must be in 1...256, not \(nodes)") }
+        guard nodes >= 1 && nodes <= 256 else { throw ConfigError(.badValue, "nodes must be in 1...256, not \(nodes)") }
         guard workersPerNode >= 1 && workersPerNode <= 64 else {
-            throw ConfigError("workers_per_node must be in 1...64, not \(workersPerNode)")
+            throw ConfigError(.badValue, "workers_per_node must be in 1...64, not \(workersPerNode)")
         }
         if let ec = erasure {
-            guard ec.k >= 1, ec.m >= 1, ec.k + ec.m <= 255 else { throw ConfigError("ec \(ec.k)+\(ec.m): K and M must be at least 1") }
+            guard ec.k >= 1, ec.m >= 1, ec.k + ec.m <= 255 else { throw ConfigError(.badValue, "ec \(ec.k)+\(ec.m): K and M must be at least 1") }
             guard ec.k + ec.m <= nodes else {
-                throw ConfigError("ec \(ec.k)+\(ec.m) needs groups of \(ec.k + ec.m) nodes, and the job has only \(nodes)")
+                throw ConfigError(.inconsistent, "ec \(ec.k)+\(ec.m) needs groups of \(ec.k + ec.m) nodes, and the job has only \(nodes)")
             }
             guard nodes % (ec.k + ec.m) == 0 else {
-                throw ConfigError("ec \(ec.k)+\(ec.m) cuts the nodes into groups of \(ec.k + ec.m): \(nodes) nodes do not divide into them")
+                throw ConfigError(.inconsistent, "ec \(ec.k)+\(ec.m) cuts the nodes into groups of \(ec.k + ec.m): \(nodes) nodes do not divide into them")
             }
         }
-        guard spares >= 0 && spares <= 64 else { throw ConfigError("spares must be in 0...64, not \(spares)") }
+        guard spares >= 0 && spares <= 64 else { throw ConfigError(.badValue, "spares must be in 0...64, not \(spares)") }
         guard spares == 0 || erasure != nil else {
-            throw ConfigError("spares need ec: a spare rebuilds a lost node from its group's parity")
+            throw ConfigError(.inconsistent, "spares need ec: a spare rebuilds a lost node from its group's parity")
         }
-        guard snapshotInterval >= 1 else { throw ConfigError("snapshot_interval must be at least 1 step, not \(snapshotInterval)") }
-        guard steps >= 1 else { throw ConfigError("steps must be at least 1, not \(steps)") }
+        guard snapshotInterval >= 1 else { throw ConfigError(.badValue, "snapshot_interval must be at least 1 step, not \(snapshotInterval)") }
+        guard steps >= 1 else { throw ConfigError(.badValue, "steps must be at least 1, not \(steps)") }
         guard heartbeatMs >= 10, timeoutMs >= 3 * heartbeatMs else {
-            throw ConfigError("heartbeat_ms must be at least 10 and timeout_ms at least 3 heartbeats (have \(heartbeatMs) and \(timeoutMs))")
+            throw ConfigError(.badValue, "heartbeat_ms must be at least 10 and timeout_ms at least 3 heartbeats (have \(heartbeatMs) and \(timeoutMs))")
         }
         if let jobID {
             let ok = !jobID.isEmpty && jobID.count <= 32 && jobID.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) && $0.isASCII || $0 == "_" }
-            guard ok else { throw ConfigError("job_id '\(jobID)' must be 1-32 characters of A-Z, a-z, 0-9 or _") }
+            guard ok else { throw ConfigError(.badValue, "job_id '\(jobID)' must be 1-32 characters of A-Z, a-z, 0-9 or _") }
         }
         for b in ["ft-coordinator", "ft-smp"] where access(binaries + "/" + b, X_OK) != 0 {
-            throw ConfigError("\(binaries)/\(b) is missing or not executable: build first (swift build -c release)")
+            throw ConfigError(.missingExecutable, "\(binaries)/\(b) is missing or not executable: build first (swift build -c release)")
         }
         let command = resolvedWorkerCommand(binaries: binaries)
         var isDirectory: ObjCBool = false
         guard let path = ChildProcess.resolve(command[0]), FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory),
               !isDirectory.boolValue else {
-            throw ConfigError("worker command '\(command[0])' is not an executable file, nor found in PATH")
+            throw ConfigError(.missingExecutable, "worker command '\(command[0])' is not an executable file, nor found in PATH")
         }
-        guard port >= 0 && port <= 65535 else { throw ConfigError("port must be in 0...65535, not \(port)") }
+        guard port >= 0 && port <= 65535 else { throw ConfigError(.badValue, "port must be in 0...65535, not \(port)") }
         if port != 0, let reason = Self.portUnavailable(port) {
-            throw ConfigError("port \(port) on 127.0.0.1 is not available (\(reason)): choose another, or 0 for a free one")
+            throw ConfigError(.portUnavailable, "port \(port) on 127.0.0.1 is not available (\(reason)): choose another, or 0 for a free one")
         }
         if let dir = runDirectory, FileManager.default.fileExists(atPath: dir + "/job.pids"),
            let job = try? String(contentsOfFile: dir + "/job.id", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
            RecordedProcesses.all(runDirectory: dir).contains(where: { RecordedProcesses.belongs($0, toJob: job) }) {
-            throw ConfigError("run directory \(dir) belongs to job \(job), which is still running: stop it (cluster/stop \(dir)) or choose another")
+            throw ConfigError(.runDirectoryInUse, "run directory \(dir) belongs to job \(job), which is still running: stop it (cluster/stop \(dir)) or choose another")
         }
     }
 

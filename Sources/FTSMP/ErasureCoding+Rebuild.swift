@@ -102,10 +102,10 @@ extension SMPServer {
     func decodeInto(_ task: RebuildInstance.Decode, have: [Int: [ZMQMessage]], _ job: FetchJob, _ ec: ErasureState) throws {
         switch task.destination {
         case .prefix(let at):
-            guard at + task.length <= job.prefix.count else { throw SMPError("prefix frame past the prefix") }
+            guard at + task.length <= job.prefix.count else { throw SMPError(.rebuildInconsistent, "prefix frame past the prefix") }
             try decodeFrame(ec, have: have, length: task.length, mine: task.mine, into: job.prefix.baseAddress! + at)
         case .parity(let row):
-            guard let buffer = ec.buffers[job.core.step]?[row] else { throw SMPError("no parity buffer of row \(row)") }
+            guard let buffer = ec.buffers[job.core.step]?[row] else { throw SMPError(.rebuildInconsistent, "no parity buffer of row \(row)") }
             try decodeFrame(ec, have: have, length: task.length, mine: task.mine, into: buffer.baseAddress! + task.offset)
         case .image(let at):
             let range = at..<at + task.length
@@ -194,7 +194,7 @@ extension SMPServer {
     /// The manifest is in: create the workers' slots; returns the image's length.
     func beginRebuildBody(_ job: FetchJob) throws -> Int {
         let parsed = try NodeImage.parse(UnsafeRawBufferPointer(job.prefix))
-        guard parsed.step == job.core.step else { throw SMPError("rebuilt image is of step \(parsed.step), not \(job.core.step)") }
+        guard parsed.step == job.core.step else { throw SMPError(.rebuildInconsistent, "rebuilt image is of step \(parsed.step), not \(job.core.step)") }
         job.parsed = parsed
         let layout = parsed.layout
         job.targets = [(0..<layout.manifestBytes, nil)]
@@ -211,7 +211,7 @@ extension SMPServer {
                 segments[id] = try (0..<2).map { try createSlot(name: segmentName(worker: id, slot: $0), count: bytes) }
             }
             let segment = segments[id]![0]
-            guard segment.count == e.slotBytes else { throw SMPError("image entry \(id): slot of \(segment.count) bytes, \(e.slotBytes) expected") }
+            guard segment.count == e.slotBytes else { throw SMPError(.rebuildInconsistent, "image entry \(id): slot of \(segment.count) bytes, \(e.slotBytes) expected") }
             job.targets.append((layout.slotStart(i)..<layout.slotStart(i) + e.slotBytes, segment.base))
         }
         return layout.total

@@ -52,7 +52,7 @@ final class ErasureState {
     static let noLayout = ECRoundInstance.noLayout
 
     init(layout: ECLayout, node: String) throws {
-        guard let (g, p) = layout.locate(node) else { throw SMPError("node \(node) is in no EC group of the layout") }
+        guard let (g, p) = layout.locate(node) else { throw SMPError(.notInLayout, "node \(node) is in no EC group of the layout") }
         self.layout = layout
         group = g
         position = p
@@ -190,7 +190,7 @@ extension SMPServer {
 
     func peer(_ node: String, _ ec: ErasureState) throws -> ZMQSocket {
         if let s = ec.peers[node] { return s }
-        guard let endpoint = ec.layout.endpoints[node] else { throw SMPError("no data endpoint for \(node)") }
+        guard let endpoint = ec.layout.endpoints[node] else { throw SMPError(.notInLayout, "no data endpoint for \(node)") }
         // Acks, and fetched frames of at most `frameBytes` (this node asks for no more).
         let s = try context.socket(.dealer, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
         try s.setLinger(milliseconds: 0)
@@ -396,21 +396,21 @@ extension SMPServer {
     /// `step`, as this node holds it: zero-copy frames over parity or slot
     /// memory (zeros past the image's end), and their CRC32C.
     func codewordFrames(step: Int, row: Int, index: Int, offset: Int, length: Int) throws -> (frames: [ZMQFrame], crc: UInt32) {
-        guard let ec = erasure else { throw SMPError(ErasureState.noLayout) }
+        guard let ec = erasure else { throw SMPError(.noErasureCoding, ErasureState.noLayout) }
         let k = ec.layout.k, L = ec.chunkBytes
         // Row, index (held here) and range against the layout; offset + length is
         // never computed before it is known to fit (an offset near Int64.max trapped).
         try ec.layout.checkFetch(position: ec.position, row: row, index: index, offset: offset, length: length)
         if index >= k {
             guard let p = ec.buffers[step]?[row], ec.round.holdsCompleteParity(step: step, row: row) else {
-                throw SMPError("no complete parity of row \(row) for step \(step) on \(config.nodeID)")
+                throw SMPError(.notHeld, "no complete parity of row \(row) for step \(step) on \(config.nodeID)")
             }
             // Parity of the step being recovered stays until the next commit.
             let bytes = UnsafeRawBufferPointer(rebasing: p[offset..<offset + length])
             return ([ZeroCopyFrames.frame(bytes)], CRC32C.checksum(bytes))
         }
         guard let entries = imageEntries(step: step, committedOnly: false) else {
-            throw SMPError("\(config.nodeID) does not hold step \(step)")
+            throw SMPError(.notHeld, "\(config.nodeID) does not hold step \(step)")
         }
         let manifest = NodeImage(step: step, entries: entries.map(\.entry)).manifest()
         let c = ec.placement.dataRows(of: ec.position).firstIndex(of: row)!

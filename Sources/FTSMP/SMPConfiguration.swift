@@ -79,11 +79,24 @@ public struct SMPConfiguration: Sendable {
     public static func validateID(_ id: String, _ what: String) throws(SMPError) {
         let ok = !id.isEmpty && id.utf8.count <= 48
             && id.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 65 && $0 <= 90) || ($0 >= 97 && $0 <= 122) || $0 == 45 || $0 == 95 }
-        guard ok else { throw SMPError("\(what) '\(id)' must be 1-48 characters of A-Z, a-z, 0-9, '-' or '_'") }
+        guard ok else { throw SMPError(.invalidIdentifier, "\(what) '\(id)' must be 1-48 characters of A-Z, a-z, 0-9, '-' or '_'") }
     }
 }
 
-public struct SMPError: Error, Sendable, CustomStringConvertible {
-    public var description: String
-    public init(_ description: String) { self.description = description }
+/// What stops the SMP from starting or from carrying out a data-plane step.
+public typealias SMPError = CodedMessage<SMPErrorCode>
+
+public enum SMPErrorCode: String, Sendable {
+    /// A node or worker id outside 1-48 characters of A-Z, a-z, 0-9, '-', '_'.
+    case invalidIdentifier = "invalid_identifier"
+    /// A node the erasure-coding layout does not place, or whose data endpoint it lacks.
+    case notInLayout = "not_in_layout"
+    /// An erasure-coding request to an SMP of a job without erasure coding.
+    case noErasureCoding = "no_erasure_coding"
+    /// A step, or its parity, this SMP does not hold.
+    case notHeld = "not_held"
+    /// A rebuild's frames or image do not fit what it asked for.
+    case rebuildInconsistent = "rebuild_inconsistent"
+    /// The run directory is not a directory of the SMP's own uid.
+    case unsafeDirectory = "unsafe_directory"
 }

@@ -124,7 +124,7 @@ extension SMPServer {
         var st = stat()
         guard lstat(path, &st) == 0 else { throw SystemError("stat \(path)", errno: errno) }
         guard (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == geteuid() else {
-            throw SMPError("\(path) must be a directory owned by uid \(geteuid()) (it is mode \(String(st.st_mode, radix: 8)), uid \(st.st_uid))")
+            throw SMPError(.unsafeDirectory, "\(path) must be a directory owned by uid \(geteuid()) (it is mode \(String(st.st_mode, radix: 8)), uid \(st.st_uid))")
         }
         if st.st_mode & 0o077 != 0, chmod(path, 0o700) != 0 { throw SystemError("chmod 0700 \(path)", errno: errno) }
     }

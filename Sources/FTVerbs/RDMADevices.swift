@@ -1,4 +1,5 @@
 import CVerbsShim
+import FTCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -16,7 +17,7 @@ public struct RDMADevice: Sendable, Equatable {
 
 /// Why no RDMA transport can be used: a stable code, the errno behind it and
 /// a sentence for the one log line that explains the fallback to TCP.
-public struct RDMAUnavailable: Error, Sendable, Equatable, CustomStringConvertible {
+public struct RDMAUnavailable: CodedError, Equatable {
     public enum Code: String, Sendable {
         /// The kernel has no RDMA support (libibverbs: NULL with ENOSYS).
         case noKernelSupport = "no_kernel_support"

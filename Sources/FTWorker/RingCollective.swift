@@ -1,3 +1,4 @@
+import FTCore
 import FTErasure
 import FTSystem
 import FTZMQ
@@ -5,7 +6,11 @@ import Foundation
 
 /// Thrown when a collective (or a step) is abandoned because the control
 /// plane paused the job.
-public struct Interrupted: Error, Sendable {
+public struct Interrupted: CodedError {
+    public enum Code: String, Sendable { case interrupted }
+    public var code: Code { .interrupted }
+    public var message: String { "abandoned: the control plane paused the job" }
+    public var description: String { message }
     public init() {}
 }
 

@@ -6,7 +6,7 @@ import Foundation
 
 /// A failure seen by the worker library: a stable code, a sentence naming the
 /// worker (and for corruption the tensor and chunk), and the cause.
-public struct SnapshotError: Error, Sendable, CustomStringConvertible {
+public struct SnapshotError: CodedError {
     public enum Code: String, Sendable {
         /// The SMP refused a request; `smpCode` holds its `StoreError` code.
         case refused

@@ -1,4 +1,5 @@
 import CZMQ
+import FTCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -6,7 +7,7 @@ import Glibc
 /// A failed ZeroMQ call or key-file operation: a stable `code`, the C `errno`
 /// it came from (0 when it did not come from C), the operation that failed,
 /// and a message for people.
-public struct ZMQError: Error, Sendable, Equatable, CustomStringConvertible {
+public struct ZMQError: CodedError, Equatable {
     public enum Code: String, Sendable, Equatable {
         /// Non-blocking call with nothing to do now (EAGAIN), or a timeout.
         case wouldBlock = "would_block"

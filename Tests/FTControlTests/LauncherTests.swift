@@ -16,7 +16,7 @@ struct ClusterConfigTests {
             try c.validate(binaries: binaries)
             return nil
         } catch {
-            return error.description
+            return "\(error.codeName): \(error.message)"
         }
     }
 
@@ -49,17 +49,17 @@ struct ClusterConfigTests {
         #expect(ClusterConfig.parseBytes("512M") == 512 << 20 && ClusterConfig.parseBytes("4096") == 4096 && ClusterConfig.parseBytes("2GiB") == 2 << 30)
         #expect(ClusterConfig.parseBytes("0") == nil && ClusterConfig.parseBytes("-1G") == nil && ClusterConfig.parseBytes("lots") == nil)
         #expect(ClusterConfig.parseBytes("9999999999999T") == nil)
-        #expect(throws: ClusterConfig.ConfigError("test.conf:1: memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '8Q'")) {
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: memory_limit must be a positive size in bytes (e.g. 8G, 512M), not '8Q'")) {
             try config("memory_limit = 8Q")
         }
         #expect(try config("ec = none").erasure == nil)
-        #expect(throws: ClusterConfig.ConfigError("test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
-        #expect(throws: ClusterConfig.ConfigError("test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
-        #expect(throws: ClusterConfig.ConfigError("test.conf:1: expected key = value, got 'nodes 4'")) { try config("nodes 4") }
-        #expect(throws: ClusterConfig.ConfigError("test.conf:1: ec must be K+M (e.g. 3+1) or none, not '3-1'")) { try config("ec = 3-1") }
-        #expect(throws: ClusterConfig.ConfigError("test.conf:1: phase_timeout must be a positive number of seconds, not '0'")) {
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
+        #expect(throws: ClusterConfig.ConfigError(.syntax, "test.conf:1: expected key = value, got 'nodes 4'")) { try config("nodes 4") }
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: ec must be K+M (e.g. 3+1) or none, not '3-1'")) { try config("ec = 3-1") }
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: phase_timeout must be a positive number of seconds, not '0'")) {
             try config("phase_timeout = 0")
         }
     }
@@ -69,25 +69,25 @@ struct ClusterConfigTests {
         var c = ClusterConfig()
         #expect(error(c) == nil)
         c.nodes = 3
-        #expect(error(c) == "ec 3+1 needs groups of 4 nodes, and the job has only 3")
+        #expect(error(c) == "inconsistent: ec 3+1 needs groups of 4 nodes, and the job has only 3")
         c.nodes = 6
-        #expect(error(c) == "ec 3+1 cuts the nodes into groups of 4: 6 nodes do not divide into them")
+        #expect(error(c) == "inconsistent: ec 3+1 cuts the nodes into groups of 4: 6 nodes do not divide into them")
         c = ClusterConfig()
         c.erasure = nil
         c.spares = 1
-        #expect(error(c) == "spares need ec: a spare rebuilds a lost node from its group's parity")
+        #expect(error(c) == "inconsistent: spares need ec: a spare rebuilds a lost node from its group's parity")
         c = ClusterConfig()
         c.dataHost = "tcp://10.0.0.2:5000"
-        #expect(error(c) == "data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not 'tcp://10.0.0.2:5000'")
+        #expect(error(c) == "bad_value: data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not 'tcp://10.0.0.2:5000'")
         c = ClusterConfig()
         c.snapshotInterval = 0
-        #expect(error(c) == "snapshot_interval must be at least 1 step, not 0")
+        #expect(error(c) == "bad_value: snapshot_interval must be at least 1 step, not 0")
         c = ClusterConfig()
-        #expect(error(c, binaries: "/nonexistent")?.hasPrefix("/nonexistent/ft-coordinator is missing or not executable") == true)
+        #expect(error(c, binaries: "/nonexistent")?.hasPrefix("missing_executable: /nonexistent/ft-coordinator is missing or not executable") == true)
         c.workerCommand = ["/nonexistent/trainer"]
-        #expect(error(c) == "worker command '/nonexistent/trainer' is not an executable file, nor found in PATH")
+        #expect(error(c) == "missing_executable: worker command '/nonexistent/trainer' is not an executable file, nor found in PATH")
         c.workerCommand = ["/tmp"]
-        #expect(error(c) == "worker command '/tmp' is not an executable file, nor found in PATH")
+        #expect(error(c) == "missing_executable: worker command '/tmp' is not an executable file, nor found in PATH")
         c.workerCommand = ["sleep", "10"]
         #expect(error(c) == nil)
 
@@ -103,7 +103,7 @@ struct ClusterConfigTests {
         _ = listen(fd, 1)
         _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
         c.port = Int(UInt16(bigEndian: address.sin_port))
-        #expect(error(c)?.hasPrefix("port \(c.port) on 127.0.0.1 is not available (Address already in use)") == true, "\(error(c) ?? "")")
+        #expect(error(c)?.hasPrefix("port_unavailable: port \(c.port) on 127.0.0.1 is not available (Address already in use)") == true, "\(error(c) ?? "")")
     }
 }
 
@@ -208,7 +208,7 @@ struct LauncherProcessTests {
         let dir = "/tmp/ft-ctl-launchbad-\(getpid())"
         let (status, text, _) = try runTool("ft-launch", ["start", "--nodes", "3", "--ec", "3+1", "--run-dir", dir])
         #expect(status == .exited(64), "\(text)")
-        #expect(text.contains("ec 3+1 needs groups of 4 nodes, and the job has only 3"), "\(text)")
+        #expect(text.contains("bad config: ec 3+1 needs groups of 4 nodes, and the job has only 3"), "\(text)")
         #expect(!FileManager.default.fileExists(atPath: dir))
     }
 }

@@ -51,14 +51,16 @@ struct ErasurePlacementTests {
     }
 
     @Test("node counts that do not divide into groups are a clear configuration error")
-    func badGroups() {
-        #expect(throws: ECConfigError.self) { try ECLayout.groups(of: ["n0", "n1", "n2"], k: 3, m: 1) }
-        #expect(throws: ECConfigError.self) { try ECLayout.groups(of: ["n0", "n1"], k: 0, m: 2) }
-        do {
-            _ = try ECLayout.groups(of: (0..<5).map { "n\($0)" }, k: 2, m: 1)
-        } catch {
-            #expect(error.description.contains("5 nodes cannot be divided into EC groups of k+m = 2+1 = 3"))
+    func badGroups() throws {
+        func code(_ nodes: Int, _ k: Int, _ m: Int) -> ECConfigError? {
+            do { _ = try ECLayout.groups(of: (0..<nodes).map { "n\($0)" }, k: k, m: m); return nil } catch { return error }
         }
+        #expect(code(3, 3, 1)?.code == .unevenGroups)
+        #expect(code(2, 0, 2)?.code == .invalidParameters)
+        #expect(code(256, 200, 56)?.code == .invalidParameters)
+        let uneven = try #require(code(5, 2, 1))
+        #expect(uneven.code == .unevenGroups && uneven.codeName == "uneven_groups")
+        #expect(uneven.message.contains("5 nodes cannot be divided into EC groups of k+m = 2+1 = 3"))
         #expect(ParityPlacement.chunkBytes(forNodeBytes: [1000, 3001], k: 3) == 1024)
     }
 }
