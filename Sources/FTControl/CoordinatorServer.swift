@@ -55,8 +55,7 @@ public final class CoordinatorServer: @unchecked Sendable {
     /// it is, not only by the epoch it knows (a stopped process may have heard
     /// the very epoch its replacement joined in before it was stopped).
     private var connections: [[UInt8]: (member: String, pid: Int)] = [:]
-    private let signals: SignalWatcher?
-    private let stopPipe: (read: Int32, write: Int32)
+    private let shell: EventLoopShell
     public private(set) var boundEndpoint: String
     public private(set) var malformedFrames = 0
     /// Messages dropped because the sender's key role may not send them.
@@ -67,10 +66,7 @@ public final class CoordinatorServer: @unchecked Sendable {
         self.config = config
         self.logger = logger
         instance = CoordinatorInstance(settings: config.settings)
-        signals = watchSignals ? try SignalWatcher(signals: [SIGTERM, SIGINT]) : nil
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
-        stopPipe = (fds[0], fds[1])
+        shell = try EventLoopShell(watchSignals: watchSignals)
         context = try ZMQContext()
         if let dir = config.keysDirectory {
             let server = try CurveKeyPair.load(from: dir + "/coordinator.key")
@@ -95,15 +91,8 @@ public final class CoordinatorServer: @unchecked Sendable {
         }
     }
 
-    deinit {
-        close(stopPipe.read)
-        close(stopPipe.write)
-    }
-
-    public func stop() {
-        var b: UInt8 = 1
-        _ = write(stopPipe.write, &b, 1)
-    }
+    /// Asks a running `run()` to end, from any thread.
+    public func stop() { shell.stop() }
 
     /// Handshakes refused by the authenticator.
     public var unauthenticated: Int { zap?.denied ?? 0 }
@@ -116,15 +105,9 @@ public final class CoordinatorServer: @unchecked Sendable {
                                                 "curve": "\(zap != nil)"])
         var endedAt: Double?
         loop: while true {
-            var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
-            if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
             let wait = Int(config.settings.heartbeatInterval * 500)
-            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: max(wait, 5))
-            if ready[1].isReadable { logger.info("coordinator stopping on request"); break loop }
-            if let signals, ready[2].isReadable, let sig = signals.next() {
-                logger.info("coordinator stopping on signal \(sig)")
-                break loop
-            }
+            let (ready, stop) = try shell.poll([.init(router, .readable)], timeoutMilliseconds: max(wait, 5))
+            if let stop { logger.info("coordinator stopping \(stop)"); break loop }
             if ready[0].isReadable { drain() }
             execute(instance.tick(now: monotonicSeconds()))
             if instance.state == .stopped || instance.state == .failed {

@@ -19,8 +19,8 @@ import Logging
 /// keys and the worker key, each request served by the role and node its key
 /// proved (`DataPlaneKeys`). Then
 /// one pidfd per child worker (its exit is seen at once,
-/// not by timeout), a signalfd (SIGTERM/SIGINT: graceful shutdown) and a stop
-/// pipe (in-process use). Decisions are made by `SnapshotStoreInstance`; this
+/// not by timeout), and the stop pipe and signalfd (SIGTERM/SIGINT: graceful
+/// shutdown) of the `EventLoopShell` it shares with the coordinator. Decisions are made by `SnapshotStoreInstance`; this
 /// shell owns the shared memory (two pre-faulted 0600 slots per worker, named
 /// `/ft-<job>-<node>-<worker>-s<slot>`) and the child processes.
 ///
@@ -60,8 +60,7 @@ public final class SMPServer: @unchecked Sendable {
     var restarts: [String: Int] = [:]
     var finished: Set<String> = []
     var totalRestarts = 0
-    let signals: SignalWatcher?
-    let stopPipe: (read: Int32, write: Int32)
+    let shell: EventLoopShell
     /// Counted and dropped: frames that could not be decoded.
     public internal(set) var malformedFrames = 0
     /// The coordinator link, on its own thread.
@@ -116,10 +115,7 @@ public final class SMPServer: @unchecked Sendable {
         self.config = config
         self.logger = logger
         memoryLimit = config.memoryLimit ?? SMPConfiguration.defaultMemoryLimit()
-        signals = watchSignals ? try SignalWatcher(signals: [SIGTERM, SIGINT]) : nil
-        var fds: [Int32] = [0, 0]
-        guard pipe(&fds) == 0 else { throw SystemError("pipe", errno: errno) }
-        stopPipe = (fds[0], fds[1])
+        shell = try EventLoopShell(watchSignals: watchSignals)
         context = try ZMQContext()
         // Workers' requests and peers' EC frames: an envelope or one bulk frame at most.
         router = try context.socket(.router, maxMessageBytes: SMPMessage.maxFrameBytes(bulkFrameBytes: ErasureState.frameBytes))
@@ -176,16 +172,8 @@ public final class SMPServer: @unchecked Sendable {
         }
     }
 
-    deinit {
-        close(stopPipe.read)
-        close(stopPipe.write)
-    }
-
     /// Asks a running `run()` to shut down, from any thread.
-    public func stop() {
-        var b: UInt8 = 1
-        _ = write(stopPipe.write, &b, 1)
-    }
+    public func stop() { shell.stop() }
 
     // MARK: run loop
 
@@ -208,8 +196,7 @@ public final class SMPServer: @unchecked Sendable {
             // Always current: the control thread says it at once to a coordinator that
             // restarts (a stale one, from before the last commit, would mislead it).
             updateHello()
-            var items: [ZMQPoller.Item] = [.init(router, .readable), .init(fileDescriptor: stopPipe.read, .readable)]
-            if let signals { items.append(.init(fileDescriptor: signals.fd, .readable)) }
+            var items: [ZMQPoller.Item] = [.init(router, .readable)]
             let childIDs = children.keys.sorted()
             for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
             let dumperIDs = replacing.keys.sorted().filter { replacing[$0]?.dumper != nil }
@@ -223,17 +210,12 @@ public final class SMPServer: @unchecked Sendable {
             if let channel { items.append(.init(channel.inbox, .readable)) }
             var wait = Int(config.heartbeatInterval * 1000)
             if let at = erasure?.wakeAt { wait = min(wait, max(1, Int((at - monotonicSeconds()) * 1000))) }
-            let ready = try ZMQPoller.poll(items, timeoutMilliseconds: wait)
-            if ready[1].isReadable {
-                logger.info("smp stopping on request")
+            let (ready, stop) = try shell.poll(items, timeoutMilliseconds: wait)
+            if let stop {
+                logger.info("smp stopping \(stop)")
                 break loop
             }
-            if let signals, ready[2].isReadable, let sig = signals.next() {
-                logger.info("smp stopping on signal \(sig)")
-                break loop
-            }
-            let base = signals == nil ? 2 : 3
-            for (offset, id) in childIDs.enumerated() where ready[base + offset].isReadable {
+            for (offset, id) in childIDs.enumerated() where ready[1 + offset].isReadable {  // after the router
                 try childExited(id)
             }
             endReplacedWorkers()
