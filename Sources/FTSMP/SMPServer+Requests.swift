@@ -76,11 +76,11 @@ extension SMPServer {
     /// command may fork its trainer), remembered per pid while that worker's
     /// process lives.
     func worker(owning pid: Int32) -> String? {
-        if let known = requestOwners[pid], children[known.worker]?.pid == known.childPID { return known.worker }
+        if let known = requestOwners[pid], supervisor.children[known.worker]?.pid == known.childPID { return known.worker }
         requestOwners[pid] = nil
         var p = pid
         for _ in 0..<16 {
-            if let (id, child) = children.first(where: { $0.value.pid == p }) {
+            if let (id, child) = supervisor.children.first(where: { $0.value.pid == p }) {
                 requestOwners[pid] = (id, child.pid)
                 return id
             }

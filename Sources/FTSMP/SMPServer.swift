@@ -17,12 +17,14 @@ import Logging
 /// default `ipc://` beside it, each peer of the job's uid; on `tcp://` in a
 /// job with keys a CURVE server whose ZAP handler admits only the SMPs' node
 /// keys and the worker key, each request served by the role and node its key
-/// proved (`DataPlaneKeys`). Then
-/// one pidfd per child worker (its exit is seen at once,
-/// not by timeout), and the stop pipe and signalfd (SIGTERM/SIGINT: graceful
-/// shutdown) of the `EventLoopShell` it shares with the coordinator. Decisions are made by `SnapshotStoreInstance`; this
-/// shell owns the shared memory (two pre-faulted 0600 slots per worker, named
-/// `/ft-<job>-<node>-<worker>-s<slot>`) and the child processes.
+/// proved (`DataPlaneKeys`). Then one pidfd per child worker (its exit is
+/// seen at once, not by timeout), and the stop pipe and signalfd
+/// (SIGTERM/SIGINT: graceful shutdown) of the `EventLoopShell` it shares with
+/// the coordinator. Decisions are made by `SnapshotStoreInstance` and the
+/// data-plane cores; this shell owns the shared memory (two pre-faulted 0600
+/// slots per worker, named `/ft-<job>-<node>-p<pid>-<worker>-s<slot>`); the
+/// worker processes are its `WorkerSupervisor`'s, the coordinator link its
+/// `ControlChannel`'s.
 ///
 /// With a coordinator, it says hello with its inventory (committed and staged
 /// steps), heartbeats (from a thread of its own, `ControlChannel`, so that
@@ -33,7 +35,9 @@ import Logging
 /// Files: this one holds the event loop, the coordinator's orders and the
 /// intake of requests; `SMPServer+Requests.swift` who may ask what and the
 /// answers (a worker's request id comes back in its reply);
-/// `SMPServer+Children.swift` the worker processes, shutdown and status;
+/// `SMPServer+Lifecycle.swift` what a worker's exit changes, shutdown and
+/// status; `WorkerSupervisor.swift` the worker processes (spawn, restart
+/// budget, replacement orders with stack dumps);
 /// `ErasureCoding.swift` and `ErasureCoding+Rebuild.swift` the data plane.
 ///
 /// `restartWorkers` names the incarnation to replace: a worker the coordinator
@@ -56,10 +60,8 @@ public final class SMPServer: @unchecked Sendable {
     let dataRouter: ZMQSocket?
     public internal(set) var boundEndpoint: String
     var segments: [String: [SharedMemorySegment]] = [:]
-    var children: [String: ChildProcess] = [:]
-    var restarts: [String: Int] = [:]
-    var finished: Set<String> = []
-    var totalRestarts = 0
+    /// The node's worker processes.
+    let supervisor: WorkerSupervisor
     let shell: EventLoopShell
     /// Counted and dropped: frames that could not be decoded.
     public internal(set) var malformedFrames = 0
@@ -80,9 +82,6 @@ public final class SMPServer: @unchecked Sendable {
     /// The step of the last `protected` sent, while that round is still staged
     /// (a hello says it again for a coordinator that restarts).
     var lastProtected: Int?
-    /// Workers being ended on the coordinator's order, respawned when their
-    /// exit is seen; `killAt`: when a stack dump still running is cut short.
-    var replacing: [String: (pid: Int32, killAt: Double?, dumper: ChildProcess?)] = [:]
     var pendingRebuild: (step: Int?, lost: [String])?
     /// Requests that arrived during a rebuild, answered once it is over.
     var heldRequests: [Request] = []
@@ -153,6 +152,7 @@ public final class SMPServer: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/pids", withIntermediateDirectories: true)
         try FileManager.default.createDirectory(atPath: config.runDirectory + "/stacks", withIntermediateDirectories: true)
         boundEndpoint = try Self.bindPrivately(router, config.endpoint, runDirectory: config.runDirectory, what: "workers'", logger: logger)
+        supervisor = WorkerSupervisor(config: config, smpEndpoint: boundEndpoint, logger: logger)
         // Segments left by a previous SMP of this node that died: its memory is
         // lost by definition (a replacement rebuilds from parity), and the names
         // must be free for this one.
@@ -185,9 +185,9 @@ public final class SMPServer: @unchecked Sendable {
     public func run() throws -> Int32 {
         logger.info("smp up", metadata: ["job": "\(config.jobID)", "node": "\(config.nodeID)", "endpoint": "\(boundEndpoint)",
                                         "data": "\(dataEndpoint)", "pid": "\(getpid())", "memory_limit": "\(memoryLimit)"])
-        writeFile(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
-        appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
-        for i in 0..<config.workerCount { try spawn(workerID: "w\(i)") }
+        SMPFiles.write(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
+        SMPFiles.appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
+        try supervisor.startAll(epoch: channel?.epoch ?? 0)
         sendHello()
         channel?.start()
         loop: while true {
@@ -197,10 +197,8 @@ public final class SMPServer: @unchecked Sendable {
             // restarts (a stale one, from before the last commit, would mislead it).
             updateHello()
             var items: [ZMQPoller.Item] = [.init(router, .readable)]
-            let childIDs = children.keys.sorted()
-            for id in childIDs { items.append(.init(fileDescriptor: children[id]!.pidfd, .readable)) }
-            let dumperIDs = replacing.keys.sorted().filter { replacing[$0]?.dumper != nil }
-            for id in dumperIDs { items.append(.init(fileDescriptor: replacing[id]!.dumper!.pidfd, .readable)) }
+            let (childItems, childIDs) = supervisor.pollItems()
+            items += childItems
             if let ec = erasure { for p in ec.peers.values { items.append(.init(p, .readable)) } }
             var dataIndex: Int?
             if let dataRouter {
@@ -218,13 +216,13 @@ public final class SMPServer: @unchecked Sendable {
             for (offset, id) in childIDs.enumerated() where ready[1 + offset].isReadable {  // after the router
                 try childExited(id)
             }
-            endReplacedWorkers()
+            supervisor.endReplacedWorkers()
             let dataReadable = dataIndex.map { ready[$0].isReadable } ?? false
             if ready[0].isReadable || dataReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
             if channel != nil, ready.last!.isReadable { try handleCoordinator() }
             drainPeerAcks()
             if stopRequested { break loop }
-            if config.workerCount > 0 && finished.count == config.workerCount {
+            if supervisor.allFinished {
                 logger.info("all workers finished; clean end")
                 break loop
             }
@@ -358,7 +356,7 @@ public final class SMPServer: @unchecked Sendable {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
             case .restartWorkers(let list):
-                for r in list { try replaceWorker(r) }
+                for r in list { try supervisor.replace(r, epoch: channel.epoch) }
             case .fenced(let reason):
                 logger.error("fenced by the coordinator: \(reason); stopping")
                 exitCode = 3

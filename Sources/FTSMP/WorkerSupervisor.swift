@@ -1,16 +1,67 @@
 import FTControl
 import FTCore
-import FTErasure
 import FTSystem
 import FTZMQ
 import Foundation
 import Logging
 
-/// Worker processes: spawning, exits, replacement on the coordinator's order, shutdown, status.
-extension SMPServer {
-    // MARK: children
+/// The SMP's child supervisor: the worker processes of one node.
+///
+/// It owns their processes (a pidfd each, polled by the server's loop), their
+/// pid files and the node's start history, restart counts, the local restart
+/// budget, and the coordinator's replacement orders (a hung worker's stack
+/// dump, then its kill, then its respawn once its exit is seen). It knows
+/// nothing of snapshots, sockets or the coordinator: the server hands it what
+/// was decided (`replace`) and hears back what happened to a child (`reap`).
+final class WorkerSupervisor {
+    /// What became of a child whose exit was seen.
+    enum Exit: Equatable {
+        /// Ended on the coordinator's order: start its replacement (`spawn`).
+        case replaced
+        /// Exited 0: done.
+        case finished
+        /// Failed or was killed by something else; the server decides (the
+        /// coordinator, or `restartAfterFailure` without one).
+        case failed(pid: Int32, status: String)
+    }
 
-    func spawn(workerID: String) throws {
+    private let config: SMPConfiguration
+    private let logger: Logger
+    /// The workers' socket, for `FT_SMP_ENDPOINT`.
+    private let smpEndpoint: String
+    private(set) var children: [String: ChildProcess] = [:]
+    private(set) var restarts: [String: Int] = [:]
+    private(set) var finished: Set<String> = []
+    private var totalRestarts = 0
+    /// Workers being ended on the coordinator's order, respawned when their
+    /// exit is seen; `killAt`: when a stack dump still running is cut short.
+    private var replacing: [String: (pid: Int32, killAt: Double?, dumper: ChildProcess?)] = [:]
+
+    init(config: SMPConfiguration, smpEndpoint: String, logger: Logger) {
+        self.config = config
+        self.smpEndpoint = smpEndpoint
+        self.logger = logger
+    }
+
+    /// Every spawned worker has exited 0.
+    var allFinished: Bool { config.workerCount > 0 && finished.count == config.workerCount }
+
+    /// Starts the node's workers, w0..w(N-1). `epoch`, here and below: the
+    /// job's epoch now (torchrun's MASTER_PORT moves with it).
+    func startAll(epoch: UInt64) throws {
+        for i in 0..<config.workerCount { try spawn(workerID: "w\(i)", epoch: epoch) }
+    }
+
+    /// The descriptors to poll, in order: each running worker's pidfd (the
+    /// ids, for `reap`), then each running stack dump's.
+    func pollItems() -> (items: [ZMQPoller.Item], workers: [String]) {
+        let ids = children.keys.sorted()
+        var items = ids.map { ZMQPoller.Item(fileDescriptor: children[$0]!.pidfd, .readable) }
+        for id in replacing.keys.sorted() { if let d = replacing[id]?.dumper { items.append(.init(fileDescriptor: d.pidfd, .readable)) } }
+        return (items, ids)
+    }
+
+    func spawn(workerID: String, epoch: UInt64) throws {
         let dpRank = config.rankOffset + (Int(workerID.dropFirst()) ?? 0)
         var env = ProcessInfo.processInfo.environment.merging(config.extraEnvironment) { $1 }
         env["FT_JOB_ID"] = config.jobID
@@ -20,7 +71,7 @@ extension SMPServer {
         env["FT_DP_SIZE"] = "\(config.worldSize ?? config.workerCount)"
         if let c = config.coordinatorEndpoint { env["FT_COORDINATOR_ENDPOINT"] = c }
         if let k = config.keysDirectory { env["FT_KEYS_DIR"] = k }
-        env["FT_SMP_ENDPOINT"] = boundEndpoint
+        env["FT_SMP_ENDPOINT"] = smpEndpoint
         env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
         env["FT_RUN_DIR"] = config.runDirectory
         env["FT_HEARTBEAT_MS"] = "\(Int(config.heartbeatInterval * 1000))"
@@ -28,14 +79,14 @@ extension SMPServer {
         env["SWIFT_BACKTRACE"] = env["SWIFT_BACKTRACE"]
             ?? "enable=yes,interactive=no,threads=all,output-to=\(config.runDirectory)/stacks"
         env.merge(Self.torchrunEnvironment(env, rank: dpRank, localRank: dpRank - config.rankOffset, localWorldSize: config.workerCount,
-                                           epoch: channel?.epoch ?? 0)) { $1 }
+                                           epoch: epoch)) { $1 }
         let child = try ChildProcess(arguments: config.workerCommand, environment: env,
                                      outputPath: config.runDirectory + "/logs/\(config.nodeID)-\(workerID).log")
         children[workerID] = child
-        writeFile(config.runDirectory + "/pids/\(config.nodeID)-\(workerID).pid", "\(child.pid)\n")
+        SMPFiles.write(config.runDirectory + "/pids/\(config.nodeID)-\(workerID).pid", "\(child.pid)\n")
         // Every worker ever started, for a stop that also ends workers of a
         // replaced (stopped, later continued) SMP of this node.
-        appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) \(workerID) \(child.pid)")
+        SMPFiles.appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) \(workerID) \(child.pid)")
         logger.info("worker started", metadata: ["worker": "\(workerID)", "pid": "\(child.pid)",
                                                  "restarts": "\(restarts[workerID, default: 0])"])
     }
@@ -58,30 +109,25 @@ extension SMPServer {
         return out
     }
 
-    func childExited(_ id: String) throws {
-        guard let child = children[id], let status = child.poll() else { return }
+    /// The exit of worker `id`, if its process has ended (nil while it runs).
+    func reap(_ id: String) -> (exit: Exit, pid: Int32, status: String)? {
+        guard let child = children[id], let status = child.poll() else { return nil }
         children[id] = nil
-        requestOwners = requestOwners.filter { $0.value.worker != id }  // its processes are gone
-        store.workerExited(id)
-        let committed = store.workers[id]?.lastCommitted
-        logger.info("worker exited", metadata: ["worker": "\(id)", "pid": "\(child.pid)", "status": "\(status)",
-                                                "committed": "\(committed.map(String.init) ?? "none")"])
         if let order = replacing.removeValue(forKey: id) {
-            // Ended on the coordinator's order: its replacement starts now.
             order.dumper?.kill(SIGKILL)
             restarts[id, default: 0] += 1
-            try spawn(workerID: id)
-            return
+            return (.replaced, child.pid, "\(status)")
         }
         if status.isSuccess {
             finished.insert(id)
-            return
+            return (.finished, child.pid, "\(status)")
         }
-        if let channel {
-            // The coordinator decides what happens next (and restarts it through us).
-            channel.send(.childExited(worker: id, pid: Int(child.pid), status: "\(status)"))
-            return
-        }
+        return (.failed(pid: child.pid, status: "\(status)"), child.pid, "\(status)")
+    }
+
+    /// Without a coordinator: restarts a failed worker while the node's
+    /// restart budget lasts; past it, counts the worker as finished.
+    func restartAfterFailure(_ id: String, epoch: UInt64) throws {
         guard totalRestarts < config.maxRestarts else {
             logger.error("worker \(id) failed and the restart budget (\(config.maxRestarts)) is spent; not restarting")
             finished.insert(id)
@@ -89,14 +135,14 @@ extension SMPServer {
         }
         totalRestarts += 1
         restarts[id, default: 0] += 1
-        try spawn(workerID: id)
+        try spawn(workerID: id, epoch: epoch)
     }
 
     /// The coordinator declared `r.worker` dead: if that incarnation still
     /// runs, end it (saving its stack first when asked) and respawn it once
     /// its exit is seen; if none runs, start one now. An order about an
     /// incarnation that is gone (a newer one runs) changes nothing.
-    func replaceWorker(_ r: ControlMessage.WorkerRestart) throws {
+    func replace(_ r: ControlMessage.WorkerRestart, epoch: UInt64) throws {
         guard (0..<config.workerCount).contains(where: { "w\($0)" == r.worker }) else {
             logger.warning("the coordinator asked to restart worker '\(r.worker)', which this node does not run")
             return
@@ -104,7 +150,7 @@ extension SMPServer {
         guard let child = children[r.worker] else {
             guard replacing[r.worker] == nil else { return }
             restarts[r.worker, default: 0] += 1
-            try spawn(workerID: r.worker)
+            try spawn(workerID: r.worker, epoch: epoch)
             return
         }
         guard r.pid != 0, Int(child.pid) == r.pid, replacing[r.worker] == nil else { return }
@@ -122,7 +168,7 @@ extension SMPServer {
     /// `gdb` attached to it (every thread, native frames, demangled when
     /// swift-demangle is at hand). Without gdb, SIGQUIT: a Swift worker's
     /// runtime writes its own backtraces there (SWIFT_BACKTRACE, set at spawn).
-    func startStackDump(worker: String, pid: Int32) -> ChildProcess? {
+    private func startStackDump(worker: String, pid: Int32) -> ChildProcess? {
         let dir = config.runDirectory + "/stacks"
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let file = "\(dir)/\(config.nodeID)-\(worker)-p\(pid).txt"
@@ -157,7 +203,8 @@ extension SMPServer {
         }
     }
 
-    func shutdown() {
+    /// SIGTERM to every worker, SIGKILL to one that ignores it for 5 s; stack dumps are cut short.
+    func stopAll() {
         for (_, order) in replacing { order.dumper?.kill(SIGKILL) }
         for (id, child) in children {
             child.kill(SIGTERM)
@@ -168,68 +215,20 @@ extension SMPServer {
             }
         }
         children.removeAll()
-        router.close()
-        dataRouter?.close()
-        quiesceZeroCopy()  // libzmq may still be reading slot memory: wait before unmapping it
-        for (_, segs) in segments { for s in segs { SharedMemorySegment.unlink(name: s.name) } }
-        segments.removeAll()
-        channel?.shutdown()
-        dataZAP?.stop()
-        if config.endpoint.hasPrefix("ipc://") { unlink(String(config.endpoint.dropFirst(6))) }
-        // Only our own record: a replacement of this node may have written its pid there.
-        let pidFile = config.runDirectory + "/pids/\(config.nodeID).smp.pid"
-        if (try? String(contentsOfFile: pidFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(getpid())" {
-            unlink(pidFile)
-        }
-        logger.info("smp down; shared memory freed")
     }
+}
 
-    /// `/ft-JOB-NODE-pPID-WORKER-sSLOT`: the SMP's pid is in the name so that
-    /// an SMP that was stopped, replaced and then continued (and fenced) frees
-    /// only its own segments, never its replacement's.
-    func segmentName(worker: String, slot: Int) -> String {
-        "/ft-\(config.jobID)-\(config.nodeID)-p\(getpid())-\(worker)-s\(slot)"
-    }
-
-    // MARK: status
-
-    /// The SMP's state as JSON (one object; keys documented in the README).
-    func statusJSON() -> String {
-        var workers: [[String: Any]] = []
-        for (id, w) in store.workers.sorted(by: { $0.key < $1.key }) {
-            let slots = w.slots.map { s -> String in
-                switch s {
-                case .empty: "empty"
-                case .writing(let step): "writing(\(step))"
-                case .staged(let step, _): "staged(\(step))"
-                case .committed(let step, _): "committed(\(step))"
-                }
-            }
-            var entry: [String: Any] = ["id": id, "dp_rank": w.registration.dpRank, "slots": slots,
-                                        "slot_bytes": w.layout.slotBytes, "bytes_held": 2 * w.layout.slotBytes,
-                                        "skipped": w.skipped, "aborted": w.aborted, "restarts": restarts[id, default: 0]]
-            entry["last_staged"] = w.lastStaged ?? -1
-            entry["last_committed"] = w.lastCommitted ?? -1
-            entry["pid"] = children[id].map { Int($0.pid) } ?? -1
-            workers.append(entry)
-        }
-        let object: [String: Any] = ["job": config.jobID, "node": config.nodeID, "committed_step": store.committedStep ?? -1,
-                                     "malformed_frames": malformedFrames, "refused_requests": refusedRequests + refusedChunks + (erasure?.round.refusedFrames ?? 0),
-                                     "unauthorized_requests": unauthorizedRequests,
-                                     "memory_limit": memoryLimit, "shared_memory_bytes": sharedMemoryBytes, "workers": workers]
-        let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])) ?? Data("{}".utf8)
-        return String(decoding: data, as: UTF8.self)
-    }
-
-    func appendLine(_ path: String, _ line: String) {
+/// Small file writes of the SMP's records (pid files, the start history).
+enum SMPFiles {
+    static func appendLine(_ path: String, _ line: String) {
         let fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         guard fd >= 0 else { return }
         defer { close(fd) }
         let bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }  // one write: lines never interleave
+        _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }  // one write: lines never interleave
     }
 
-    func writeFile(_ path: String, _ text: String) {
+    static func write(_ path: String, _ text: String) {
         _ = FileManager.default.createFile(atPath: path, contents: Data(text.utf8))
     }
 }
