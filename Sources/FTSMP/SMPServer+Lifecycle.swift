@@ -26,7 +26,7 @@ extension SMPServer {
         case .finished: break
         case .failed:
             if let channel {
-            // The coordinator decides what happens next (and restarts it through us).
+                // The coordinator decides what happens next (and restarts it through us).
                 channel.send(.childExited(worker: id, pid: Int(pid), status: status))
             } else {
                 try supervisor.restartAfterFailure(id, epoch: 0)
