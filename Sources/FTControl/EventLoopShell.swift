@@ -57,10 +57,9 @@ public final class EventLoopShell: @unchecked Sendable {
         all.append(.init(fileDescriptor: stopPipe.read, .readable))
         if let signals { all.append(.init(fileDescriptor: signals.fd, .readable)) }
         let ready = try ZMQPoller.poll(all, timeoutMilliseconds: timeoutMilliseconds)
-        if ready[items.count].isReadable { return (Array(ready[..<items.count]), .requested) }
-        if let signals, ready[items.count + 1].isReadable, let sig = signals.next() {
-            return (Array(ready[..<items.count]), .signal(sig))
-        }
-        return (Array(ready[..<items.count]), nil)
+        let callers = Array(ready.prefix(items.count))
+        if ready[items.count].isReadable { return (callers, .requested) }
+        if let signals, ready[items.count + 1].isReadable, let sig = signals.next() { return (callers, .signal(sig)) }
+        return (callers, nil)
     }
 }

@@ -4,8 +4,9 @@
 /// A code is snake_case and, once published in a reply, a log line or a JSON
 /// field, keeps its meaning. Callers and tests branch on the code, never on
 /// the text, which may be reworded at any time. Each error type lists its
-/// codes as a `String`-backed enum beside its own doc comment; a log line is
-/// `description`, which starts with or contains the code.
+/// codes as a `String`-backed enum beside its own doc comment. `description`
+/// is for people (some types prefix the code, `CodedMessage` is the message
+/// alone); where a program reads the code, print `codeName` with it.
 public protocol CodedError: Error, Sendable, CustomStringConvertible {
     associatedtype Code: RawRepresentable & Hashable & Sendable where Code.RawValue == String
     var code: Code { get }

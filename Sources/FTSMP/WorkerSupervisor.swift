@@ -22,7 +22,7 @@ final class WorkerSupervisor {
         case finished
         /// Failed or was killed by something else; the server decides (the
         /// coordinator, or `restartAfterFailure` without one).
-        case failed(pid: Int32, status: String)
+        case failed
     }
 
     private let config: SMPConfiguration
@@ -122,7 +122,7 @@ final class WorkerSupervisor {
             finished.insert(id)
             return (.finished, child.pid, "\(status)")
         }
-        return (.failed(pid: child.pid, status: "\(status)"), child.pid, "\(status)")
+        return (.failed, child.pid, "\(status)")
     }
 
     /// Without a coordinator: restarts a failed worker while the node's

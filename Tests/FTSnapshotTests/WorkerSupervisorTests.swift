@@ -17,9 +17,9 @@ struct WorkerSupervisorTests {
     }
 
     /// Waits (bounded, not timed) until worker `id` exits, and reaps it.
-    func waitReap(_ s: WorkerSupervisor, _ id: String) throws -> WorkerSupervisor.Exit {
+    func waitReap(_ s: WorkerSupervisor, _ id: String) throws -> (exit: WorkerSupervisor.Exit, status: String) {
         for _ in 0..<3000 {
-            if let r = s.reap(id) { return r.exit }
+            if let r = s.reap(id) { return (r.exit, r.status) }
             usleep(10_000)
         }
         throw StoreError(.internalError, "worker \(id) did not exit in 30 s")
@@ -30,15 +30,15 @@ struct WorkerSupervisorTests {
         let (s, dir) = try supervisor("exit ${FT_RESTART_COUNT:-0}")  // the first run exits 0
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try s.startAll(epoch: 0)
-        #expect(try waitReap(s, "w0") == .finished)
+        #expect(try waitReap(s, "w0").exit == .finished)
         #expect(s.allFinished)
         #expect(readText(dir + "/pids/history").contains("n0 w0 "))
 
         let (f, dir2) = try supervisor("exit 3", maxRestarts: 1)
         defer { try? FileManager.default.removeItem(atPath: dir2) }
         try f.startAll(epoch: 0)
-        let exit = try waitReap(f, "w0")
-        let status = try #require({ if case .failed(_, let s) = exit { s } else { nil } }(), "exit 3 was not a failure: \(exit)")
+        let (exit, status) = try waitReap(f, "w0")
+        #expect(exit == .failed, "exit 3 was not a failure: \(exit)")
         #expect(status.contains("3"), "\(status)")
         try f.restartAfterFailure("w0", epoch: 0)  // within the budget of 1: started again
         #expect(f.restarts["w0"] == 1 && f.children["w0"] != nil)
@@ -61,7 +61,7 @@ struct WorkerSupervisorTests {
         try s.replace(ControlMessage.WorkerRestart(worker: "w9", pid: 0), epoch: 0)  // not a worker of this node
         #expect(s.children["w9"] == nil)
         try s.replace(ControlMessage.WorkerRestart(worker: "w1", pid: Int(pid)), epoch: 0)
-        #expect(try waitReap(s, "w1") == .replaced)
+        #expect(try waitReap(s, "w1").exit == .replaced)
         #expect(s.restarts["w1"] == 1)
         try s.spawn(workerID: "w1", epoch: 0)  // what the server does on .replaced
         #expect(s.children["w1"].map { $0.pid != pid } == true)
