@@ -89,7 +89,10 @@ public struct CoordinatorSettings: Sendable {
 /// runs; a dead SMP's process is the launcher's to kill.
 ///
 /// Commit: step `s` commits when every node reported `protected(s)` in the
-/// current epoch while running; then `commit(s)` goes to every SMP.
+/// current epoch while running; then `commit(s)` goes to every SMP. When
+/// nodes are lost while running, the round every surviving node protected
+/// commits before the recovery is planned, if no group lost more than `m`
+/// (`commitAtFailure`): the lost nodes' part of it decodes from parity.
 ///
 /// A stalled coordinator (its `tick`s far apart) accuses nobody: its failure
 /// detector grants every member a fresh grace period, and round, phase and
@@ -833,6 +836,10 @@ public struct CoordinatorInstance: Sendable {
 
     private mutating func maybeCommit(_ step: Int, now: Double) -> [Directive] {
         guard nodes.values.allSatisfy({ $0.state == .alive && $0.protectedStep == step }) else { return [] }
+        return commit(step, now: now)
+    }
+
+    private mutating func commit(_ step: Int, now: Double) -> [Directive] {
         committedStep = step
         committedAt = now
         roundStartedAt = roundStartedAt.filter { $0.key > step }
@@ -841,6 +848,27 @@ public struct CoordinatorInstance: Sendable {
             nodes[id]?.protectedStep = nil
         }
         return broadcastToNodes(.commit(step: step))
+    }
+
+    /// Node losses that stop a running job in the middle of a round: when every
+    /// surviving node reported `protected(s)` for the round in flight and no
+    /// group lost more nodes than its parity covers, `s` is committed before
+    /// the recovery is planned. A survivor's `protected(s)` means its own
+    /// chunks of `s` were acked by every holder (the lost ones included) and
+    /// its parity of every row it holds is complete, lost nodes' frames folded
+    /// in; so every row of `s` still has at least `k` complete pieces, and the
+    /// lost nodes' images of `s` decode from them. Survivors' workers, whose
+    /// live state is `s`, then keep it instead of restoring the step before.
+    private mutating func commitAtFailure(now: Double) -> [Directive] {
+        guard state == .running, let ec = settings.erasure,
+              let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
+        let lost = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
+        let alive = nodes.values.filter { $0.state == .alive }
+        guard !lost.isEmpty, let s = alive.first?.protectedStep, s > (committedStep ?? -1),
+              alive.count + lost.count == settings.nodes, alive.allSatisfy({ $0.protectedStep == s }),
+              groups.allSatisfy({ $0.filter(lost.contains).count <= ec.m }) else { return [] }
+        return [.log("round \(s) was protected by every surviving node: committed at the failure (\(lost.sorted().joined(separator: ", "))'s part decodes from parity)")]
+            + commit(s, now: now)
     }
 
     // MARK: recovery
@@ -859,6 +887,7 @@ public struct CoordinatorInstance: Sendable {
             return fail("\(failuresWithoutResume) failures in a row without resuming (the last: \(kind) \(what), \(detectedBy)); "
                 + "stopping instead of looping", now: now)
         }
+        let committedAtFailure = commitAtFailure(now: now)
         epoch += 1
         let previous = state
         state = .recovering
@@ -877,7 +906,7 @@ public struct CoordinatorInstance: Sendable {
         failureCount += 1
         lastFailure!.phases.append(PhaseRecord(phase: .detect, seconds: 0, reason: detectedBy))
         var out: [Directive] = [.log("\(kind) \(what) failed (\(detectedBy)); epoch \(epoch); pausing the job"
-            + (previous == .recovering ? " (during recovery)" : ""))]
+            + (previous == .recovering ? " (during recovery)" : ""))] + committedAtFailure
         out += broadcastToNodes(.pause(reason: "\(kind) \(what) failed"))
         out += broadcastToWorkers(.pause(reason: "\(kind) \(what) failed"))
 

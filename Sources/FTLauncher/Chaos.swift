@@ -242,11 +242,22 @@ public final class ChaosRunner: @unchecked Sendable {
         defer { job.stop(removeFiles: !keep) }
 
         // A worker that faults by itself does it at `target`: watch from a little before.
-        let watchFrom = name == "stuck-worker" || name == "kill-worker-mid-copy" ? target - 2 : target
+        let selfInflicted = name == "kill-worker-mid-copy" || name == "stuck-worker"  // the worker picks its moment
+        let watchFrom = selfInflicted ? target - 2 : target
+        guard watch.until(seconds: 600, { watch.furthestStep >= watchFrom - 1 || watch.ended }) else {
+            throw ChaosError(.timeout, "the job never reached step \(watchFrom - 1)")
+        }
+        let stepStarted = monotonicSeconds()
         guard watch.until(seconds: 600, { watch.furthestStep >= watchFrom || watch.ended }) else {
             throw ChaosError(.timeout, "the job never reached step \(watchFrom)")
         }
         guard !watch.ended else { throw ChaosError(.unexpectedOutcome, "the job ended before step \(watchFrom):\n\(job.logs.suffix(1500))") }
+        if !selfInflicted {
+            // Seen at a step boundary (status is polled): move the fault to a moment
+            // drawn uniformly over the next step (its compute, update, snapshot round).
+            let stepSeconds = min(monotonicSeconds() - stepStarted, 5)
+            watch.sleep(Double.random(in: 0..<max(stepSeconds, 0.001), using: &rng))
+        }
         let injectedAt = monotonicSeconds()
         var notes: [String] = []
         let resumeLinesBefore = countLines(job, prefix: "resume from=")
@@ -280,7 +291,6 @@ public final class ChaosRunner: @unchecked Sendable {
             let resumed = watch.resumed.filter { watch.detectedAt($0) >= injectedAt - 1 }
             result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
             result.restoredSteps = resumed.map { jsonInt($0["restored_step"]) }
-            let selfInflicted = name == "kill-worker-mid-copy" || name == "stuck-worker"  // the worker picks its moment
             if !selfInflicted, let first = watch.failures.values.map(watch.detectedAt).filter({ $0 >= injectedAt - 1 }).min() {
                 result.detectMs = (first - injectedAt) * 1000
             }

@@ -218,6 +218,12 @@ struct ControlSimulation {
                 for node in smps.keys where !(protectedSeen[coordinator.epoch]?[node]?.contains(s) ?? false) {
                     violations.append("commit(\(s)) in epoch \(coordinator.epoch) but \(node) never protected it in that epoch")
                 }
+            } else if coordinator.state == .recovering, coordinator.lastFailure?.kind != "coordinator" {
+                // A commit at a failure: every node the coordinator still counts alive protected s.
+                for node in smps.keys where coordinator.nodes[node]?.state == .alive
+                    && !protectedSeen.values.contains(where: { $0[node]?.contains(s) ?? false }) {
+                    violations.append("commit(\(s)) at a failure (epoch \(coordinator.epoch)) but the surviving \(node) never protected it")
+                }
             }
         case .restore(let s, _) where workers[to] != nil:
             // One restore step per epoch, and the worker's SMP holds it.

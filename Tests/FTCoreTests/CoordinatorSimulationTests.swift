@@ -129,6 +129,41 @@ struct ControlSimulationTests {
         #expect(report.phases.contains { $0.phase == .rebuild && $0.reason.contains("rebuilt n2") })
     }
 
+    @Test("a node lost after every survivor protected the round in flight: that round commits at the failure and is the step restored")
+    func commitAtFailure() throws {
+        // RS(3+1): the three survivors' protected(s) cover the lost node's chunks (their parity folded them).
+        func run(survivorsProtect: Bool) throws -> (sim: ControlSimulation, step: Int) {
+            var sim = quiet(seed: 14, erasure: (3, 1))
+            var step: Int?
+            for _ in 0..<200 where step == nil {
+                sim.run(until: sim.now + 0.01)
+                step = sim.queue.lazy.compactMap { e -> Int? in
+                    if e.from == "n3", e.to == "coordinator", case .protected(let s) = e.message { s } else { nil }
+                }.first
+            }
+            let s = try #require(step, "no round started within 2 s")
+            // n3 dies before its own protected(s) arrives (and, without protection, so does n0's).
+            sim.queue.removeAll { e in
+                guard e.to == "coordinator", case .protected = e.message else { return false }
+                return e.from == "n3" || (!survivorsProtect && e.from == "n0")
+            }
+            sim.smps["n3"]!.running = false
+            for w in ["w0", "w1"] { sim.workers["n3/\(w)"]!.phase = .gone }
+            sim.run(until: sim.now + 5)
+            #expect(sim.violations.isEmpty, "\(sim.violations)")
+            #expect(sim.coordinator.state == .running)
+            return (sim, s)
+        }
+        let (sim, s) = try run(survivorsProtect: true)
+        let report = try #require(sim.coordinator.failureHistory.first { $0.what.hasPrefix("n3") && $0.outcome == "resumed" })
+        #expect(report.restoredStep == s)
+        #expect((sim.coordinator.committedStep ?? -1) >= s)
+        // One survivor had not protected it: the step before is restored.
+        let (sim2, s2) = try run(survivorsProtect: false)
+        let report2 = try #require(sim2.coordinator.failureHistory.first { $0.what.hasPrefix("n3") && $0.outcome == "resumed" })
+        #expect(report2.restoredStep == s2 - 1)
+    }
+
     @Test("a coordinator stopped for 3 s (its clock jumps; it ticks before it reads) declares no failure, and the job goes on")
     func coordinatorPause() {
         var sim = quiet(seed: 13)

@@ -135,6 +135,7 @@ struct ECSimulation {
     var restorePending: Set<String> = []
     var lastCommitAt = 0.0
     var commits = 0
+    var commitsAtFailure = 0
     var recoveries = 0
     var repairs = 0
 
@@ -424,6 +425,11 @@ struct ECSimulation {
 
     mutating func startRecovery(_ newly: Set<String>) {
         let lost = newly.union(recovery?.lost ?? [])
+        // As the coordinator does: a round every surviving node protected commits
+        // before the recovery is planned (the lost nodes' images decode from parity).
+        if recovery == nil, let s = roundStep, lost.count <= m, names.allSatisfy({ lost.contains($0) || roundProtected.contains($0) }) {
+            commitAtFailure(s, lost: lost)
+        }
         epoch += 1
         recoveries += 1
         note("recovery in epoch \(epoch): lost \(lost.sorted()), committed \(committed.map(String.init) ?? "none")")
@@ -538,6 +544,32 @@ struct ECSimulation {
         nextRoundAt = now + 0.05
         note("commit \(step)")
         for name in names { toNode(name, .commit(step: step)) }
+    }
+
+    /// Commits `step` without the lost nodes: their images of it are what they
+    /// staged in this epoch, which the rebuild must decode byte for byte.
+    mutating func commitAtFailure(_ step: Int, lost: Set<String>) {
+        var images: [String: [UInt8]] = [:]
+        for name in names {
+            if lost.contains(name) {
+                images[name] = image(name, step: step, epoch: epoch)
+            } else if let img = nodes[name]!.images[step] {
+                images[name] = img
+            } else {
+                violation("commit of \(step) at a failure: survivor \(name) does not hold it")
+                return
+            }
+        }
+        truth[step] = images
+        for name in names where !lost.contains(name) { checkParity(of: name, step: step, what: "commit at a failure of") }
+        committed = step
+        truth = truth.filter { $0.key >= step }
+        roundStep = nil
+        commits += 1
+        commitsAtFailure += 1
+        lastCommitAt = now
+        note("commit \(step) at the failure of \(lost.sorted())")
+        for name in names where !lost.contains(name) { toNode(name, .commit(step: step)) }
     }
 
     /// `name` holds correct parity of `step` for every row it holds parity of.

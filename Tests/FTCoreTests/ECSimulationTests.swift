@@ -22,7 +22,7 @@ struct ECSimulationTests {
     @Test("hundreds of seeded runs of an EC group with every fault kind keep every invariant and commit again once faults stop")
     func manySeeds() {
         var faults: [String: Int] = [:]
-        var commits = 0, recoveries = 0, repairs = 0, beyondMRuns = 0
+        var commits = 0, commitsAtFailure = 0, recoveries = 0, repairs = 0, beyondMRuns = 0
         for seed in Self.seeds {
             var sim = ECSimulation(seed: seed)
             Self.run(&sim)
@@ -38,14 +38,15 @@ struct ECSimulationTests {
             }
             for (k, v) in sim.faultCounts { faults[k, default: 0] += v }
             commits += sim.commits
+            commitsAtFailure += sim.commitsAtFailure
             recoveries += sim.recoveries
             repairs += sim.repairs
         }
-        print("data-plane simulation: \(Self.seeds.count) seeds, \(commits) commits, \(recoveries) recoveries, \(repairs) repairs, \(beyondMRuns) runs beyond m erasures in a row, "
+        print("data-plane simulation: \(Self.seeds.count) seeds, \(commits) commits (\(commitsAtFailure) at a failure), \(recoveries) recoveries, \(repairs) repairs, \(beyondMRuns) runs beyond m erasures in a row, "
             + "faults \(faults.sorted { $0.key < $1.key })")
         if Self.seeds.count >= 100 {
-            // The runs exercised every path: many commits, recoveries and repairs.
-            #expect(commits > Self.seeds.count && recoveries > 0 && repairs > 0)
+            // The runs exercised every path: many commits, commits at a failure, recoveries and repairs.
+            #expect(commits > Self.seeds.count && commitsAtFailure > 0 && recoveries > 0 && repairs > 0)
         }
     }
 
