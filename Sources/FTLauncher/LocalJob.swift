@@ -1,3 +1,4 @@
+import Synchronization
 import FTControl
 import FTCore
 import FTSystem
@@ -64,6 +65,7 @@ public final class LocalJob: @unchecked Sendable {
 
     public init(_ options: Options) throws {
         self.options = options
+        Self.live.withLock { $0[options.runDirectory] = options.jobID }
         try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true)
         if options.curve { try JobKeys.generate(in: options.runDirectory + "/keys", nodes: (0..<options.nodes).map { "n\($0)" }) }
         try (options.jobID + "\n").write(toFile: options.runDirectory + "/job.id", atomically: true, encoding: .utf8)
@@ -243,7 +245,27 @@ public final class LocalJob: @unchecked Sendable {
 
     /// Ends every process this job started, by recorded PID (continuing any
     /// stopped one first), and frees the job's shared memory.
+    /// Jobs started in this process and not stopped yet (run directory -> job id).
+    private static let live = Mutex<[String: String]>([:])
+
+    /// Ends every process recorded by every job of this process not stopped
+    /// yet (checked to belong to its job, as `stop` does) and frees its shared
+    /// memory, from any thread: for a signal that ends the process. Returns
+    /// the run directories, which are kept.
+    public static func endEveryLiveJob() -> [String] {
+        let jobs = live.withLock { $0 }
+        for (dir, job) in jobs.sorted(by: { $0.key < $1.key }) {
+            for pid in RecordedProcesses.all(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) {
+                kill(pid, SIGCONT)
+                kill(pid, SIGKILL)
+            }
+            RecordedProcesses.freeSharedMemory(job: job)
+        }
+        return jobs.keys.sorted()
+    }
+
     public func stop(removeFiles: Bool = true) {
+        _ = Self.live.withLock { $0.removeValue(forKey: dir) }
         for pid in RecordedProcesses.workerPIDs(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) {
             kill(pid, SIGCONT)
             kill(pid, SIGKILL)

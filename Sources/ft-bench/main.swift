@@ -8,10 +8,10 @@ struct FTBench: ParsableCommand {
         commandName: "ft-bench",
         abstract: "Measures the fault-tolerance system against floors measured in the same run.",
         discussion: """
-            Each section prints a table, or with --json one object:
-            {"section", "machine", "figures", "ratios"}. Figures carry their unit in
-            their name; ratios compare the system with a floor (memcpy, raw ISA-L, disk)
-            measured in the same run, so they hold on a noisy machine. Build with
+            Each section prints a table, or with --json one object: \
+            {"section", "machine", "figures", "ratios"}. Figures carry their unit in \
+            their name; ratios compare the system with a floor (memcpy, raw ISA-L, disk) \
+            measured in the same run, so they hold on a noisy machine. Build with \
             `swift build -c release` before trusting any number.
             """,
         subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self])
@@ -58,8 +58,8 @@ struct Snapshot: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "One worker's snapshot path into a real SMP vs memcpy: staging, asynchronous blocking, restore.",
         discussion: """
-            The SMP runs on a thread of this process and is reached exactly as ft-smp is (ipc://,
-            POSIX shared memory). ratios.staging_vs_memcpy, ratios.blocked_vs_copy and
+            The SMP runs on a thread of this process and is reached exactly as ft-smp is (ipc://, \
+            POSIX shared memory). ratios.staging_vs_memcpy, ratios.blocked_vs_copy and \
             ratios.restore_vs_memcpy are for the 1 GiB shard; other sizes carry a suffix.
             --client python adds ratios.python_blocked_vs_copy and ratios.python_staging_vs_swift.
             """)
@@ -123,8 +123,8 @@ struct Rounds: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The cost of a snapshot every step for a small state: per-round commit latency and step time vs snapshots off.",
         discussion: """
-            ft-demo-trainer with synthetic state on 4 nodes x 2 workers, three ways in one run: snapshots off, a
-            snapshot every step without erasure coding, and with RS(3+1). figures.commit_ms_p50/p99: each SMP's
+            ft-demo-trainer with synthetic state on 4 nodes x 2 workers, three ways in one run: snapshots off, a \
+            snapshot every step without erasure coding, and with RS(3+1). figures.commit_ms_p50/p99: each SMP's \
             time from all its workers staged to the commit (RS(3+1) job); ratios.step_every1_*_vs_off.
             """)
 
@@ -157,10 +157,10 @@ struct Torch: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "The GPT example (python/examples/gpt.py) as a protected job: the cost of snapshots, and a recovery by phase.",
         discussion: """
-            4 nodes x 1 worker, RS(3+1), DDP over gloo on CPU. For each model size and interval N, one job whose
-            blocks of steps take turns without snapshots and with a snapshot every N steps (ratios.step_everyN_vs_off_MODEL:
-            wall time per step with over without); then a job that loses node n1 midway: figures.recovery_* (the coordinator's phases)
-            and figures.restart_* (the restart phase split by the workers' timestamps, the process-group rebuild
+            4 nodes x 1 worker, RS(3+1), DDP over gloo on CPU. For each model size and interval N, one job whose \
+            blocks of steps take turns without snapshots and with a snapshot every N steps (ratios.step_everyN_vs_off_MODEL: \
+            wall time per step with over without); then a job that loses node n1 midway: figures.recovery_* (the coordinator's phases) \
+            and figures.restart_* (the restart phase split by the workers' timestamps, the process-group rebuild \
             among them), and figures.recovered_hash_equal (1: bit-exact with the uninterrupted run).
             """)
 
@@ -214,7 +214,7 @@ struct Detect: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Failure detection latency: worker SIGKILL (reported by its SMP) and SMP SIGSTOP (heartbeat timeout).",
         discussion: """
-            Starts real jobs (ft-coordinator, two ft-smp, ft-toy-worker from this binary's directory)
+            Starts real jobs (ft-coordinator, two ft-smp, ft-toy-worker from this binary's directory) \
             on loopback. figures.detect_sigkill_ms_p50/p99 and figures.detect_sigstop_ms_p50/p99.
             """)
 
@@ -243,8 +243,8 @@ struct ECCluster: ParsableCommand {
         commandName: "ec-cluster",
         abstract: "Erasure coding across real local SMPs: staged-to-committed, parity folding, node repair, against memcpy, raw ISA-L and disk.",
         discussion: """
-            Starts real jobs (ft-coordinator, ft-smp, ft-toy-worker from this binary's directory): RS(3+1) on 4 nodes
-            and RS(4+2) on 6. ratios.commit_vs_memcpy, ratios.encode_vs_isal and ratios.repair_vs_disk_read
+            Starts real jobs (ft-coordinator, ft-smp, ft-toy-worker from this binary's directory): RS(3+1) on 4 nodes \
+            and RS(4+2) on 6. ratios.commit_vs_memcpy, ratios.encode_vs_isal and ratios.repair_vs_disk_read \
             (cold disk read time over repair time) are for RS(3+1) at 1 GiB per node.
             """)
 

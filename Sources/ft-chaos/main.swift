@@ -9,22 +9,24 @@ struct Chaos: ParsableCommand {
         commandName: "ft-chaos",
         abstract: "Run failure scenarios against real local jobs and check them against an uninterrupted run.",
         discussion: """
-            Each scenario starts a job (ft-coordinator, ft-smp, ft-demo-trainer workers; 4 nodes x 2 workers with
-            RS(3+1), 4 x 1 with RS(2+2) for the multi-node losses, 4 x 3 for kill-all-workers), injects its faults
-            at a seeded random step anywhere in the job (and, for the scenarios that say so, at a random moment of
-            the recovery that follows), keeps the job whole as the launcher does, and checks: the final parameter
-            hash of every worker equals the golden uninterrupted run's, each failure lost at most 2N-1 steps (N the
-            snapshot interval), every failure was resumed from (kill-m+1-nodes: the job stopped with its report
-            and nothing resumed), no recovery restarted from step 0 once a step was committed, and no recorded
-            process or shared-memory segment was left. Processes are signalled only by their recorded PIDs.
-            --state-mb N replaces the char LM by N MiB of synthetic state per worker (real sizes).
+            Each scenario starts a job (ft-coordinator, ft-smp, ft-demo-trainer workers; 4 nodes x 2 workers with \
+            RS(3+1), 4 x 1 with RS(2+2) for the multi-node losses, 4 x 3 for kill-all-workers), injects its faults \
+            at a seeded random step anywhere in the job, at a random moment within that step (and, for the \
+            scenarios that say so, at a random moment of the recovery that follows), keeps the job whole as the \
+            launcher does, and checks: the final parameter hash of every worker equals the golden uninterrupted \
+            run's, each failure lost at most 2N-1 steps (N the snapshot interval), every failure was resumed from \
+            (kill-m+1-nodes: the job stopped with its report and nothing resumed), no recovery restarted from \
+            step 0 once a step was committed, and no recorded process or shared-memory segment was left. \
+            Processes are signalled only by their recorded PIDs; SIGINT or SIGTERM ends the running job's \
+            processes and keeps its run directory. --state-mb N replaces the char LM by N MiB of synthetic state \
+            per worker (real sizes).
 
-            Scenarios:
-            \(ChaosRunner.scenarios.map { "  \($0.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \($0.about)" }.joined(separator: "\n"))
+            Scenarios (--list prints them one per line):
+            \(ChaosRunner.scenarios.map { "\($0.name): \($0.about)." }.joined(separator: "\n"))
 
-            Every run prints its seed; --seed replays it. --soak SECONDS injects a fault of any kind above (but
-            those that need another job shape) at exponential intervals of mean --mtbf seconds, one at a time,
-            besides a hang and a death mid-copy of one worker at random steps. The JSON and the table give the
+            Every run prints its seed; --seed replays it. --soak SECONDS injects a fault of any kind above (but \
+            those that need another job shape) at exponential intervals of mean --mtbf seconds, one at a time, \
+            besides a hang and a death mid-copy of one worker at random steps. The JSON and the table give the \
             largest heartbeat gap each kind of process logged. Exit status 0 when every scenario passed.
             """)
 
@@ -114,6 +116,20 @@ struct Chaos: ParsableCommand {
             for s in ChaosRunner.scenarios { print("\(s.name.padding(toLength: 22, withPad: " ", startingAt: 0)) \(s.about)") }
             return
         }
+        // Blocked here before any thread starts (every thread inherits the mask):
+        // SIGINT/SIGTERM end the jobs' processes instead of leaving them running.
+        let signals = try SignalWatcher(signals: [SIGINT, SIGTERM])
+        Thread {
+            var item = pollfd(fd: signals.fd, events: Int16(POLLIN), revents: 0)
+            while true {
+                guard poll(&item, 1, -1) > 0, let sig = signals.next() else { continue }
+                let dirs = LocalJob.endEveryLiveJob()
+                let line = "chaos: signal \(sig): ended the processes of \(dirs.count) job(s)"
+                    + (dirs.isEmpty ? "" : "; their run directories are kept: \(dirs.joined(separator: ", "))")
+                FileHandle.standardError.write(Data((line + "\n").utf8))
+                Foundation.exit(130)
+            }
+        }.start()
         let dir = workDir ?? "/tmp/ft-chaos-\(getpid())"
         var options = ChaosRunner.Options(binaries: binaries, workDirectory: dir)
         options.steps = steps

@@ -11,13 +11,13 @@ struct FTCoordinatorCommand: ParsableCommand {
         commandName: "ft-coordinator",
         abstract: "The job's coordinator: membership, failure detection, snapshot commit, recovery.",
         discussion: """
-            SMPs and workers connect to it as ZeroMQ DEALERs. With --keys, every connection is
-            CURVE-encrypted and only clients presenting one of the job's client keys are admitted,
-            each sending only what its role may (smp.key, worker.key; operator.key reads the status).
-            An --endpoint that the network can reach (not 127.0.0.0/8, [::1] or ipc://) needs
-            --keys, or --insecure on a network you trust (then every start logs a warning).
-            It writes RUN_DIR/coordinator.endpoint and coordinator.pid at start and
-            RUN_DIR/status.json at exit. Exit status: 0 when the job completed or on SIGTERM,
+            SMPs and workers connect to it as ZeroMQ DEALERs. With --keys, every connection is \
+            CURVE-encrypted and only clients presenting one of the job's client keys are admitted, \
+            each sending only what its role may (smp.key, worker.key; operator.key reads the status). \
+            An --endpoint that the network can reach (not 127.0.0.0/8, [::1] or ipc://) needs \
+            --keys, or --insecure on a network you trust (then every start logs a warning). \
+            It writes RUN_DIR/coordinator.endpoint and coordinator.pid at start and \
+            RUN_DIR/status.json at exit. Exit status: 0 when the job completed or on SIGTERM, \
             1 when it stopped the job as unrecoverable.
 
             Example:

@@ -12,18 +12,18 @@ struct DemoTrainer: ParsableCommand {
         commandName: "ft-demo-trainer",
         abstract: "The built-in workload: a character-level language model trained data-parallel with AdamW.",
         discussion: """
-            Started by ft-smp under a coordinator (the FT_* environment), every rank trains on its
-            own batches, gradients are summed over a deterministic ring, and the full state
-            (parameters and Adam moments as DP-sliced replicated tensors, per-rank RNG and data
-            position) goes through the snapshot store, so a recovered run equals an
-            uninterrupted one bit for bit. It prints `step=S loss=L hash=H` every --report-every
+            Started by ft-smp under a coordinator (the FT_* environment), every rank trains on its \
+            own batches, gradients are summed over a deterministic ring, and the full state \
+            (parameters and Adam moments as DP-sliced replicated tensors, per-rank RNG and data \
+            position) goes through the snapshot store, so a recovered run equals an \
+            uninterrupted one bit for bit. It prints `step=S loss=L hash=H` every --report-every \
             steps and `final step=N hash=H` at the end.
 
-            Without the FT_* environment it trains alone, without snapshots (to look at the
+            Without the FT_* environment it trains alone, without snapshots (to look at the \
             loss curve): ft-demo-trainer --steps 500
 
-            --synthetic replaces the model by --state-mb of model-like state rewritten every
-            step after --step-ms of simulated compute, to measure snapshot and recovery costs
+            --synthetic replaces the model by --state-mb of model-like state rewritten every \
+            step after --step-ms of simulated compute, to measure snapshot and recovery costs \
             of large states.
             """)
 

@@ -19,16 +19,16 @@ struct Start: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Start a job from a config file and/or flags, keep it whole until it ends (cluster/launch).",
         discussion: """
-            Every node runs locally as its own process group (its SMP and the SMP's workers) on loopback; the
-            coordinator too. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any
-            spares, waits until the job runs, prints where the logs are, then stays in the foreground: it starts a
-            replacement for a node the coordinator declared lost (a spare while one is left, otherwise the node's SMP
-            restarted empty; either rebuilds from parity) and restarts a dead coordinator. It ends with the job:
-            exit status 0 when the job completed, 1 when it stopped as failed. Ctrl-C (or SIGTERM, or
+            Every node runs locally as its own process group (its SMP and the SMP's workers) on loopback; the \
+            coordinator too. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any \
+            spares, waits until the job runs, prints where the logs are, then stays in the foreground: it starts a \
+            replacement for a node the coordinator declared lost (a spare while one is left, otherwise the node's SMP \
+            restarted empty; either rebuilds from parity) and restarts a dead coordinator. It ends with the job: \
+            exit status 0 when the job completed, 1 when it stopped as failed. Ctrl-C (or SIGTERM, or \
             `cluster/stop RUN_DIR` from elsewhere) ends every process of the job, by recorded PID.
 
-            Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or
-            none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms,
+            Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or \
+            none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms, \
             phase_timeout, memory_limit.
             See cluster/example.conf.
             """)
@@ -211,11 +211,11 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "4 nodes x 2 workers, EC 3+1, a snapshot every step; kill a node midway; recover from memory; compare with an uninterrupted run.",
         discussion: """
-            Runs the demo trainer twice on local processes: once uninterrupted (the reference), and once with
-            node n1 (its SMP and both workers) killed with SIGKILL halfway. The launcher starts a replacement
-            SMP for n1, which rebuilds n1's snapshot from the other nodes' parity; every worker restores the
-            last committed step and the job finishes. Prints progress, then a summary: steps lost, detection
-            and recovery time by phase, and whether the final parameter hash equals the reference's.
+            Runs the demo trainer twice on local processes: once uninterrupted (the reference), and once with \
+            node n1 (its SMP and both workers) killed with SIGKILL halfway. The launcher starts a replacement \
+            SMP for n1, which rebuilds n1's snapshot from the other nodes' parity; every worker restores the \
+            last committed step and the job finishes. Prints progress, then a summary: steps lost, detection \
+            and recovery time by phase, and whether the final parameter hash equals the reference's. \
             Exit status 0 when it does.
             """)
 
@@ -319,8 +319,8 @@ struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "End every process a job recorded (RUN_DIR/job.pids, RUN_DIR/pids), by PID, and free its shared memory.",
         discussion: """
-            SIGTERM first (a launcher then ends its job itself, an SMP frees its memory), SIGKILL after --grace
-            seconds to whatever of the job is left. A PID is signalled only while it still names a process of the
+            SIGTERM first (a launcher then ends its job itself, an SMP frees its memory), SIGKILL after --grace \
+            seconds to whatever of the job is left. A PID is signalled only while it still names a process of the \
             job (its command line or environment carries the job id), so a reused PID is never hit.
             """)
 

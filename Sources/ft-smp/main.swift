@@ -9,17 +9,17 @@ struct FTSMPCommand: ParsableCommand {
         commandName: "ft-smp",
         abstract: "The snapshot management process of one node.",
         discussion: """
-            Owns the node's snapshot memory (two pre-faulted POSIX shared-memory slots per
-            worker, mode 0600, named /ft-<job>-<node>-p<pid>-<worker>-s<slot>), spawns the node's
-            workers with the FT_* environment the worker library reads, restarts a worker
-            that dies (its committed snapshot stays in memory), and serves snapshots and
-            restores over ZeroMQ. Logs go to stderr; worker output to RUN_DIR/logs, PIDs
-            to RUN_DIR/pids. SIGTERM stops the workers and frees all shared memory; so does
+            Owns the node's snapshot memory (two pre-faulted POSIX shared-memory slots per \
+            worker, mode 0600, named /ft-<job>-<node>-p<pid>-<worker>-s<slot>), spawns the node's \
+            workers with the FT_* environment the worker library reads, restarts a worker \
+            that dies (its committed snapshot stays in memory), and serves snapshots and \
+            restores over ZeroMQ. Logs go to stderr; worker output to RUN_DIR/logs, PIDs \
+            to RUN_DIR/pids. SIGTERM stops the workers and frees all shared memory; so does \
             a clean end, when every spawned worker exits 0.
 
-            A spare (--standby FILE, given instead of a node's identity) starts, then waits
-            until FILE exists and holds "NODE_ID RANK_OFFSET": it then takes that node's
-            place (a launcher assigns it when a node is lost); it ends if its parent ends
+            A spare (--standby FILE, given instead of a node's identity) starts, then waits \
+            until FILE exists and holds "NODE_ID RANK_OFFSET": it then takes that node's \
+            place (a launcher assigns it when a node is lost); it ends if its parent ends \
             before that.
 
             Example:

@@ -17,7 +17,7 @@ struct ToyWorker: ParsableCommand {
         abstract: "Deterministic toy training loop that snapshots every step (started by ft-smp).",
         discussion: """
             Reads its identity from the FT_* environment ft-smp sets. Test fault injection:
-            FT_FAULT_KILL_MID_COPY_STEP=S makes the first incarnation (FT_RESTART_COUNT=0)
+            FT_FAULT_KILL_MID_COPY_STEP=S makes the first incarnation (FT_RESTART_COUNT=0) \
             SIGKILL itself halfway through copying step S into its slot.
             """)
 

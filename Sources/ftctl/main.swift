@@ -16,7 +16,7 @@ struct Status: ParsableCommand {
         abstract: "Show the job: state, epoch, committed step, nodes, workers, the last failure and its recovery.",
         discussion: """
             Asks the coordinator (--endpoint, or RUN_DIR/coordinator.endpoint with --run-dir).
-            --json prints one object of schema 1 (see the README, "ftctl status"). If the
+            --json prints one object of schema 1 (see the README, "ftctl status"). If the \
             coordinator does not answer within --timeout, ftctl says so and exits 2.
             """)
 
