@@ -77,7 +77,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-smp", dependencies: [
-            "FTSMP", "FTZMQ",
+            "FTControl", "FTSMP", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -126,6 +126,7 @@ let package = Package(
         .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
         .testTarget(name: "FTControlTests", dependencies: [
             "FTControl", "FTCore", "FTSystem", "FTToy", "FTZMQ", "FTWorker", "FTLauncher",
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "FTSnapshotTests", dependencies: [
             "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",

@@ -35,6 +35,14 @@ int ft_prefault(void *addr, size_t len) {
     return 0;
 }
 
+int ft_populate_write(void *addr, size_t len) {
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t start = ((uintptr_t)addr + page - 1) & ~(page - 1);
+    uintptr_t end = ((uintptr_t)addr + len) & ~(page - 1);
+    if (end <= start) return 0;
+    return madvise((void *)start, end - start, MADV_POPULATE_WRITE);
+}
+
 int ft_keep_freed_blocks(int mmap_threshold, int trim_threshold) {
     if (mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1) return -1;
     if (mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1) return -1;

@@ -122,3 +122,22 @@ public final class SharedMemorySegment: @unchecked Sendable {
         return p
     }
 }
+
+/// Faults in the pages of `buffer` for writing without touching its bytes
+/// (MADV_POPULATE_WRITE), in pieces of `piece` bytes until `stop` says so:
+/// memory about to be written at full speed (a restore into freshly
+/// allocated tensors) then takes no page faults. Safe while other threads
+/// write the buffer. Returns the bytes populated (0 where the kernel lacks
+/// MADV_POPULATE_WRITE).
+@discardableResult
+public func populateForWrite(_ buffer: UnsafeMutableRawBufferPointer, piece: Int = 4 << 20, stop: () -> Bool = { false }) -> Int {
+    guard let base = buffer.baseAddress else { return 0 }
+    var offset = 0
+    while offset < buffer.count, !stop() {
+        let n = min(piece, buffer.count - offset)
+        if ft_populate_write(base + offset, n) != 0 { return offset }
+        offset += n
+    }
+    return offset
+}
+

@@ -355,6 +355,9 @@ final class SnapshotEngine: @unchecked Sendable {
     private var stopping = false
     private var _stats = Stats()
     private var copier: Thread?
+    /// Set when a restore starts: the background pre-fault of the tensors
+    /// begun at `register` stops there (the restore's writes fault the rest).
+    private let prefaultStop = Locked(false)
     private var loadedDataKeys: DataPlaneKeys?
 
     /// Copy granularity: small enough that the CRC reads the bytes back from L2.
@@ -405,6 +408,17 @@ final class SnapshotEngine: @unchecked Sendable {
         guard layout == nil else { throw SnapshotError(code: .misuse, message: "register called twice") }
         let registration = WorkerRegistration(workerID: identity.workerID, dpRank: identity.dpRank, dpSize: identity.dpSize,
                                               chunkBytes: chunkBytes, specs: tensors.map(\.spec))
+        // A new process's tensors are mostly fresh memory that its first restore
+        // writes at full speed: fault their pages in meanwhile (a replacement's SMP
+        // answers the registration only once it has rebuilt the node), never
+        // reading or writing a byte of them.
+        let fresh = tensors.filter { !$0.external && $0.buffer.count > 0 }
+        if fresh.reduce(0, { $0 + $1.buffer.count }) >= Self.prefaultMinimumBytes {
+            let stop = prefaultStop
+            let thread = Thread { for t in fresh where !stop.get() { populateForWrite(t.buffer, stop: { stop.get() }) } }
+            thread.name = "ft-prefault"
+            thread.start()
+        }
         let (reply, _) = try request(.register(registration))
         guard case .registered(let names, let slotBytes, let committed) = reply, names.count == 2 else {
             throw unexpected(reply, "register")
@@ -674,8 +688,12 @@ final class SnapshotEngine: @unchecked Sendable {
     /// returns its step, or nil when nothing is committed (a fresh start).
     /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
     /// worker, tensor and chunk, and leaves the tensors partly written.
+    /// Tensors smaller than this in all are not pre-faulted (see `register`).
+    static let prefaultMinimumBytes = 16 << 20
+
     func restore(expecting expected: Int?, sources: [String], keepLive: Bool = false) throws -> Int? {
         guard let layout else { throw SnapshotError(code: .misuse, message: "restore before register") }
+        prefaultStop.set(true)
         // A round in flight is void: let it finish, and forget how it ended.
         condition.lock()
         while roundActive { condition.wait() }

@@ -123,11 +123,7 @@ struct FTCoordinatorCommand: ParsableCommand {
 
     func run() throws {
         let level = logLevel
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        LoggingSystem.bootstrap { label in MillisecondLogHandler(label: label, level: level) }
         var settings = CoordinatorSettings(jobID: jobId, nodes: nodes, workersPerNode: workersPerNode)
         settings.heartbeatInterval = Double(heartbeatMs) / 1000
         settings.heartbeatTimeout = Double(timeoutMs) / 1000

@@ -1,4 +1,5 @@
 import ArgumentParser
+import FTControl
 import FTSMP
 import FTZMQ
 import Foundation
@@ -118,11 +119,7 @@ struct FTSMPCommand: ParsableCommand {
 
     func run() throws {
         let level = logLevel
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        LoggingSystem.bootstrap { label in MillisecondLogHandler(label: label, level: level) }
         var nodeId = self.nodeId
         var rankOffset = self.rankOffset
         if let standby {

@@ -4,6 +4,8 @@ import FTSystem
 import FTWorker
 import FTZMQ
 import Foundation
+import Logging
+import Synchronization
 import Testing
 
 @Suite("Ring collective")
@@ -206,5 +208,24 @@ struct FtctlTests {
         case "null": return v is NSNull || v is String
         default: return false
         }
+    }
+}
+
+@Suite("Log format")
+struct LogFormatTests {
+    @Test("log lines carry UTC timestamps to the millisecond, sorted metadata, the source and the message")
+    func millisecondLines() throws {
+        #expect(MillisecondLogHandler.timestamp(timespec(tv_sec: 0, tv_nsec: 5_999_999)) == "1970-01-01T00:00:00.005Z")
+        #expect(MillisecondLogHandler.timestamp(timespec(tv_sec: 1_796_221_209, tv_nsec: 123_000_000)) == "2026-12-02T14:20:09.123Z")
+        let lines = Mutex<[String]>([])
+        var logger = Logger(label: "ft-smp.n0") { MillisecondLogHandler(label: $0, level: .info) { line in lines.withLock { $0.append(line) } } }
+        logger[metadataKey: "node"] = "n0"
+        logger.debug("not at info")
+        logger.info("round 3 committed", metadata: ["b": "2", "a": "1"])
+        let got = lines.withLock { $0 }
+        try #require(got.count == 1)
+        let line = got[0]
+        #expect(line.hasSuffix(" info ft-smp.n0: a=1 b=2 node=n0 [FTControlTests] round 3 committed\n"))
+        #expect(line.wholeMatch(of: /\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z .*\n/) != nil)
     }
 }

@@ -20,6 +20,12 @@ int ft_pidfd_open(pid_t pid);
 /// page otherwise. Returns 0, or -1 with errno.
 int ft_prefault(void *addr, size_t len);
 
+/// Faults in the whole pages inside [addr, addr+len) for writing with
+/// MADV_POPULATE_WRITE only: contents are never read or written, so other
+/// threads may write the range meanwhile. Returns 0, or -1 with errno
+/// (EINVAL where the kernel lacks it: nothing was done).
+int ft_populate_write(void *addr, size_t len);
+
 /// glibc malloc: serve blocks below `mmap_threshold` from the heap and trim
 /// the heap only past `trim_threshold`, so large blocks freed and allocated
 /// again (network buffers) are reused instead of faulted in anew. Returns 0,
