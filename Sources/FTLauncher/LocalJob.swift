@@ -1,9 +1,9 @@
-import Synchronization
 import FTControl
 import FTCore
 import FTSystem
 import FTZMQ
 import Foundation
+import Synchronization
 
 /// A job of real processes on this host: a coordinator and `nodes` SMPs, each
 /// spawning its workers, all on loopback with per-job CURVE keys. Each SMP
@@ -243,8 +243,6 @@ public final class LocalJob: @unchecked Sendable {
         return out
     }
 
-    /// Ends every process this job started, by recorded PID (continuing any
-    /// stopped one first), and frees the job's shared memory.
     /// Jobs started in this process and not stopped yet (run directory -> job id).
     private static let live = Mutex<[String: String]>([:])
 
@@ -264,6 +262,8 @@ public final class LocalJob: @unchecked Sendable {
         return jobs.keys.sorted()
     }
 
+    /// Ends every process this job started, by recorded PID (continuing any
+    /// stopped one first), and frees the job's shared memory.
     public func stop(removeFiles: Bool = true) {
         _ = Self.live.withLock { $0.removeValue(forKey: dir) }
         for pid in RecordedProcesses.workerPIDs(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) {

@@ -358,6 +358,8 @@ final class SnapshotEngine: @unchecked Sendable {
     /// Set when a restore starts: the background pre-fault of the tensors
     /// begun at `register` stops there (the restore's writes fault the rest).
     private let prefaultStop = Locked(false)
+    /// Tensors smaller than this in all are not pre-faulted (see `register`).
+    static let prefaultMinimumBytes = 16 << 20
     private var loadedDataKeys: DataPlaneKeys?
 
     /// Copy granularity: small enough that the CRC reads the bytes back from L2.
@@ -688,9 +690,6 @@ final class SnapshotEngine: @unchecked Sendable {
     /// returns its step, or nil when nothing is committed (a fresh start).
     /// Every chunk's CRC is checked; a mismatch throws `.corrupt` naming the
     /// worker, tensor and chunk, and leaves the tensors partly written.
-    /// Tensors smaller than this in all are not pre-faulted (see `register`).
-    static let prefaultMinimumBytes = 16 << 20
-
     func restore(expecting expected: Int?, sources: [String], keepLive: Bool = false) throws -> Int? {
         guard let layout else { throw SnapshotError(code: .misuse, message: "restore before register") }
         prefaultStop.set(true)
