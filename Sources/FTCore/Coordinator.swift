@@ -859,6 +859,9 @@ public struct CoordinatorInstance: Sendable {
     /// in; so every row of `s` still has at least `k` complete pieces, and the
     /// lost nodes' images of `s` decode from them. Survivors' workers, whose
     /// live state is `s`, then keep it instead of restoring the step before.
+    /// Since `protected(s)` waits for every holder's ack, the lost ones
+    /// included, this fires only when the lost nodes had finished their own
+    /// part of the round (rare after a crash; the simulations reach it).
     private mutating func commitAtFailure(now: Double) -> [Directive] {
         guard state == .running, let ec = settings.erasure,
               let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
