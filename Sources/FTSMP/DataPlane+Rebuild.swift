@@ -6,9 +6,9 @@ import FTZMQ
 import Foundation
 import Synchronization
 
-/// Fetching and decoding frames from survivors: a replacement's rebuild,
-/// and the repair of a chunk found corrupt.
-extension SMPServer {
+/// Fetching and decoding frames from survivors (`RebuildInstance`): a
+/// replacement's rebuild, and the repair of a chunk found corrupt.
+extension DataPlane {
     // MARK: fetching and decoding
 
     /// A holder answered a fetch: its core decides whether the bytes are kept
@@ -198,21 +198,8 @@ extension SMPServer {
         job.parsed = parsed
         let layout = parsed.layout
         job.targets = [(0..<layout.manifestBytes, nil)]
-        for (i, e) in parsed.entries.enumerated() {
-            let id = e.registration.workerID
-            if case .new(let bytes) = try store.register(e.registration) {
-                do throws(StoreError) {
-                    try checkMemory(worker: id, slotBytes: bytes)
-                } catch {
-                    store.remove(worker: id)
-                    logger.error("rebuild refused: \(error)")
-                    throw error
-                }
-                segments[id] = try (0..<2).map { try createSlot(name: segmentName(worker: id, slot: $0), count: bytes) }
-            }
-            let segment = segments[id]![0]
-            guard segment.count == e.slotBytes else { throw SMPError(.rebuildInconsistent, "image entry \(id): slot of \(segment.count) bytes, \(e.slotBytes) expected") }
-            job.targets.append((layout.slotStart(i)..<layout.slotStart(i) + e.slotBytes, segment.base))
+        for (i, base) in try memory.slotsForRebuild(parsed).enumerated() {
+            job.targets.append((layout.slotStart(i)..<layout.slotStart(i) + parsed.entries[i].slotBytes, base))
         }
         return layout.total
     }
@@ -224,12 +211,12 @@ extension SMPServer {
         guard let parsed = job.parsed else { return fail("rebuild finished without a manifest") }
         for e in parsed.entries {
             let id = e.registration.workerID
-            if let bad = firstBadChunk(worker: id, base: segments[id]![0].base, crcs: e.crcs) {
+            if let bad = memory.badChunks(worker: id, slot: 0, crcs: e.crcs, first: true).first?.name {
                 return fail("rebuilt worker \(id), \(bad) fails its CRC32C")
             }
         }
         do {
-            for e in parsed.entries { try store.installCommitted(worker: e.registration.workerID, step: step, slot: 0, crcs: e.crcs) }
+            for e in parsed.entries { try memory.installCommitted(worker: e.registration.workerID, step: step, crcs: e.crcs) }
         } catch {
             return fail("\(error)")
         }
@@ -240,32 +227,6 @@ extension SMPServer {
                     metadata: ["bytes": "\(job.core.imageBytes)", "ms": "\(Int(seconds * 1000))", "workers": "\(parsed.entries.count)",
                                "decoded_bytes": "\(job.core.bytesDecoded)", "frames": "\(job.core.queue.count)"])
         report(.rebuilt(step: step, error: ""))
-    }
-
-    /// The first chunk of a worker's slot at `base` that fails its CRC (its
-    /// tensor and chunk, and its byte range in the slot), or nil.
-    func firstBadChunk(worker id: String, base: UnsafeMutableRawPointer, crcs: [UInt32]) -> String? {
-        badChunks(worker: id, base: base, crcs: crcs, first: true).first?.name
-    }
-
-    /// The chunks of a worker's slot at `base` that fail their CRCs.
-    /// `within`: only the chunks that overlap these bytes of the slot.
-    func badChunks(worker id: String, base: UnsafeMutableRawPointer, crcs: [UInt32], first: Bool = false,
-                   within: Range<Int>? = nil) -> [(name: String, range: Range<Int>)] {
-        guard let layout = store.workers[id]?.layout else { return [] }
-        var out: [(String, Range<Int>)] = []
-        for entry in layout.entries {
-            for chunk in 0..<entry.chunkCount {
-                let r = layout.chunkRange(entry, chunk: chunk)
-                let start = entry.slotOffset + r.lowerBound
-                if let within, !within.overlaps(start..<start + r.count) { continue }
-                guard CRC32C.checksum(UnsafeRawBufferPointer(start: base + start, count: r.count)) != crcs[entry.firstChunk + chunk] else { continue }
-                out.append(("tensor \(entry.spec.name), chunk \(chunk)", start..<start + r.count))
-                if first { return out }
-            }
-            keepAlive()
-        }
-        return out
     }
 
     // MARK: corruption is an erasure
@@ -279,20 +240,20 @@ extension SMPServer {
     /// erasure coding nothing can be repaired: the reader's own CRC check
     /// names a corrupt chunk.
     func verifyAndRepair(worker id: String, unlessVerified: Bool = false) throws(StoreError) -> Bool {
-        guard let ec = erasure, let point = try store.restorePoint(worker: id), store.workers[id] != nil else { return true }
-        if unlessVerified, let v = verifiedSlots[id], v.step == point.step, v.slot == point.slot { return true }
+        guard let ec = erasure, let point = try memory.store.restorePoint(worker: id), memory.store.workers[id] != nil else { return true }
+        if unlessVerified, memory.wasVerified(worker: id, point) { return true }
         if ec.repairing != nil { return false }
-        let bad = badChunks(worker: id, base: segments[id]![point.slot].base, crcs: point.crcs)
+        let bad = memory.badChunks(worker: id, slot: point.slot, crcs: point.crcs)
         guard !bad.isEmpty else {
             if let f = ec.failedRepairs[id], f.step == point.step { ec.failedRepairs[id] = nil }
-            verifiedSlots[id] = (point.step, point.slot)
+            memory.markVerified(worker: id, point)
             return true
         }
         let names = bad.map(\.name).joined(separator: ", ")
         if let f = ec.failedRepairs[id], f.step == point.step {
             throw StoreError(.corrupt, "worker \(id): \(names) fail their CRC32C and repair failed: \(f.reason)")
         }
-        guard let entries = imageEntries(step: point.step, committedOnly: true), let i = entries.firstIndex(where: { $0.id == id }) else {
+        guard let entries = memory.imageEntries(step: point.step, committedOnly: true), let i = entries.firstIndex(where: { $0.id == id }) else {
             throw StoreError(.corrupt, "worker \(id): \(names) fail their CRC32C; step \(point.step) is not committed on every worker")
         }
         logger.warning("worker \(id): \(names) fail their CRC32C; repairing from parity")
@@ -303,7 +264,7 @@ extension SMPServer {
         let job = FetchJob(core: ec.fetchCore(step: point.step, lost: [], purpose: .ranges(ranges)), started: monotonicSeconds())
         job.repairWorker = id
         job.targets = entries.enumerated().map { j, e in
-            (layout.slotStart(j)..<layout.slotStart(j) + e.entry.slotBytes, j == i ? segments[e.id]![e.slot].base : nil)
+            (layout.slotStart(j)..<layout.slotStart(j) + e.entry.slotBytes, j == i ? memory.slotBase(worker: e.id, slot: e.slot) : nil)
         }
         ec.repairing = job
         runFetch(job, ec, job.core.start(now: monotonicSeconds()))
@@ -315,8 +276,8 @@ extension SMPServer {
     /// requests are answered next, and check it too).
     func finishRepair(_ job: FetchJob, _ ec: ErasureState) {
         ec.repairing = nil
-        guard let id = job.repairWorker, let point = try? store.restorePoint(worker: id), point.step == job.core.step else { return }
-        let bad = badChunks(worker: id, base: segments[id]![point.slot].base, crcs: point.crcs)
+        guard let id = job.repairWorker, let point = try? memory.store.restorePoint(worker: id), point.step == job.core.step else { return }
+        let bad = memory.badChunks(worker: id, slot: point.slot, crcs: point.crcs)
         if bad.isEmpty {
             logger.info("repaired worker \(id) from parity", metadata: ["bytes": "\(job.core.bytesDecoded)"])
         } else {
