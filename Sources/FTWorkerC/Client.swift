@@ -27,7 +27,7 @@ public func ft_client_open(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int3
         let identity: WorkerIdentity
         switch WorkerIdentity.fromEnvironment() {
         case .success(let i): identity = i
-        case .failure(let e): throw ABIFailure(status: FT_E_NO_ENVIRONMENT, message: e.message)
+        case .failure(let e): throw ABIFailure(.noEnvironment, e.message)
         }
         out.pointee = handle(ClientBox(try SnapshotClient(identity: identity)))
     }

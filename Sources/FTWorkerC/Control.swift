@@ -54,7 +54,7 @@ final class ControlBox: @unchecked Sendable {
     init(control: WorkerControl) throws {
         self.control = control
         var fds: [Int32] = [0, 0]
-        guard Glibc.pipe(&fds) == 0 else { throw ABIFailure(status: FT_E_TRANSPORT, message: "pipe: errno \(errno)") }
+        guard Glibc.pipe(&fds) == 0 else { throw ABIFailure(.transport, "pipe: errno \(errno)") }
         for fd in fds { _ = fcntl(fd, F_SETFL, O_NONBLOCK) }
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
         _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
@@ -111,12 +111,12 @@ public func ft_control_open(_ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int
         out.pointee = nil
         let env = ProcessInfo.processInfo.environment
         guard let endpoint = env["FT_COORDINATOR_ENDPOINT"], !endpoint.isEmpty else {
-            throw ABIFailure(status: FT_E_NO_ENVIRONMENT, message: "FT_COORDINATOR_ENDPOINT is not set: no coordinator (ft-smp --coordinator)")
+            throw ABIFailure(.noEnvironment, "FT_COORDINATOR_ENDPOINT is not set: no coordinator (ft-smp --coordinator)")
         }
         let identity: WorkerIdentity
         switch WorkerIdentity.fromEnvironment(env) {
         case .success(let i): identity = i
-        case .failure(let e): throw ABIFailure(status: FT_E_NO_ENVIRONMENT, message: e.message)
+        case .failure(let e): throw ABIFailure(.noEnvironment, e.message)
         }
         let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0, role: .worker) }
         // The same timing as a Swift worker's (CoordinatedTrainingLoop.runUnderCoordinator).

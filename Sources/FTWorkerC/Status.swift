@@ -1,13 +1,43 @@
 import CFTWorker
+import FTCore
 import FTWorker
 
-/// A failure to hand back across the C interface: an ft status and its sentence.
-struct ABIFailure: Error {
-    var status: Int32
+/// A failure of the C interface's own (an argument, the order of calls, the
+/// environment), handed back as an ft status and its sentence. Its codes are
+/// the snake_case names of the statuses (`FT_E_INVALID_ARGUMENT` is
+/// `invalid_argument`), so the project's one error vocabulary (`CodedError`)
+/// covers this boundary too.
+struct ABIFailure: CodedError {
+    enum Code: String, Sendable, CaseIterable {
+        case invalidArgument = "invalid_argument"
+        case misuse
+        case noEnvironment = "no_environment"
+        case transport
+
+        /// The stable C status of the code.
+        var status: Int32 {
+            switch self {
+            case .invalidArgument: FT_E_INVALID_ARGUMENT
+            case .misuse: FT_E_MISUSE
+            case .noEnvironment: FT_E_NO_ENVIRONMENT
+            case .transport: FT_E_TRANSPORT
+            }
+        }
+    }
+
+    var code: Code
     var message: String
 
-    static func invalid(_ m: String) -> ABIFailure { ABIFailure(status: FT_E_INVALID_ARGUMENT, message: m) }
-    static func misuse(_ m: String) -> ABIFailure { ABIFailure(status: FT_E_MISUSE, message: m) }
+    init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    var status: Int32 { code.status }
+    var description: String { "\(code.rawValue): \(message)" }
+
+    static func invalid(_ m: String) -> ABIFailure { ABIFailure(.invalidArgument, m) }
+    static func misuse(_ m: String) -> ABIFailure { ABIFailure(.misuse, m) }
 }
 
 extension SnapshotError.Code {
