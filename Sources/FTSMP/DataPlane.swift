@@ -41,7 +41,7 @@ final class DataPlane {
     /// Admits only the SMP and worker keys to the data endpoint (with `keys`).
     private let zap: ZAPAuthenticator?
     /// Erasure coding across nodes, once the coordinator sent the layout.
-    var erasure: ErasureState?
+    private(set) var erasure: ErasureState?
     /// A rebuild ordered before the layout arrived.
     private var pendingRebuild: (step: Int?, lost: [String])?
     /// EC fetches from peers refused (outside the layout); refused chunk frames
@@ -90,6 +90,12 @@ final class DataPlane {
 
     /// Workers' requests wait while this node's memory is rebuilt or repaired.
     var busy: Bool { pendingRebuild != nil || erasure?.rebuilding != nil || erasure?.repairing != nil }
+
+    /// Bytes of parity this node holds now (heartbeats carry it).
+    var parityBytesHeld: Int { erasure?.parityBytesHeld ?? 0 }
+
+    /// The layout's chunk size (0 before the layout), as the hello says it.
+    var chunkBytes: Int { erasure?.chunkBytes ?? 0 }
 
     /// Refused frames, for the status.
     var refusedFrames: Int { refusedChunks + (erasure?.round.refusedFrames ?? 0) }

@@ -182,7 +182,7 @@ public final class SMPServer: @unchecked Sendable {
     /// this node's image and parity sizes.
     func keepAlive() {
         agent.progress()
-        agent.reportSizes { (memory.imageBytes, dataPlane?.erasure?.parityBytesHeld ?? 0) }
+        agent.reportSizes { (memory.imageBytes, dataPlane?.parityBytesHeld ?? 0) }
     }
 
     /// What this node holds, as the hello says it.
@@ -194,7 +194,7 @@ public final class SMPServer: @unchecked Sendable {
                      workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
                      committedStep: committed, stagedStep: store.stagedStep,
                      protectedStep: agent.protectedStep(staged: store.stagedStep),
-                     layoutChunkBytes: dataPlane?.erasure?.chunkBytes ?? 0)
+                     layoutChunkBytes: dataPlane?.chunkBytes ?? 0)
     }
 
     // MARK: requests
