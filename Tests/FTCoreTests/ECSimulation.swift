@@ -1,26 +1,45 @@
 import FTCore
 import FTErasure
 
-/// A seeded simulation of the data plane: one EC group of `k + m` SMPs, each
-/// running the real cores (`ECRoundInstance`, `RebuildInstance`) over byte
-/// arrays (images of a few hundred bytes, frames of a few dozen, the real
-/// ISA-L codec and CRC32C), driven by a small committing coordinator, over a
-/// network that drops, delays, duplicates, reorders and corrupts frames and
-/// cuts links for a while. Nodes crash (and are replaced and rebuilt), pause
-/// (and come back as zombies of a replaced incarnation, or in time), and have
-/// bytes of their committed image flipped at rest (and repair them from
-/// parity before anyone restores them).
+/// A seeded simulation of the data plane under the real coordinator: one EC
+/// group of `k + m` SMPs, each running the real cores (`ECRoundInstance`,
+/// `RebuildInstance`) over byte arrays (images of a few hundred bytes, frames
+/// of a few dozen, the real ISA-L codec and CRC32C), one worker per node, and
+/// the real `CoordinatorInstance`, which they speak the control protocol to
+/// (hellos, heartbeats, `protected`, `rebuilt`, `ready`; its `commit`,
+/// `abort`, `pause`, `restore`, `restartWorkers`, `rebuild`, `ecLayout`,
+/// `resume` and `fenced` drive them; every envelope carries its sender's
+/// epoch, so the epoch fence of `ecChunk` frames sees the coordinator's own
+/// epochs). The workers train in lockstep and snapshot every step at which no
+/// round is pending anywhere. The data plane drops, delays, duplicates,
+/// reorders and corrupts frames and cuts links for a while; control links
+/// are ordered and lossless (TCP). Nodes crash and pause; the coordinator
+/// finds out by its own heartbeat timeouts; a launcher replaces each node it
+/// declared dead with an empty process under the same id (a paused one lives
+/// on as a zombie of the fenced incarnation), which says hello and rebuilds on
+/// the coordinator's order. Bytes of committed images are flipped at rest
+/// (and repaired from parity before anyone restores them).
 ///
 /// Invariants, checked after every event (`violations`):
-/// - a commit: every live node holds the step's image and the correct parity
-///   of every row it holds parity of;
+/// - a commit (seen as the coordinator sends it, at a failure too): every
+///   live node holds the step's image and the correct parity of every row it
+///   holds parity of, none of it folded from a fenced incarnation; the truth
+///   of a commit is what the nodes staged (a lost node's too);
 /// - a rebuilt node's image and parity equal the original's;
 /// - a restore reads the committed step, the same on every node, byte for byte;
-/// - a fenced incarnation's frame is never kept by a node that knows of the fence;
+/// - a fenced incarnation's frame is never kept by a node restored after the fence;
 /// - parity is held for at most `ECRoundInstance.maxParitySteps` steps, and a
-///   fetch job holds at most `window` frames in flight and `window × k` answers.
+///   fetch job holds at most `window` frames in flight and `window × k` answers;
+/// - the layout the coordinator sends is the group's (k, m, chunk length).
 ///
-/// Liveness: once faults stop, rounds commit again.
+/// Liveness: once faults stop, rounds commit again (unless flipped bytes and
+/// a lost node left more than m erasures in a row).
+///
+/// The simulated SMP sends its round again when it is not protected a second
+/// after staging (`resendAfter`): a dropped or corrupt frame is never acked,
+/// and the coordinator aborts only rounds some node protected, so a round
+/// every node lost a frame of would be pending for ever (the real SMP's data
+/// plane is TCP, which does not drop frames).
 struct ECSimulation {
     // MARK: messages
 
@@ -30,24 +49,16 @@ struct ECSimulation {
         case ack(step: Int, row: Int, dataIndex: Int, error: String)
         case fetch(step: Int, row: Int, index: Int, offset: Int, length: Int)
         case data(step: Int, row: Int, index: Int, offset: Int, crc: UInt32, error: String, bytes: [UInt8])
-        // coordinator to node
-        case stage(step: Int)
-        case commit(step: Int)
-        case abort(step: Int)
-        case restore(step: Int?, view: [String: Int])
-        case rebuild(step: Int, lost: Set<String>, view: [String: Int])
-        // node to coordinator
-        case protected(step: Int)
-        case rebuilt(step: Int, error: String)
+        // control plane (coordinator <-> SMPs and workers)
+        case control(ControlMessage)
 
         var isDataPlane: Bool {
-            switch self {
-            case .chunk, .ack, .fetch, .data: true
-            default: false
-            }
+            if case .control = self { return false }
+            return true
         }
     }
 
+    /// `fromInc`/`toInc`: a node's incarnation, or a worker's pid.
     struct Message {
         var at: Double
         var seq: Int
@@ -76,23 +87,52 @@ struct ECSimulation {
         var image: [UInt8] = []
     }
 
+    /// The node's one worker (rank = the node's position).
+    struct Worker {
+        enum Phase { case hello, waiting, running, gone }
+        var pid: Int
+        var phase = Phase.hello
+        var epoch: UInt64 = 0
+        var step = 0
+        /// A restore order being carried out (read from the SMP once its image passes its CRCs).
+        var restoring: Int??
+        /// Restored, ready sent (again at `readyAgainAt` until resumed).
+        var readyStep: Int??
+        var readyAgainAt = 0.0
+        /// When the worker reads again an image that failed its CRCs (its SMP repairs it meanwhile).
+        var readAgainAt = 0.0
+        var nextHello = 0.0
+        var nextHeartbeat = 0.0
+    }
+
     struct Node {
         var name: String
         var inc: Int
         var position: Int
-        var epoch: UInt64
+        var epoch: UInt64 = 0
         var round: ECRoundInstance
         var parity: [Int: [Int: [UInt8]]] = [:]
         /// Parity folded from a fenced incarnation: step -> row -> the epoch that fenced it.
         var taint: [Int: [Int: UInt64]] = [:]
         var images: [Int: [UInt8]] = [:]
         var committed: Int?
-        var view: [String: Int]
+        /// The step staged and not yet committed, aborted or restored away.
+        var staged: Int?
+        var stagedEpoch: UInt64 = 0
+        var resendAt = 0.0
+        /// The epoch of the last restore order it carried out.
+        var restoredEpoch: UInt64 = 0
+        /// Peers' incarnations, from the coordinator's layout (their data endpoints).
+        var view: [String: Int] = [:]
         var rebuild: Job?
         var repair: Job?
         var repairFailed: Int?
         var pausedUntil: Double?
         var zombieDiesAt: Double?
+        var welcomed = false
+        var nextHello = 0.0
+        var nextHeartbeat = 0.0
+        var worker: Worker
     }
 
     // MARK: state
@@ -114,30 +154,32 @@ struct ECSimulation {
     var now = 0.0
     var seq = 0
     var inFlight: [Message] = []
+    /// When the last message on each ordered (control) link is due.
+    var linkDue: [String: Double] = [:]
     var nodes: [String: Node] = [:]
     /// Replaced incarnations still running (paused when replaced).
     var zombies: [Node] = []
+    /// Crashed (or exited) current incarnations, and when.
     var dead: [String: Double] = [:]
     var cuts: [Set<String>: Double] = [:]
+    var nextWorkerPid = 100_000
 
     // coordinator
-    var epoch: UInt64 = 1
-    var incarnation: [String: Int] = [:]
+    var coordinator: CoordinatorInstance
     var fencedAt: [String: UInt64] = [:]  // "name#inc" -> epoch
+    /// What each node staged last for each step (by the incarnation that staged it).
+    var stagedBy: [String: [Int: [UInt8]]] = [:]
     var committed: Int?
     var truth: [Int: [String: [UInt8]]] = [:]
-    var roundStep: Int?
-    var roundStarted = 0.0
-    var roundProtected: Set<String> = []
-    var nextStep = 1
-    var nextRoundAt = 0.2
-    var recovery: (lost: Set<String>, rebuilt: Set<String>, retryAt: [String: Double])?
-    var restorePending: Set<String> = []
+    var nextStepAt = 0.0
     var lastCommitAt = 0.0
     var commits = 0
     var commitsAtFailure = 0
-    var recoveries = 0
     var repairs = 0
+    var resends = 0
+    var replacements = 0
+    /// Failures the coordinator detected (each started a recovery).
+    var recoveries: Int { coordinator.failureCount }
 
     // faults
     var faultsUntil = 9.0
@@ -152,10 +194,27 @@ struct ECSimulation {
     var violations: [String] = []
     var log: [String] = []
 
-    static let detectDelay = 0.5
-    static let roundTimeout = 3.0
     static let fetchTimeout = 0.4
     static let crcBlock = 16
+    static let stepSeconds = 0.05
+    /// The workers snapshot at most every this many steps (and only when no round is pending).
+    static let snapshotEvery = 5
+    static let resendAfter = 0.5
+    static let dt = 0.02
+
+    static func settings(k: Int, m: Int) -> CoordinatorSettings {
+        var s = CoordinatorSettings(jobID: "ec-sim", nodes: k + m, workersPerNode: 1)
+        s.erasure = (k, m)
+        s.heartbeatInterval = 0.15
+        s.heartbeatTimeout = 0.6
+        s.roundTimeout = 3
+        // The slowest rebuilds (8-byte frames, a window of one, fetch timeouts) take seconds.
+        s.phaseTimeout = 8
+        // A rebuild from exactly k survivors fails on any frame corrupt in transfer (each
+        // holder is the only one of its index): ordered again while faults last.
+        s.phaseRetries = 20
+        return s
+    }
 
     init(seed: UInt64) {
         self.seed = seed
@@ -178,17 +237,25 @@ struct ECSimulation {
             sizes.append(16 + 4 * ((slot + Self.crcBlock - 1) / Self.crcBlock) + pad + slot)
         }
         chunkBytes = ParityPlacement.chunkBytes(forNodeBytes: sizes, k: k)
+        coordinator = CoordinatorInstance(settings: Self.settings(k: k, m: m))
         for (p, name) in names.enumerated() {
-            incarnation[name] = 0
             nodes[name] = freshNode(name, position: p, inc: 0)
+            nodes[name]!.nextHello = Double(rng.next() % 100) / 1000
+            nodes[name]!.worker.nextHello = Double(rng.next() % 100) / 1000
         }
     }
 
-    func freshNode(_ name: String, position: Int, inc: Int) -> Node {
-        Node(name: name, inc: inc, position: position, epoch: epoch,
-             round: ECRoundInstance(k: k, m: m, chunkBytes: chunkBytes, frameBytes: frameBytes, members: names, position: position),
-             view: incarnation)
+    mutating func freshNode(_ name: String, position: Int, inc: Int) -> Node {
+        nextWorkerPid += 1
+        return Node(name: name, inc: inc, position: position,
+                    round: ECRoundInstance(k: k, m: m, chunkBytes: chunkBytes, frameBytes: frameBytes, members: names, position: position),
+                    worker: Worker(pid: nextWorkerPid))
     }
+
+    /// A node incarnation's process id (as its hello and the coordinator's view name it).
+    func pid(_ node: Node) -> Int { 1000 * (node.position + 1) + node.inc }
+    func endpoint(_ node: Node) -> String { "tcp://\(node.name)#\(node.inc)" }
+    func imageBytes(_ name: String) -> Int { manifestBytes(name) + slotBytes[name]! }
 
     // MARK: images
 
@@ -243,18 +310,27 @@ struct ECSimulation {
 
     // MARK: running
 
-    mutating func note(_ s: String) { log.append(String(format: "%7.3f ", now) + s) }
+    mutating func note(_ s: String) { log.append("\(Int((now * 1000).rounded()))ms " + s) }
 
     mutating func violation(_ s: String) {
         note("VIOLATION " + s)
-        violations.append(String(format: "t=%.3f ", now) + s)
+        violations.append("t=\(Int((now * 1000).rounded()))ms " + s)
     }
 
     mutating func chance(_ p: Double) -> Bool { p > 0 && Double(rng.next() % 1_000_000) / 1_000_000 < p }
 
     mutating func send(from: String, fromInc: Int, epoch e: UInt64, to: String, toInc: Int, _ body: Body) {
         var delay = 0.001 + Double(rng.next() % 30) / 1000
-        if body.isDataPlane, now < faultsUntil {
+        guard body.isDataPlane else {
+            // A control link is ordered and lossless (TCP).
+            let link = from + ">" + to
+            let at = max(now + delay, linkDue[link] ?? 0)
+            linkDue[link] = at
+            seq += 1
+            inFlight.append(Message(at: at, seq: seq, from: from, fromInc: fromInc, to: to, toInc: toInc, epoch: e, body: body))
+            return
+        }
+        if now < faultsUntil {
             if chance(dropRate) { faultCounts["drop", default: 0] += 1; return }
             if cuts.keys.contains(where: { $0 == [from, to] }) { faultCounts["cut", default: 0] += 1; return }
             if chance(0.05) { delay += Double(rng.next() % 300) / 1000 }
@@ -275,7 +351,7 @@ struct ECSimulation {
         }
         seq += 1
         inFlight.append(Message(at: now + delay, seq: seq, from: from, fromInc: fromInc, to: to, toInc: toInc, epoch: e, body: b))
-        if body.isDataPlane, now < faultsUntil, chance(dupRate) {
+        if now < faultsUntil, chance(dupRate) {
             seq += 1
             inFlight.append(Message(at: now + delay + Double(rng.next() % 50) / 1000, seq: seq, from: from, fromInc: fromInc, to: to,
                                     toInc: toInc, epoch: e, body: b))
@@ -283,30 +359,30 @@ struct ECSimulation {
         }
     }
 
-    mutating func toCoordinator(_ node: Node, _ body: Body) {
-        send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: Self.coordinator, toInc: 0, body)
+    mutating func toCoordinator(_ node: Node, _ m: ControlMessage) {
+        send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: Self.coordinator, toInc: 0, .control(m))
     }
 
-    mutating func toNode(_ name: String, _ body: Body) {
-        send(from: Self.coordinator, fromInc: 0, epoch: epoch, to: name, toInc: incarnation[name]!, body)
+    mutating func workerToCoordinator(_ node: Node, _ m: ControlMessage) {
+        send(from: "\(node.name)/w0", fromInc: node.worker.pid, epoch: node.worker.epoch, to: Self.coordinator, toInc: 0, .control(m))
     }
 
     /// Runs until `end` (simulated seconds).
     mutating func run(until end: Double) {
-        let dt = 0.02
         while now < end && violations.isEmpty {
-            now += dt
+            now += Self.dt
             // Messages due, in time order (ties by sequence).
             let due = inFlight.filter { $0.at <= now }.sorted { ($0.at, $0.seq) < ($1.at, $1.seq) }
             inFlight.removeAll { $0.at <= now }
             for msg in due {
                 deliver(msg)
-                check()
             }
             for name in names { tickNode(name) }
             for i in zombies.indices { tickZombie(i) }
             zombies.removeAll { z in z.zombieDiesAt.map { now >= $0 } ?? false }
-            coordinatorTick()
+            train()
+            apply(coordinator.tick(now: now))
+            launcher()
             check()
             if now < faultsUntil { injectFaults() } else { cuts = [:] }
             cuts = cuts.filter { $0.value > now }
@@ -315,7 +391,11 @@ struct ECSimulation {
 
     // MARK: faults
 
-    var allUp: Bool { dead.isEmpty && recovery == nil && nodes.values.allSatisfy { $0.pausedUntil == nil } && restorePending.isEmpty }
+    /// Every node up and known alive, the job running: a fault may come.
+    var allUp: Bool {
+        dead.isEmpty && coordinator.state == .running
+            && names.allSatisfy { nodes[$0]!.pausedUntil == nil && nodes[$0]!.worker.phase == .running && coordinator.nodes[$0]?.state == .alive }
+    }
 
     /// Flipped bytes not yet repaired and a node lost (or paused long enough
     /// to be replaced): a row with more than m erasures cannot be recovered.
@@ -339,6 +419,7 @@ struct ECSimulation {
     }
 
     mutating func injectFaults() {
+        let allUp = allUp
         if allUp, chance(0.004) {
             let name = names[Int(rng.next() % UInt64(n))]
             note("crash \(name)#\(nodes[name]!.inc)")
@@ -361,10 +442,10 @@ struct ECSimulation {
                 faultCounts["partition", default: 0] += 1
             }
         }
-        if allUp, chance(0.004) {
+        if self.allUp, chance(0.004) {
             // (Only while every node is up: a flip during a recovery is a second erasure.)
             let name = names[Int(rng.next() % UInt64(n))]
-            if dead[name] == nil, let c = nodes[name]!.committed, var img = nodes[name]!.images[c] {
+            if let c = nodes[name]!.committed, var img = nodes[name]!.images[c] {
                 let at = manifestBytes(name) + Int(rng.next() % UInt64(slotBytes[name]!))
                 img[at] ^= 0x01
                 nodes[name]!.images[c] = img
@@ -379,252 +460,192 @@ struct ECSimulation {
         }
     }
 
-    // MARK: coordinator
+    // MARK: launcher and training
 
-    mutating func coordinatorTick() {
-        // Detection: a crashed or paused node, silent for `detectDelay`.
-        do {
-            var newly: Set<String> = []
-            for (name, at) in dead where now - at >= Self.detectDelay && recovery?.lost.contains(name) != true { newly.insert(name) }
-            for name in names {
-                if nodes[name]!.pausedUntil != nil, dead[name] == nil,
-                   recovery?.lost.contains(name) != true, pausedSince(name) >= Self.detectDelay { newly.insert(name) }
-            }
-            if !newly.isEmpty { startRecovery(newly) }
-        }
-        if var r = recovery {
-            for name in r.lost.sorted() where !r.rebuilt.contains(name) {
-                if let at = r.retryAt[name], now >= at {
-                    r.retryAt[name] = nil
-                    note("rebuild of \(name) ordered again")
-                    toNode(name, .rebuild(step: committed ?? -1, lost: r.lost, view: incarnation))
-                }
-            }
-            recovery = r
-            return
-        }
-        if !restorePending.isEmpty { return }
-        if let s = roundStep, now - roundStarted > Self.roundTimeout {
-            note("round \(s) aborted (deadline)")
-            for name in names { toNode(name, .abort(step: s)) }
-            roundStep = nil
-            nextRoundAt = now + 0.1
-        }
-        if roundStep == nil, now >= nextRoundAt {
-            roundStep = nextStep
-            nextStep += 1
-            roundStarted = now
-            roundProtected = []
-            note("round \(roundStep!) starts (epoch \(epoch))")
-            for name in names { toNode(name, .stage(step: roundStep!)) }
-        }
-    }
-
-    var pauseStarted: [String: Double] = [:]
-    func pausedSince(_ name: String) -> Double { pauseStarted[name].map { now - $0 } ?? 0 }
-
-    mutating func startRecovery(_ newly: Set<String>) {
-        let lost = newly.union(recovery?.lost ?? [])
-        // As the coordinator does: a round every surviving node protected commits
-        // before the recovery is planned (the lost nodes' images decode from parity).
-        if recovery == nil, let s = roundStep, lost.count <= m, names.allSatisfy({ lost.contains($0) || roundProtected.contains($0) }) {
-            commitAtFailure(s, lost: lost)
-        }
-        epoch += 1
-        recoveries += 1
-        note("recovery in epoch \(epoch): lost \(lost.sorted()), committed \(committed.map(String.init) ?? "none")")
-        roundStep = nil
-        restorePending = []
-        for name in newly.sorted() {
+    /// As the launcher does: a node the coordinator declared dead (this
+    /// incarnation) is replaced by an empty SMP under its id, with a new
+    /// worker; a paused one cannot be killed and lives on as a zombie.
+    mutating func launcher() {
+        for name in names {
             let old = nodes[name]!
-            fencedAt["\(name)#\(old.inc)"] = epoch
+            guard let known = coordinator.nodes[name], known.state == .dead || known.state == .fenced, known.pid == pid(old) else { continue }
+            let key = "\(name)#\(old.inc)"
+            if fencedAt[key] == nil { fencedAt[key] = coordinator.epoch }
             if dead[name] == nil {
-                // Paused: it runs on later as a zombie of a replaced incarnation.
+                // Paused (or cut off): it runs on later as a zombie of a replaced incarnation.
                 var z = old
                 z.zombieDiesAt = (old.pausedUntil ?? now) + 1.0
                 zombies.append(z)
             }
             dead[name] = nil
-            incarnation[name] = old.inc + 1
-            nodes[name] = freshNode(name, position: old.position, inc: old.inc + 1)
-            pauseStarted[name] = nil
+            var fresh = freshNode(name, position: old.position, inc: old.inc + 1)
+            fresh.nextHello = now + 0.05 + Double(rng.next() % 100) / 1000
+            fresh.worker.nextHello = now + 0.05 + Double(rng.next() % 100) / 1000
+            nodes[name] = fresh
+            replacements += 1
+            note("launcher: \(name)#\(old.inc) declared dead in epoch \(coordinator.epoch); replaced by \(name)#\(fresh.inc)")
         }
-        guard lost.count <= m else {
-            violation("more than m nodes lost at once: the fault schedule allows at most one")
-            return
-        }
-        recovery = (lost, [], [:])
-        for name in names where !lost.contains(name) { toNode(name, .restore(step: committed, view: incarnation)) }
-        for name in lost.sorted() {
-            if let c = committed {
-                toNode(name, .rebuild(step: c, lost: lost, view: incarnation))
-            } else {
-                recovery!.rebuilt.insert(name)
-            }
-        }
-        finishRecoveryIfDone()
     }
 
-    mutating func finishRecoveryIfDone() {
-        guard let r = recovery, r.rebuilt == r.lost else { return }
-        recovery = nil
-        note("recovery done; every node restores \(committed.map(String.init) ?? "none")")
-        // The replacements restore too (they hold what they rebuilt).
-        restorePending = Set(names)
-        for name in r.lost.sorted() { toNode(name, .restore(step: committed, view: incarnation)) }
-        restoreReads()
+    /// The workers step in lockstep (a collective) while every one runs, and
+    /// snapshot every step at which no round is pending on any node.
+    mutating func train() {
+        guard now >= nextStepAt, dead.isEmpty,
+              names.allSatisfy({ nodes[$0]!.pausedUntil == nil && nodes[$0]!.worker.phase == .running }) else { return }
+        nextStepAt = now + Self.stepSeconds
+        let step = nodes[names[0]]!.worker.step + 1
+        for name in names { nodes[name]!.worker.step = step }
+        guard step % Self.snapshotEvery == 0,
+              names.allSatisfy({ nodes[$0]!.staged == nil && nodes[$0]!.committed.map { $0 < step } ?? true }) else { return }
+        note("stage \(step) (epochs \(names.map { nodes[$0]!.epoch }))")
+        for name in names {
+            var node = nodes[name]!
+            let img = image(name, step: step, epoch: node.epoch)
+            node.images[step] = img
+            node.staged = step
+            node.stagedEpoch = node.epoch
+            node.resendAt = now + Self.resendAfter
+            stagedBy[name, default: [:]][step] = img
+            runRound(&node, node.round.startRound(step: step, imageBytes: img.count), received: [])
+            nodes[name] = node
+        }
     }
 
-    /// Every node's workers restore the committed step once its image passes its CRCs.
-    mutating func restoreReads() {
-        for name in restorePending.sorted() {
-            guard dead[name] == nil, nodes[name]!.pausedUntil == nil, nodes[name]!.epoch == epoch else { continue }
-            guard let c = committed else {
-                restorePending.remove(name)
-                continue
-            }
-            guard verifyCommitted(name) else { continue }
-            let img = nodes[name]!.images[c]
-            if nodes[name]!.committed != c || img != truth[c]![name] {
-                violation("\(name) restores step \(nodes[name]!.committed.map(String.init) ?? "none"), not the committed \(c) as it was")
-            }
-            restorePending.remove(name)
-        }
-        if restorePending.isEmpty {
-            nextStep = max(nextStep, (committed ?? 0) + 1)
-            nextRoundAt = now + 0.1
-        }
-    }
+    // MARK: coordinator
 
     mutating func coordinatorReceive(_ msg: Message) {
-        guard msg.epoch == epoch, incarnation[msg.from] == msg.fromInc else { return }  // fenced or stale
-        switch msg.body {
-        case .protected(let step):
-            guard step == roundStep, recovery == nil else { return }
-            roundProtected.insert(msg.from)
-            guard roundProtected.count == n else { return }
-            commit(step)
-        case .rebuilt(let step, let error):
-            guard var r = recovery, r.lost.contains(msg.from), step == committed else { return }
-            if !error.isEmpty {
-                note("rebuild of \(msg.from) failed: \(error)")
-                r.retryAt[msg.from] = now + 0.5
-                recovery = r
-                return
+        guard case .control(let m) = msg.body else { return }
+        apply(coordinator.receive(m, from: msg.from, epoch: msg.epoch, now: now), replyTo: (msg.from, msg.fromInc))
+    }
+
+    /// The coordinator's directives: messages go out (a reply to the process
+    /// that spoke, the rest to each member's current process); commits are
+    /// observed to take their truth.
+    mutating func apply(_ directives: [CoordinatorInstance.Directive], replyTo: (String, Int)? = nil) {
+        let atFailure = directives.contains { if case .log(let l) = $0 { l.contains("committed at the failure") } else { false } }
+        var committedNow: Set<Int> = []
+        for d in directives {
+            switch d {
+            case .log(let line):
+                note("coordinator: " + line)
+            case .refused(let sender, let error):
+                violation("the coordinator refused a message from \(sender): \(error)")
+            case .send(let to, let m):
+                if case .commit(let s) = m, !committedNow.contains(s) {
+                    committedNow.insert(s)
+                    observeCommit(s, atFailure: atFailure)
+                }
+                let name = String(to.split(separator: "/")[0])
+                guard let node = nodes[name] else { violation("the coordinator sends to \(to)"); continue }
+                let inc: Int
+                if let r = replyTo, r.0 == to { inc = r.1 } else { inc = to.contains("/") ? node.worker.pid : node.inc }
+                send(from: Self.coordinator, fromInc: 0, epoch: coordinator.epoch, to: to, toInc: inc, .control(m))
             }
-            let node = nodes[msg.from]!
-            if node.images[step] != truth[step]![msg.from] { violation("\(msg.from) rebuilt step \(step) with other bytes") }
-            checkParity(of: msg.from, step: step, what: "rebuilt")
-            r.rebuilt.insert(msg.from)
-            recovery = r
-            finishRecoveryIfDone()
-        default:
-            return
         }
     }
 
-    mutating func commit(_ step: Int) {
+    /// The coordinator sends `commit(step)`: the truth of the step is what
+    /// every node staged (a lost node's too, at a failure); every live node
+    /// holds it and the correct parity.
+    mutating func observeCommit(_ step: Int, atFailure: Bool) {
+        let lost = Set(coordinator.nodes.values.filter { $0.state != .alive }.map(\.id))
         var images: [String: [UInt8]] = [:]
         for name in names {
-            guard let img = nodes[name]!.images[step] else {
-                if dead[name] == nil { violation("commit of \(step): \(name) does not hold it") }
+            guard let img = stagedBy[name]?[step] else {
+                violation("commit of \(step): \(name) never staged it")
                 return
             }
             images[name] = img
-        }
-        truth[step] = images
-        for name in names where dead[name] == nil {
-            checkParity(of: name, step: step, what: "commit of")
-        }
-        committed = step
-        truth = truth.filter { $0.key >= step }
-        roundStep = nil
-        commits += 1
-        lastCommitAt = now
-        nextRoundAt = now + 0.05
-        note("commit \(step)")
-        for name in names { toNode(name, .commit(step: step)) }
-    }
-
-    /// Commits `step` without the lost nodes: their images of it are what they
-    /// staged in this epoch, which the rebuild must decode byte for byte.
-    mutating func commitAtFailure(_ step: Int, lost: Set<String>) {
-        var images: [String: [UInt8]] = [:]
-        for name in names {
-            if lost.contains(name) {
-                images[name] = image(name, step: step, epoch: epoch)
-            } else if let img = nodes[name]!.images[step] {
-                images[name] = img
-            } else {
-                violation("commit of \(step) at a failure: survivor \(name) does not hold it")
-                return
+            if !lost.contains(name), dead[name] == nil, nodes[name]!.images[step] != img {
+                violation("commit of \(step): \(name) does not hold the image it staged")
             }
         }
         truth[step] = images
-        for name in names where !lost.contains(name) { checkParity(of: name, step: step, what: "commit at a failure of") }
-        committed = step
         truth = truth.filter { $0.key >= step }
-        roundStep = nil
+        let parity = encode(images)
+        for name in names where !lost.contains(name) && dead[name] == nil {
+            checkParity(nodes[name]!, step: step, what: atFailure ? "commit at a failure of" : "commit of", parity: parity)
+            if let rows = nodes[name]!.taint[step], !rows.isEmpty {
+                violation("commit of \(step): \(name)'s parity of rows \(rows.keys.sorted()) was folded from a fenced incarnation's frames")
+            }
+        }
+        committed = step
         commits += 1
-        commitsAtFailure += 1
+        if atFailure { commitsAtFailure += 1 }
         lastCommitAt = now
-        note("commit \(step) at the failure of \(lost.sorted())")
-        for name in names where !lost.contains(name) { toNode(name, .commit(step: step)) }
+        note("commit \(step)" + (atFailure ? " at the failure of \(lost.sorted())" : ""))
     }
 
-    /// `name` holds correct parity of `step` for every row it holds parity of.
-    mutating func checkParity(of name: String, step: Int, what: String) {
+    /// `node` holds correct parity of `step` for every row it holds parity of.
+    mutating func checkParity(_ node: Node, step: Int, what: String, parity: [[UInt8]]? = nil) {
         guard let images = truth[step] else { return }
-        let parity = encode(images)
-        let p = names.firstIndex(of: name)!
-        for (row, j) in placement.parityRows(of: p) {
-            if nodes[name]!.parity[step]?[row] != parity[row * m + j] || !nodes[name]!.round.holdsCompleteParity(step: step, row: row) {
-                violation("\(what) \(step): \(name)'s parity of row \(row) is not the parity of the images")
+        let parity = parity ?? encode(images)
+        for (row, j) in placement.parityRows(of: node.position) {
+            if node.parity[step]?[row] != parity[row * m + j] || !node.round.holdsCompleteParity(step: step, row: row) {
+                violation("\(what) \(step): \(node.name)'s parity of row \(row) is not the parity of the images")
             }
         }
     }
 
     // MARK: nodes
 
+    func inventory(_ node: Node) -> ControlMessage.SMPInventory {
+        .init(node: node.name, pid: pid(node), dataEndpoint: endpoint(node), workers: ["w0"], rankOffset: node.position,
+              committedStep: node.committed, stagedStep: node.staged, protectedStep: nil, layoutChunkBytes: 0)
+    }
+
+    func workerInfo(_ node: Node) -> ControlMessage.WorkerInfo {
+        .init(node: node.name, worker: "w0", rank: node.position, worldSize: n, pid: node.worker.pid, collectiveEndpoint: "ring://\(node.position)")
+    }
+
     mutating func deliver(_ msg: Message) {
         if msg.to == Self.coordinator {
             coordinatorReceive(msg)
             return
         }
-        if let zi = zombies.firstIndex(where: { $0.name == msg.to && $0.inc == msg.toInc }) {
+        let toWorker = msg.to.contains("/")
+        let name = toWorker ? String(msg.to.split(separator: "/")[0]) : msg.to
+        if !toWorker, let zi = zombies.firstIndex(where: { $0.name == name && $0.inc == msg.toInc }) {
             var z = zombies[zi]
             if let until = z.pausedUntil, now < until {
-                zombies[zi].pausedUntil = until  // still paused: it reads its queue when it wakes
+                // Still paused: it reads its queue when it wakes.
                 inFlight.append(Message(at: until + 0.001, seq: msg.seq, from: msg.from, fromInc: msg.fromInc, to: msg.to,
                                         toInc: msg.toInc, epoch: msg.epoch, body: msg.body))
                 return
             }
             handle(&z, msg)
+            checkBounds(z)
             zombies[zi] = z
             return
         }
-        guard var node = nodes[msg.to], node.inc == msg.toInc, dead[msg.to] == nil else { return }
+        guard var node = nodes[name], dead[name] == nil, toWorker ? node.worker.pid == msg.toInc : node.inc == msg.toInc else { return }
         if let until = node.pausedUntil, now < until {
             inFlight.append(Message(at: until + 0.001, seq: msg.seq, from: msg.from, fromInc: msg.fromInc, to: msg.to,
                                     toInc: msg.toInc, epoch: msg.epoch, body: msg.body))
             return
         }
-        handle(&node, msg)
-        nodes[msg.to] = node
-        if !restorePending.isEmpty { restoreReads() }
+        if toWorker {
+            guard case .control(let m) = msg.body else { return }
+            workerHandle(&node, m, epoch: msg.epoch)
+        } else {
+            handle(&node, msg)
+        }
+        checkBounds(node)
+        if nodes[name]?.inc == node.inc { nodes[name] = node }
+        if toWorker, dead[name] == nil, nodes[name]!.worker.restoring != nil { workerReads(name) }
     }
 
     mutating func tickNode(_ name: String) {
         guard dead[name] == nil, var node = nodes[name] else { return }
         if let until = node.pausedUntil {
-            if pauseStarted[name] == nil { pauseStarted[name] = now }
             guard now >= until else { return }
             node.pausedUntil = nil
-            pauseStarted[name] = nil
             note("\(name)#\(node.inc) resumes in time")
         }
         tick(&node)
+        tickWorker(&node)
         nodes[name] = node
+        if node.worker.restoring != nil { workerReads(name) }
     }
 
     mutating func tickZombie(_ i: Int) {
@@ -638,8 +659,25 @@ struct ECSimulation {
         zombies[i] = z
     }
 
+    /// The SMP's loop: hello until welcomed, heartbeats, the round (resent
+    /// when not protected in time), rebuild and repair jobs.
     mutating func tick(_ node: inout Node) {
+        if !node.welcomed, now >= node.nextHello {
+            node.nextHello = now + 0.5
+            toCoordinator(node, .smpHello(inventory(node)))
+        }
+        if node.welcomed, now >= node.nextHeartbeat {
+            node.nextHeartbeat = now + coordinator.settings.heartbeatInterval
+            let parityBytes = node.parity.values.reduce(0) { $0 + $1.count * chunkBytes }
+            toCoordinator(node, .smpHeartbeat(dataBytes: imageBytes(node.name), parityBytes: parityBytes))
+        }
         runRound(&node, node.round.tick(now: now), received: [])
+        if let s = node.staged, node.stagedEpoch == node.epoch, node.round.outgoing?.step == s, node.round.outgoing?.resendAt == nil,
+           now >= node.resendAt, let img = node.images[s] {
+            node.resendAt = now + Self.resendAfter
+            resends += 1
+            runRound(&node, node.round.startRound(step: s, imageBytes: img.count), received: [])
+        }
         if var job = node.rebuild {
             let d = job.core.tick(now: now)
             runFetch(&node, &job, d, isRebuild: true)
@@ -650,42 +688,163 @@ struct ECSimulation {
         }
     }
 
+    /// The worker: hello until welcomed, heartbeats, ready again until resumed.
+    mutating func tickWorker(_ node: inout Node) {
+        switch node.worker.phase {
+        case .gone:
+            return
+        case .hello:
+            guard now >= node.worker.nextHello else { return }
+            node.worker.nextHello = now + 0.3
+            workerToCoordinator(node, .workerHello(workerInfo(node)))
+        case .waiting, .running:
+            if now >= node.worker.nextHeartbeat {
+                node.worker.nextHeartbeat = now + coordinator.settings.heartbeatInterval
+                let running = node.worker.phase == .running
+                workerToCoordinator(node, .workerHeartbeat(step: node.worker.step, running: running, skipped: 0,
+                                                           activity: WorkerActivity(running ? .computing : .idle, milliseconds: 5)))
+            }
+            if case .some(let step) = node.worker.readyStep, now >= node.worker.readyAgainAt {
+                node.worker.readyAgainAt = now + 0.5
+                workerToCoordinator(node, .ready(restoredStep: step))
+            }
+        }
+    }
+
+    /// The worker carries out its restore order: it reads its SMP's image of
+    /// the step once the image passes its CRCs (a flipped byte is repaired
+    /// first), which must be the committed step's as it was.
+    mutating func workerReads(_ name: String) {
+        guard var node = nodes[name], case .some(let step) = node.worker.restoring, now >= node.worker.readAgainAt else { return }
+        if let s = step {
+            guard node.images[s] != nil else {
+                violation("\(name)/w0 told to restore step \(s); its SMP holds \(node.committed.map(String.init) ?? "nothing")")
+                return
+            }
+            if node.committed != s {
+                // Staged, with its commit still in flight: the restore request commits it.
+                runRound(&node, node.round.commit(step: s), received: [])
+                node.committed = s
+                node.staged = nil
+                node.images = node.images.filter { $0.key >= s }
+                nodes[name] = node
+            }
+            guard verifyCommitted(name) else {
+                nodes[name]!.worker.readAgainAt = now + 0.25
+                return
+            }
+            node = nodes[name]!
+            guard let t = truth[s]?[name] else {
+                violation("\(name)/w0 told to restore step \(s), which was never committed")
+                return
+            }
+            if node.images[s] != t { violation("\(name) restores step \(s) with other bytes than the committed") }
+        }
+        node.worker.restoring = nil
+        node.worker.readyStep = .some(step)
+        node.worker.readyAgainAt = now + 0.5
+        workerToCoordinator(node, .ready(restoredStep: step))
+        nodes[name] = node
+    }
+
+    mutating func workerHandle(_ node: inout Node, _ m: ControlMessage, epoch: UInt64) {
+        guard node.worker.phase != .gone else { return }
+        node.worker.epoch = max(node.worker.epoch, epoch)
+        switch m {
+        case .welcome:
+            if node.worker.phase == .hello { node.worker.phase = .waiting }
+        case .pause:
+            if node.worker.phase == .running { node.worker.phase = .waiting }
+        case .restore(let step, _):
+            node.worker.phase = .waiting
+            node.worker.restoring = .some(step)
+            node.worker.readyStep = nil
+        case .resume(let from, _):
+            guard node.worker.phase != .running else { return }
+            node.worker.phase = .running
+            node.worker.step = from - 1
+            node.worker.restoring = nil
+            node.worker.readyStep = nil
+        case .helloRequired:
+            node.worker.phase = .hello
+            node.worker.nextHello = now
+        case .fenced, .stop:
+            note("\(node.name)/w0 (pid \(node.worker.pid)) told \(m): it exits")
+            node.worker.phase = .gone
+        default:
+            break
+        }
+    }
+
     mutating func sendData(_ node: Node, to: String, _ body: Body) {
         send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: to, toInc: node.view[to] ?? 0, body)
     }
 
     mutating func handle(_ node: inout Node, _ msg: Message) {
-        if msg.from == Self.coordinator {
-            guard msg.epoch >= node.epoch else { return }
-            node.epoch = msg.epoch
-        }
-        switch msg.body {
-        case .stage(let step):
-            guard node.committed.map({ $0 < step }) ?? true else { return }
-            let img = image(node.name, step: step, epoch: msg.epoch)
-            node.images[step] = img
-            runRound(&node, node.round.startRound(step: step, imageBytes: img.count), received: [])
+        guard case .control(let cm) = msg.body else { return dataPlane(&node, msg) }
+        guard msg.epoch >= node.epoch else { return }
+        node.epoch = msg.epoch
+        switch cm {
+        case .welcome, .ack:
+            node.welcomed = true
+        case .helloRequired:
+            node.welcomed = false
+            node.nextHello = now
+        case .fenced, .stop:
+            note("\(node.name)#\(node.inc) told \(cm): it exits")
+            if nodes[node.name]?.inc == node.inc {
+                dead[node.name] = now
+            } else {
+                node.zombieDiesAt = now
+            }
+        case .ecLayout(let layout):
+            if layout.k != k || layout.m != m || layout.groups != [names] || layout.chunkBytes != chunkBytes {
+                violation("the coordinator's layout is RS(\(layout.k)+\(layout.m)) of \(layout.chunkBytes)-byte chunks over \(layout.groups); "
+                    + "the group's is RS(\(k)+\(m)) of \(chunkBytes) over \(names)")
+            }
+            for (peer, ep) in layout.endpoints {
+                if let inc = ep.split(separator: "#").last.flatMap({ Int($0) }) { node.view[peer] = inc }
+            }
         case .commit(let step):
             runRound(&node, node.round.commit(step: step), received: [])
             if node.images[step] != nil { node.committed = step }
+            if let s = node.staged, s <= step { node.staged = nil }
             node.images = node.images.filter { $0.key >= step }
         case .abort(let step):
             runRound(&node, node.round.abort(step: step), received: [])
             if node.committed != step { node.images[step] = nil }
-        case .restore(let step, let view):
-            node.view = view
+            if node.staged == step { node.staged = nil }
+        case .restore(let step, _):
             runRound(&node, node.round.restore(step: step), received: [])
             node.images = node.images.filter { $0.key == step }
             if let step, node.images[step] != nil { node.committed = step }
-        case .rebuild(let step, let lost, let view):
-            node.view = view
+            node.staged = nil
+            node.restoredEpoch = node.epoch
+        case .rebuild(let step, let lost):
+            guard let step else {
+                toCoordinator(node, .rebuilt(step: nil, error: ""))
+                return
+            }
             if node.rebuild?.core.step == step && node.rebuild?.core.isOver == false { return }
-            var job = Job(core: RebuildInstance(step: step, lost: lost, purpose: .node, k: k, m: m, chunkBytes: chunkBytes,
+            var job = Job(core: RebuildInstance(step: step, lost: Set(lost), purpose: .node, k: k, m: m, chunkBytes: chunkBytes,
                                                 frameBytes: frameBytes, members: names, position: node.position, window: window,
                                                 timeout: Self.fetchTimeout))
             job.prefix = [UInt8](repeating: 0, count: min(frameBytes, chunkBytes))
             let d = job.core.start(now: now)
             runFetch(&node, &job, d, isRebuild: true)
+        case .restartWorkers(let list):
+            for r in list where r.worker == "w0" && (node.worker.phase == .gone || r.pid == node.worker.pid) {
+                nextWorkerPid += 1
+                note("\(node.name)#\(node.inc) restarts its worker (pid \(node.worker.pid) -> \(nextWorkerPid))")
+                node.worker = Worker(pid: nextWorkerPid, nextHello: now + 0.02)
+            }
+        default:
+            break
+        }
+    }
+
+    mutating func dataPlane(_ node: inout Node, _ msg: Message) {
+        switch msg.body {
         case .chunk(let step, let row, let di, let offset, let length, let crc, let bytes):
             let d = node.round.onChunkFrame(from: msg.from, epoch: msg.epoch, ownEpoch: node.epoch, step: step, row: row, dataIndex: di,
                                             offset: offset, length: length, frameBytes: bytes.count, crcMatches: Self.crc(bytes) == crc,
@@ -722,8 +881,8 @@ struct ECSimulation {
                 runFetch(&node, &job, d, isRebuild: isRebuild)
                 break
             }
-        case .protected, .rebuilt:
-            return
+        case .control:
+            break
         }
     }
 
@@ -857,7 +1016,14 @@ struct ECSimulation {
                     }
                     node.images[step] = job.image
                     node.committed = step
+                    node.staged = nil
                     node.round.installRebuiltParity(step: step)
+                    if let t = truth[step]?[node.name] {
+                        if job.image != t { violation("\(node.name) rebuilt step \(step) with other bytes") }
+                        checkParity(node, step: step, what: "rebuilt")
+                    } else {
+                        violation("\(node.name) rebuilt step \(step), which was never committed")
+                    }
                     toCoordinator(node, .rebuilt(step: step, error: ""))
                 } else {
                     // The repaired image is where the decode wrote it: the node's committed image.
@@ -908,21 +1074,28 @@ struct ECSimulation {
 
     // MARK: invariants
 
-    mutating func check() {
-        for node in Array(nodes.values) + zombies {
-            if node.parity.count > ECRoundInstance.maxParitySteps {
-                violation("\(node.name)#\(node.inc) holds parity of \(node.parity.count) steps \(node.parity.keys.sorted())")
-            }
-            for job in [node.rebuild, node.repair].compactMap({ $0 }) {
-                if job.core.inFlight.count > window || job.answers.count > window * k {
-                    violation("\(node.name) holds \(job.core.inFlight.count) frames in flight, \(job.answers.count) answers")
-                }
+    /// Parity held for at most `maxParitySteps` steps; fetch jobs within their window.
+    mutating func checkBounds(_ node: Node) {
+        if node.parity.count > ECRoundInstance.maxParitySteps {
+            violation("\(node.name)#\(node.inc) holds parity of \(node.parity.count) steps \(node.parity.keys.sorted())")
+        }
+        for job in [node.rebuild, node.repair] {
+            guard let job else { continue }
+            if job.core.inFlight.count > window || job.answers.count > window * k {
+                violation("\(node.name) holds \(job.core.inFlight.count) frames in flight, \(job.answers.count) answers")
             }
         }
-        for node in nodes.values where dead[node.name] == nil {
-            for (step, rows) in node.taint {
-                for (row, e) in rows where node.epoch >= e && node.parity[step]?[row] != nil {
-                    violation("\(node.name) keeps parity of step \(step) row \(row) folded from a frame fenced in epoch \(e)")
+    }
+
+    mutating func check() {
+        for name in names { checkBounds(nodes[name]!) }
+        for z in zombies { checkBounds(z) }
+        for name in names where dead[name] == nil {
+            let node = nodes[name]!
+            guard !node.taint.isEmpty else { continue }
+            for (step, rows) in node.taint.sorted(by: { $0.key < $1.key }) {
+                for (row, e) in rows.sorted(by: { $0.key < $1.key }) where node.restoredEpoch >= e && node.parity[step]?[row] != nil {
+                    violation("\(name) keeps parity of step \(step) row \(row) folded from a frame fenced in epoch \(e)")
                 }
             }
         }
