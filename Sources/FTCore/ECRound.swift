@@ -15,9 +15,12 @@
 /// plus the frame's bytes, answered by `ecAck(step, row, dataIndex, error)`:
 /// empty once the whole chunk is folded (again for every duplicate frame of
 /// a complete chunk, so a resent round is acked), or the reason a frame was
-/// refused. The envelope's epoch is the sender's epoch: a holder refuses a
+/// refused. The envelope's epoch is the epoch the round was staged in (`Frame.epoch`,
+/// also on resends, whatever epoch the sender learned since): a holder refuses a
 /// frame of an epoch older than its own (`fenced`), so an SMP that was
-/// replaced and comes back (a zombie) folds nothing into anyone's parity.
+/// replaced and comes back (a zombie) folds nothing into anyone's parity, and
+/// a round of a voided epoch is never folded into parity of the same step
+/// number re-run in the next one.
 ///
 /// Legal transitions: `startRound` (re)starts the outgoing round of a step;
 /// acks and frames may arrive in any order, duplicated, or for steps that are
@@ -42,6 +45,13 @@ public struct ECRoundInstance: Sendable {
     /// How soon a round refused for a transient reason (no layout yet, an old
     /// step's parity not yet dropped) is sent again.
     public static let resendDelay = 0.1
+    /// A round not yet protected that got no ack for this long is sent again
+    /// whole (holders ack what they folded already and fold what is missing):
+    /// a frame or an ack lost with a connection (a peer's socket reconnecting)
+    /// would otherwise leave the round pending, and the coordinator aborts a
+    /// round only once some node protected it. Found by the data-plane
+    /// simulation under the real coordinator.
+    public let stallResend: Double
 
     /// A chunk whose ack is awaited.
     public struct PendingAck: Sendable, Hashable, Comparable {
@@ -53,15 +63,22 @@ public struct ECRoundInstance: Sendable {
 
     public struct Outgoing: Sendable, Equatable {
         public var step: Int
+        /// The coordinator's epoch when the round was staged.
+        public var epoch: UInt64
         public var imageBytes: Int
         public var pending: Set<PendingAck>
         public var resendAt: Double?
+        /// When the round is sent again for want of progress (set at the first
+        /// tick after a send, pushed back by every ack).
+        public var stallAt: Double?
     }
 
     /// One frame of one data chunk to send: image bytes `imageRange` are the
     /// frame's bytes (empty for an empty chunk: a header alone announces it).
     public struct Frame: Sendable, Equatable {
         public var step: Int
+        /// The epoch the round was staged in: the frame's envelope carries it.
+        public var epoch: UInt64
         public var row: Int
         public var dataIndex: Int
         public var offset: Int
@@ -105,8 +122,10 @@ public struct ECRoundInstance: Sendable {
     /// Frames refused, counted (`refused_requests` in the status).
     public private(set) var refusedFrames = 0
 
-    public init(k: Int, m: Int, chunkBytes: Int, frameBytes: Int, members: [String], position: Int) {
-        precondition(members.count == k + m && (0..<k + m).contains(position) && frameBytes > 0)
+    /// `stallResend`: seconds without an ack before the round is sent again.
+    public init(k: Int, m: Int, chunkBytes: Int, frameBytes: Int, members: [String], position: Int, stallResend: Double = 10) {
+        precondition(members.count == k + m && (0..<k + m).contains(position) && frameBytes > 0 && stallResend > 0)
+        self.stallResend = stallResend
         self.k = k
         self.m = m
         self.chunkBytes = chunkBytes
@@ -128,10 +147,10 @@ public struct ECRoundInstance: Sendable {
 
     // MARK: data holder
 
-    /// Every local worker staged `step` (or a resend is due): send each data
-    /// chunk of an image of `imageBytes`, frame by frame, to its row's parity
-    /// holders, folding locally where this node holds parity itself.
-    public mutating func startRound(step: Int, imageBytes: Int) -> [Directive] {
+    /// Every local worker staged `step` in `epoch` (or a resend is due): send
+    /// each data chunk of an image of `imageBytes`, frame by frame, to its
+    /// row's parity holders, folding locally where this node holds parity itself.
+    public mutating func startRound(step: Int, imageBytes: Int, epoch: UInt64) -> [Directive] {
         guard imageBytes <= chunkBytes * k else {
             outgoing = nil
             return [.warning("image of \(imageBytes) bytes exceeds k × chunk (\(k) × \(chunkBytes)); waiting for a larger layout")]
@@ -154,12 +173,12 @@ public struct ECRoundInstance: Sendable {
                                                            length: length, parityIndex: localIndex, out: &out) {
                     local = localIndex
                 }
-                out.append(.send(Frame(step: step, row: row, dataIndex: dataIndex, offset: offset, length: length,
+                out.append(.send(Frame(step: step, epoch: epoch, row: row, dataIndex: dataIndex, offset: offset, length: length,
                                        imageRange: start + offset..<start + offset + n, to: remote, foldLocally: local)))
                 offset += n
             } while offset < length
         }
-        outgoing = Outgoing(step: step, imageBytes: imageBytes, pending: pending, resendAt: nil)
+        outgoing = Outgoing(step: step, epoch: epoch, imageBytes: imageBytes, pending: pending, resendAt: nil, stallAt: nil)
         out += checkProtected(step: step)
         return out
     }
@@ -177,6 +196,7 @@ public struct ECRoundInstance: Sendable {
         }
         guard outgoing?.step == step else { return [] }
         outgoing!.pending.remove(PendingAck(row: row, dataIndex: dataIndex, node: node))
+        outgoing!.stallAt = now + stallResend
         return checkProtected(step: step)
     }
 
@@ -187,12 +207,16 @@ public struct ECRoundInstance: Sendable {
     }
 
     /// When the next resend is due (for the shell's poll timeout).
-    public var wakeAt: Double? { outgoing?.resendAt }
+    public var wakeAt: Double? { [outgoing?.resendAt, outgoing?.stallAt].compactMap { $0 }.min() }
 
-    /// Time passes: a due resend sends the round again.
+    /// Time passes: a due resend (transient refusal, or no ack for
+    /// `stallResend` seconds) sends the round again.
     public mutating func tick(now: Double) -> [Directive] {
-        guard let o = outgoing, let at = o.resendAt, now >= at else { return [] }
-        return startRound(step: o.step, imageBytes: o.imageBytes)
+        guard let o = outgoing else { return [] }
+        let stall = o.stallAt ?? now + stallResend  // set at the first tick after a send
+        outgoing!.stallAt = stall
+        guard now >= stall || o.resendAt.map({ now >= $0 }) == true else { return [] }
+        return startRound(step: o.step, imageBytes: o.imageBytes, epoch: o.epoch)
     }
 
     private mutating func checkProtected(step: Int) -> [Directive] {

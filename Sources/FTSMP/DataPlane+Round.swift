@@ -24,7 +24,7 @@ extension DataPlane {
         let manifest = NodeImage(step: step, entries: entries.map(\.entry)).manifest()
         ec.outgoingImage = (step, manifest, entries)
         let total = manifest.count + entries.reduce(0) { $0 + $1.entry.slotBytes }
-        runRound(ec, ec.round.startRound(step: step, imageBytes: total))
+        runRound(ec, ec.round.startRound(step: step, imageBytes: total, epoch: epoch()))
     }
 
     /// Carries out the round core's directives; `received`: the frame a `.fold` folds.
@@ -45,7 +45,7 @@ extension DataPlane {
                     for p in pieces { crc = CRC32C.checksum(p, continuing: crc) }
                     if let index = f.foldLocally { fold(ec, step: f.step, row: f.row, parityIndex: index, dataIndex: f.dataIndex, offset: f.offset, pieces) }
                     let header = SMPMessage.ecChunk(step: f.step, row: f.row, dataIndex: f.dataIndex, offset: f.offset, length: f.length, crc: crc)
-                        .envelope(sender: config.nodeID, epoch: epoch()).encoded()
+                        .envelope(sender: config.nodeID, epoch: f.epoch).encoded()
                     for node in f.to {
                         if f.offset == 0 {
                             sentHeaders += 1

@@ -58,8 +58,10 @@ final class ErasureState {
         group = g
         position = p
         codec = try ReedSolomon(dataCount: layout.k, parityCount: layout.m)
+        // A chunk is acked once all of it is folded: allow 50 MB/s per chunk before
+        // taking the round for stalled (10 s at least), so a slow round is not doubled.
         round = ECRoundInstance(k: layout.k, m: layout.m, chunkBytes: layout.chunkBytes, frameBytes: Self.frameBytes,
-                                members: layout.groups[g], position: p)
+                                members: layout.groups[g], position: p, stallResend: max(10, Double(layout.chunkBytes) / 50e6))
         // Received frames are malloc'd by libzmq (4 MiB each): keep such blocks
         // off mmap and untrimmed, so they are reused rather than faulted in anew
         // for every frame (page faults cost more than the fold).

@@ -12,7 +12,7 @@ struct ECCoreTests {
     func roundProtected() throws {
         // RS(2+1): position 0 gives data in rows 1 and 2, holds parity of row 0.
         var a = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 16, members: members, position: 0)
-        let out = a.startRound(step: 5, imageBytes: 100)
+        let out = a.startRound(step: 5, imageBytes: 100, epoch: 1)
         let frames = out.compactMap { if case .send(let f) = $0 { f } else { nil } }
         #expect(frames.count == 4 + 3)  // 64 bytes in 4 frames, 36 in 3
         #expect(frames.allSatisfy { $0.foldLocally == nil && $0.to.count == 1 })
@@ -61,13 +61,53 @@ struct ECCoreTests {
     @Test("a refused round for a transient reason is sent again after a short delay, once")
     func resend() {
         var a = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 64, members: members, position: 0)
-        _ = a.startRound(step: 3, imageBytes: 90)
+        _ = a.startRound(step: 3, imageBytes: 90, epoch: 1)
         _ = a.onAck(from: "b", step: 3, row: 1, dataIndex: 0, error: ECRoundInstance.noLayout, now: 10)
         #expect(a.wakeAt == 10 + ECRoundInstance.resendDelay)
         #expect(a.tick(now: 10.05).isEmpty)
         let again = a.tick(now: 10.2)
         #expect(again.contains { if case .send = $0 { true } else { false } })
         #expect(a.wakeAt == nil)
+    }
+
+    /// Found by the data-plane simulation under the real coordinator: a
+    /// round whose frames or acks were lost everywhere was never protected
+    /// by anyone, so never aborted either, and no snapshot was taken again.
+    @Test("a round that gets no ack for stallResend seconds is sent again; each ack pushes that back")
+    func stalledRoundIsResent() {
+        var a = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 64, members: members, position: 0, stallResend: 2)
+        let sent = a.startRound(step: 3, imageBytes: 90, epoch: 1).compactMap { if case .send(let f) = $0 { f } else { nil } }
+        #expect(a.tick(now: 100).isEmpty)  // the clock starts at the first tick after a send
+        #expect(a.wakeAt == 102)
+        // One holder acks at 101: the next resend is due at 103, not 102.
+        let f = sent[0]
+        _ = a.onAck(from: f.to[0], step: 3, row: f.row, dataIndex: f.dataIndex, error: "", now: 101)
+        #expect(a.tick(now: 102.5).isEmpty)
+        let again = a.tick(now: 103).compactMap { if case .send(let f) = $0 { f } else { nil } }
+        #expect(again.count == sent.count && again.allSatisfy { $0.epoch == 1 })
+    }
+
+    /// Found while the data-plane simulation was moved onto the real
+    /// coordinator: a resend stamped with the epoch the sender knew *now*
+    /// was folded by a holder already restored in that epoch, into parity of
+    /// the same step number, which the next epoch re-ran with other bytes
+    /// (its frames then looked like duplicates): wrong parity committed.
+    @Test("a round's frames, resends included, carry the epoch it was staged in, and a holder in a later epoch refuses them")
+    func resendKeepsStagingEpoch() throws {
+        var a = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 64, members: members, position: 0)
+        let first = a.startRound(step: 3, imageBytes: 90, epoch: 4).compactMap { if case .send(let f) = $0 { f } else { nil } }
+        #expect(!first.isEmpty && first.allSatisfy { $0.epoch == 4 })
+        _ = a.onAck(from: "b", step: 3, row: 1, dataIndex: 0, error: ECRoundInstance.noLayout, now: 10)
+        // Meanwhile the node learned epoch 5 (a pause): the resend still says 4.
+        let again = a.tick(now: 11).compactMap { if case .send(let f) = $0 { f } else { nil } }
+        #expect(!again.isEmpty && again.allSatisfy { $0.epoch == 4 })
+        // A holder restored in epoch 5 folds none of it.
+        var b = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 64, members: members, position: 1)
+        let f = try #require(again.first { $0.to.contains("b") })
+        let out = b.onChunkFrame(from: "a", epoch: f.epoch, ownEpoch: 5, step: 3, row: f.row, dataIndex: f.dataIndex, offset: f.offset,
+                                 length: f.length, frameBytes: f.imageRange.count, crcMatches: true, committedStep: 2)
+        #expect(!out.contains { if case .fold = $0 { true } else { false } })
+        #expect(b.parity.isEmpty)
     }
 
     /// Found by the data-plane simulation (seed 2 of the first version): a

@@ -35,11 +35,13 @@ import FTErasure
 /// Liveness: once faults stop, rounds commit again (unless flipped bytes and
 /// a lost node left more than m erasures in a row).
 ///
-/// The simulated SMP sends its round again when it is not protected a second
-/// after staging (`resendAfter`): a dropped or corrupt frame is never acked,
-/// and the coordinator aborts only rounds some node protected, so a round
-/// every node lost a frame of would be pending for ever (the real SMP's data
-/// plane is TCP, which does not drop frames).
+/// A round is sent again when no ack came for half a second
+/// (`ECRoundInstance.stallResend`, `resendAfter` here, 10 s in the SMP): a
+/// dropped or corrupt frame is never acked, and the coordinator aborts only
+/// rounds some node protected, so without it a round every node lost a frame
+/// of would stay pending for ever (found here). Resent frames carry the epoch
+/// the round was staged in (`ECRoundInstance.Frame.epoch`), also after the
+/// node learned a newer one.
 struct ECSimulation {
     // MARK: messages
 
@@ -118,8 +120,6 @@ struct ECSimulation {
         var committed: Int?
         /// The step staged and not yet committed, aborted or restored away.
         var staged: Int?
-        var stagedEpoch: UInt64 = 0
-        var resendAt = 0.0
         /// The epoch of the last restore order it carried out.
         var restoredEpoch: UInt64 = 0
         /// Peers' incarnations, from the coordinator's layout (their data endpoints).
@@ -248,7 +248,8 @@ struct ECSimulation {
     mutating func freshNode(_ name: String, position: Int, inc: Int) -> Node {
         nextWorkerPid += 1
         return Node(name: name, inc: inc, position: position,
-                    round: ECRoundInstance(k: k, m: m, chunkBytes: chunkBytes, frameBytes: frameBytes, members: names, position: position),
+                    round: ECRoundInstance(k: k, m: m, chunkBytes: chunkBytes, frameBytes: frameBytes, members: names, position: position,
+                                           stallResend: Self.resendAfter),
                     worker: Worker(pid: nextWorkerPid))
     }
 
@@ -503,10 +504,8 @@ struct ECSimulation {
             let img = image(name, step: step, epoch: node.epoch)
             node.images[step] = img
             node.staged = step
-            node.stagedEpoch = node.epoch
-            node.resendAt = now + Self.resendAfter
             stagedBy[name, default: [:]][step] = img
-            runRound(&node, node.round.startRound(step: step, imageBytes: img.count), received: [])
+            runRound(&node, node.round.startRound(step: step, imageBytes: img.count, epoch: node.epoch), received: [])
             nodes[name] = node
         }
     }
@@ -671,13 +670,9 @@ struct ECSimulation {
             let parityBytes = node.parity.values.reduce(0) { $0 + $1.count * chunkBytes }
             toCoordinator(node, .smpHeartbeat(dataBytes: imageBytes(node.name), parityBytes: parityBytes))
         }
-        runRound(&node, node.round.tick(now: now), received: [])
-        if let s = node.staged, node.stagedEpoch == node.epoch, node.round.outgoing?.step == s, node.round.outgoing?.resendAt == nil,
-           now >= node.resendAt, let img = node.images[s] {
-            node.resendAt = now + Self.resendAfter
-            resends += 1
-            runRound(&node, node.round.startRound(step: s, imageBytes: img.count), received: [])
-        }
+        let d = node.round.tick(now: now)
+        if d.contains(where: { if case .send = $0 { true } else { false } }) { resends += 1 }
+        runRound(&node, d, received: [])
         if var job = node.rebuild {
             let d = job.core.tick(now: now)
             runFetch(&node, &job, d, isRebuild: true)
@@ -850,7 +845,7 @@ struct ECSimulation {
                                             offset: offset, length: length, frameBytes: bytes.count, crcMatches: Self.crc(bytes) == crc,
                                             committedStep: node.committed)
             if d.contains(where: { if case .ack(_, _, _, _, let e) = $0 { e.hasPrefix("fenced") } else { false } }) {
-                faultCounts["zombie frame refused", default: 0] += 1
+                faultCounts["fenced frame refused", default: 0] += 1
             }
             let fenced = fencedAt["\(msg.from)#\(msg.fromInc)"]
             if fenced != nil, d.contains(where: { if case .fold = $0 { true } else { false } }) {
@@ -925,8 +920,10 @@ struct ECSimulation {
                 let bytes = Array(img[f.imageRange])
                 if let j = f.foldLocally { fold(&node, step: f.step, row: f.row, parityIndex: j, dataIndex: f.dataIndex, offset: f.offset, bytes) }
                 for to in f.to {
-                    sendData(node, to: to, .chunk(step: f.step, row: f.row, dataIndex: f.dataIndex, offset: f.offset, length: f.length,
-                                                  crc: Self.crc(bytes), bytes: bytes))
+                    // Stamped with the epoch the round was staged in (`Frame.epoch`), as the SMP does.
+                    send(from: node.name, fromInc: node.inc, epoch: f.epoch, to: to, toInc: node.view[to] ?? 0,
+                         .chunk(step: f.step, row: f.row, dataIndex: f.dataIndex, offset: f.offset, length: f.length,
+                                crc: Self.crc(bytes), bytes: bytes))
                 }
             case .allocateParity(let step, let row, _):
                 node.parity[step, default: [:]][row] = [UInt8](repeating: 0, count: chunkBytes)
