@@ -4,7 +4,8 @@
 # ten times a debug build's speed), in chunks, JOBS processes side by side.
 # A chunk stops at its first failing seed, which it prints with a one-line
 # replay command; a chunk over --chunk-timeout is reported (a seed that never
-# ends is a bug too). Summary lines go to stdout, each chunk's log to OUT.
+# ends is a bug too); either makes the script exit 1. Summary lines go to
+# stdout, each chunk's log to OUT.
 #
 #   scripts/sim-long.sh --plane data --seeds 100000 --first 501 --jobs 2
 #
@@ -53,10 +54,17 @@ seq "$first" "$chunk" $((first + seeds - 1)) | xargs -P "$jobs" -I{} bash -c '
     summary=$(grep -o "[a-z-]*-plane simulation: .*" "$out/$s.log" | head -1 | cut -c1-160)
     if [[ $rc -eq 0 ]]; then
         echo "seeds $s-$((s + n - 1)): passed in $(( $(date +%s) - t0 )) s; $summary"
+        exit 0
     elif [[ $rc -eq 124 ]]; then
         echo "seeds $s-$((s + n - 1)): TIMED OUT after $timeout_s s (log $out/$s.log)"
     else
-        echo "seeds $s-$((s + n - 1)): FAILED: $(grep -o "seed [0-9]* (replay[^)]*)[^;]*" "$out/$s.log" | head -1)"
+        seed=$(grep -o "seed [0-9]* (replay[^)]*)[^;]*" "$out/$s.log" | head -1)
+        echo "seeds $s-$((s + n - 1)): FAILED (exit $rc): ${seed:-no failing seed named, see the log} (log $out/$s.log)"
     fi
-'
+    exit 1
+' || failed=1
 echo "sim-long: $seeds seeds from $first ($plane plane) in $(( $(date +%s) - started )) s; logs in $out"
+if [[ -n ${failed:-} ]]; then
+    echo "sim-long: some chunks failed or timed out (above)" >&2
+    exit 1
+fi
