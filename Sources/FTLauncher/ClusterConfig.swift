@@ -22,6 +22,7 @@ import Foundation
 ///     phase_timeout = 60    # seconds a recovery phase may take at least (default 5; 60 for PyTorch workers)
 ///     memory_limit = 8G     # shared memory per node for snapshots (default: derived from the machine)
 ///     data_host = 10.0.0.2  # SMP data planes on tcp://ADDRESS:* with CURVE (default: private ipc sockets)
+///     hosts = netns         # every node, spare and the coordinator on a network-namespace host of its own (default: local)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -48,6 +49,15 @@ public struct ClusterConfig: Equatable, Sendable {
     /// `tcp://ADDRESS:*`, with CURVE, as nodes on separate hosts must; nil:
     /// a private ipc socket per SMP (one host).
     public var dataHost: String?
+    /// Where the job's processes run: `local` (one host, loopback), or
+    /// `netns`: every node, spare and the coordinator on a host of its own,
+    /// a network namespace with its own address (root only).
+    public var hosts = Hosts.local
+
+    public enum Hosts: String, Equatable, Sendable, CaseIterable {
+        case local
+        case netns
+    }
 
     /// Bytes from "N", "NK", "NM", "NG" or "NT" (powers of 1024), nil if malformed or not positive.
     public static func parseBytes(_ text: String) -> Int? {
@@ -95,13 +105,15 @@ public struct ClusterConfig: Equatable, Sendable {
         case portUnavailable = "port_unavailable"
         /// The run directory belongs to a job that is still running.
         case runDirectoryInUse = "run_directory_in_use"
+        /// What the configuration asks for cannot be had on this machine (namespaces without root).
+        case unavailable
     }
 
     public init() {}
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
                                     "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
-                                    "memory_limit", "data_host"]
+                                    "memory_limit", "data_host", "hosts"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -149,6 +161,11 @@ public struct ClusterConfig: Equatable, Sendable {
             }
             memoryLimit = v
         case "data_host": dataHost = value
+        case "hosts":
+            guard let v = Hosts(rawValue: value) else {
+                throw ConfigError(.badValue, "hosts must be local or netns, not '\(value)'")
+            }
+            hosts = v
         default:
             throw ConfigError(.unknownKey, "unknown key '\(key)' (known: \(Self.keys.sorted().joined(separator: ", ")))")
         }
@@ -160,6 +177,12 @@ public struct ClusterConfig: Equatable, Sendable {
     public func validate(binaries: String) throws(ConfigError) {
         if let dataHost, dataHost.isEmpty || dataHost.contains(where: { "/ :*".contains($0) }) {
             throw ConfigError(.badValue, "data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not '\(dataHost)'")
+        }
+        if hosts == .netns, let reason = NetnsHosts.unavailableReason {
+            throw ConfigError(.unavailable, "hosts = netns: \(reason)")
+        }
+        if hosts == .netns, dataHost != nil {
+            throw ConfigError(.inconsistent, "data_host names one address for every node; with hosts = netns each SMP serves on its own host's address: leave data_host out")
         }
         guard nodes >= 1 && nodes <= 256 else { throw ConfigError(.badValue, "nodes must be in 1...256, not \(nodes)") }
         guard workersPerNode >= 1 && workersPerNode <= 64 else {
@@ -241,6 +264,7 @@ public struct ClusterConfig: Equatable, Sendable {
         o.phaseTimeout = phaseTimeout
         o.memoryLimit = memoryLimit
         o.dataHost = dataHost
+        o.netns = hosts == .netns
         return o
     }
 }

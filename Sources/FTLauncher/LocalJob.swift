@@ -6,7 +6,10 @@ import Foundation
 import Synchronization
 
 /// A job of real processes on this host: a coordinator and `nodes` SMPs, each
-/// spawning its workers, all on loopback with per-job CURVE keys. Each SMP
+/// spawning its workers, with per-job CURVE keys: all on loopback, or with
+/// `netns` each on a host of its own (a network namespace with its own
+/// address: `NetnsHosts`), the coordinator on one more and every spare on its
+/// own. Each SMP
 /// (a node: the SMP and its workers) and the coordinator run in a process
 /// group of their own. Every process it starts is recorded in
 /// `RUN_DIR/job.pids` (the SMPs record their workers in `RUN_DIR/pids`) and
@@ -40,6 +43,11 @@ public final class LocalJob: @unchecked Sendable {
         /// Each SMP's data endpoint on `tcp://dataHost:*` (CURVE with the job's
         /// keys) instead of its private ipc socket (`ft-smp --data-endpoint`).
         public var dataHost: String?
+        /// Every node, spare and the coordinator on a host of its own: a
+        /// network namespace with its own address on a bridge (`NetnsHosts`;
+        /// needs root). SMPs serve their data planes on their host's address,
+        /// found from the route to the coordinator (`--data-endpoint auto`).
+        public var netns = false
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -59,6 +67,8 @@ public final class LocalJob: @unchecked Sendable {
     /// Spares still in standby.
     public private(set) var spares: [(index: Int, process: ChildProcess)] = []
     private let coordinatorArgs: [String]
+    /// The job's hosts when it runs on network namespaces.
+    public let hosts: NetnsHosts?
 
     public var dir: String { options.runDirectory }
     public var job: String { options.jobID }
@@ -69,7 +79,12 @@ public final class LocalJob: @unchecked Sendable {
         try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true)
         if options.curve { try JobKeys.generate(in: options.runDirectory + "/keys", nodes: (0..<options.nodes).map { "n\($0)" }) }
         try (options.jobID + "\n").write(toFile: options.runDirectory + "/job.id", atomically: true, encoding: .utf8)
-        endpoint = "tcp://127.0.0.1:\(try options.coordinatorPort ?? Self.freePort())"
+        let port = try options.coordinatorPort ?? Self.freePort()
+        hosts = options.netns
+            ? try NetnsHosts(roles: ["coordinator"] + (0..<options.nodes).map { "n\($0)" } + (0..<options.spares).map { "spare\($0)" },
+                             runDirectory: options.runDirectory)
+            : nil
+        endpoint = "tcp://\(hosts?.host("coordinator").address ?? "127.0.0.1"):\(port)"
         coordinatorArgs = [options.binaries + "/ft-coordinator", "--job-id", options.jobID, "--nodes", "\(options.nodes)",
                            "--workers-per-node", "\(options.workersPerNode)", "--endpoint", endpoint, "--run-dir", options.runDirectory,
                            "--linger-ms", "\(options.lingerMs)", "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
@@ -77,16 +92,29 @@ public final class LocalJob: @unchecked Sendable {
             + (options.erasure.map { ["--ec", "\($0.k)+\($0.m)"] } ?? [])
             + ["--snapshot-interval", "\(options.snapshotInterval)"]
             + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
-        try startCoordinator()
-        for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
-        if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }
-        for i in 0..<options.spares {
-            let args = smpArguments(node: "spare\(i)", rankOffset: 0) + ["--standby", dir + "/spares/spare\(i).assign", "--"] + options.workerCommand
-            spares.append((i, try ChildProcess(arguments: args, environment: smpEnvironment([:]), newProcessGroup: true,
-                                               outputPath: dir + "/spare\(i).log")))
+        do {
+            try startCoordinator()
+            for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
+            if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }
+            for i in 0..<options.spares {
+                let args = smpArguments(node: "spare\(i)", rankOffset: 0) + ["--standby", dir + "/spares/spare\(i).assign", "--"] + options.workerCommand
+                spares.append((i, try ChildProcess(arguments: placed("spare\(i)", args), environment: smpEnvironment([:]), newProcessGroup: true,
+                                                   outputPath: dir + "/spare\(i).log")))
+            }
+            try writePIDs()
+        } catch {
+            stop(removeFiles: false)
+            throw error
         }
-        try writePIDs()
     }
+
+    /// `args` run on `role`'s host: in its namespace, or as they are on one host.
+    private func placed(_ role: String, _ args: [String]) -> [String] {
+        hosts.map { $0.command(role, args) } ?? args
+    }
+
+    /// The address of `role`'s host (127.0.0.1 on one host).
+    public func address(of role: String) -> String { hosts?.host(role).address ?? "127.0.0.1" }
 
     private func smpArguments(node: String, rankOffset: Int) -> [String] {
         [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", node, "--run-dir", options.runDirectory,
@@ -96,6 +124,7 @@ public final class LocalJob: @unchecked Sendable {
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.memoryLimit.map { ["--memory-limit", "\($0)"] } ?? [])
             + (options.dataHost.map { ["--data-endpoint", "tcp://\($0):*"] + (options.curve ? [] : ["--insecure"]) } ?? [])
+            + (options.netns && options.dataHost == nil ? ["--data-endpoint", "auto"] + (options.curve ? [] : ["--insecure"]) : [])
     }
 
     private func smpEnvironment(_ extra: [String: String]) -> [String: String] {
@@ -105,7 +134,8 @@ public final class LocalJob: @unchecked Sendable {
         // binaries, and torch.distributed's rendezvous (a port per epoch).
         let library = options.binaries + "/libFTWorkerC.so"
         if env["FT_WORKER_LIB"] == nil, FileManager.default.fileExists(atPath: library) { env["FT_WORKER_LIB"] = library }
-        env["FT_MASTER_ADDR"] = env["FT_MASTER_ADDR"] ?? "127.0.0.1"
+        // torch.distributed's store on rank 0's host (n0's: a spare that takes n0 over elsewhere does not move it).
+        env["FT_MASTER_ADDR"] = env["FT_MASTER_ADDR"] ?? address(of: "n0")
         env["FT_MASTER_PORT_BASE"] = env["FT_MASTER_PORT_BASE"] ?? "\(masterPorts.base)"
         env["FT_MASTER_PORT_SPAN"] = env["FT_MASTER_PORT_SPAN"] ?? "\(masterPorts.span)"
         return env
@@ -167,7 +197,7 @@ public final class LocalJob: @unchecked Sendable {
     @discardableResult
     public func startSMP(node n: Int, environment extra: [String: String] = [:]) throws -> ChildProcess {
         let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode) + ["--"] + options.workerCommand
-        let smp = try ChildProcess(arguments: args, environment: smpEnvironment(extra), newProcessGroup: true,
+        let smp = try ChildProcess(arguments: placed("n\(n)", args), environment: smpEnvironment(extra), newProcessGroup: true,
                                    outputPath: options.runDirectory + "/smp-n\(n).log")
         if n < smps.count {
             retired.append(smps[n])
@@ -208,7 +238,7 @@ public final class LocalJob: @unchecked Sendable {
 
     /// Starts (or restarts) the coordinator on the job's endpoint.
     public func startCoordinator() throws {
-        let c = try ChildProcess(arguments: coordinatorArgs, environment: ProcessInfo.processInfo.environment, newProcessGroup: true,
+        let c = try ChildProcess(arguments: placed("coordinator", coordinatorArgs), environment: ProcessInfo.processInfo.environment, newProcessGroup: true,
                                  outputPath: options.runDirectory + "/coordinator.log")
         coordinator = c
         coordinators.append(c)
@@ -258,6 +288,7 @@ public final class LocalJob: @unchecked Sendable {
                 kill(pid, SIGKILL)
             }
             RecordedProcesses.freeSharedMemory(job: job)
+            NetnsHosts.remove(recordIn: dir)
         }
         return jobs.keys.sorted()
     }
@@ -276,6 +307,8 @@ public final class LocalJob: @unchecked Sendable {
             p.wait(timeoutSeconds: 5)
         }
         RecordedProcesses.freeSharedMemory(job: job)
+        // Every process in them has ended: the hosts go (the record says what, should this object not know).
+        NetnsHosts.remove(recordIn: dir)
         if removeFiles { try? FileManager.default.removeItem(atPath: dir) }
     }
 
@@ -284,6 +317,9 @@ public final class LocalJob: @unchecked Sendable {
         (RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) },
          RecordedProcesses.segments(job: job))
     }
+
+    /// The job's namespaces, links and bridge that still exist (after `stop`: none).
+    public func networkLeftovers() -> [String] { NetnsHosts.leftovers(recordIn: dir) }
 
     /// A loopback TCP port that was free a moment ago.
     public static func freePort() throws -> Int {

@@ -72,6 +72,9 @@ final class WorkerSupervisor {
         if let c = config.coordinatorEndpoint { env["FT_COORDINATOR_ENDPOINT"] = c }
         if let k = config.keysDirectory { env["FT_KEYS_DIR"] = k }
         env["FT_SMP_ENDPOINT"] = smpEndpoint
+        // The address peers on other hosts reach this one at (the data plane's): workers
+        // bind their collectives there. On one host (ipc data plane), loopback.
+        if let host = ZMQEndpoint.host(of: config.dataEndpoint), host != "*", host != "0.0.0.0" { env["FT_HOST_ADDR"] = host }
         env["FT_RESTART_COUNT"] = "\(restarts[workerID, default: 0])"
         env["FT_RUN_DIR"] = config.runDirectory
         env["FT_HEARTBEAT_MS"] = "\(Int(config.heartbeatInterval * 1000))"

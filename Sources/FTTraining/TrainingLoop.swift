@@ -270,7 +270,9 @@ extension CoordinatedTrainingLoop {
         guard let coordinator = env["FT_COORDINATOR_ENDPOINT"] else {
             throw SnapshotError(code: .misuse, message: "FT_COORDINATOR_ENDPOINT is not set (ft-smp --coordinator)")
         }
-        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID)
+        // On this host's address for peers (FT_HOST_ADDR, from the SMP), loopback on one host.
+        let ring = try RingCollective(rank: identity.dpRank, worldSize: identity.dpSize, job: identity.jobID,
+                                      host: env["FT_HOST_ADDR"] ?? "127.0.0.1")
         let keys = try env["FT_KEYS_DIR"].map { try JobKeys.load(from: $0, role: .worker) }
         let heartbeat = env["FT_HEARTBEAT_MS"].flatMap(Double.init).map { $0 / 1000 } ?? 0.1
         let control = try WorkerControl(

@@ -20,7 +20,11 @@ struct Start: ParsableCommand {
         abstract: "Start a job from a config file and/or flags, keep it whole until it ends (cluster/launch).",
         discussion: """
             Every node runs locally as its own process group (its SMP and the SMP's workers) on loopback; the \
-            coordinator too. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any \
+            coordinator too. With --hosts netns (root), every node, every spare and the coordinator runs on a host of \
+            its own: a network namespace with its own address on a bridge; traffic between them crosses veth links, \
+            and each SMP serves its data plane on its host's address. The namespaces, links and bridge are recorded \
+            in RUN_DIR/netns and removed when the job ends, when it is stopped, and by cluster/stop RUN_DIR after a \
+            launcher that died. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any \
             spares, waits until the job runs, prints where the logs are, then stays in the foreground: it starts a \
             replacement for a node the coordinator declared lost (a spare while one is left, otherwise the node's SMP \
             restarted empty; either rebuilds from parity) and restarts a dead coordinator. It ends with the job: \
@@ -29,7 +33,7 @@ struct Start: ParsableCommand {
 
             Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or \
             none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms, \
-            phase_timeout, memory_limit.
+            phase_timeout, memory_limit, data_host, hosts (local or netns).
             See cluster/example.conf.
             """)
 
@@ -78,6 +82,9 @@ struct Start: ParsableCommand {
     @Option(help: ArgumentHelp("Serve each SMP's data plane (EC chunks, rebuild fetches, DP slices) on tcp://ADDRESS:* with CURVE, as nodes on separate hosts must, instead of a private ipc socket per SMP.", valueName: "address"))
     var dataHost: String?
 
+    @Option(help: ArgumentHelp("Where the job's processes run: local (one host, loopback; default) or netns (every node, spare and the coordinator on a network-namespace host of its own, with its own address; needs root).", valueName: "local|netns"))
+    var hosts: String?
+
     @Option(help: "Seconds to wait for the job to start running.")
     var startTimeout = 120.0
 
@@ -114,6 +121,7 @@ struct Start: ParsableCommand {
                 c.memoryLimit = v
             }
             if let dataHost { c.dataHost = dataHost }
+            if let hosts { try c.set("hosts", hosts) }
             if !workerCommand.isEmpty { c.workerCommand = workerCommand }
             try c.validate(binaries: binaries)
         } catch let error as ClusterConfig.ConfigError {
@@ -152,7 +160,7 @@ struct Start: ParsableCommand {
         }
         say("""
             job \(job) is running (started in \(String(format: "%.1f", monotonicSeconds() - started)) s); coordinator \(local.endpoint)
-              run directory  \(dir)
+              run directory  \(dir)\(local.hosts.map { h in "\n  hosts          network namespaces " + h.hosts.values.sorted { $0.address.compare($1.address, options: .numeric) == .orderedAscending }.map { "\($0.role) \($0.address)" }.joined(separator: ", ") } ?? "")
               logs           \(dir)/coordinator.log, \(dir)/smp-n*.log, \(dir)/logs/NODE-WORKER.log
               watch          \(binaries)/ftctl status --run-dir \(dir) --watch
               PIDs           \(dir)/job.pids (+ \(dir)/pids/)
@@ -317,7 +325,7 @@ struct Demo: ParsableCommand {
 
 struct Stop: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "End every process a job recorded (RUN_DIR/job.pids, RUN_DIR/pids), by PID, and free its shared memory.",
+        abstract: "End every process a job recorded (RUN_DIR/job.pids, RUN_DIR/pids), by PID, free its shared memory, and remove its network namespaces (RUN_DIR/netns).",
         discussion: """
             SIGTERM first (a launcher then ends its job itself, an SMP frees its memory), SIGKILL after --grace \
             seconds to whatever of the job is left. A PID is signalled only while it still names a process of the \
@@ -343,7 +351,9 @@ struct Stop: ParsableCommand {
         } ?? false
         guard !targets.isEmpty || launcherAlive else {
             RecordedProcesses.freeSharedMemory(job: job)
-            say("job \(job): nothing of it is running")
+            let removed = NetnsHosts.remove(recordIn: runDir)
+            say("job \(job): nothing of it is running" + (removed.isEmpty ? "" : "; removed what it left: \(removed.joined(separator: ", "))"))
+            if !NetnsHosts.leftovers(recordIn: runDir).isEmpty { throw ExitCode(1) }
             return
         }
         if launcherAlive, let launcher { targets.append(launcher) }
@@ -361,9 +371,13 @@ struct Stop: ParsableCommand {
         usleep(100_000)
         RecordedProcesses.freeSharedMemory(job: job)
         let remaining = RecordedProcesses.all(runDirectory: runDir).filter { RecordedProcesses.belongs($0, toJob: job) }
+        // The job's network hosts, once nothing of it runs in them (a launcher that got SIGTERM removed them itself).
+        if remaining.isEmpty && !(launcherAlive && kill(launcher!, 0) == 0) { NetnsHosts.remove(recordIn: runDir) }
         let segments = RecordedProcesses.segments(job: job)
-        say("job \(job) stopped: \(remaining.count) recorded processes alive, \(segments.count) shared-memory segments left")
-        if !remaining.isEmpty || !segments.isEmpty { throw ExitCode(1) }
+        let network = NetnsHosts.leftovers(recordIn: runDir)
+        say("job \(job) stopped: \(remaining.count) recorded processes alive, \(segments.count) shared-memory segments left"
+            + (network.isEmpty ? "" : ", \(network.count) network namespaces/links left (\(network.joined(separator: ", ")))"))
+        if !remaining.isEmpty || !segments.isEmpty || !network.isEmpty { throw ExitCode(1) }
     }
 }
 

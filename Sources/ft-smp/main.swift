@@ -42,7 +42,7 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Endpoint workers connect to (default: ipc://RUN_DIR/sockets/NODE-pPID.smp.sock; that directory is made 0700, the socket 0600, and each request must come from the worker it names).")
     var endpoint: String?
 
-    @Option(help: "Where peers reach this SMP (EC chunks, fetches, other nodes' workers' slices); needs --coordinator. Default: ipc://RUN_DIR/sockets/NODE-pPID.data.sock (one host; the socket 0600, each peer of the job's uid). A tcp://ADDR:PORT (or :*) for nodes on other hosts: with --keys it is CURVE, admitting only the job's SMP and worker keys; without --keys it needs --insecure.")
+    @Option(help: "Where peers reach this SMP (EC chunks, fetches, other nodes' workers' slices); needs --coordinator. Default: ipc://RUN_DIR/sockets/NODE-pPID.data.sock (one host; the socket 0600, each peer of the job's uid). A tcp://ADDR:PORT (or :*) for nodes on other hosts, or auto: tcp on the address of this host's interface toward the coordinator, port free. With --keys it is CURVE, admitting only the job's SMP and worker keys; without --keys it needs --insecure.")
     var dataEndpoint: String?
 
     @Flag(help: "Allow a tcp --endpoint the network can reach, or a tcp --data-endpoint without --keys: requests there carry no credentials the SMP can check, so anyone who reaches it can read and void snapshots. Logged at every start.")
@@ -103,10 +103,13 @@ struct FTSMPCommand: ParsableCommand {
         if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
         if let dataEndpoint {
             guard coordinator != nil else { throw ValidationError("--data-endpoint is for peers of a job with a coordinator; give --coordinator too") }
-            guard dataEndpoint.hasPrefix("tcp://") || dataEndpoint.hasPrefix("ipc://") else {
-                throw ValidationError("--data-endpoint must be tcp://ADDR:PORT or ipc://PATH, not '\(dataEndpoint)'")
+            guard dataEndpoint.hasPrefix("tcp://") || dataEndpoint.hasPrefix("ipc://") || dataEndpoint == "auto" else {
+                throw ValidationError("--data-endpoint must be tcp://ADDR:PORT, ipc://PATH or auto, not '\(dataEndpoint)'")
             }
-            if dataEndpoint.hasPrefix("tcp://"), keys == nil, !insecure {
+            if dataEndpoint == "auto", coordinator.flatMap(ZMQEndpoint.host(of:)) == nil {
+                throw ValidationError("--data-endpoint auto takes this host's address from the route to the coordinator: --coordinator must be tcp://ADDRESS:PORT")
+            }
+            if dataEndpoint.hasPrefix("tcp://") || dataEndpoint == "auto", keys == nil, !insecure {
                 throw ValidationError("--data-endpoint \(dataEndpoint) without --keys would serve every tensor to whoever reaches it: "
                     + "give --keys (CURVE), leave it out (a private ipc socket), or give --insecure on a network you trust")
             }
@@ -147,7 +150,15 @@ struct FTSMPCommand: ParsableCommand {
                                       workerCount: workers, workerCommand: workerCommand, maxRestarts: maxRestarts)
         config.coordinatorEndpoint = coordinator
         config.keysDirectory = keys
-        if let dataEndpoint {
+        if var dataEndpoint {
+            if dataEndpoint == "auto" {
+                let coordinatorHost = coordinator.flatMap(ZMQEndpoint.host(of:)) ?? ""
+                guard let address = ZMQEndpoint.sourceAddress(toward: coordinatorHost) else {
+                    throw ValidationError("--data-endpoint auto: no IPv4 route from this host to the coordinator's address \(coordinatorHost)")
+                }
+                dataEndpoint = "tcp://\(address):*"
+                logger.info("data endpoint on \(address), this host's address toward the coordinator")
+            }
             config.dataEndpoint = dataEndpoint
             if dataEndpoint.hasPrefix("tcp://") && keys == nil {
                 logger.warning("INSECURE: data endpoint \(dataEndpoint) has no CURVE (--insecure without --keys): anyone who reaches it can read every tensor and inject parity")

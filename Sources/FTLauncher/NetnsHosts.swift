@@ -1,0 +1,197 @@
+import FTSystem
+import Foundation
+
+/// A job's hosts as network namespaces on this machine: each host (the
+/// coordinator's, every node's, every spare's) is a namespace with its own
+/// IPv4 address, joined to the others by a veth pair on a bridge in the root
+/// namespace. Traffic between hosts crosses two veths and the bridge, as it
+/// crosses NICs and a switch between machines; the root namespace (the
+/// launcher, `ftctl`) reaches every host through the bridge's address.
+///
+/// Names carry a tag unique to the run (`ft<tag>-n0`, `ft<tag>b`, …), so runs
+/// side by side do not collide. Before anything is created, its name is
+/// appended to `RUN_DIR/netns`: `NetnsHosts.remove(recordIn:)` deletes what
+/// that file names, whoever created it (a launcher that died, a test that
+/// failed halfway through its set-up).
+///
+/// Faults of the network act on a host's link, the veth end on the bridge:
+/// `setLink(_:up:)` cuts a host off (a partition) and mends it;
+/// `throttle(_:megabitsPerSecond:)` limits its bandwidth both ways with `tbf`
+/// (this kernel has no `netem`).
+///
+/// Needs root (namespaces, links); `unavailableReason` says why not.
+public final class NetnsHosts: @unchecked Sendable {
+    public struct Host: Sendable, Equatable {
+        /// "coordinator", "n0", "spare0", …
+        public var role: String
+        /// The namespace, under /run/netns.
+        public var namespace: String
+        /// The host's IPv4 address.
+        public var address: String
+        /// The veth end on the bridge (in the root namespace): its link.
+        public var link: String
+    }
+
+    public let tag: String
+    public let bridge: String
+    /// The bridge's address: the root namespace as seen from the hosts.
+    public let bridgeAddress: String
+    public private(set) var hosts: [String: Host] = [:]
+    private let record: String
+    private let log: String
+
+    /// Why namespaces cannot be made here, or nil when they can.
+    public static var unavailableReason: String? {
+        if getuid() != 0 { return "network namespaces need root (uid \(getuid()))" }
+        for tool in ["ip", "nsenter", "tc"] where ChildProcess.resolve(tool) == nil { return "\(tool) is not installed" }
+        return nil
+    }
+
+    /// Creates a host per role, in order, each with an address on a /16 of
+    /// its own in 10.0.0.0/8 (one no interface of this machine uses). On
+    /// failure everything made so far is removed and the error thrown.
+    public init(roles: [String], runDirectory: String) throws {
+        if let reason = Self.unavailableReason { throw SystemError("network namespaces: \(reason)", errno: EPERM) }
+        precondition(!roles.isEmpty && roles.count < 60_000 && Set(roles).count == roles.count)
+        record = runDirectory + "/netns"
+        log = runDirectory + "/netns.log"
+        // 6 characters: bridge and veth names stay within IFNAMSIZ - 1 = 15.
+        var random = SystemRandomNumberGenerator()
+        tag = String(String(UInt32.random(in: 0...UInt32.max, using: &random) ^ UInt32(getpid()), radix: 36).suffix(6))
+        bridge = "ft\(tag)b"
+        let used = Self.output(["ip", "-4", "-o", "addr", "show"]) + Self.output(["ip", "-4", "route", "show"])
+        let seed = Int(tag.unicodeScalars.reduce(UInt32(0)) { $0 &* 31 &+ $1.value } % 200)
+        let second = (0..<200).map { 20 + (seed + $0) % 200 }.first { !used.contains(" 10.\($0).") && !used.contains("\n10.\($0).") } ?? 20 + seed
+        bridgeAddress = "10.\(second).0.1"
+        // What an earlier job in this run directory left (its launcher died) goes first: the record is started anew.
+        Self.remove(recordIn: runDirectory)
+        guard FileManager.default.createFile(atPath: record, contents: nil) else { throw SystemError("create \(record)", errno: errno) }
+        do {
+            try note("bridge \(bridge)")
+            try ip(["link", "add", bridge, "type", "bridge"])
+            try ip(["addr", "add", bridgeAddress + "/16", "dev", bridge])
+            try ip(["link", "set", bridge, "up"])
+            for (i, role) in roles.enumerated() {
+                let n = i + 2
+                let host = Host(role: role, namespace: "ft\(tag)-\(role)", address: "10.\(second).\(n >> 8).\(n & 255)",
+                                link: "ft\(tag)h\(i)")
+                try note("netns \(host.namespace)")
+                try ip(["netns", "add", host.namespace])
+                try note("link \(host.link)")
+                try ip(["link", "add", host.link, "type", "veth", "peer", "name", "eth0", "netns", host.namespace])
+                try ip(["link", "set", host.link, "master", bridge, "up"])
+                try ip(["-n", host.namespace, "addr", "add", host.address + "/16", "dev", "eth0"])
+                try ip(["-n", host.namespace, "link", "set", "eth0", "up"])
+                try ip(["-n", host.namespace, "link", "set", "lo", "up"])
+                try ip(["-n", host.namespace, "route", "add", "default", "via", bridgeAddress])
+                hosts[role] = host
+            }
+        } catch {
+            Self.remove(recordIn: runDirectory)
+            throw error
+        }
+    }
+
+    public func host(_ role: String) -> Host {
+        guard let h = hosts[role] else { preconditionFailure("no host \(role)") }
+        return h
+    }
+
+    /// `command` run with only its network in `role`'s namespace (nsenter
+    /// execs it: the pid is the command's own).
+    public func command(_ role: String, _ command: [String]) -> [String] {
+        ["nsenter", "--net=/run/netns/" + host(role).namespace, "--"] + command
+    }
+
+    /// Cuts `role`'s host off the network (its link down), or mends it.
+    public func setLink(_ role: String, up: Bool) throws {
+        try ip(["link", "set", host(role).link, up ? "up" : "down"])
+    }
+
+    /// Limits `role`'s link to `megabitsPerSecond` each way with `tbf`
+    /// (nil: no limit).
+    public func throttle(_ role: String, megabitsPerSecond: Int?) throws {
+        let h = host(role)
+        for (namespace, device) in [(nil, h.link), (h.namespace, "eth0")] as [(String?, String)] {
+            let at = namespace.map { ["-n", $0] } ?? []
+            _ = try? run(["tc"] + at + ["qdisc", "del", "dev", device, "root"], quiet: true)
+            if let rate = megabitsPerSecond {
+                // A bucket of ~4 ms at the rate (at least 64 KiB), a queue of 100 ms.
+                let burst = max(64 << 10, rate * 1_000_000 / 8 / 250)
+                try run(["tc"] + at + ["qdisc", "add", "dev", device, "root", "tbf", "rate", "\(rate)mbit", "burst", "\(burst)",
+                                       "latency", "100ms"])
+            }
+        }
+    }
+
+    /// Deletes every namespace, link and bridge `RUN_DIR/netns` names (those
+    /// already gone are skipped), then the record. Returns what it deleted.
+    @discardableResult
+    public static func remove(recordIn runDirectory: String) -> [String] {
+        let path = runDirectory + "/netns"
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        var removed: [String] = []
+        // Namespaces first (their veth pairs go with them), then links left in the root, then the bridge.
+        let entries = text.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }.filter { $0.count == 2 }
+        for kind in ["netns", "link", "bridge"] {
+            for e in entries where e[0] == kind && !e[1].isEmpty && !e[1].contains("/") {
+                let exists = kind == "netns" ? FileManager.default.fileExists(atPath: "/run/netns/" + e[1])
+                                             : FileManager.default.fileExists(atPath: "/sys/class/net/" + e[1])
+                guard exists else { continue }
+                let args = kind == "netns" ? ["ip", "netns", "delete", e[1]] : ["ip", "link", "delete", e[1]]
+                if (try? ChildProcess(arguments: args, environment: [:], outputPath: "/dev/null").wait(timeoutSeconds: 10))?.isSuccess == true {
+                    removed.append("\(kind) \(e[1])")
+                }
+            }
+        }
+        unlink(path)
+        return removed
+    }
+
+    /// The namespaces of this machine whose names `RUN_DIR/netns` records and that still exist.
+    public static func leftovers(recordIn runDirectory: String) -> [String] {
+        guard let text = try? String(contentsOfFile: runDirectory + "/netns", encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let p = line.split(separator: " ").map(String.init)
+            guard p.count == 2 else { return nil }
+            let exists = p[0] == "netns" ? FileManager.default.fileExists(atPath: "/run/netns/" + p[1])
+                                         : FileManager.default.fileExists(atPath: "/sys/class/net/" + p[1])
+            return exists ? "\(p[0]) \(p[1])" : nil
+        }
+    }
+
+    /// Removes everything this object made.
+    public func remove() {
+        Self.remove(recordIn: String(record.dropLast("/netns".count)))
+    }
+
+    private func note(_ line: String) throws {
+        guard let h = FileHandle(forWritingAtPath: record) else { throw SystemError("open \(record)", errno: errno) }
+        defer { try? h.close() }
+        try h.seekToEnd()
+        try h.write(contentsOf: Data((line + "\n").utf8))
+        try h.synchronize()
+    }
+
+    private func ip(_ args: [String]) throws { try run(["ip"] + args) }
+
+    private func run(_ args: [String], quiet: Bool = false) throws {
+        let p = try ChildProcess(arguments: args, environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"], outputPath: log)
+        guard let status = p.wait(timeoutSeconds: 20) else {
+            p.kill(SIGKILL)
+            throw SystemError("\(args.joined(separator: " ")): no answer in 20 s", errno: ETIMEDOUT)
+        }
+        guard status.isSuccess || quiet else {
+            let tail = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").last.map(String.init) ?? ""
+            throw SystemError("\(args.joined(separator: " ")): \(status) (\(tail))", errno: EIO)
+        }
+    }
+
+    private static func output(_ args: [String]) -> String {
+        let path = NSTemporaryDirectory() + "ft-netns-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).out"
+        defer { unlink(path) }
+        guard let p = try? ChildProcess(arguments: args, environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"], outputPath: path),
+              p.wait(timeoutSeconds: 10) != nil else { return "" }
+        return "\n" + ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "")
+    }
+}
