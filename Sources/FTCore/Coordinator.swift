@@ -22,6 +22,12 @@ public struct CoordinatorSettings: Sendable {
     /// A restarted coordinator that heard from a job that already ran waits
     /// this long for every node's hello; then the missing nodes are lost.
     public var startGrace: Double = 2
+    /// How long this coordinator may hear from no member at all (its own
+    /// link cut: a partition of its host) before it declares them all dead;
+    /// meanwhile it declares nobody and every deadline waits. nil: derived,
+    /// `max(10 s, 20 × heartbeatTimeout)`; only with two nodes or more (one
+    /// node's silence is that node's).
+    public var isolationLimit: Double?
     /// The step-progress watchdog (a hang that keeps heartbeats alive).
     public var watchdog = ProgressWatchdog.Settings()
     /// Steps between snapshots (informational: workers decide collectively).
@@ -255,6 +261,7 @@ public struct CoordinatorInstance: Sendable {
     public init(settings: CoordinatorSettings) {
         self.settings = settings
         detector = FailureDetectorInstance(interval: settings.heartbeatInterval, timeout: settings.heartbeatTimeout)
+        if settings.nodes >= 2 { detector.isolationLimit = settings.isolationLimit ?? max(10, 20 * settings.heartbeatTimeout) }
         watchdog = ProgressWatchdog(settings: settings.watchdog)
     }
 
@@ -420,7 +427,15 @@ public struct CoordinatorInstance: Sendable {
         if startingSince == nil { startingSince = now }
         guard state != .stopped && state != .failed else { return out }
         let t = detector.tick(now: now)
-        if let gap = t.stalledFor {
+        if let cut = t.isolatedFor {
+            // Cut off from every member: nothing can commit, and no one is accused; every deadline waits.
+            if cut == 0 {
+                out.append(.log("every member fell silent at once: this coordinator is cut off from them (a partition of its "
+                    + "host), not all dead; it declares nobody for up to \(Int(detector.isolationLimit ?? 0)) s"))
+            }
+            return out
+        }
+        if let gap = t.stalledFor ?? t.isolationEnded {
             // The observer's pause is not the observed's failure: every deadline moves by it.
             for step in roundStartedAt.keys { roundStartedAt[step]! += gap }
             if var r = recovery {
@@ -431,8 +446,10 @@ public struct CoordinatorInstance: Sendable {
             }
             watchdog.shift(by: gap)
             if let s = startingSince { startingSince = s + gap }
-            out.append(.log("this coordinator stalled for \(Int(gap * 1000)) ms (its loop did not run): every member gets a fresh "
-                + "grace period; timeouts are now \(Int(detector.effectiveTimeout * 1000)) ms (local health \(detector.localHealth))"))
+            let what = t.stalledFor != nil ? "this coordinator stalled for \(Int(gap * 1000)) ms (its loop did not run)"
+                : "this coordinator hears its members again after \(Int(gap * 1000)) ms cut off"
+            out.append(.log(what + ": every member gets a fresh grace period; timeouts are now "
+                + "\(Int(detector.effectiveTimeout * 1000)) ms (local health \(detector.localHealth))"))
         }
         // Every member found silent in this tick is marked dead before any is acted
         // upon: the recovery planned for the first must already see the others. (A

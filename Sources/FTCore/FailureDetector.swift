@@ -19,6 +19,19 @@
 /// effective timeout is `timeout × (1 + localHealth)`: an observer that keeps
 /// missing its own deadlines is slower to accuse. `localHealth` falls by one
 /// after each `healthDecay` seconds without a stall.
+///
+/// **The observer can be the one cut off.** With `isolationLimit` set, a
+/// tick that finds a member past the timeout while *no* tracked member (of
+/// two or more) was heard for half the timeout declares nobody: members that
+/// die one by one are declared while the others still talk, so a silence
+/// that fell on all of them together is the observer's own link (a
+/// partition of the coordinator's host) far more often than every host dying
+/// in the same instant. The detector is *isolated*: it reports that, and
+/// keeps every member tracked. The first member heard again ends
+/// it, as a stall ends: every member gets a fresh grace period and
+/// `localHealth` rises, so one that really died meanwhile is declared a
+/// timeout later. An isolation that lasts `isolationLimit` seconds is taken
+/// for what it looks like: every member is declared.
 public struct FailureDetectorInstance: Sendable {
     public enum Liveness: String, Sendable {
         case alive, suspect
@@ -30,6 +43,10 @@ public struct FailureDetectorInstance: Sendable {
         public var dead: [Death] = []
         /// The observer's own gap, when this tick found it stalled (nobody is declared then).
         public var stalledFor: Double?
+        /// How long every member has been silent, while the observer is isolated (nobody is declared then).
+        public var isolatedFor: Double?
+        /// How long the isolation lasted, at the tick that found a member heard again.
+        public var isolationEnded: Double?
     }
 
     public struct Death: Sendable, Equatable {
@@ -44,6 +61,12 @@ public struct FailureDetectorInstance: Sendable {
     /// Seconds without a stall after which `localHealth` falls by one.
     public let healthDecay: Double
     public static let maxLocalHealth = 4
+    /// Seconds every member may be silent at once before they are declared
+    /// (the observer isolated meanwhile); nil: no isolation, members are
+    /// declared as they time out.
+    public var isolationLimit: Double?
+    /// When the observer found itself cut off from every member.
+    public private(set) var isolatedSince: Double?
 
     private var lastHeard: [String: Double] = [:]
     private var lastTick: Double?
@@ -105,6 +128,25 @@ public struct FailureDetectorInstance: Sendable {
             healthChangedAt = now
         }
         let limit = effectiveTimeout
+        let newest = lastHeard.values.max() ?? now
+        if let since = isolatedSince {
+            if newest < since, lastHeard.count >= 2 {
+                if let cap = isolationLimit, now - since < cap { return Tick(isolatedFor: now - since) }
+                isolatedSince = nil  // past the limit: declared below like any silence
+            } else {
+                // Someone was heard: the cut is mended. Silence counts again from now.
+                isolatedSince = nil
+                localHealth = min(Self.maxLocalHealth, localHealth + 1)
+                healthChangedAt = now
+                for id in lastHeard.keys { lastHeard[id] = max(lastHeard[id]!, now) }
+                return Tick(isolationEnded: now - since)
+            }
+        } else if let cap = isolationLimit, cap > 0, lastHeard.count >= 2, now - newest > limit / 2,
+                  lastHeard.values.contains(where: { now - $0 > limit }) {
+            // Someone timed out, and nobody at all was heard for half the timeout: the silence is ours.
+            isolatedSince = now
+            return Tick(isolatedFor: 0)
+        }
         let dead = lastHeard.filter { now - $0.value > limit }
             .map { Death(id: $0.key, silentFor: now - $0.value) }
             .sorted { $0.silentFor > $1.silentFor || ($0.silentFor == $1.silentFor && $0.id < $1.id) }

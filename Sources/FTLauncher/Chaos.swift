@@ -29,6 +29,9 @@ public final class ChaosRunner: @unchecked Sendable {
         public var keepDirectories = false
         /// SMP data planes on `tcp://dataHost:*` with CURVE instead of ipc (`LocalJob.Options.dataHost`).
         public var dataHost: String?
+        /// Every node, spare and the coordinator on a network-namespace host of its own (`LocalJob.Options.netns`);
+        /// the network scenarios (`networkScenarios`) need it.
+        public var netns = false
         public var progress: @Sendable (String) -> Void = { _ in }
         public init(binaries: String, workDirectory: String) {
             self.binaries = binaries
@@ -92,7 +95,19 @@ public final class ChaosRunner: @unchecked Sendable {
         ("kill-source-during-rebuild", "RS(2+2): SIGKILL a node, then another (a source of the rebuild) while it rebuilds"),
         ("second-fault-during-recovery", "SIGKILL a node or a worker, then a worker of another node at a random moment of the recovery"),
         ("kill-all-workers", "4 nodes x 3 workers: SIGKILL every worker of the job at once: one failure event"),
+        ("partition-node", "--hosts netns: a node's link down past the timeout (a spare takes over), then up: the old incarnation is fenced, exits, frees its memory"),
+        ("partition-coordinator", "--hosts netns: the coordinator's link down for 3 s: nothing commits, no second coordinator; then the job goes on"),
+        ("slow-link", "--hosts netns: a node's link throttled (tbf) for 8 s: no false failure, rounds commit more slowly, the result is equal"),
+        ("flapping-link", "--hosts netns: a node's link down and up 5 times around the timeout: each time the node is kept or cleanly replaced, never both"),
     ]
+
+    /// The scenarios that act on the network: they need `Options.netns`.
+    public static let networkScenarios: Set<String> = ["partition-node", "partition-coordinator", "slow-link", "flapping-link"]
+
+    /// The scenarios a runner with these options runs by default: the network ones only on namespace hosts.
+    public static func matrix(netns: Bool) -> [String] {
+        scenarios.map(\.name).filter { netns || !networkScenarios.contains($0) }
+    }
 
     /// The CI smoke subset: one of each kind of fault, a few minutes in all.
     public static let smoke = ["kill-worker", "kill-worker-mid-copy", "kill-node", "sigstop-node", "kill-coordinator", "kill-m+1-nodes",
@@ -133,7 +148,7 @@ public final class ChaosRunner: @unchecked Sendable {
         }
     }
 
-    private func jobOptions(_ shape: Shape, tag: String, environment: [String: String] = [:]) -> LocalJob.Options {
+    private func jobOptions(_ shape: Shape, tag: String, environment: [String: String] = [:], spares: Int = 0) -> LocalJob.Options {
         runCounter += 1
         let id = "ch\(getpid())x\(runCounter)"
         var o = LocalJob.Options(binaries: options.binaries, runDirectory: options.workDirectory + "/\(runCounter)-\(tag)", jobID: id)
@@ -144,6 +159,8 @@ public final class ChaosRunner: @unchecked Sendable {
         o.environment = environment
         o.workerCommand = workerCommand(shape.steps)
         o.dataHost = options.dataHost
+        o.netns = options.netns
+        o.spares = spares
         options.worker.configure(&o)
         return o
     }
@@ -212,6 +229,9 @@ public final class ChaosRunner: @unchecked Sendable {
         guard Self.scenarios.contains(where: { $0.name == name }) else {
             throw ChaosError(.usage, "unknown scenario \(name) (known: \(Self.scenarios.map(\.name).joined(separator: ", ")))")
         }
+        guard options.netns || !Self.networkScenarios.contains(name) else {
+            throw ChaosError(.usage, "\(name) acts on a host's network link: it needs --hosts netns")
+        }
         guard options.worker.supports(name) else {
             throw ChaosError(.usage, "\(name) needs the demo trainer (its fault is injected by the worker itself)")
         }
@@ -234,10 +254,12 @@ public final class ChaosRunner: @unchecked Sendable {
             environment["FT_FAULT_RANK"] = "\(rank)"
         }
         options.progress("\(name) (seed \(seed)): fault around step \(target), node n\(node), worker w\(worker)")
-        let job = try LocalJob(jobOptions(shape, tag: name, environment: environment))
+        // A node cut off is taken over by a spare on another host (its own cannot be reached).
+        let spares = name == "partition-node" || name == "flapping-link" ? 1 : 0
+        let job = try LocalJob(jobOptions(shape, tag: name, environment: environment, spares: spares))
         let watch = Watch(job: job)
-        // A SIGSTOPped node stands for one the launcher cannot reach: left alive, to be fenced.
-        watch.supervisor.killDeclaredDead = name != "sigstop-node"
+        // A SIGSTOPped or cut-off node stands for one the launcher cannot reach: left alive, to be fenced.
+        watch.supervisor.killDeclaredDead = !["sigstop-node", "partition-node", "flapping-link"].contains(name)
         var keep = true  // a run that throws keeps its logs; a passed one follows --keep
         defer { job.stop(removeFiles: !keep) }
 
@@ -303,7 +325,9 @@ public final class ChaosRunner: @unchecked Sendable {
                 result.recoveryMs = selfInflicted ? recoveryMs : (watch.detectedAt(last) - injectedAt) * 1000 + recoveryMs
             }
             var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed, finalCoordinator: finalCoordinator)
-            if resumed.isEmpty && name != "coordinator-pause" { problems.append("no failure was detected and resumed from") }
+            if resumed.isEmpty && !["coordinator-pause", "partition-coordinator", "slow-link", "flapping-link"].contains(name) {
+                problems.append("no failure was detected and resumed from")
+            }
             problems += scenarioChecks(name, job: job, watch: watch, shape: shape, node: node, worker: worker, faults: faults,
                                        injectedAt: injectedAt, result: &result, notes: &notes)
             result.passed = problems.isEmpty

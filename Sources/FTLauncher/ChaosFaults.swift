@@ -10,6 +10,16 @@ extension ChaosRunner {
         var at: Double
         /// Processes the fault stopped (SIGSTOP): their own heartbeat gap is the fault's.
         var stopped: [Int32] = []
+        /// Wall-clock spans when the fault held a link down or throttled (for checks against log timestamps).
+        var spans: [(from: Date, to: Date)] = []
+        /// Processes the fault cut off, each with whether the coordinator declared it (set by the scenario).
+        var cutOff: [(pid: Int32, declared: Bool)] = []
+    }
+
+    /// The job's namespace hosts, which the network faults need.
+    func hosts(_ job: LocalJob) throws -> NetnsHosts {
+        guard let h = job.hosts else { throw ChaosError(.usage, "network faults need --hosts netns") }
+        return h
     }
 
     /// How long after a recovery is seen under way a second fault may come:
@@ -51,6 +61,79 @@ extension ChaosRunner {
             guard fenced, status == .exited(3) else {
                 throw ChaosError(.unexpectedOutcome, "the continued SMP of n\(node) was not fenced (exit \(status.map { "\($0)" } ?? "none"), want code 3)")
             }
+            return [f]
+        case "partition-node":
+            let h = try hosts(job)
+            let host = job.hostOfNode[node] ?? "n\(node)"
+            let old = job.smps[node]
+            let workers = recordedWorkers(job, node: node)
+            var f = Fault(kind: name, target: "n\(node)", at: monotonicSeconds())
+            let from = Date()
+            try h.setLink(host, up: false)
+            // Cut off past the timeout: declared lost, a spare on another host rebuilds it. Then the link comes back.
+            let recovered = watch.until(seconds: 120) { watch.resumed.contains { watch.detectedAt($0) >= f.at - 1 } || watch.ended }
+            let downFor = monotonicSeconds() - f.at
+            try h.setLink(host, up: true)
+            f.spans = [(from, Date())]
+            guard recovered else { throw ChaosError(.unexpectedOutcome, "no recovery while n\(node)'s host was cut off") }
+            notes.append("n\(node)'s link down for \(Int(downFor * 1000)) ms (until its recovery), then up; \(watch.log.last ?? "")")
+            let fenced = watch.until(seconds: 30) { old.poll() != nil && workers.allSatisfy { kill($0, 0) != 0 } }
+            let status = old.poll()
+            notes.append("the old n\(node) after the link came back: its SMP \(status.map { "\($0)" } ?? "still running")")
+            guard fenced, status == .exited(3) else {
+                throw ChaosError(.unexpectedOutcome, "the cut-off SMP of n\(node) was not fenced once its link was back "
+                    + "(exit \(status.map { "\($0)" } ?? "none"), want code 3; workers alive: \(workers.filter { kill($0, 0) == 0 }))")
+            }
+            let kept = RecordedProcesses.segments(job: job.job).filter { $0.contains("-p\(old.pid)-") }
+            guard kept.isEmpty else { throw ChaosError(.unexpectedOutcome, "the fenced SMP of n\(node) left \(kept.count) shared-memory segments") }
+            f.cutOff = [(old.pid, true)]
+            return [f]
+        case "partition-coordinator":
+            let h = try hosts(job)
+            guard let c = job.coordinator else { throw ChaosError(.unexpectedOutcome, "no coordinator") }
+            var f = Fault(kind: name, target: "coordinator", at: monotonicSeconds())
+            let from = Date()
+            try h.setLink("coordinator", up: false)
+            watch.sleep(3)
+            try h.setLink("coordinator", up: true)
+            f.spans = [(from, Date())]
+            f.cutOff = [(c.pid, false)]
+            notes.append("the coordinator's link down for 3 s")
+            return [f]
+        case "slow-link":
+            let h = try hosts(job)
+            let host = job.hostOfNode[node] ?? "n\(node)"
+            // About what a round of this node's state takes 2 s for (at least 20 Mbit/s): slow, below the timeout.
+            let mbit = max(20, shape.workersPerNode * (options.stateMB ?? 0) * 8 / 2)
+            var f = Fault(kind: name, target: "n\(node)", at: monotonicSeconds())
+            let from = Date()
+            try h.throttle(host, megabitsPerSecond: mbit)
+            watch.sleep(8)
+            try h.throttle(host, megabitsPerSecond: nil)
+            f.spans = [(from, Date())]
+            notes.append("n\(node)'s link throttled to \(mbit) Mbit/s each way for 8 s")
+            return [f]
+        case "flapping-link":
+            let h = try hosts(job)
+            let timeout = Double(job.options.timeoutMs) / 1000
+            var f = Fault(kind: name, target: "n\(node)", at: monotonicSeconds())
+            var incarnations: [Int32: Bool] = [:]  // every SMP that was n<node> during the flaps: declared?
+            var downs: [String] = []
+            for _ in 0..<5 {
+                let host = job.hostOfNode[node] ?? "n\(node)"
+                incarnations[job.smps[node].pid] = incarnations[job.smps[node].pid] ?? false
+                let down = Double.random(in: 0.5 * timeout...2 * timeout, using: &rng)
+                let from = Date()
+                try h.setLink(host, up: false)
+                watch.sleep(down)
+                try h.setLink(host, up: true)
+                f.spans.append((from, Date()))
+                downs.append("\(host) \(Int(down * 1000)) ms")
+                watch.sleep(Double.random(in: 0.3...1.5, using: &rng))
+            }
+            incarnations[job.smps[node].pid] = incarnations[job.smps[node].pid] ?? false
+            notes.append("n\(node)'s link down \(downs.joined(separator: ", ")), up between")
+            f.cutOff = incarnations.map { ($0.key, $0.value) }
             return [f]
         case "flip-byte":
             return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
@@ -175,6 +258,29 @@ extension ChaosRunner {
         return Fault(kind: "flip-byte", target: "n\(node)/w\(worker)", at: at, stopped: [smp.pid])
     }
 
+    /// "round N committed" lines of every SMP log whose timestamps fall in [from, to).
+    func committedRounds(_ job: LocalJob, between from: Date, and to: Date) -> [String] {
+        smpLogLines(job).filter { $0.line.hasSuffix("committed") && $0.line.contains(" round ") && $0.at >= from && $0.at < to }.map(\.line)
+    }
+
+    /// The staged-to-committed times (ms) SMPs logged in [from, to).
+    func commitLatencies(_ job: LocalJob, between from: Date, and to: Date) -> [Double] {
+        smpLogLines(job).filter { $0.at >= from && $0.at < to }.compactMap { l in
+            l.line.split(separator: " ").first { $0.hasPrefix("staged_to_committed_ms=") }.flatMap { Double($0.dropFirst("staged_to_committed_ms=".count)) }
+        }
+    }
+
+    /// Every SMP log line (nodes and spares) with its timestamp.
+    func smpLogLines(_ job: LocalJob) -> [(at: Date, line: String)] {
+        let files = ((try? FileManager.default.contentsOfDirectory(atPath: job.dir)) ?? []).filter { $0.hasSuffix(".log") && $0 != "coordinator.log" }
+        let format = ISO8601DateFormatter()
+        format.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return files.flatMap { LocalJob.read(job.dir + "/" + $0).split(separator: "\n") }.compactMap { line in
+            guard let stamp = line.split(separator: " ").first, let at = format.date(from: String(stamp)) else { return nil }
+            return (at, String(line))
+        }
+    }
+
     /// What each scenario must show besides the common end checks.
     func scenarioChecks(_ name: String, job: LocalJob, watch: Watch, shape: Shape, node: Int, worker: Int, faults: [Fault],
                         injectedAt: Double, result: inout Result, notes: inout [String]) -> [String] {
@@ -218,6 +324,48 @@ extension ChaosRunner {
             } else {
                 notes.append("its stack was saved to stacks/\(stacks.first { $0.hasPrefix("n\(node)-w\(worker)-") } ?? "?")")
             }
+        case "partition-node":
+            // Checked where the fault was injected (fenced, exited 3, memory freed): only what the others must not see.
+            break
+        case "partition-coordinator":
+            guard let f = faults.first, let span = f.spans.first else { break }
+            let during = committedRounds(job, between: span.from.addingTimeInterval(0.1), and: span.to)
+            if !during.isEmpty { problems.append("\(during.count) round(s) committed while the coordinator was cut off: \(during.prefix(3))") }
+            let pids = Set(watch.failures.values.map { jsonInt($0["coordinator_pid"]) }.filter { $0 > 0 })
+            let coordinators = (job.coordinator.map { [$0.pid] } ?? []) + f.cutOff.map(\.pid)
+            if Set(coordinators).count != 1 || pids.contains(where: { $0 != Int(f.cutOff[0].pid) }) {
+                problems.append("a second coordinator acted (pids \(Set(coordinators).sorted()), failures recorded by \(pids.sorted()))")
+            }
+            let declared = after.filter { ($0["kind"] as? String) != "coordinator" }
+            notes.append((declared.isEmpty ? "no failure declared" : "declared \(declared.count) failure(s): \(declared.map { "\($0["what"] ?? "?")" })")
+                + "; \(committedRounds(job, between: span.to, and: Date.distantFuture).count) rounds committed after")
+        case "slow-link":
+            guard let span = faults.first?.spans.first else { break }
+            if !after.isEmpty { problems.append("a slow link was declared a failure: \(after.map { "\($0["what"] ?? "?") (\($0["detected_by"] ?? "?"))" })") }
+            let before = commitLatencies(job, between: span.from.addingTimeInterval(-8), and: span.from)
+            let slowed = commitLatencies(job, between: span.from.addingTimeInterval(0.5), and: span.to)
+            let (b, s) = (percentile(before, 0.5), percentile(slowed, 0.5))
+            notes.append("median commit \(String(format: "%.1f", b)) ms before, \(String(format: "%.1f", s)) ms while throttled (\(slowed.count) rounds)")
+            if slowed.isEmpty { problems.append("no round committed while the link was throttled") }
+            else if !(s > b) { problems.append("rounds did not commit more slowly while throttled (\(b) ms before, \(s) ms during): the throttle did not act") }
+        case "flapping-link":
+            guard let f = faults.first else { break }
+            // Each incarnation of the node: replaced and then fenced (it ended with code 3), or kept to the end. Never both.
+            let current = job.smps[node].pid
+            var fates: [String] = []
+            for (pid, _) in f.cutOff.sorted(by: { $0.pid < $1.pid }) {
+                let process = (job.smps + job.retired).first { $0.pid == pid }
+                let exit = process?.poll()
+                let kept = pid == current
+                fates.append("pid \(pid): \(kept ? "kept" : "replaced"), \(exit.map { "\($0)" } ?? "running")")
+                if !kept && exit != .exited(3) {
+                    problems.append("n\(node)'s SMP pid \(pid) was replaced yet not fenced (\(exit.map { "\($0)" } ?? "still running"), want exit 3)")
+                }
+                if kept && exit != .exited(0) {
+                    problems.append("n\(node)'s SMP pid \(pid) was kept yet did not end with the job (\(exit.map { "\($0)" } ?? "still running"))")
+                }
+            }
+            notes.append("incarnations of n\(node): " + fates.joined(separator: "; "))
         case "coordinator-pause":
             let declared = after.filter { ($0["kind"] as? String) != "coordinator" }
             notes.append(declared.isEmpty ? "no failure declared" : "declared \(declared.count) failure(s): \(declared.map { "\($0["what"] ?? "?")" })")

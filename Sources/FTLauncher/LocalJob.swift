@@ -170,6 +170,7 @@ public final class LocalJob: @unchecked Sendable {
             return "started a replacement SMP for n\(n)"
         }
         let spare = spares.removeFirst()
+        hostOfNode[n] = "spare\(spare.index)"
         let path = dir + "/spares/spare\(spare.index).assign"
         // Written whole then renamed: the spare never reads half an assignment.
         try "n\(n) \(n * options.workersPerNode)\n".write(toFile: path + ".tmp", atomically: false, encoding: .utf8)
@@ -199,6 +200,7 @@ public final class LocalJob: @unchecked Sendable {
         let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode) + ["--"] + options.workerCommand
         let smp = try ChildProcess(arguments: placed("n\(n)", args), environment: smpEnvironment(extra), newProcessGroup: true,
                                    outputPath: options.runDirectory + "/smp-n\(n).log")
+        hostOfNode[n] = "n\(n)"
         if n < smps.count {
             retired.append(smps[n])
             smps[n] = smp
@@ -219,6 +221,9 @@ public final class LocalJob: @unchecked Sendable {
         }
         return freed
     }
+
+    /// The host node `n` runs on now: "n<n>" (its own), or the spare's ("spare<i>") that took it over.
+    public private(set) var hostOfNode: [Int: String] = [:]
 
     /// SMP processes replaced by `startSMP` (still ended by `stop()`).
     public private(set) var retired: [ChildProcess] = []

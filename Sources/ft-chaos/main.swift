@@ -51,6 +51,9 @@ struct Chaos: ParsableCommand {
     @Option(help: ArgumentHelp("SMP data planes on tcp://ADDRESS:* with CURVE (as nodes on separate hosts) instead of private ipc sockets.", valueName: "address"))
     var dataHost: String?
 
+    @Option(help: ArgumentHelp("Where each job runs: local (one host, loopback) or netns (every node, spare and the coordinator on a network-namespace host of its own; needs root). The network scenarios (\(ChaosRunner.networkScenarios.sorted().joined(separator: ", "))) run only with netns.", valueName: "local|netns"))
+    var hosts = "local"
+
     @Option(help: "With --state-mb: simulated compute per step in milliseconds.")
     var stepMs = 10.0
 
@@ -88,6 +91,12 @@ struct Chaos: ParsableCommand {
         guard stepMs >= 0 else { throw ValidationError("--step-ms must not be negative") }
         if let soak { guard soak > 0 && mtbf > 0 else { throw ValidationError("--soak and --mtbf must be positive") } }
         if smoke && !scenario.isEmpty { throw ValidationError("give either --smoke or --scenario") }
+        guard hosts == "local" || hosts == "netns" else { throw ValidationError("--hosts is local or netns, not '\(hosts)'") }
+        if hosts == "netns", let reason = NetnsHosts.unavailableReason { throw ValidationError("--hosts netns: \(reason)") }
+        if hosts == "netns", dataHost != nil { throw ValidationError("--data-host names one address for every node; --hosts netns gives each its own: give one of them") }
+        for s in scenario where hosts != "netns" && ChaosRunner.networkScenarios.contains(s) {
+            throw ValidationError("scenario '\(s)' acts on a host's network link: it needs --hosts netns")
+        }
         for b in ["ft-coordinator", "ft-smp", worker == "torch" ? "libFTWorkerC.so" : "ft-demo-trainer"] where access(binaries + "/" + b, R_OK) != 0 {
             throw ValidationError("\(binaries)/\(b) is missing: build first (swift build -c release)")
         }
@@ -137,6 +146,7 @@ struct Chaos: ParsableCommand {
         options.stateMB = stateMb
         options.stepMs = stepMs
         options.dataHost = dataHost
+        options.netns = hosts == "netns"
         options.worker = try chaosWorker()
         options.keepDirectories = keep
         options.progress = { line in FileHandle.standardError.write(Data("chaos: \(line)\n".utf8)) }
@@ -147,7 +157,7 @@ struct Chaos: ParsableCommand {
             options.progress("soak seed \(s) (replay with --seed \(s))")
             results.append(runner.soak(duration: soak, mtbf: mtbf, seed: s))
         } else {
-            let names = (smoke ? ChaosRunner.smoke : scenario.isEmpty ? ChaosRunner.scenarios.map(\.name) : scenario)
+            let names = (smoke ? ChaosRunner.smoke : scenario.isEmpty ? ChaosRunner.matrix(netns: options.netns) : scenario)
                 .filter { options.worker.supports($0) }
             for name in names {
                 let s = seed ?? UInt64.random(in: 1...UInt64(Int64.max))
@@ -161,6 +171,7 @@ struct Chaos: ParsableCommand {
             var o: [String: Any] = ["scenarios": results.map(\.json), "steps": steps, "snapshot_interval": snapshotInterval]
             o["state_mb"] = stateMb ?? NSNull()
             o["data_host"] = dataHost ?? NSNull()
+            o["hosts"] = hosts
             let data = try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
