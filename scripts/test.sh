@@ -54,12 +54,22 @@ echo "test: chaos smoke (chaos/run --smoke)"
 set +e
 FT_BIN="$(swift build --show-bin-path)" ./chaos/run --smoke --steps 200
 chaos_status=$?
+echo "test: chaos on network-namespace hosts (chaos/run --hosts netns: a node killed, the network scenarios)"
+if [[ $(id -u) -eq 0 ]]; then
+    FT_BIN="$(swift build --show-bin-path)" ./chaos/run --hosts netns --steps 200 --scenario kill-node --scenario partition-node \
+        --scenario partition-coordinator --scenario slow-link --scenario flapping-link
+    netns_status=$?
+else
+    echo "chaos on netns hosts: SKIPPED (network namespaces need root; uid $(id -u)) - not counted as a pass"
+    netns_status=0
+fi
 echo "test: the PyTorch example loses a node (chaos/run --worker torch --scenario kill-node)"
 FT_BIN="$(swift build --show-bin-path)" ./chaos/run --worker torch --scenario kill-node --steps 120
 torch_status=$?
 set -e
 echo "chaos smoke: $([[ $chaos_status -eq 0 ]] && echo passed || echo "FAILED (exit $chaos_status)")"
+echo "chaos on netns hosts: $([[ $netns_status -eq 0 ]] && echo passed || echo "FAILED (exit $netns_status)")"
 echo "torch kill-node: $([[ $torch_status -eq 0 ]] && echo passed || echo "FAILED (exit $torch_status)")"
-for s in $status $fuzz_status $py_status $chaos_status $torch_status; do
+for s in $status $fuzz_status $py_status $chaos_status $netns_status $torch_status; do
     if [[ $s -ne 0 ]]; then exit "$s"; fi
 done

@@ -280,6 +280,9 @@ public final class ChaosRunner: @unchecked Sendable {
             let stepSeconds = min(monotonicSeconds() - stepStarted, 5)
             watch.sleep(Double.random(in: 0..<max(stepSeconds, 0.001), using: &rng))
         }
+        // On namespace hosts every peer is another host: no socket of the job may be on loopback.
+        let loopback = options.netns
+            ? job.leftovers().pids.flatMap { pid in NetnsHosts.loopbackSockets(namespaceOf: pid).map { "pid \(pid): \($0)" } } : []
         let injectedAt = monotonicSeconds()
         var notes: [String] = []
         let resumeLinesBefore = countLines(job, prefix: "resume from=")
@@ -330,6 +333,7 @@ public final class ChaosRunner: @unchecked Sendable {
             }
             problems += scenarioChecks(name, job: job, watch: watch, shape: shape, node: node, worker: worker, faults: faults,
                                        injectedAt: injectedAt, result: &result, notes: &notes)
+            if !loopback.isEmpty { problems.append("sockets on loopback on namespace hosts: \(loopback.prefix(5))") }
             result.passed = problems.isEmpty
             notes += problems
         }

@@ -263,6 +263,13 @@ extension ChaosRunner {
         smpLogLines(job).filter { $0.line.hasSuffix("committed") && $0.line.contains(" round ") && $0.at >= from && $0.at < to }.map(\.line)
     }
 
+    /// "first...last (count)" of the round numbers in "round N committed" lines.
+    func roundNumbers(_ lines: [String]) -> String {
+        let rounds = Set(lines.compactMap { l in l.range(of: " round ").flatMap { Int(l[$0.upperBound...].prefix { $0.isNumber }) } })
+        guard let first = rounds.min(), let last = rounds.max() else { return "none" }
+        return "\(first)...\(last) (\(rounds.count))"
+    }
+
     /// The staged-to-committed times (ms) SMPs logged in [from, to).
     func commitLatencies(_ job: LocalJob, between from: Date, and to: Date) -> [Double] {
         smpLogLines(job).filter { $0.at >= from && $0.at < to }.compactMap { l in
@@ -338,7 +345,7 @@ extension ChaosRunner {
             }
             let declared = after.filter { ($0["kind"] as? String) != "coordinator" }
             notes.append((declared.isEmpty ? "no failure declared" : "declared \(declared.count) failure(s): \(declared.map { "\($0["what"] ?? "?")" })")
-                + "; \(committedRounds(job, between: span.to, and: Date.distantFuture).count) rounds committed after")
+                + "; rounds \(roundNumbers(committedRounds(job, between: span.to, and: Date.distantFuture))) committed after")
         case "slow-link":
             guard let span = faults.first?.spans.first else { break }
             if !after.isEmpty { problems.append("a slow link was declared a failure: \(after.map { "\($0["what"] ?? "?") (\($0["detected_by"] ?? "?"))" })") }

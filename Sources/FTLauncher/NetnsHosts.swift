@@ -160,6 +160,33 @@ public final class NetnsHosts: @unchecked Sendable {
         }
     }
 
+    /// The TCP sockets of `pid`'s network namespace (every socket of it, not
+    /// only the process's) bound or connected to a loopback address
+    /// (127.0.0.0/8, ::1, ::ffff:127.x): "LOCAL -> REMOTE" in /proc's hex.
+    /// On a namespace host, where every peer is another host, there must be none.
+    public static func loopbackSockets(namespaceOf pid: Int32) -> [String] {
+        var found: [String] = []
+        for file in ["tcp", "tcp6"] {
+            let text = (try? String(contentsOfFile: "/proc/\(pid)/net/\(file)", encoding: .utf8)) ?? ""
+            for line in text.split(separator: "\n").dropFirst() {
+                let fields = line.split(separator: " ")
+                guard fields.count > 3 else { continue }
+                let ends = [fields[1], fields[2]].map { $0.split(separator: ":").first.map(String.init) ?? "" }
+                if ends.contains(where: isLoopback) { found.append("\(fields[1]) -> \(fields[2])") }
+            }
+        }
+        return found
+    }
+
+    /// Whether a /proc/net/tcp{,6} address (hex, in the kernel's byte order) is loopback.
+    static func isLoopback(_ hex: String) -> Bool {
+        switch hex.count {
+        case 8: return hex.hasSuffix("7F")  // IPv4, little-endian words: 127.x.y.z ends in 7F
+        case 32: return hex == "00000000000000000000000001000000" || (hex.hasPrefix("0000000000000000FFFF0000") && hex.hasSuffix("7F"))
+        default: return false
+        }
+    }
+
     /// Removes everything this object made.
     public func remove() {
         Self.remove(recordIn: String(record.dropLast("/netns".count)))

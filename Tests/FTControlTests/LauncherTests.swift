@@ -203,6 +203,70 @@ struct LauncherProcessTests {
         #expect(RecordedProcesses.segments(job: job).isEmpty)
     }
 
+    @Test("--hosts netns: every node, spare and the coordinator on a host of its own; no socket on loopback; the job's work crosses hosts; after SIGKILL of the launcher, ft-launch stop removes every namespace, process and segment",
+          .enabled(if: NetnsHosts.unavailableReason == nil, "network namespaces are unavailable here: \(NetnsHosts.unavailableReason ?? "")"),
+          .timeLimit(.minutes(3)))
+    func netnsHosts() throws {
+        realProcessJobs.lock()
+        defer { realProcessJobs.unlock() }
+        let dir = "/tmp/ft-ctl-netns-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let job = "netns\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let out = dir + ".out"
+        defer { unlink(out) }
+        let launcher = try ChildProcess(
+            arguments: [productsDirectory + "/ft-launch", "start", "--hosts", "netns", "--nodes", "4", "--workers-per-node", "2", "--ec", "3+1",
+                        "--spares", "1", "--run-dir", dir, "--job-id", job, "--",
+                        productsDirectory + "/ft-demo-trainer", "--steps", "100000", "--report-every", "1000"],
+            environment: ProcessInfo.processInfo.environment, outputPath: out)
+        defer {
+            // Whatever happened: the processes, the segments and the namespaces go.
+            if launcher.poll() == nil { launcher.kill(SIGKILL); launcher.wait(timeoutSeconds: 5) }
+            for pid in RecordedProcesses.all(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) { kill(pid, SIGKILL) }
+            RecordedProcesses.freeSharedMemory(job: job)
+            NetnsHosts.remove(recordIn: dir)
+        }
+        #expect(waitUntil(seconds: 60) { readText(out).contains("is running") }, "\(readText(out))")
+        let record = readText(dir + "/netns").split(separator: "\n").filter { $0.hasPrefix("netns ") }.map { String($0.dropFirst(6)) }
+        #expect(record.count == 6, "coordinator, 4 nodes, 1 spare: \(record)")
+        for ns in record { #expect(FileManager.default.fileExists(atPath: "/run/netns/" + ns), "\(ns)") }
+        // Rounds commit across hosts: the data planes serve on the hosts' addresses.
+        func jobStatus() -> [String: Any] {
+            ((try? JSONSerialization.jsonObject(with: Data(runTool("ftctl", ["status", "--run-dir", dir, "--json"]).1.utf8))) as? [String: Any]) ?? [:]
+        }
+        #expect(waitUntil(seconds: 60) { int(jobStatus()["committed_step"]) >= 20 })
+        let endpoint = readText(dir + "/coordinator.endpoint").trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(endpoint.hasPrefix("tcp://10.") && !endpoint.contains("127.0.0.1"), "\(endpoint)")
+        let smpLog = readText(dir + "/smp-n1.log")
+        #expect(smpLog.contains("data endpoint on 10."), "\(smpLog.prefix(2000))")
+        // Nothing of the job listens or connects on loopback: every namespace's TCP sockets are between hosts.
+        let processes = RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) }
+        #expect(processes.count >= 14, "coordinator, 4 SMPs, 8 workers, 1 spare: \(processes)")
+        var sockets = 0
+        for pid in processes {
+            let text = readText("/proc/\(pid)/net/tcp")
+            sockets += max(0, text.split(separator: "\n").count - 1)
+            let loopback = NetnsHosts.loopbackSockets(namespaceOf: pid)
+            #expect(loopback.isEmpty, "pid \(pid) (\(readText("/proc/\(pid)/cmdline").prefix(60))): \(loopback)")
+        }
+        #expect(sockets > 20, "the check saw the job's TCP sockets (\(sockets))")
+
+        // The launcher dies without cleaning up; ft-launch stop ends its processes and removes its hosts.
+        launcher.kill(SIGKILL)
+        launcher.wait(timeoutSeconds: 10)
+        #expect(processes.contains { RecordedProcesses.belongs($0, toJob: job) }, "the job outlives its launcher until stopped")
+        let (stopStatus, stopText, _) = try runTool("ft-launch", ["stop", dir])
+        #expect(stopStatus == .exited(0), "\(stopText)")
+        #expect(stopText.contains("0 recorded processes alive, 0 shared-memory segments left"), "\(stopText)")
+        // (Orphans of the dead launcher may linger as zombies until init reaps them: nothing of the job runs.)
+        #expect(processes.allSatisfy { !RecordedProcesses.belongs($0, toJob: job) })
+        #expect(RecordedProcesses.segments(job: job).isEmpty)
+        for ns in record { #expect(!FileManager.default.fileExists(atPath: "/run/netns/" + ns), "\(ns) left") }
+        #expect(NetnsHosts.leftovers(recordIn: dir).isEmpty)
+        let links = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/class/net")) ?? []).filter { n in record.contains { $0.hasPrefix(n.prefix(8)) } }
+        #expect(links.isEmpty, "links or bridge left: \(links)")
+    }
+
     @Test("a bad config is refused before any process starts")
     func refusedConfig() throws {
         let dir = "/tmp/ft-ctl-launchbad-\(getpid())"

@@ -105,6 +105,67 @@ struct FailureDetectorTests {
         #expect(d.tick(now: 0.72).dead.map(\.id) == ["a"])
         #expect(d.stalls == 0)
     }
+
+    @Test("a coordinator cut off from every member at once declares nobody; when it hears one again every member gets a fresh grace period")
+    func isolation() {
+        var d = FailureDetectorInstance(interval: 0.1, timeout: 0.5)
+        d.isolationLimit = 10
+        for id in ["n0", "n1", "n0/w0", "n1/w0"] { d.heard(id, now: 0) }
+        d.heard("n1", now: 0.05)  // staggered heartbeats: they cross the timeout in different ticks
+        var isolatedTicks = 0
+        var t = 0.1
+        while t <= 3 {
+            let tick = d.tick(now: t)
+            #expect(tick.dead.isEmpty, "nobody is declared while nobody is heard (t = \(t))")
+            if tick.isolatedFor != nil { isolatedTicks += 1 }
+            t += 0.05
+        }
+        #expect(isolatedTicks > 40)
+        #expect(d.isolatedSince != nil)
+        // The link is back: n0 and its worker speak, n1 and its worker died meanwhile.
+        d.heard("n0", now: 3.02)
+        d.heard("n0/w0", now: 3.02)
+        let mended = d.tick(now: 3.05)
+        #expect(mended.dead.isEmpty)
+        #expect(mended.isolationEnded.map { abs($0 - 2.5) < 0.06 } == true, "the isolation began when the first member timed out")
+        #expect(d.localHealth == 1)
+        var dead: [String] = []
+        t = 3.1
+        while t <= 5 {
+            d.heard("n0", now: t)
+            d.heard("n0/w0", now: t)
+            dead += d.tick(now: t).dead.map(\.id)
+            t += 0.05
+        }
+        #expect(dead.sorted() == ["n1", "n1/w0"], "the dead are declared a (raised) timeout after the cut mended")
+    }
+
+    @Test("an isolation that lasts isolationLimit is taken for what it looks like: every member is declared")
+    func isolationPastItsLimit() {
+        var d = FailureDetectorInstance(interval: 0.1, timeout: 0.5)
+        d.isolationLimit = 2
+        for id in ["n0", "n1", "n2"] { d.heard(id, now: 0) }
+        #expect(run(&d, from: 0.05, to: 2.4).isEmpty)
+        #expect(run(&d, from: 2.45, to: 2.7).map(\.id).sorted() == ["n0", "n1", "n2"])
+    }
+
+    @Test("with isolation on, one member that dies while the others talk is declared at its timeout, as without")
+    func isolationKeepsSingleDeaths() {
+        var d = FailureDetectorInstance(interval: 0.1, timeout: 0.5)
+        d.isolationLimit = 10
+        for id in ["n0", "n1", "n2"] { d.heard(id, now: 0) }
+        var dead: [String] = []
+        var t = 0.05
+        while t <= 1 {
+            d.heard("n1", now: t)
+            d.heard("n2", now: t)
+            let tick = d.tick(now: t)
+            #expect(tick.isolatedFor == nil)
+            dead += tick.dead.map(\.id)
+            t += 0.05
+        }
+        #expect(dead == ["n0"])
+    }
 }
 
 @Suite("Step-progress watchdog")
@@ -160,4 +221,5 @@ struct ProgressWatchdogTests {
         if case .culprit(let key, _) = ProgressWatchdog.culprit(cycle) { #expect(key == "n0/w1") } else { Issue.record("no culprit in a cycle") }
         #expect(ProgressWatchdog.culprit([]) == nil)
     }
+
 }
