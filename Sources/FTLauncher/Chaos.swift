@@ -98,7 +98,7 @@ public final class ChaosRunner: @unchecked Sendable {
         ("partition-node", "--hosts netns: a node's link down past the timeout (a spare takes over), then up: the old incarnation is fenced, exits, frees its memory"),
         ("partition-coordinator", "--hosts netns: the coordinator's link down for 3 s: nothing commits, no second coordinator; then the job goes on"),
         ("slow-link", "--hosts netns: a node's link throttled (tbf) for 8 s: no false failure, rounds commit more slowly, the result is equal"),
-        ("flapping-link", "--hosts netns: a node's link down and up 5 times around the timeout: each time the node is kept or cleanly replaced, never both"),
+        ("flapping-link", "--hosts netns: a node's link down 5 times for 0.2-2x the timeout, up between: each time the node is kept or cleanly replaced, never both"),
     ]
 
     /// The scenarios that act on the network: they need `Options.netns`.

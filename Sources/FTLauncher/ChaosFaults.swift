@@ -122,7 +122,7 @@ extension ChaosRunner {
             for _ in 0..<5 {
                 let host = job.hostOfNode[node] ?? "n\(node)"
                 incarnations[job.smps[node].pid] = incarnations[job.smps[node].pid] ?? false
-                let down = Double.random(in: 0.5 * timeout...2 * timeout, using: &rng)
+                let down = Double.random(in: 0.2 * timeout...2 * timeout, using: &rng)
                 let from = Date()
                 try h.setLink(host, up: false)
                 watch.sleep(down)

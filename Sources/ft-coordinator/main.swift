@@ -65,6 +65,9 @@ struct FTCoordinatorCommand: ParsableCommand {
     /// shorter than the timeout would call a merely slow node silent).
     var startGrace: Int { startGraceMs ?? max(2000, 2 * timeoutMs) }
 
+    @Option(help: "With 2 nodes or more: when no member at all has been heard for half the timeout and one times out, this coordinator is the one cut off (its host partitioned); it declares nobody for up to this many milliseconds, then everyone silent (default: the larger of 10000 and 20 × --timeout-ms).")
+    var isolationLimitMs: Int?
+
     @Option(help: "Step-progress watchdog: steps may stop completing for max(this floor, --hang-multiplier × p99 step time) milliseconds before the job is hung.")
     var hangFloorMs = 3000
 
@@ -100,6 +103,9 @@ struct FTCoordinatorCommand: ParsableCommand {
         }
         guard phaseTimeout > 0 else { throw ValidationError("--phase-timeout must be positive") }
         guard recoveryMbps > 0 else { throw ValidationError("--recovery-mbps must be positive") }
+        if let isolationLimitMs, isolationLimitMs <= timeoutMs {
+            throw ValidationError("--isolation-limit-ms (\(isolationLimitMs)) must exceed --timeout-ms (\(timeoutMs))")
+        }
         if let startGraceMs, startGraceMs <= timeoutMs {
             throw ValidationError("--start-grace-ms (\(startGraceMs)) must exceed --timeout-ms (\(timeoutMs))")
         }
@@ -130,6 +136,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.phaseTimeout = phaseTimeout
         settings.recoveryBytesPerSecond = recoveryMbps * 1e6
         settings.startGrace = Double(startGrace) / 1000
+        settings.isolationLimit = isolationLimitMs.map { Double($0) / 1000 }
         settings.watchdog.floor = Double(hangFloorMs) / 1000
         settings.watchdog.multiplier = hangMultiplier
         settings.watchdog.initialBound = Double(hangInitialMs) / 1000
