@@ -121,6 +121,8 @@ public final class ChaosRunner: @unchecked Sendable {
     public let options: Options
     private var goldens: [Shape: [String]] = [:]
     private var runCounter = 0
+    /// The namespaces of the scenario job running now (to check that none outlives it).
+    private var namespaces: [String] = []
 
     public init(_ options: Options) throws {
         self.options = options
@@ -215,11 +217,18 @@ public final class ChaosRunner: @unchecked Sendable {
     public func run(_ name: String, seed: UInt64) -> Result {
         var result = Result(name: name, seed: seed)
         let started = monotonicSeconds()
+        namespaces = []
         do {
             try runScenario(name, seed: seed, into: &result)
         } catch {
             result.passed = false
             result.detail = "\(error)"
+        }
+        // The job has been stopped: its hosts must be gone with it.
+        let left = namespaces.filter { FileManager.default.fileExists(atPath: "/run/netns/" + $0) }
+        if !left.isEmpty {
+            result.passed = false
+            result.detail += "; network namespaces left after the job: \(left)"
         }
         result.seconds = monotonicSeconds() - started
         return result
@@ -257,6 +266,7 @@ public final class ChaosRunner: @unchecked Sendable {
         // A node cut off is taken over by a spare on another host (its own cannot be reached).
         let spares = name == "partition-node" || name == "flapping-link" ? 1 : 0
         let job = try LocalJob(jobOptions(shape, tag: name, environment: environment, spares: spares))
+        namespaces = job.hosts?.hosts.values.map(\.namespace).sorted() ?? []
         let watch = Watch(job: job)
         // A SIGSTOPped or cut-off node stands for one the launcher cannot reach: left alive, to be fenced.
         watch.supervisor.killDeclaredDead = !["sigstop-node", "partition-node", "flapping-link"].contains(name)

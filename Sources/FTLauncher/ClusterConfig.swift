@@ -220,7 +220,8 @@ public struct ClusterConfig: Equatable, Sendable {
             throw ConfigError(.missingExecutable, "worker command '\(command[0])' is not an executable file, nor found in PATH")
         }
         guard port >= 0 && port <= 65535 else { throw ConfigError(.badValue, "port must be in 0...65535, not \(port)") }
-        if port != 0, let reason = Self.portUnavailable(port) {
+        // (On namespace hosts the coordinator's host is a fresh namespace: every port is free there.)
+        if port != 0, hosts == .local, let reason = Self.portUnavailable(port) {
             throw ConfigError(.portUnavailable, "port \(port) on 127.0.0.1 is not available (\(reason)): choose another, or 0 for a free one")
         }
         if let dir = runDirectory, FileManager.default.fileExists(atPath: dir + "/job.pids"),
