@@ -1104,7 +1104,10 @@ public struct CoordinatorInstance: Sendable {
         burstStartedAt = nil
         watchdog.restart(now: now)
         watchdogNoted = false
-        noteRate(bytes: nodes.values.reduce(0) { $0 + $1.dataBytes }, seconds: restartSeconds)
+        // A restart that restored a step moved at most every image; one that restored nothing (the
+        // job's start) moved nothing, and its "rate" (every image in a fraction of a second) would
+        // shrink every later deadline: a 1 GiB rebuild over CURVE was declared failed after 5.5 s.
+        if r.step != nil { noteRate(bytes: nodes.values.reduce(0) { $0 + $1.dataBytes }, seconds: restartSeconds) }
         let peers = workers.values.sorted { $0.info.rank < $1.info.rank }.map(\.info.collectiveEndpoint)
         if lastFailure != nil && lastFailure!.outcome == "in progress" {
             lastFailure!.phases.append(PhaseRecord(phase: .restart, seconds: restartSeconds,
