@@ -120,4 +120,6 @@ public enum BenchErrorCode: String, Sendable {
     case unexpectedOutcome = "unexpected_outcome"
     /// A file could not be made or read.
     case io
+    /// What the benchmark needs is missing here (root for network namespaces, a tool).
+    case unavailable
 }

@@ -18,7 +18,22 @@ import Foundation
 /// ISA-L single-row updates on chunks of the same length; writing S bytes to
 /// a file on local disk with fsync and reading them back after evicting them
 /// from the page cache (`posix_fadvise(DONTNEED)`).
+///
+/// With `hosts = .netns` every node, and the coordinator, runs on a host of
+/// its own (a network namespace: `NetnsHosts`), the SMPs' data planes on TCP
+/// with CURVE between them; then the floor also has the transport ceiling
+/// between such hosts, measured after the job on namespaces made for it:
+/// the round's and the rebuild's streams (`ECTraffic`: which node sends how
+/// many bytes to which) over plain TCP, one process per node
+/// (`TransportCeiling`).
 public struct ECClusterBench {
+    public enum Hosts: String, Sendable, CaseIterable {
+        /// Every process on this host: data planes on ipc sockets (or `dataHost`).
+        case local
+        /// A network namespace per node (and for the coordinator).
+        case netns
+    }
+
     public var binaries: String
     public var sizesMiB = [256, 1024]
     public var codes: [(k: Int, m: Int)] = [(3, 1), (4, 2)]
@@ -29,19 +44,32 @@ public struct ECClusterBench {
     /// SMP data planes on `tcp://dataHost:*` with CURVE; then the floor also
     /// has one CURVE stream over that address (`curve_zmq_gbps_*`).
     public var dataHost: String?
+    public var hosts = Hosts.local
 
     public init(binaries: String) { self.binaries = binaries }
+
+    /// Why `hosts = .netns` cannot run here, or nil when it can.
+    public static var netnsUnavailableReason: String? { NetnsHosts.unavailableReason }
 
     struct Measured {
         var commitMs: [Double] = []
         var foldGBps: [Double] = []
         var repairMs: [Int: [Double]] = [:]
+        /// The nodes' image bytes, from their commit lines.
+        var imageBytes: [Int] = []
     }
 
     public func run(progress: (String) -> Void = { _ in }) throws -> BenchReport {
+        if hosts == .netns {
+            if let reason = Self.netnsUnavailableReason { throw BenchError(.unavailable, "--hosts netns: \(reason)") }
+            guard dataHost == nil else { throw BenchError(.unavailable, "--hosts netns puts each data plane on its host's address: no --data-host") }
+        }
         var report = BenchReport(section: "ec-cluster")
         report.table = [["code", "nodes", "MiB/node", "commit ms", "commit GB/s", "memcpy GB/s", "ipc GB/s", "loopback GB/s", "curve GB/s", "fold GB/s",
-                         "ISA-L row GB/s", "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]]
+                         "ISA-L row GB/s", "repair 1 ms", "repair 2 ms", "disk write ms", "disk read ms"]
+                        + (hosts == .netns ? ["tcp round ms", "tcp rebuild ms"] : [])]
+        // Between namespaces the data planes use CURVE: its one-stream floor too.
+        let curveHost = dataHost ?? (hosts == .netns ? "127.0.0.1" : nil)
         for code in codes {
             for mib in sizesMiB where code == (3, 1) || mib <= maxMiBForWideCodes {
                 let bytes = mib << 20
@@ -54,7 +82,7 @@ public struct ECClusterBench {
                 let disk = try measureDisk(bytes)
                 let loopback = try measureStream(bytes, over: "tcp://127.0.0.1:*")
                 let ipc = try measureStream(bytes, over: "ipc:///tmp/ft-bench-stream-\(getpid()).sock")
-                let curve = try dataHost.map { try measureStream(bytes, over: "tcp://\($0):*", curve: true) }
+                let curve = try curveHost.map { try measureStream(bytes, over: "tcp://\($0):*", curve: true) }
                 progress("RS(\(code.k)+\(code.m)), \(nodes) nodes, \(mib) MiB per node: the job")
                 let m = try measureJob(k: code.k, m: code.m, bytes: bytes, progress: progress)
                 let commit = median(m.commitMs)
@@ -77,6 +105,28 @@ public struct ECClusterBench {
                     report.figure("repair_\(lost)_nodes_ms_\(tag)", median(ms))
                 }
                 let repair1 = m.repairMs[1].map(median) ?? .nan
+                var transport: (round: Double, rebuild: Double)?
+                if hosts == .netns {
+                    progress("RS(\(code.k)+\(code.m)), \(mib) MiB per node: raw TCP between namespaces, the round's and the rebuild's streams")
+                    let image = m.imageBytes.max() ?? bytes
+                    let round = ECTraffic.round(k: code.k, m: code.m, imageBytes: image)
+                    let rebuild = ECTraffic.rebuild(k: code.k, m: code.m, imageBytes: image, lost: Self.victims(lost: 1, nodes: nodes)[0])
+                    let t = try measureTransport([round, rebuild], nodes: nodes, tag: tag)
+                    transport = (t[0], t[1])
+                    report.figure("transport_tcp_round_gbps_\(tag)", Double(round.totalBytes) / t[0] / 1e9)
+                    report.figure("transport_tcp_round_ms_\(tag)", t[0] * 1000)
+                    report.figure("transport_tcp_rebuild_gbps_\(tag)", Double(rebuild.totalBytes) / t[1] / 1e9)
+                    report.figure("transport_tcp_rebuild_ms_\(tag)", t[1] * 1000)
+                    report.figure("round_mb_\(tag)", Double(round.totalBytes) / 1e6)
+                    report.figure("rebuild_mb_\(tag)", Double(rebuild.totalBytes) / 1e6)
+                    // The time the ceiling allows for the bytes, over the time the system took.
+                    report.ratio("commit_vs_transport_\(tag)", t[0] * 1000 / commit)
+                    report.ratio("rebuild_vs_transport_\(tag)", t[1] * 1000 / repair1)
+                    if code == (3, 1) && mib == 1024 {
+                        report.ratio("commit_vs_transport", t[0] * 1000 / commit)
+                        report.ratio("rebuild_vs_transport", t[1] * 1000 / repair1)
+                    }
+                }
                 report.ratio("commit_vs_memcpy_\(tag)", commitGBps / memcpyGBps)
                 report.ratio("encode_vs_isal_\(tag)", fold / rawRow)
                 report.ratio("repair_vs_disk_read_\(tag)", disk.read * 1000 / repair1)
@@ -88,7 +138,8 @@ public struct ECClusterBench {
                     report.ratio("repair_vs_disk_read", disk.read * 1000 / repair1)
                 }
                 report.table.append(["RS(\(code.k)+\(code.m))", "\(nodes)", "\(mib)", f(commit), f(commitGBps), f(memcpyGBps), f(ipc), f(loopback), curve.map(f) ?? "-", f(fold), f(rawRow),
-                                     f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)])
+                                     f(repair1), f(m.repairMs[2].map(median) ?? .nan), f(disk.write * 1000), f(disk.read * 1000)]
+                                    + (transport.map { [f($0.round * 1000), f($0.rebuild * 1000)] } ?? []))
             }
         }
         report.notes.append("All nodes share this machine's cores and memory bandwidth: a real cluster gives each node its own. "
@@ -98,6 +149,20 @@ public struct ECClusterBench {
                             + "transport the SMPs' data endpoints use (its ceiling on this machine, with nothing else running; during "
                             + "a round every node sends m × S at once over the same cores); loopback = the same over tcp://127.0.0.1. "
                             + "Ratios without a suffix are RS(3+1) at 1 GiB per node.")
+        if hosts == .netns {
+            report.notes.append("--hosts netns: the coordinator and every node on a network namespace of its own (veth pairs on a "
+                                + "bridge), the SMPs' data planes on TCP with CURVE between them (curve = one CURVE stream over "
+                                + "127.0.0.1, its floor). The transport ceiling, measured after each job between namespaces made "
+                                + "for it: the streams of one round (each node's data chunks to its rows' parity holders) and of "
+                                + "the rebuild of n1 (the replacement fetching every frame of its image and parity from k "
+                                + "survivors), with the bytes the SMPs' own round and rebuild cores move, over plain TCP sockets "
+                                + "(no ZeroMQ, no CURVE, the bytes neither checked nor folded), one process per node, one "
+                                + "connection per stream, all streams at once, 4 MiB writes; median of 3 (round_mb_*, "
+                                + "rebuild_mb_*: the bytes; transport_tcp_*: time, and all streams' bytes over it). "
+                                + "commit_vs_transport_* = the ceiling's time for a round's "
+                                + "bytes over the median commit time; rebuild_vs_transport_* = its time for a rebuild's bytes "
+                                + "over the rebuild time.")
+        }
         if let dataHost {
             report.notes.append("Data planes on tcp://\(dataHost):* with CURVE (--data-host): the transport is the curve stream "
                                 + "(the same stream with CURVE encryption, curve_zmq_gbps_*), and commit_vs_curve_* compares with it.")
@@ -114,6 +179,14 @@ public struct ECClusterBench {
         o.erasure = (k, m)
         o.timeoutMs = 3000  // large copies on a shared 2-core machine must not look like deaths
         o.dataHost = dataHost
+        o.netns = hosts == .netns
+        if hosts == .netns {
+            // A rebuild's deadline is the floor plus 3x its bytes at the rate the coordinator measured; the
+            // job's start (a restore of nothing, every image's bytes over well under a second) counts as a
+            // fast one, which leaves little more than the 5 s floor, and a rebuild through CURVE on these
+            // shared cores takes 4 s per 256 MiB and more: the replacement was declared failed at 1 GiB.
+            o.phaseTimeout = max(15, Double(bytes >> 20) * 0.06)
+        }
         o.heartbeatMs = 200
         let stepMs = max(2000, (bytes >> 20) * 12)
         o.workerCommand = [binaries + "/ft-toy-worker", "--steps", "1000000", "--state-kib", "\(bytes >> 11)", "--no-replicate",
@@ -140,6 +213,7 @@ public struct ECClusterBench {
                     return kv.count == 2 ? (String(kv[0]), String(kv[1])) : nil
                 })
                 if let ms = fields["staged_to_committed_ms"].flatMap(Double.init) { result.commitMs.append(ms) }
+                if let b = fields["image_bytes"].flatMap(Int.init) { result.imageBytes.append(b) }
                 if let b = fields["folded_bytes"].flatMap(Double.init), let t = fields["fold_ms"].flatMap(Double.init), t > 0 {
                     result.foldGBps.append(b / (t / 1000) / 1e9)
                 }
@@ -148,7 +222,7 @@ public struct ECClusterBench {
         // Repairs: one node, then (m = 2) two at once.
         for lost in 1...min(m, 2) {
             progress("RS(\(k)+\(m)): killing \(lost) node\(lost > 1 ? "s" : "") and rebuilding")
-            let victims = Array(0..<lost).map { ($0 * 2 + 1) % nodes }
+            let victims = Self.victims(lost: lost, nodes: nodes)
             let epoch = jsonInt(job.status()?["epoch"])
             // SMP logs append across replacements: wait for one more rebuild line than now.
             func rebuilds(_ n: Int) -> Int { smpLog(n).components(separatedBy: "rebuilt node").count - 1 }
@@ -176,6 +250,23 @@ public struct ECClusterBench {
             try waitFor(240, "a commit after the rebuild") { jsonInt(job.status()?["committed_step"]) > rounds + lost }
         }
         return result
+    }
+
+    /// The nodes killed to measure the rebuild of `lost` nodes.
+    static func victims(lost: Int, nodes: Int) -> [Int] { (0..<lost).map { ($0 * 2 + 1) % nodes } }
+
+    /// Seconds each of `traffics` takes over plain TCP between namespaces
+    /// made for the purpose (a host per node, like the job's), removed after.
+    func measureTransport(_ traffics: [ECTraffic], nodes: Int, tag: String) throws -> [Double] {
+        let dir = "/tmp/ft-bench-tcp-\(getpid())-\(tag)"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let hosts = try NetnsHosts(roles: (0..<nodes).map { "n\($0)" }, runDirectory: dir)
+        defer {
+            hosts.remove()
+            if ProcessInfo.processInfo.environment["FT_KEEP_BENCH_DIRS"] == nil { try? FileManager.default.removeItem(atPath: dir) }
+        }
+        let ceiling = TransportCeiling(binary: binaries + "/ft-bench")
+        return try traffics.enumerated().map { i, t in try ceiling.seconds(t, on: hosts, directory: dir + "/traffic\(i)") }
     }
 
     /// One ZeroMQ PUSH -> PULL stream over `endpoint` (loopback TCP, or an

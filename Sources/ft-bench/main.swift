@@ -14,7 +14,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with \
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self, TCPStream.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -245,7 +245,11 @@ struct ECCluster: ParsableCommand {
         discussion: """
             Starts real jobs (ft-coordinator, ft-smp, ft-toy-worker from this binary's directory): RS(3+1) on 4 nodes \
             and RS(4+2) on 6. ratios.commit_vs_memcpy, ratios.encode_vs_isal and ratios.repair_vs_disk_read \
-            (cold disk read time over repair time) are for RS(3+1) at 1 GiB per node.
+            (cold disk read time over repair time) are for RS(3+1) at 1 GiB per node. \
+            --hosts netns puts every node on a network namespace of its own (data planes on TCP with CURVE) and \
+            measures the transport ceiling between such hosts in the same run: the round's and the rebuild's streams \
+            over plain TCP, one process per node; ratios.commit_vs_transport and ratios.rebuild_vs_transport are the \
+            ceiling's time for the bytes over the system's (RS(3+1), 1 GiB per node).
             """)
 
     @OptionGroup var output: OutputOptions
@@ -262,9 +266,35 @@ struct ECCluster: ParsableCommand {
     @Option(help: ArgumentHelp("SMP data planes on tcp://ADDRESS:* with CURVE (as on separate hosts) instead of ipc; adds the floor of one CURVE stream over that address.", valueName: "address"))
     var dataHost: String?
 
+    @Option(help: ArgumentHelp("local: every process on this host; netns: each node and the coordinator on a network namespace of its own (needs root), with the transport ceiling between them.", valueName: "local|netns"))
+    var hosts = "local"
+
+    @Option(help: "Codes to run, comma-separated K+M (RS(3+1) on 4 nodes, RS(4+2) on 6).")
+    var codes = "3+1,4+2"
+
+    func parsedCodes() throws -> [(k: Int, m: Int)] {
+        let parsed = codes.split(separator: ",").map { c -> (k: Int, m: Int)? in
+            let p = c.trimmingCharacters(in: .whitespaces).split(separator: "+").compactMap { Int($0) }
+            return p.count == 2 && p[0] >= 1 && p[1] >= 1 && p[0] + p[1] <= 16 ? (p[0], p[1]) : nil
+        }
+        guard !parsed.isEmpty, parsed.allSatisfy({ $0 != nil }) else { throw ValidationError("--codes takes K+M codes, e.g. 3+1,4+2") }
+        return parsed.map { $0! }
+    }
+
+    func validate() throws {
+        _ = try parsedCodes()
+        guard let h = ECClusterBench.Hosts(rawValue: hosts) else { throw ValidationError("--hosts is local or netns, not '\(hosts)'") }
+        if h == .netns {
+            if let reason = ECClusterBench.netnsUnavailableReason { throw ValidationError("--hosts netns cannot run here: \(reason)") }
+            if dataHost != nil { throw ValidationError("--hosts netns puts each data plane on its host's address: give no --data-host") }
+        }
+    }
+
     func run() throws {
         var bench = ECClusterBench(binaries: executableDirectory)
         bench.dataHost = dataHost
+        bench.hosts = ECClusterBench.Hosts(rawValue: hosts)!
+        bench.codes = try parsedCodes()
         let sizes = sizesMib.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !sizes.isEmpty, sizes.allSatisfy({ $0 >= 1 && $0 <= 4096 }) else {
             throw ValidationError("--sizes-mib takes sizes in MiB between 1 and 4096")
@@ -273,6 +303,45 @@ struct ECCluster: ParsableCommand {
         bench.maxMiBForWideCodes = maxWideMib
         bench.diskDirectory = diskDir
         try output.emit("ec-cluster") { try bench.run(progress: $0) }
+    }
+}
+
+/// One node of the transport ceiling of `ec-cluster --hosts netns`
+/// (`TransportCeiling`), started by it in a node's namespace.
+struct TCPStream: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "tcp-stream",
+        abstract: "One node of ec-cluster's raw TCP ceiling (started by ec-cluster --hosts netns).",
+        shouldDisplay: false)
+
+    @Option(help: ArgumentHelp("Listen on ADDRESS:PORT.", valueName: "address:port"))
+    var listen: String?
+
+    @Option(help: "Connections to accept, each read to its end.")
+    var accept = 0
+
+    @Option(help: ArgumentHelp("Send BYTES to ADDRESS:PORT (repeatable).", valueName: "address:port:bytes"))
+    var send: [String] = []
+
+    @Option(help: "File to create once listening and connected.")
+    var ready: String
+
+    @Option(help: "File whose appearance starts the sending.")
+    var go: String
+
+    func run() throws {
+        var node = TCPStreamNode(readyPath: ready, goPath: go)
+        if let listen {
+            let parts = listen.split(separator: ":")
+            guard parts.count == 2, let port = Int(parts[1]) else { throw ValidationError("--listen takes ADDRESS:PORT") }
+            node.listen = (String(parts[0]), port)
+        }
+        node.accept = accept
+        node.sends = try send.map { s in
+            guard let t = TCPStreamNode.Target(s) else { throw ValidationError("--send takes ADDRESS:PORT:BYTES, not '\(s)'") }
+            return t
+        }
+        print(try node.run())
     }
 }
 
