@@ -180,13 +180,6 @@ public struct ECClusterBench {
         o.timeoutMs = 3000  // large copies on a shared 2-core machine must not look like deaths
         o.dataHost = dataHost
         o.netns = hosts == .netns
-        if hosts == .netns {
-            // A rebuild's deadline is the floor plus 3x its bytes at the rate the coordinator measured; the
-            // job's start (a restore of nothing, every image's bytes over well under a second) counts as a
-            // fast one, which leaves little more than the 5 s floor, and a rebuild through CURVE on these
-            // shared cores takes 4 s per 256 MiB and more: the replacement was declared failed at 1 GiB.
-            o.phaseTimeout = max(15, Double(bytes >> 20) * 0.06)
-        }
         o.heartbeatMs = 200
         let stepMs = max(2000, (bytes >> 20) * 12)
         o.workerCommand = [binaries + "/ft-toy-worker", "--steps", "1000000", "--state-kib", "\(bytes >> 11)", "--no-replicate",

@@ -45,8 +45,9 @@ public struct ECRoundInstance: Sendable {
     /// How soon a round refused for a transient reason (no layout yet, an old
     /// step's parity not yet dropped) is sent again.
     public static let resendDelay = 0.1
-    /// A round not yet protected that got no ack for this long is sent again
-    /// whole (holders ack what they folded already and fold what is missing):
+    /// A round not yet protected that got no ack for this long is sent again,
+    /// the chunks still owed to the holders that owe them (holders ack what they
+    /// folded already and fold what is missing):
     /// a frame or an ack lost with a connection (a peer's socket reconnecting)
     /// would otherwise leave the round pending, and the coordinator aborts a
     /// round only once some node protected it. Found by the data-plane
@@ -151,6 +152,12 @@ public struct ECRoundInstance: Sendable {
     /// each data chunk of an image of `imageBytes`, frame by frame, to its
     /// row's parity holders, folding locally where this node holds parity itself.
     public mutating func startRound(step: Int, imageBytes: Int, epoch: UInt64) -> [Directive] {
+        send(step: step, imageBytes: imageBytes, epoch: epoch, only: nil)
+    }
+
+    /// The round's frames; `only`: a resend, of the chunks whose acks are
+    /// still awaited, to the holders that owe them (and local folds not done).
+    private mutating func send(step: Int, imageBytes: Int, epoch: UInt64, only: Set<PendingAck>?) -> [Directive] {
         guard imageBytes <= chunkBytes * k else {
             outgoing = nil
             return [.warning("image of \(imageBytes) bytes exceeds k × chunk (\(k) × \(chunkBytes)); waiting for a larger layout")]
@@ -163,8 +170,11 @@ public struct ECRoundInstance: Sendable {
             let length = min(chunkBytes, imageBytes - start)
             let holders = placement.parityHolders(row: row)
             let remote = holders.filter { $0 != position }.map { members[$0] }
+                .filter { only?.contains(PendingAck(row: row, dataIndex: dataIndex, node: $0)) ?? true }
             for node in remote { pending.insert(PendingAck(row: row, dataIndex: dataIndex, node: node)) }
             let localIndex = holders.firstIndex(of: position)
+            let localDone = localIndex == nil || folded[step]?[row]?.contains(dataIndex) == true
+            if only != nil && remote.isEmpty && localDone { continue }  // acked everywhere, folded here
             var offset = 0
             repeat {
                 let n = min(frameBytes, length - offset)
@@ -216,7 +226,9 @@ public struct ECRoundInstance: Sendable {
         let stall = o.stallAt ?? now + stallResend  // set at the first tick after a send
         outgoing!.stallAt = stall
         guard now >= stall || o.resendAt.map({ now >= $0 }) == true else { return [] }
-        return startRound(step: o.step, imageBytes: o.imageBytes, epoch: o.epoch)
+        // Only what is owed: a chunk every holder acked is not sent again (a whole-round
+        // resend doubled a slow round's traffic).
+        return send(step: o.step, imageBytes: o.imageBytes, epoch: o.epoch, only: o.pending)
     }
 
     private mutating func checkProtected(step: Int) -> [Directive] {

@@ -58,10 +58,16 @@ final class ErasureState {
         group = g
         position = p
         codec = try ReedSolomon(dataCount: layout.k, parityCount: layout.m)
-        // A chunk is acked once all of it is folded: allow 50 MB/s per chunk before
-        // taking the round for stalled (10 s at least), so a slow round is not doubled.
+        // A chunk is acked once all of it is folded, and a node's chunks stream to their
+        // holders side by side, so the first ack can come as late as the whole round's
+        // end: allow everything this node sends (k chunks to up to m holders each) at
+        // 50 MB/s before taking the round for stalled (10 s at least). A stall then
+        // resends only the chunks still owed. (At 1 GiB per node over CURVE here, a
+        // round's first pass took ~19 s; the earlier chunk-sized allowance, 10 s,
+        // sent it whole a second time.)
+        let outgoing = Double(layout.chunkBytes) * Double(layout.k * layout.m)
         round = ECRoundInstance(k: layout.k, m: layout.m, chunkBytes: layout.chunkBytes, frameBytes: Self.frameBytes,
-                                members: layout.groups[g], position: p, stallResend: max(10, Double(layout.chunkBytes) / 50e6))
+                                members: layout.groups[g], position: p, stallResend: max(10, outgoing / 50e6))
         // Received frames are malloc'd by libzmq (4 MiB each): keep such blocks
         // off mmap and untrimmed, so they are reused rather than faulted in anew
         // for every frame (page faults cost more than the fold).

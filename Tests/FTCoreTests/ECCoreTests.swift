@@ -73,7 +73,7 @@ struct ECCoreTests {
     /// Found by the data-plane simulation under the real coordinator: a
     /// round whose frames or acks were lost everywhere was never protected
     /// by anyone, so never aborted either, and no snapshot was taken again.
-    @Test("a round that gets no ack for stallResend seconds is sent again; each ack pushes that back")
+    @Test("a round that gets no ack for stallResend seconds is sent again, the chunks still owed only; each ack pushes that back")
     func stalledRoundIsResent() {
         var a = ECRoundInstance(k: 2, m: 1, chunkBytes: 64, frameBytes: 64, members: members, position: 0, stallResend: 2)
         let sent = a.startRound(step: 3, imageBytes: 90, epoch: 1).compactMap { if case .send(let f) = $0 { f } else { nil } }
@@ -84,7 +84,14 @@ struct ECCoreTests {
         _ = a.onAck(from: f.to[0], step: 3, row: f.row, dataIndex: f.dataIndex, error: "", now: 101)
         #expect(a.tick(now: 102.5).isEmpty)
         let again = a.tick(now: 103).compactMap { if case .send(let f) = $0 { f } else { nil } }
-        #expect(again.count == sent.count && again.allSatisfy { $0.epoch == 1 })
+        // The acked chunk (its one holder acked it) is not sent again; the other chunk is, whole.
+        let owed = sent.filter { !($0.row == f.row && $0.dataIndex == f.dataIndex) }
+        #expect(!owed.isEmpty && owed.count < sent.count)
+        #expect(again.map { [$0.row, $0.dataIndex, $0.offset] } == owed.map { [$0.row, $0.dataIndex, $0.offset] })
+        #expect(again.allSatisfy { $0.epoch == 1 && $0.to == owed[0].to })
+        // Once every holder acked, nothing is owed: the round is protected (its own parity folded) and nothing is resent.
+        for g in owed { _ = a.onAck(from: g.to[0], step: 3, row: g.row, dataIndex: g.dataIndex, error: "", now: 103.5) }
+        #expect(a.tick(now: 200).isEmpty)
     }
 
     /// Found while the data-plane simulation was moved onto the real
