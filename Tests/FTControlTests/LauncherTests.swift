@@ -53,7 +53,11 @@ struct ClusterConfigTests {
             try config("memory_limit = 8Q")
         }
         #expect(try config("ec = none").erasure == nil)
-        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(c.hosts == .local && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns == false)
+        let netns = try config("hosts = netns")
+        #expect(netns.hosts == .netns && netns.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns)
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: hosts must be local or netns, not 'ssh'")) { try config("hosts = ssh") }
+        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
         #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
@@ -76,6 +80,11 @@ struct ClusterConfigTests {
         c.erasure = nil
         c.spares = 1
         #expect(error(c) == "inconsistent: spares need ec: a spare rebuilds a lost node from its group's parity")
+        c = ClusterConfig()
+        c.hosts = .netns
+        c.dataHost = "10.0.0.2"
+        #expect(error(c) == NetnsHosts.unavailableReason.map { "unavailable: hosts = netns: \($0)" }
+            ?? "inconsistent: data_host names one address for every node; with hosts = netns each SMP serves on its own host's address: leave data_host out")
         c = ClusterConfig()
         c.dataHost = "tcp://10.0.0.2:5000"
         #expect(error(c) == "bad_value: data_host must be an IPv4 address or host name such as 127.0.0.1 or 10.0.0.2, not 'tcp://10.0.0.2:5000'")
