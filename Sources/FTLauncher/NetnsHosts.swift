@@ -59,6 +59,12 @@ public final class NetnsHosts: @unchecked Sendable {
         var random = SystemRandomNumberGenerator()
         tag = String(String(UInt32.random(in: 0...UInt32.max, using: &random) ^ UInt32(getpid()), radix: 36).suffix(6))
         bridge = "ft\(tag)b"
+        // Runs starting side by side take turns: each picks a /16 no interface uses yet and
+        // puts it on its bridge before the next looks (an exclusive lock until this init ends).
+        let lockPath = FileManager.default.fileExists(atPath: "/run/lock") ? "/run/lock/ft-netns.lock" : "/tmp/ft-netns.lock"
+        let lock = open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o600)
+        if lock >= 0 { _ = flock(lock, LOCK_EX) }
+        defer { if lock >= 0 { close(lock) } }  // closing releases it
         let used = Self.output(["ip", "-4", "-o", "addr", "show"]) + Self.output(["ip", "-4", "route", "show"])
         let seed = Int(tag.unicodeScalars.reduce(UInt32(0)) { $0 &* 31 &+ $1.value } % 200)
         let second = (0..<200).map { 20 + (seed + $0) % 200 }.first { !used.contains(" 10.\($0).") && !used.contains("\n10.\($0).") } ?? 20 + seed
