@@ -12,8 +12,8 @@ extension ChaosRunner {
         var stopped: [Int32] = []
         /// Wall-clock spans when the fault held a link down or throttled (for checks against log timestamps).
         var spans: [(from: Date, to: Date)] = []
-        /// Processes the fault cut off, each with whether the coordinator declared it (set by the scenario).
-        var cutOff: [(pid: Int32, declared: Bool)] = []
+        /// The processes the fault cut off: for a flapping link, every incarnation of the node it hit.
+        var cutOff: [Int32] = []
     }
 
     /// The job's namespace hosts, which the network faults need.
@@ -86,7 +86,7 @@ extension ChaosRunner {
             }
             let kept = RecordedProcesses.segments(job: job.job).filter { $0.contains("-p\(old.pid)-") }
             guard kept.isEmpty else { throw ChaosError(.unexpectedOutcome, "the fenced SMP of n\(node) left \(kept.count) shared-memory segments") }
-            f.cutOff = [(old.pid, true)]
+            f.cutOff = [old.pid]
             return [f]
         case "partition-coordinator":
             let h = try hosts(job)
@@ -97,7 +97,7 @@ extension ChaosRunner {
             watch.sleep(3)
             try h.setLink("coordinator", up: true)
             f.spans = [(from, Date())]
-            f.cutOff = [(c.pid, false)]
+            f.cutOff = [c.pid]
             notes.append("the coordinator's link down for 3 s")
             return [f]
         case "slow-link":
@@ -117,11 +117,11 @@ extension ChaosRunner {
             let h = try hosts(job)
             let timeout = Double(job.options.timeoutMs) / 1000
             var f = Fault(kind: name, target: "n\(node)", at: monotonicSeconds())
-            var incarnations: [Int32: Bool] = [:]  // every SMP that was n<node> during the flaps: declared?
+            var incarnations = Set<Int32>()  // every SMP that was n<node> during the flaps
             var downs: [String] = []
             for _ in 0..<5 {
                 let host = job.hostOfNode[node] ?? "n\(node)"
-                incarnations[job.smps[node].pid] = incarnations[job.smps[node].pid] ?? false
+                incarnations.insert(job.smps[node].pid)
                 let down = Double.random(in: 0.2 * timeout...2 * timeout, using: &rng)
                 let from = Date()
                 try h.setLink(host, up: false)
@@ -131,9 +131,9 @@ extension ChaosRunner {
                 downs.append("\(host) \(Int(down * 1000)) ms")
                 watch.sleep(Double.random(in: 0.3...1.5, using: &rng))
             }
-            incarnations[job.smps[node].pid] = incarnations[job.smps[node].pid] ?? false
+            incarnations.insert(job.smps[node].pid)
             notes.append("n\(node)'s link down \(downs.joined(separator: ", ")), up between")
-            f.cutOff = incarnations.map { ($0.key, $0.value) }
+            f.cutOff = incarnations.sorted()
             return [f]
         case "flip-byte":
             return [try flipByte(job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)]
@@ -339,8 +339,8 @@ extension ChaosRunner {
             let during = committedRounds(job, between: span.from.addingTimeInterval(0.1), and: span.to)
             if !during.isEmpty { problems.append("\(during.count) round(s) committed while the coordinator was cut off: \(during.prefix(3))") }
             let pids = Set(watch.failures.values.map { jsonInt($0["coordinator_pid"]) }.filter { $0 > 0 })
-            let coordinators = (job.coordinator.map { [$0.pid] } ?? []) + f.cutOff.map(\.pid)
-            if Set(coordinators).count != 1 || pids.contains(where: { $0 != Int(f.cutOff[0].pid) }) {
+            let coordinators = (job.coordinator.map { [$0.pid] } ?? []) + f.cutOff
+            if Set(coordinators).count != 1 || pids.contains(where: { $0 != Int(f.cutOff[0]) }) {
                 problems.append("a second coordinator acted (pids \(Set(coordinators).sorted()), failures recorded by \(pids.sorted()))")
             }
             let declared = after.filter { ($0["kind"] as? String) != "coordinator" }
@@ -360,7 +360,7 @@ extension ChaosRunner {
             // Each incarnation of the node: replaced and then fenced (it ended with code 3), or kept to the end. Never both.
             let current = job.smps[node].pid
             var fates: [String] = []
-            for (pid, _) in f.cutOff.sorted(by: { $0.pid < $1.pid }) {
+            for pid in f.cutOff {
                 let process = (job.smps + job.retired).first { $0.pid == pid }
                 let exit = process?.poll()
                 let kept = pid == current

@@ -131,39 +131,52 @@ public final class NetnsHosts: @unchecked Sendable {
     }
 
     /// Deletes every namespace, link and bridge `RUN_DIR/netns` names (those
-    /// already gone are skipped), then the record. Returns what it deleted.
+    /// already gone are skipped), then the record; should any deletion fail,
+    /// the record keeps what is left, for the next `remove` or `leftovers`.
+    /// Returns what it deleted.
     @discardableResult
     public static func remove(recordIn runDirectory: String) -> [String] {
-        let path = runDirectory + "/netns"
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return [] }
+        let entries = recorded(runDirectory)
+        guard !entries.isEmpty else {
+            unlink(runDirectory + "/netns")
+            return []
+        }
         var removed: [String] = []
         // Namespaces first (their veth pairs go with them), then links left in the root, then the bridge.
-        let entries = text.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }.filter { $0.count == 2 }
         for kind in ["netns", "link", "bridge"] {
-            for e in entries where e[0] == kind && !e[1].isEmpty && !e[1].contains("/") {
-                let exists = kind == "netns" ? FileManager.default.fileExists(atPath: "/run/netns/" + e[1])
-                                             : FileManager.default.fileExists(atPath: "/sys/class/net/" + e[1])
-                guard exists else { continue }
-                let args = kind == "netns" ? ["ip", "netns", "delete", e[1]] : ["ip", "link", "delete", e[1]]
+            for e in entries where e.kind == kind && exists(e) {
+                let args = kind == "netns" ? ["ip", "netns", "delete", e.name] : ["ip", "link", "delete", e.name]
                 if (try? ChildProcess(arguments: args, environment: [:], outputPath: "/dev/null").wait(timeoutSeconds: 10))?.isSuccess == true {
-                    removed.append("\(kind) \(e[1])")
+                    removed.append("\(kind) \(e.name)")
                 }
             }
         }
-        unlink(path)
+        let left = entries.filter(exists)
+        if left.isEmpty {
+            unlink(runDirectory + "/netns")
+        } else {
+            try? left.map { "\($0.kind) \($0.name)\n" }.joined().write(toFile: runDirectory + "/netns", atomically: true, encoding: .utf8)
+        }
         return removed
     }
 
-    /// The namespaces of this machine whose names `RUN_DIR/netns` records and that still exist.
+    /// What `RUN_DIR/netns` records and still exists on this machine ("KIND NAME").
     public static func leftovers(recordIn runDirectory: String) -> [String] {
-        guard let text = try? String(contentsOfFile: runDirectory + "/netns", encoding: .utf8) else { return [] }
+        recorded(runDirectory).filter(exists).map { "\($0.kind) \($0.name)" }
+    }
+
+    /// The record's entries: ("netns" | "link" | "bridge", name).
+    private static func recorded(_ runDirectory: String) -> [(kind: String, name: String)] {
+        let text = (try? String(contentsOfFile: runDirectory + "/netns", encoding: .utf8)) ?? ""
         return text.split(separator: "\n").compactMap { line in
             let p = line.split(separator: " ").map(String.init)
-            guard p.count == 2 else { return nil }
-            let exists = p[0] == "netns" ? FileManager.default.fileExists(atPath: "/run/netns/" + p[1])
-                                         : FileManager.default.fileExists(atPath: "/sys/class/net/" + p[1])
-            return exists ? "\(p[0]) \(p[1])" : nil
+            guard p.count == 2, ["netns", "link", "bridge"].contains(p[0]), !p[1].isEmpty, !p[1].contains("/") else { return nil }
+            return (p[0], p[1])
         }
+    }
+
+    private static func exists(_ e: (kind: String, name: String)) -> Bool {
+        FileManager.default.fileExists(atPath: (e.kind == "netns" ? "/run/netns/" : "/sys/class/net/") + e.name)
     }
 
     /// The TCP sockets of `pid`'s network namespace (every socket of it, not
