@@ -137,7 +137,7 @@ public final class CoordinatorLink: @unchecked Sendable {
     public func forgetProtected() { lastProtected = nil }
 
     public func send(_ message: ControlMessage) {
-        if case .protected(let step) = message { lastProtected = step }
+        if case .protected(let step, _) = message { lastProtected = step }
         let frame = message.envelope(sender: memberID, epoch: epoch).encoded()
         _ = try? socket.send([frame], dontWait: true)
     }

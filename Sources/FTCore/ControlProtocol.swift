@@ -33,7 +33,13 @@ public enum ControlMessage: Sendable, Equatable {
     /// more than the node's budget or /dev/shm holds). A job still starting
     /// stops at once with `reason` rather than wait for its start timeout.
     case startRefused(worker: String, reason: String)
-    case protected(step: Int)
+    /// Every local worker staged `step` and this node's part of its round is
+    /// done: its chunks acked by every parity holder, its own parity complete,
+    /// all under the EC layout of `layoutChunkBytes` (0: no layout, a job
+    /// without erasure coding). In a job with erasure coding the coordinator
+    /// counts it only when that is the layout it sent last: a round protected
+    /// before the layout arrived, or under a layout since replaced, protects nothing.
+    case protected(step: Int, layoutChunkBytes: Int)
     // worker -> coordinator
     case workerHello(WorkerInfo)
     /// `running`: the worker is training (not paused or waiting for resume);
@@ -190,7 +196,9 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(worker); w.i64(Int64(pid)); w.string(status)
         case .startRefused(let worker, let reason):
             w.string(worker); w.string(reason)
-        case .protected(let s), .commit(let s), .abort(let s), .workerDone(let s):
+        case .protected(let s, let chunk):
+            w.i64(Int64(s)); w.i64(Int64(chunk))
+        case .commit(let s), .abort(let s), .workerDone(let s):
             w.i64(Int64(s))
         case .workerHello(let i):
             w.string(i.node); w.string(i.worker); w.i64(Int64(i.rank)); w.i64(Int64(i.worldSize)); w.i64(Int64(i.pid))
@@ -274,7 +282,9 @@ public enum ControlMessage: Sendable, Equatable {
             let worker = try r.string(field: "worker", max: 255)
             let pid = try pid("pid")
             self = .childExited(worker: worker, pid: pid, status: try r.string(field: "status", max: 255))
-        case 104: self = .protected(step: try step("step"))
+        case 104:
+            let s = try step("step")
+            self = .protected(step: s, layoutChunkBytes: try bytes("layout chunk bytes"))
         case 105:
             let worker = try r.string(field: "worker", max: 255)
             self = .startRefused(worker: worker, reason: try r.string(field: "reason", max: 1024))

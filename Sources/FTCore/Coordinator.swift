@@ -128,6 +128,8 @@ public struct CoordinatorInstance: Sendable {
         public var protectedStep: Int?
         /// The staged step the SMP's hello said it had protected (for a coordinator that restarts).
         public var helloProtectedStep: Int?
+        /// The chunk size of the EC layout the SMP's hello said it holds (0: none).
+        public var helloLayoutChunkBytes = 0
         public var dataBytes = 0
         public var parityBytes = 0
         /// The epoch in which this process (pid) joined: older messages under
@@ -336,9 +338,15 @@ public struct CoordinatorInstance: Sendable {
                 return [.log("worker \(key) could not register: \(reason)")]
             }
             return fail("worker \(key) cannot start: \(reason)", now: now)
-        case .protected(let step):
+        case .protected(let step, let chunk):
             guard current, state == .running, nodes[sender]?.state == .alive else { return [] }
             if let c = committedStep, step <= c { return [] }
+            // With erasure coding, only a round protected under the layout sent last
+            // counts: one protected before any layout arrived has no parity anywhere
+            // (found by a spare that could not rebuild a step committed that way), and
+            // one under a replaced layout lost its parity with it. The SMP protects
+            // its staged round again when the layout reaches it.
+            if settings.erasure != nil, chunk == 0 || chunk != lastLayout?.chunkBytes { return [] }
             nodes[sender]?.protectedStep = step
             if roundStartedAt[step] == nil { roundStartedAt[step] = now }
             return maybeCommit(step, now: now)
@@ -654,6 +662,7 @@ public struct CoordinatorInstance: Sendable {
         node.committedStep = inv.committedStep
         node.stagedStep = inv.stagedStep
         node.helloProtectedStep = inv.protectedStep
+        node.helloLayoutChunkBytes = inv.layoutChunkBytes
         nodes[sender] = node
         detector.heard(sender, now: now)
         if state == .starting {
@@ -784,7 +793,11 @@ public struct CoordinatorInstance: Sendable {
         var committed = nodes.values.compactMap(\.committedStep).max()
         // A round every node reported protected is committable, whether or not the
         // old coordinator got to broadcast its commit: commit it (fewer steps lost).
-        if nodes.count == settings.nodes, let p = nodes.values.first?.helloProtectedStep, p > (committed ?? -1),
+        // (With erasure coding, under one layout: each hello's protected step is the one
+        // its SMP protected under the layout it holds.)
+        let oneLayout = settings.erasure == nil
+            || nodes.values.allSatisfy({ $0.helloLayoutChunkBytes > 0 && $0.helloLayoutChunkBytes == nodes.values.first?.helloLayoutChunkBytes })
+        if nodes.count == settings.nodes, oneLayout, let p = nodes.values.first?.helloProtectedStep, p > (committed ?? -1),
            nodes.values.allSatisfy({ $0.helloProtectedStep == p && $0.stagedStep == p }) {
             out.append(.log("every node protected step \(p): committing it"))
             out += broadcastToNodes(.commit(step: p))
@@ -824,6 +837,9 @@ public struct CoordinatorInstance: Sendable {
             recovery = Recovery(step: nil, phase: .restart, phaseStartedAt: now, deadline: 0, restartWorkers: [:])
             recovery!.deadline = phaseDeadline(.restart, recovery!, now: now)
             out.append(.log("all \(settings.nodes) nodes and \(expectedWorkers) workers are here; starting in epoch \(epoch)"))
+            // The layout before the first round, when every node's size is in: rounds
+            // count only once protected under it.
+            out += layoutDirectives()
             return out + broadcastToNodes(.restore(step: nil, sources: [])) + broadcastToWorkers(.restore(step: nil, sources: sliceSources))
         }
         // Workers of surviving nodes that never said hello (or are dead) are restarted by their SMP.
@@ -1059,7 +1075,10 @@ public struct CoordinatorInstance: Sendable {
     /// The EC layout, sent when it is known or changed (or when forced).
     private mutating func layoutDirectives(force: Bool = false) -> [Directive] {
         guard let ec = settings.erasure, let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
-        guard nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.dataBytes > 0 || $0.state != .alive }) else {
+        // Every node's size, a dead one's too: cut without a node that died before it
+        // said its size, the chunk would grow when its replacement says it, and a new
+        // chunk size drops every node's parity, the committed step's included.
+        guard nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.dataBytes > 0 }) else {
             // Sizes unknown (a replacement has no workers yet): the last layout, with today's endpoints.
             guard force, var layout = lastLayout else { return [] }
             layout.endpoints = Dictionary(uniqueKeysWithValues: nodes.values.map { ($0.id, $0.dataEndpoint) })
@@ -1070,6 +1089,11 @@ public struct CoordinatorInstance: Sendable {
         let layout = ECLayout(k: ec.k, m: ec.m, chunkBytes: max(chunk, lastLayout?.chunkBytes ?? 0), groups: groups,
                               endpoints: Dictionary(uniqueKeysWithValues: nodes.values.map { ($0.id, $0.dataEndpoint) }))
         guard force || layout != lastLayout else { return [] }
+        if let last = lastLayout, last.chunkBytes != layout.chunkBytes {
+            // SMPs drop their parity for a new chunk size and protect their staged
+            // round again: a `protected` under the old one no longer holds.
+            for id in nodes.keys { nodes[id]?.protectedStep = nil }
+        }
         lastLayout = layout
         return broadcastToNodes(.ecLayout(layout))
     }

@@ -21,8 +21,9 @@ import Logging
 final class CoordinatorAgent {
     private let channel: ControlChannel?
     private let interval: Double
-    /// The step of the last `protected` sent, while that round is still staged.
-    private var lastProtected: Int?
+    /// The step of the last `protected` sent, while that round is still staged,
+    /// and the layout chunk size it was protected under.
+    private var lastProtected: (step: Int, layoutChunkBytes: Int)?
     private var sizesReportedAt = 0.0
 
     init(config: SMPConfiguration, logger: Logger) throws {
@@ -67,15 +68,18 @@ final class CoordinatorAgent {
 
     /// Sends a message to the coordinator; remembers a `protected` for later hellos.
     func report(_ message: ControlMessage) {
-        if case .protected(let step) = message { lastProtected = step }
+        if case .protected(let step, let chunk) = message { lastProtected = (step, chunk) }
         channel?.send(message)
     }
 
     /// A round was aborted or a restore ordered: the `protected` sent is void.
     func forgetProtected() { lastProtected = nil }
 
-    /// The `protected` the hello repeats: the last one sent, while `staged` is that step.
-    func protectedStep(staged: Int?) -> Int? { lastProtected.flatMap { $0 == staged ? $0 : nil } }
+    /// The `protected` the hello repeats: the last one sent, while `staged` is that
+    /// step and the layout (`layoutChunkBytes`) is the one it was protected under.
+    func protectedStep(staged: Int?, layoutChunkBytes: Int) -> Int? {
+        lastProtected.flatMap { $0.step == staged && $0.layoutChunkBytes == layoutChunkBytes ? $0.step : nil }
+    }
 
     /// The hello the control thread repeats until welcomed (always current).
     func updateHello(_ inventory: ControlMessage.SMPInventory) { channel?.setHello(inventory) }

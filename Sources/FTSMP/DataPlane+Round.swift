@@ -15,8 +15,20 @@ extension DataPlane {
     /// Every local worker staged `step`: the round core sends each data chunk,
     /// frame by frame, to its row's parity holders.
     func startProtecting(step: Int) {
+        stagedRound = (step, epoch())
+        protectStagedRound()
+    }
+
+    /// Protects the round staged last, while it is still staged, under the
+    /// epoch it was staged in (also when the layout comes after: holders
+    /// restored in a newer epoch refuse it, as they refuse any voided round).
+    func protectStagedRound() {
+        guard let (step, stagedEpoch) = stagedRound, memory.store.stagedStep == step else { return }
         guard let ec = erasure else {
-            report(.protected(step: step))
+            // No layout (yet): a job without erasure coding is protected now; in one
+            // with it the coordinator does not count this, and the round is protected
+            // when the layout comes (`applyLayout`).
+            report(.protected(step: step, layoutChunkBytes: 0))
             return
         }
         guard let entries = memory.imageEntries(step: step, committedOnly: false) else { return }
@@ -24,7 +36,7 @@ extension DataPlane {
         let manifest = NodeImage(step: step, entries: entries.map(\.entry)).manifest()
         ec.outgoingImage = (step, manifest, entries)
         let total = manifest.count + entries.reduce(0) { $0 + $1.entry.slotBytes }
-        runRound(ec, ec.round.startRound(step: step, imageBytes: total, epoch: epoch()))
+        runRound(ec, ec.round.startRound(step: step, imageBytes: total, epoch: stagedEpoch))
     }
 
     /// Carries out the round core's directives; `received`: the frame a `.fold` folds.
@@ -90,7 +102,7 @@ extension DataPlane {
                 reply?(.ecAck(step: step, row: row, dataIndex: dataIndex, error: error))
             case .protected(let step):
                 ec.outgoingImage = nil
-                report(.protected(step: step))
+                report(.protected(step: step, layoutChunkBytes: ec.chunkBytes))
             case .warning(let text):
                 logger.warning("\(text)", metadata: ["refused.total": "\(ec.round.refusedFrames)"])
             }

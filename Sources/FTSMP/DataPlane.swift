@@ -44,6 +44,8 @@ final class DataPlane {
     private(set) var erasure: ErasureState?
     /// A rebuild ordered before the layout arrived.
     private var pendingRebuild: (step: Int?, lost: [String])?
+    /// The round the workers staged last and the epoch they staged it in.
+    var stagedRound: (step: Int, epoch: UInt64)?
     /// EC fetches from peers refused (outside the layout); refused chunk frames
     /// are counted by the round core (`ECRoundInstance.refusedFrames`).
     var refusedChunks = 0
@@ -161,7 +163,7 @@ final class DataPlane {
         do {
             erasure = try ErasureState(layout: layout, node: config.nodeID)
             logger.info("EC layout: RS(\(layout.k)+\(layout.m)), chunk \(layout.chunkBytes) bytes, group \(erasure!.group) position \(erasure!.position)")
-            if let s = memory.store.stagedStep { startProtecting(step: s) }
+            protectStagedRound()
             if let (step, lost) = pendingRebuild {
                 pendingRebuild = nil
                 startRebuild(step: step, lost: lost)

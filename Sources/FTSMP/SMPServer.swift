@@ -67,6 +67,8 @@ public final class SMPServer: @unchecked Sendable {
     /// Requests refused for their peer (`unauthorized`).
     public internal(set) var unauthorizedRequests = 0
     var exitCode: Int32 = 0
+    /// Every configured worker registered at least once (sizes are final).
+    private var everyWorkerRegistered = false
     var stopRequested = false
 
     /// The workers' endpoint as bound.
@@ -104,7 +106,7 @@ public final class SMPServer: @unchecked Sendable {
     private func wire() {
         memory.keepAlive = { [unowned self] in keepAlive() }
         workers.allStaged = { [unowned self] step in
-            if let dataPlane { dataPlane.startProtecting(step: step) } else { agent.report(.protected(step: step)) }
+            if let dataPlane { dataPlane.startProtecting(step: step) } else { agent.report(.protected(step: step, layoutChunkBytes: 0)) }
         }
         workers.repair = { [unowned self] (worker, unlessVerified) throws(StoreError) -> Bool in
             guard let dataPlane else { return true }
@@ -182,7 +184,16 @@ public final class SMPServer: @unchecked Sendable {
     /// this node's image and parity sizes.
     func keepAlive() {
         agent.progress()
-        agent.reportSizes { (memory.imageBytes, dataPlane?.parityBytesHeld ?? 0) }
+        agent.reportSizes { (reportedImageBytes, dataPlane?.parityBytesHeld ?? 0) }
+    }
+
+    /// The image size the heartbeats carry: 0 until every worker of the node
+    /// registered once. The coordinator cuts the EC layout to the largest node's
+    /// image; one cut to a node half registered grows later, and a new chunk size
+    /// drops every node's parity, the committed step's included.
+    private var reportedImageBytes: Int {
+        if !everyWorkerRegistered { everyWorkerRegistered = memory.store.workers.count >= config.workerCount }
+        return everyWorkerRegistered ? memory.imageBytes : 0
     }
 
     /// What this node holds, as the hello says it.
@@ -193,7 +204,7 @@ public final class SMPServer: @unchecked Sendable {
         return .init(node: config.nodeID, pid: Int(getpid()), dataEndpoint: dataEndpoint,
                      workers: (0..<config.workerCount).map { "w\($0)" }, rankOffset: config.rankOffset,
                      committedStep: committed, stagedStep: store.stagedStep,
-                     protectedStep: agent.protectedStep(staged: store.stagedStep),
+                     protectedStep: agent.protectedStep(staged: store.stagedStep, layoutChunkBytes: dataPlane?.chunkBytes ?? 0),
                      layoutChunkBytes: dataPlane?.chunkBytes ?? 0)
     }
 

@@ -166,7 +166,7 @@ struct LauncherProcessTests {
         kill(worker1, SIGKILL)
         kill(smp1, SIGKILL)
         // (The last failure of the loss, the SMP or one of its workers, is the one recovery resumes from.)
-        #expect(waitUntil(seconds: 60) { readText(out).contains("recovered from") }, "\(readText(out))")
+        #expect(waitUntil(seconds: 60) { readText(out).contains("recovered from") }, "\(readText(out))\n\(jobLogs(dir))")
         #expect(readText(out).contains("launcher: spare0 (pid"), "\(readText(out))")
         #expect(readText(dir + "/spare0.log").contains("rebuilt node n1"), "\(readText(dir + "/spare0.log"))")
         let recovered = jobStatus()

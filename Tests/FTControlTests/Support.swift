@@ -11,6 +11,18 @@ var productsDirectory: String { executableDirectory }
 
 func readText(_ path: String) -> String { (try? String(contentsOfFile: path, encoding: .utf8)) ?? "" }
 
+/// The last `lines` lines above debug of the coordinator's and every SMP's
+/// log in a job's run directory: what a failed expectation about a job prints.
+func jobLogs(_ runDirectory: String, lines: Int = 40) -> String {
+    let files = ((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? [])
+        .filter { $0 == "coordinator.log" || ($0.hasPrefix("smp-") && $0.hasSuffix(".log")) || ($0.hasPrefix("spare") && $0.hasSuffix(".log")) }
+        .sorted()
+    return files.map { f in
+        let kept = readText(runDirectory + "/" + f).split(separator: "\n").filter { !$0.contains(" debug ") }.suffix(lines)
+        return "--- \(f)\n" + kept.joined(separator: "\n")
+    }.joined(separator: "\n")
+}
+
 @discardableResult
 func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
     let deadline = monotonicSeconds() + seconds

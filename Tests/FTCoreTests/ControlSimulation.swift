@@ -41,6 +41,9 @@ struct ControlSimulation {
         var nextHeartbeat = 0.0
         var nextHello = 0.0
         var welcomed = false
+        /// The chunk size of the EC layout this process got (0: none yet); its
+        /// `protected` says it, and a new one protects the staged round again.
+        var layoutChunk = 0
         var pendingSpawns: [(String, Double)] = []
     }
 
@@ -271,7 +274,7 @@ struct ControlSimulation {
 
     mutating func deliverToCoordinator(_ e: Envelope) {
         let zombieSMP = e.pid != 0 && zombies[e.pid] != nil
-        if case .protected(let s) = e.message, !zombieSMP {
+        if case .protected(let s, _) = e.message, !zombieSMP {
             protectedSeen[e.epoch, default: [:]][e.from, default: []].insert(s)
         }
         let zombie = zombieSMP || (workers[e.from] != nil && fenced.contains(e.from) && fencedPids[e.from] == workers[e.from]?.pid)
@@ -308,6 +311,13 @@ struct ControlSimulation {
         s.epoch = max(s.epoch, e.epoch)
         switch e.message {
         case .welcome, .ack: s.welcomed = true
+        case .ecLayout(let layout) where layout.chunkBytes != s.layoutChunk:
+            s.layoutChunk = layout.chunkBytes
+            if let step = s.staged {
+                smps[e.to] = s
+                send(from: s.id, to: "coordinator", .protected(step: step, layoutChunkBytes: s.layoutChunk), epoch: s.epoch)
+                return
+            }
         case .commit(let step): if s.staged == step || s.committed == step { s.committed = step; s.staged = nil }
         case .abort(let step): if s.staged == step { s.staged = nil }
         case .restore(let step, _):
@@ -563,7 +573,7 @@ struct ControlSimulation {
                     // The zombie speaks as it was: fenced by the coordinator, it changes nothing.
                     log.append(stamp(now) + " SIGCONT zombie \(z.id) (pid \(pid))")
                     send(from: z.id, to: "coordinator", .smpHeartbeat(dataBytes: 1, parityBytes: 0), epoch: z.epoch, pid: pid)
-                    if let s = z.staged { send(from: z.id, to: "coordinator", .protected(step: s), epoch: z.epoch, pid: pid) }
+                    if let s = z.staged { send(from: z.id, to: "coordinator", .protected(step: s, layoutChunkBytes: z.layoutChunk), epoch: z.epoch, pid: pid) }
                     send(from: z.id, to: "coordinator", .childExited(worker: "w0", pid: 1, status: "signal 9"), epoch: z.epoch, pid: pid)
                 }
             }
@@ -672,7 +682,7 @@ struct ControlSimulation {
                     // The collective decision: snapshot only when no round is pending anywhere.
                     for id in smps.keys.sorted() where smps[id]!.running && !smps[id]!.stopped && !smps[id]!.empty {
                         smps[id]!.staged = step
-                        send(from: id, to: "coordinator", .protected(step: step), epoch: smps[id]!.epoch)
+                        send(from: id, to: "coordinator", .protected(step: step, layoutChunkBytes: smps[id]!.layoutChunk), epoch: smps[id]!.epoch)
                     }
                 }
             }

@@ -138,7 +138,7 @@ struct ControlSimulationTests {
             for _ in 0..<200 where step == nil {
                 sim.run(until: sim.now + 0.01)
                 step = sim.queue.lazy.compactMap { e -> Int? in
-                    if e.from == "n3", e.to == "coordinator", case .protected(let s) = e.message { s } else { nil }
+                    if e.from == "n3", e.to == "coordinator", case .protected(let s, _) = e.message { s } else { nil }
                 }.first
             }
             let s = try #require(step, "no round started within 2 s")
@@ -375,17 +375,63 @@ struct ControlSimulationTests {
         #expect(c.recoveryRate == c.settings.recoveryBytesPerSecond, "1 GiB 'restored' at the start counted as \(c.recoveryRate) B/s")
     }
 
+    @Test("with erasure coding a round counts only protected under the layout sent last: not before any layout, not under a replaced one")
+    func protectedNeedsTheLayout() throws {
+        var settings = CoordinatorSettings(jobID: "l", nodes: 2, workersPerNode: 1)
+        settings.erasure = (1, 1)
+        var c = CoordinatorInstance(settings: settings)
+        for (i, n) in ["n0", "n1"].enumerated() {
+            _ = c.receive(.smpHello(.init(node: n, pid: 10 + i, dataEndpoint: "tcp://\(n)", workers: ["w0"], rankOffset: i,
+                                          committedStep: nil, stagedStep: nil)), from: n, epoch: 0, now: 0)
+            _ = c.receive(.workerHello(.init(node: n, worker: "w0", rank: i, worldSize: 2, pid: 20 + i, collectiveEndpoint: "r\(i)")),
+                          from: "\(n)/w0", epoch: 0, now: 0)
+        }
+        for n in ["n0", "n1"] { _ = c.receive(.ready(restoredStep: nil), from: "\(n)/w0", epoch: c.epoch, now: 0.1) }
+        #expect(c.state == .running)
+        #expect(c.lastLayout == nil)  // no size said yet
+        func protect(_ step: Int, chunk: Int, at now: Double) -> [CoordinatorInstance.Directive] {
+            c.receive(.protected(step: step, layoutChunkBytes: chunk), from: "n0", epoch: c.epoch, now: now)
+                + c.receive(.protected(step: step, layoutChunkBytes: chunk), from: "n1", epoch: c.epoch, now: now)
+        }
+        func commits(_ out: [CoordinatorInstance.Directive]) -> Bool { out.contains { if case .send(_, .commit) = $0 { true } else { false } } }
+        // Before any layout: every node's round is unprotected; nothing commits.
+        #expect(!commits(protect(2, chunk: 0, at: 0.2)))
+        #expect(c.committedStep == nil)
+        // The sizes come in, the layout goes out; the SMPs protect the staged round under it.
+        var out = c.receive(.smpHeartbeat(dataBytes: 1000, parityBytes: 0), from: "n0", epoch: c.epoch, now: 0.3)
+        out += c.receive(.smpHeartbeat(dataBytes: 1000, parityBytes: 0), from: "n1", epoch: c.epoch, now: 0.3)
+        let chunk = try #require(c.lastLayout?.chunkBytes)
+        #expect(out.contains { if case .send(_, .ecLayout) = $0 { true } else { false } })
+        #expect(!commits(protect(2, chunk: chunk + 64, at: 0.4)))  // some other layout's
+        #expect(commits(protect(2, chunk: chunk, at: 0.5)))
+        #expect(c.committedStep == 2)
+        // n0 protected round 4; then a node's size grows and the chunk with it: n0's
+        // protected no longer holds, and n1's under the new layout alone commits nothing.
+        _ = c.receive(.protected(step: 4, layoutChunkBytes: chunk), from: "n0", epoch: c.epoch, now: 0.6)
+        out = c.receive(.smpHeartbeat(dataBytes: 5000, parityBytes: 0), from: "n1", epoch: c.epoch, now: 0.7)
+        let grown = try #require(c.lastLayout?.chunkBytes)
+        #expect(grown > chunk)
+        #expect(!commits(c.receive(.protected(step: 4, layoutChunkBytes: grown), from: "n1", epoch: c.epoch, now: 0.8)))
+        #expect(commits(c.receive(.protected(step: 4, layoutChunkBytes: grown), from: "n0", epoch: c.epoch, now: 0.9)))
+        #expect(c.committedStep == 4)
+    }
+
     @Test("a restarted coordinator commits a round every SMP's hello says it protected, and restores that step")
     func restartCommitsProtectedRound() throws {
+        var n1Chunk = 4096
+        var erasure: (k: Int, m: Int)?
         let hello = { (node: String, committed: Int?, staged: Int?, protected: Int?) in
             ControlMessage.smpHello(.init(node: node, pid: 7, dataEndpoint: "tcp://\(node)", workers: ["w0"], rankOffset: node == "n0" ? 0 : 1,
-                                          committedStep: committed, stagedStep: staged, protectedStep: protected, layoutChunkBytes: 4096))
+                                          committedStep: committed, stagedStep: staged, protectedStep: protected,
+                                          layoutChunkBytes: node == "n1" ? n1Chunk : 4096))
         }
         // The field survives the wire.
         let (decoded, _) = try ControlMessage.decode(hello("n0", 4, 5, 5).envelope(sender: "n0", epoch: 2).encoded())
         #expect(decoded == hello("n0", 4, 5, 5))
         func start(_ p1: Int?) -> (CoordinatorInstance, [CoordinatorInstance.Directive]) {
-            var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "r", nodes: 2, workersPerNode: 1))
+            var settings = CoordinatorSettings(jobID: "r", nodes: 2, workersPerNode: 1)
+            settings.erasure = erasure
+            var c = CoordinatorInstance(settings: settings)
             var out = c.receive(hello("n0", 4, 5, 5), from: "n0", epoch: 3, now: 0)
             out += c.receive(hello("n1", 4, 5, p1), from: "n1", epoch: 3, now: 0)
             for (i, n) in ["n0", "n1"].enumerated() {
@@ -402,6 +448,12 @@ struct ControlSimulationTests {
         let (c2, out2) = start(nil)
         #expect(c2.committedStep == 4)
         #expect(!out2.contains { if case .send(_, .commit(step: 5)) = $0 { true } else { false } })
+        // With erasure coding: under one layout it commits; n1 protected it under
+        // another (its hello's chunk size differs), and it does not.
+        erasure = (1, 1)
+        #expect(start(5).0.committedStep == 5)
+        n1Chunk = 8192
+        #expect(start(5).0.committedStep == 4)
     }
 
     @Test("a fresh coordinator rebuilds its view from the SMPs and resumes without losing the committed step")

@@ -120,6 +120,9 @@ struct ECSimulation {
         var committed: Int?
         /// The step staged and not yet committed, aborted or restored away.
         var staged: Int?
+        /// The epoch it was staged in: a round protected later (the layout came
+        /// late) carries it, so holders in a newer epoch refuse it.
+        var stagedEpoch: UInt64 = 0
         /// The epoch of the last restore order it carried out.
         var restoredEpoch: UInt64 = 0
         /// Peers' incarnations, from the coordinator's layout (their data endpoints).
@@ -130,6 +133,15 @@ struct ECSimulation {
         var pausedUntil: Double?
         var zombieDiesAt: Double?
         var welcomed = false
+        /// Whether this incarnation got the coordinator's layout: before it, as in
+        /// the SMP, it sends no chunks, refuses frames (`no EC layout`), and reports
+        /// a staged round `protected` under no layout (chunk 0), which the
+        /// coordinator must not count.
+        var hasLayout = false
+        /// When its heartbeats start to carry its image size (an SMP says 0 until
+        /// every worker registered, which can be after the job started: the
+        /// coordinator's layout then comes after the first rounds are staged).
+        var sizesAt = 0.0
         var nextHello = 0.0
         var nextHeartbeat = 0.0
         var worker: Worker
@@ -241,6 +253,7 @@ struct ECSimulation {
         for (p, name) in names.enumerated() {
             nodes[name] = freshNode(name, position: p, inc: 0)
             nodes[name]!.nextHello = Double(rng.next() % 100) / 1000
+            nodes[name]!.sizesAt = Double(rng.next() % 800) / 1000
             nodes[name]!.worker.nextHello = Double(rng.next() % 100) / 1000
         }
     }
@@ -481,6 +494,7 @@ struct ECSimulation {
             dead[name] = nil
             var fresh = freshNode(name, position: old.position, inc: old.inc + 1)
             fresh.nextHello = now + 0.05 + Double(rng.next() % 100) / 1000
+            fresh.sizesAt = now + Double(rng.next() % 800) / 1000
             fresh.worker.nextHello = now + 0.05 + Double(rng.next() % 100) / 1000
             nodes[name] = fresh
             replacements += 1
@@ -504,8 +518,14 @@ struct ECSimulation {
             let img = image(name, step: step, epoch: node.epoch)
             node.images[step] = img
             node.staged = step
+            node.stagedEpoch = node.epoch
             stagedBy[name, default: [:]][step] = img
-            runRound(&node, node.round.startRound(step: step, imageBytes: img.count, epoch: node.epoch), received: [])
+            if node.hasLayout {
+                runRound(&node, node.round.startRound(step: step, imageBytes: img.count, epoch: node.epoch), received: [])
+            } else {
+                faultCounts["round staged before the layout", default: 0] += 1
+                toCoordinator(node, .protected(step: step, layoutChunkBytes: 0))
+            }
             nodes[name] = node
         }
     }
@@ -668,7 +688,7 @@ struct ECSimulation {
         if node.welcomed, now >= node.nextHeartbeat {
             node.nextHeartbeat = now + coordinator.settings.heartbeatInterval
             let parityBytes = node.parity.values.reduce(0) { $0 + $1.count * chunkBytes }
-            toCoordinator(node, .smpHeartbeat(dataBytes: imageBytes(node.name), parityBytes: parityBytes))
+            toCoordinator(node, .smpHeartbeat(dataBytes: now >= node.sizesAt ? imageBytes(node.name) : 0, parityBytes: parityBytes))
         }
         let d = node.round.tick(now: now)
         if d.contains(where: { if case .send = $0 { true } else { false } }) { resends += 1 }
@@ -800,6 +820,13 @@ struct ECSimulation {
             for (peer, ep) in layout.endpoints {
                 if let inc = ep.split(separator: "#").last.flatMap({ Int($0) }) { node.view[peer] = inc }
             }
+            if !node.hasLayout {
+                node.hasLayout = true
+                // The SMP protects the round it staged without a layout now.
+                if let s = node.staged, let img = node.images[s] {
+                    runRound(&node, node.round.startRound(step: s, imageBytes: img.count, epoch: node.stagedEpoch), received: [])
+                }
+            }
         case .commit(let step):
             runRound(&node, node.round.commit(step: step), received: [])
             if node.images[step] != nil { node.committed = step }
@@ -840,6 +867,9 @@ struct ECSimulation {
 
     mutating func dataPlane(_ node: inout Node, _ msg: Message) {
         switch msg.body {
+        case .chunk(let step, let row, let di, _, _, _, _) where !node.hasLayout:
+            send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: msg.from, toInc: msg.fromInc,
+                 .ack(step: step, row: row, dataIndex: di, error: ECRoundInstance.noLayout))
         case .chunk(let step, let row, let di, let offset, let length, let crc, let bytes):
             let d = node.round.onChunkFrame(from: msg.from, epoch: msg.epoch, ownEpoch: node.epoch, step: step, row: row, dataIndex: di,
                                             offset: offset, length: length, frameBytes: bytes.count, crcMatches: Self.crc(bytes) == crc,
@@ -855,7 +885,8 @@ struct ECSimulation {
         case .ack(let step, let row, let di, let error):
             runRound(&node, node.round.onAck(from: msg.from, step: step, row: row, dataIndex: di, error: error, now: now), received: [])
         case .fetch(let step, let row, let index, let offset, let length):
-            let (bytes, error) = serve(node, step: step, row: row, index: index, offset: offset, length: length)
+            let (bytes, error) = node.hasLayout ? serve(node, step: step, row: row, index: index, offset: offset, length: length)
+                : ([], ECRoundInstance.noLayout)
             send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: msg.from, toInc: msg.fromInc,
                  .data(step: step, row: row, index: index, offset: offset, crc: Self.crc(bytes), error: error, bytes: bytes))
             if error.hasPrefix(StoreError.Code.corrupt.rawValue), nodes[node.name]?.inc == node.inc {
@@ -936,7 +967,7 @@ struct ECSimulation {
                 send(from: node.name, fromInc: node.inc, epoch: node.epoch, to: to, toInc: replyTo?.1 ?? node.view[to] ?? 0,
                      .ack(step: step, row: row, dataIndex: di, error: error))
             case .protected(let step):
-                toCoordinator(node, .protected(step: step))
+                toCoordinator(node, .protected(step: step, layoutChunkBytes: chunkBytes))
             case .warning:
                 break
             }

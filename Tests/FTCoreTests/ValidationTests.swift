@@ -61,7 +61,7 @@ struct ValidationTests {
     func stepBounds() {
         #expect(wireCode { _ = try decodeSMP(.begin(step: Int.max)) } == .outOfRange)
         #expect(wireCode { _ = try decodeSMP(.begin(step: WireLimits.maxStep)) } == nil)
-        #expect(wireCode { _ = try decodeControl(.protected(step: Int.max)) } == .outOfRange)
+        #expect(wireCode { _ = try decodeControl(.protected(step: Int.max, layoutChunkBytes: 0)) } == .outOfRange)
         #expect(wireCode { _ = try decodeControl(.commit(step: WireLimits.maxStep + 1)) } == .outOfRange)
         #expect(wireCode { _ = try decodeControl(.ready(restoredStep: Int.max), sender: "n0/w0") } == .outOfRange)
         #expect(wireCode { _ = try decodeControl(.resume(fromStep: Int.max, peers: [])) } == .outOfRange)
@@ -146,8 +146,8 @@ struct ValidationTests {
         let world = ControlMessage.WorkerInfo(node: "n0", worker: "w0", rank: 0, worldSize: 5, pid: 3, collectiveEndpoint: "")
         #expect(refused(.workerHello(world), from: "n0/w0") == .notInJob)
         #expect(refused(.workerHeartbeat(step: 1, running: true, skipped: 0, activity: .idle), from: "n0") == .notInJob)
-        #expect(refused(.protected(step: 1), from: "intruder") == .notInJob)
-        #expect(refused(.protected(step: 1), from: "n01") == .notInJob)
+        #expect(refused(.protected(step: 1, layoutChunkBytes: 0), from: "intruder") == .notInJob)
+        #expect(refused(.protected(step: 1, layoutChunkBytes: 0), from: "n01") == .notInJob)
         #expect(c.refusedMessages == 6)
         #expect(c.nodes.isEmpty && c.workers.isEmpty)
         // The job's own members are admitted.
