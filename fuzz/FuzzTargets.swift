@@ -46,7 +46,7 @@ public func fuzzInitialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMu
         .smpHello(.init(node: "n0", pid: 7, dataEndpoint: "tcp://a", workers: ["w0"], rankOffset: 0, committedStep: 2, stagedStep: nil)),
         .workerHello(.init(node: "n0", worker: "w0", rank: 0, worldSize: 2, pid: 8, collectiveEndpoint: "tcp://b")),
         .workerHeartbeat(step: 5, running: true, skipped: 0, activity: WorkerActivity(.collective, waitingOn: 1, milliseconds: 3)),
-        .protected(step: 4), .restore(step: 3, sources: ["a", "b"]), .restartWorkers([.init(worker: "w0", pid: 9)]),
+        .protected(step: 4, layoutChunkBytes: 4096), .restore(step: 3, sources: ["a", "b"]), .restartWorkers([.init(worker: "w0", pid: 9)]),
         .ecLayout(ECLayout(k: 2, m: 1, chunkBytes: 4096, groups: [["n0", "n1", "n2"]], endpoints: ["n0": "tcp://c"])),
         .rebuild(step: 3, lost: ["n1"]), .statusQuery,
     ]
@@ -248,7 +248,7 @@ func fuzzCoordinator(_ bytes: [UInt8]) {
                                            activity: WorkerActivity(WorkerActivity.Kind.allCases[c.below(6)], waitingOn: c.optionalInt() ?? -1,
                                                                     milliseconds: c.int()))
         case 4: message = .childExited(worker: c.string(settings.workerIDs), pid: c.int(), status: "exit 1")
-        case 5: message = .protected(step: c.int())
+        case 5: message = .protected(step: c.int(), layoutChunkBytes: c.int())
         case 6: message = .ready(restoredStep: c.optionalInt())
         case 7: message = .restoreFailed(reason: "fuzz")
         case 8: message = .workerDone(finalStep: c.int())
