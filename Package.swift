@@ -29,6 +29,8 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        // Prometheus exposition (the coordinator's /metrics); its only dependencies are swift-metrics and swift-atomics.
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // MARK: core (no I/O)
@@ -75,6 +77,7 @@ let package = Package(
         .target(name: "FTControl", dependencies: [
             "FTCore", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
         .executableTarget(name: "ft-smp", dependencies: [
             "FTControl", "FTSMP", "FTZMQ",

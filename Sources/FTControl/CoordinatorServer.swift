@@ -14,6 +14,11 @@ public struct CoordinatorServerConfig: Sendable {
     public var runDirectory: String?
     /// After the job stopped or failed, keep answering (members get `stop`, ftctl a last status) this long.
     public var lingerSeconds: Double = 1.0
+    /// `HOST:PORT` to serve Prometheus metrics on (`GET /metrics`; port 0: a
+    /// free one, written to `RUN_DIR/metrics.endpoint`); nil serves none.
+    public var metricsAddress: String?
+    /// The job's last step, when known (`ftctl status` shows the time to it).
+    public var totalSteps: Int?
 
     public init(settings: CoordinatorSettings, endpoint: String, keysDirectory: String?, runDirectory: String?) {
         self.settings = settings
@@ -61,6 +66,12 @@ public final class CoordinatorServer: @unchecked Sendable {
     /// Messages dropped because the sender's key role may not send them.
     public private(set) var unauthorizedMessages = 0
     private let startedAt = monotonicSeconds()
+    /// What changed in the core, for the event log and the metrics.
+    private var observer = JobObserver()
+    private let events: EventLog?
+    public let metrics = JobMetrics()
+    private var metricsServer: MetricsHTTPServer?
+    private var gaugesSetAt = -Double.infinity
 
     public init(config: CoordinatorServerConfig, logger: Logger, watchSignals: Bool) throws {
         self.config = config
@@ -88,8 +99,24 @@ public final class CoordinatorServer: @unchecked Sendable {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             try (boundEndpoint + "\n").write(toFile: dir + "/coordinator.endpoint", atomically: true, encoding: .utf8)
             try "\(getpid())\n".write(toFile: dir + "/coordinator.pid", atomically: true, encoding: .utf8)
+            events = try EventLog(runDirectory: dir)
+        } else {
+            events = nil
         }
+        if let address = config.metricsAddress {
+            let metrics = self.metrics
+            let server = try MetricsHTTPServer(address: address) { metrics.exposition() }
+            metricsServer = server
+            if let dir = config.runDirectory {
+                try (server.url + "\n").write(toFile: dir + "/metrics.endpoint", atomically: true, encoding: .utf8)
+            }
+        }
+        events?.append(JobEvent(kind: .coordinatorUp, epoch: instance.epoch, pid: Int(getpid()),
+                                detail: "control " + boundEndpoint + (metricsServer.map { ", metrics " + $0.url } ?? "")))
     }
+
+    /// The URL of the metrics endpoint, when serving one.
+    public var metricsURL: String? { metricsServer?.url }
 
     /// Asks a running `run()` to end, from any thread.
     public func stop() { shell.stop() }
@@ -101,6 +128,7 @@ public final class CoordinatorServer: @unchecked Sendable {
     @discardableResult
     public func run() throws -> CoordinatorInstance.JobState {
         logger.info("coordinator up", metadata: ["job": "\(config.settings.jobID)", "endpoint": "\(boundEndpoint)",
+                                                "metrics": "\(metricsServer?.url ?? "off")",
                                                 "nodes": "\(config.settings.nodes)", "workers.per.node": "\(config.settings.workersPerNode)",
                                                 "curve": "\(zap != nil)"])
         var endedAt: Double?
@@ -116,7 +144,9 @@ public final class CoordinatorServer: @unchecked Sendable {
                 if now - endedAt! > config.lingerSeconds { break loop }
             }
         }
+        observe()
         writeFinalStatus()
+        metricsServer?.stop()
         zap?.stop()
         router.close()
         logger.info("coordinator down", metadata: ["state": "\(instance.state.rawValue)",
@@ -161,7 +191,7 @@ public final class CoordinatorServer: @unchecked Sendable {
             if case .statusQuery = message {
                 let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
                                                   unauthenticated: unauthenticated, unauthorized: unauthorizedMessages, uptime: monotonicSeconds() - startedAt,
-                                                  fencedByServer: fencedByIncarnation)
+                                                  fencedByServer: fencedByIncarnation, extra: statusExtras())
                 send(identity, .statusReply(json))
                 continue
             }
@@ -219,7 +249,48 @@ public final class CoordinatorServer: @unchecked Sendable {
         instance.nodes[member]?.pid ?? instance.workers[member]?.info.pid
     }
 
+    /// (time, furthest step) once a second, for the step rate (the last 30 s).
+    private var progress: [(Double, Int)] = []
+
+    /// Steps per second over the last 30 s of training (nil: not enough yet).
+    var stepRate: Double? {
+        guard let first = progress.first, let last = progress.last, last.0 - first.0 >= 2, last.1 > first.1 else { return nil }
+        return Double(last.1 - first.1) / (last.0 - first.0)
+    }
+
+    /// What the status adds to the core's view: the step rate and the time to the last step.
+    private func statusExtras() -> [String: Any] {
+        var o: [String: Any] = ["step_rate_per_s": stepRate.map { ($0 * 100).rounded() / 100 } ?? -1,
+                                "total_steps": config.totalSteps ?? -1, "eta_s": -1,
+                                "metrics_url": metricsServer?.url ?? NSNull()]
+        if let total = config.totalSteps, let rate = stepRate, rate > 0 {
+            let furthest = instance.workers.values.map(\.step).max() ?? 0
+            o["eta_s"] = (Double(max(0, total - furthest)) / rate).rounded()
+        }
+        return o
+    }
+
+    /// Compares the core with what it showed last: events to the log, counts to the metrics;
+    /// gauges at most every 100 ms.
+    private func observe() {
+        let now = monotonicSeconds()
+        if instance.state == .running, progress.last.map({ now - $0.0 >= 1 }) ?? true {
+            progress.append((now, instance.workers.values.map(\.step).max() ?? 0))
+            progress.removeAll { now - $0.0 > 30 }
+        } else if instance.state == .recovering {
+            progress.removeAll()  // a rate across a recovery says nothing about training
+        }
+        let changes = observer.observe(instance, now: now)
+        for e in changes.events { events?.append(e) }
+        metrics.record(changes)
+        if now - gaugesSetAt >= 0.1 || !changes.events.isEmpty {
+            gaugesSetAt = now
+            metrics.update(from: instance)
+        }
+    }
+
     private func execute(_ directives: [CoordinatorInstance.Directive]) {
+        defer { observe() }
         for d in directives {
             switch d {
             case .log(let line):
@@ -254,7 +325,7 @@ public final class CoordinatorServer: @unchecked Sendable {
         guard let dir = config.runDirectory else { return }
         let json = CoordinatorStatus.json(instance, now: monotonicSeconds(), malformed: malformedFrames,
                                           unauthenticated: unauthenticated, unauthorized: unauthorizedMessages, uptime: monotonicSeconds() - startedAt,
-                                          fencedByServer: fencedByIncarnation)
+                                          fencedByServer: fencedByIncarnation, extra: statusExtras())
         try? (json + "\n").write(toFile: dir + "/status.json", atomically: true, encoding: .utf8)
     }
 }
@@ -280,13 +351,15 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///      "stop_reason": null | "...", "aborted_rounds", "fenced_messages", "refused_messages", "skipped_snapshots",
 ///      "malformed_frames", "unauthenticated", "unauthorized", "coordinator_pid",
 ///      "detector": {"timeout_ms" (in force), "local_health", "stalls", "largest_loop_gap_ms"},
-///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)}}
+///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)},
+///      "step_rate_per_s" (the last 30 s of training; -1: not known yet), "total_steps" (-1: not known),
+///      "eta_s" (seconds to the last step at that rate; -1: not known), "metrics_url" (null: none)}
 public enum CoordinatorStatus {
     public static let schema = 1
 
     /// `fencedByServer`: messages the server fenced by incarnation, counted with the instance's in `fenced_messages`.
     public static func object(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, unauthorized: Int = 0, uptime: Double,
-                              fencedByServer: Int = 0) -> [String: Any] {
+                              fencedByServer: Int = 0, extra: [String: Any] = [:]) -> [String: Any] {
         var nodes: [[String: Any]] = []
         for n in c.nodes.values.sorted(by: { $0.id < $1.id }) {
             let ws = c.workers.values.filter { $0.info.node == n.id }.sorted { $0.info.rank < $1.info.rank }
@@ -330,13 +403,13 @@ public enum CoordinatorStatus {
             "detector": ["timeout_ms": Int(c.detector.effectiveTimeout * 1000), "local_health": c.detector.localHealth,
                          "stalls": c.detector.stalls, "largest_loop_gap_ms": Int(c.detector.largestGap * 1000)],
             "watchdog": ["bound_ms": Int(c.watchdog.bound * 1000), "step_p99_ms": c.watchdog.p99.map { Int($0 * 1000) } ?? -1],
-        ]
+        ].merging(extra) { _, added in added }
     }
 
     public static func json(_ c: CoordinatorInstance, now: Double, malformed: Int, unauthenticated: Int, unauthorized: Int = 0, uptime: Double,
-                            fencedByServer: Int = 0) -> String {
+                            fencedByServer: Int = 0, extra: [String: Any] = [:]) -> String {
         let o = object(c, now: now, malformed: malformed, unauthenticated: unauthenticated, unauthorized: unauthorized, uptime: uptime,
-                       fencedByServer: fencedByServer)
+                       fencedByServer: fencedByServer, extra: extra)
         let data = (try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys])) ?? Data("{}".utf8)
         return String(decoding: data, as: UTF8.self)
     }

@@ -26,6 +26,21 @@ public enum StatusTable {
                          n["ec_health"] as? String ?? "?", workers])
         }
         out += table(rows)
+        if let spares = o["spares"] as? [[String: Any]], !spares.isEmpty {
+            out += "spares: " + spares.map { s in
+                let id = s["id"] as? String ?? "?"
+                if let node = s["node"] as? String { return "\(id) took over \(node) (pid \(int(s["pid"])))" }
+                return "\(id) standby (pid \(int(s["pid"])))"
+            }.joined(separator: ", ") + "\n"
+        }
+        let rate = (o["step_rate_per_s"] as? Double) ?? Double(int(o["step_rate_per_s"]))
+        if rate > 0 {
+            out += "step rate \(String(format: "%.2f", rate))/s"
+            let eta = int(o["eta_s"]), total = int(o["total_steps"])
+            if eta >= 0, total > 0 { out += ", step \(total) in \(Self.duration(eta))" }
+            out += "\n"
+        }
+        if let url = o["metrics_url"] as? String { out += "metrics \(url)\n" }
         if let f = o["last_failure"] as? [String: Any] {
             out += "\nlast failure: \(f["kind"] as? String ?? "?") \(f["what"] as? String ?? "?"), \(f["detected_by"] as? String ?? "?"), "
             out += "\(int(f["age_ms"])) ms ago, epoch \(int(f["epoch"])): \(f["outcome"] as? String ?? "?")\n"
@@ -43,6 +58,46 @@ public enum StatusTable {
         out += "fenced messages \(int(o["fenced_messages"])), aborted rounds \(int(o["aborted_rounds"])), "
         out += "skipped snapshots \(int(o["skipped_snapshots"]))\n"
         return out
+    }
+
+    static func duration(_ seconds: Int) -> String {
+        seconds >= 3600 ? "\(seconds / 3600) h \(seconds % 3600 / 60) min" : seconds >= 60 ? "\(seconds / 60) min \(seconds % 60) s" : "\(seconds) s"
+    }
+
+    /// The job's spares, from its run directory (the launcher's record; the
+    /// coordinator does not know them): each `{"id", "pid", "state": "standby" |
+    /// "took over", "node": the node it took over, or null}`.
+    public static func spares(runDirectory: String) -> [[String: Any]] {
+        var out: [String: [String: Any]] = [:]
+        var recorded: [String: Int] = [:]
+        let pids = (try? String(contentsOfFile: runDirectory + "/job.pids", encoding: .utf8)) ?? ""
+        for line in pids.split(separator: "\n") {
+            let f = line.split(separator: " ")
+            guard f.count == 2, let pid = Int(f[1]) else { continue }
+            recorded[String(f[0])] = pid
+            if f[0].hasPrefix("spare") { out[String(f[0])] = ["id": String(f[0]), "pid": pid, "state": "standby", "node": NSNull()] }
+        }
+        let dir = runDirectory + "/spares"
+        for file in ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []) where file.hasSuffix(".assign") {
+            let id = String(file.dropLast(".assign".count))
+            let text = (try? String(contentsOfFile: dir + "/" + file, encoding: .utf8)) ?? ""
+            guard let node = text.split(separator: " ").first.map(String.init), !node.isEmpty else { continue }
+            var s = out[id] ?? ["id": id, "pid": -1]
+            s["state"] = "took over"
+            let taken = node.trimmingCharacters(in: .whitespacesAndNewlines)
+            s["node"] = taken
+            if let pid = recorded["smp-" + taken] { s["pid"] = pid }  // it runs as that node's SMP now
+            out[id] = s
+        }
+        return out.keys.sorted().map { out[$0]! }
+    }
+
+    /// The status JSON with the run directory's spares added.
+    public static func adding(spares: [[String: Any]], to json: String) -> String {
+        guard !spares.isEmpty, var o = try? JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any] else { return json }
+        o["spares"] = spares
+        guard let data = try? JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]) else { return json }
+        return String(decoding: data, as: UTF8.self)
     }
 
     static func table(_ rows: [[String]]) -> String {

@@ -51,6 +51,8 @@ public final class WorkerControl: @unchecked Sendable {
     private let interruptPipe: (read: Int32, write: Int32)
     private var step = 0
     private var skipped = 0
+    private var snapshots = 0
+    private var blockedSeconds = 0.0
     private var running = false
     private var activity = WorkerActivity.Kind.idle
     private var waitingOn = -1
@@ -137,6 +139,15 @@ public final class WorkerControl: @unchecked Sendable {
 
     /// Snapshots skipped so far (sent with the next heartbeat).
     public func setSkipped(_ n: Int) { condition.withLock { skipped = n } }
+
+    /// Snapshots staged so far and the training time they blocked, in all
+    /// (sent with the next heartbeat; the coordinator's metrics take the differences).
+    public func setSnapshotStats(staged: Int, blockedSeconds: Double) {
+        condition.withLock {
+            snapshots = staged
+            self.blockedSeconds = blockedSeconds
+        }
+    }
 
     /// What the training thread does now (sent with every heartbeat, with how long it has done it).
     public func setActivity(_ kind: WorkerActivity.Kind, waitingOn rank: Int = -1) {
@@ -225,11 +236,12 @@ public final class WorkerControl: @unchecked Sendable {
                 nextHello = now + 0.5
             }
             if now >= nextBeat {
-                let (s, r, k, a) = condition.withLock {
-                    (step, running, skipped, WorkerActivity(activity, waitingOn: waitingOn, milliseconds: Int((now - activitySince) * 1000)))
+                let (s, r, k, a, n, b) = condition.withLock {
+                    (step, running, skipped, WorkerActivity(activity, waitingOn: waitingOn, milliseconds: Int((now - activitySince) * 1000)),
+                     snapshots, blockedSeconds)
                 }
                 if welcomed {
-                    link.send(.workerHeartbeat(step: s, running: r, skipped: k, activity: a))
+                    link.send(.workerHeartbeat(step: s, running: r, skipped: k, activity: a, snapshots: n, blockedSeconds: b))
                     if let last = lastBeat {
                         let gap = now - last
                         if Int(gap * 1000) > largestGapMs.load(ordering: .relaxed) { largestGapMs.store(Int(gap * 1000), ordering: .relaxed) }

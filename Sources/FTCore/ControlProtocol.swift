@@ -25,7 +25,8 @@
 public enum ControlMessage: Sendable, Equatable {
     // SMP -> coordinator
     case smpHello(SMPInventory)
-    case smpHeartbeat(dataBytes: Int, parityBytes: Int)
+    /// `sharedMemoryBytes`: the shared memory the SMP has in use (slots and segments).
+    case smpHeartbeat(dataBytes: Int, parityBytes: Int, sharedMemoryBytes: Int = 0)
     /// A child worker (process `pid`) exited on its own.
     case childExited(worker: String, pid: Int, status: String)
     /// A worker cannot join: its SMP refused its registration for a reason
@@ -44,7 +45,9 @@ public enum ControlMessage: Sendable, Equatable {
     case workerHello(WorkerInfo)
     /// `running`: the worker is training (not paused or waiting for resume);
     /// `skipped`: snapshots it skipped because a round was still pending.
-    case workerHeartbeat(step: Int, running: Bool, skipped: Int, activity: WorkerActivity)
+    /// `snapshots`, `blockedSeconds`: snapshots this process staged so far and the
+    /// training time they blocked, in all (the coordinator's metrics take the differences).
+    case workerHeartbeat(step: Int, running: Bool, skipped: Int, activity: WorkerActivity, snapshots: Int = 0, blockedSeconds: Double = 0)
     case ready(restoredStep: Int?)
     /// The restore the coordinator ordered failed (a source did not answer, a
     /// chunk was corrupt): the worker is alive and waits for the next order.
@@ -190,8 +193,8 @@ public enum ControlMessage: Sendable, Equatable {
             w.u32(UInt32(i.workers.count)); for x in i.workers { w.string(x) }
             w.i64(Int64(i.rankOffset)); w.i64(Int64(i.committedStep ?? -1)); w.i64(Int64(i.stagedStep ?? -1))
             w.i64(Int64(i.protectedStep ?? -1)); w.i64(Int64(i.layoutChunkBytes))
-        case .smpHeartbeat(let d, let p):
-            w.i64(Int64(d)); w.i64(Int64(p))
+        case .smpHeartbeat(let d, let p, let shm):
+            w.i64(Int64(d)); w.i64(Int64(p)); w.i64(Int64(shm))
         case .childExited(let worker, let pid, let status):
             w.string(worker); w.i64(Int64(pid)); w.string(status)
         case .startRefused(let worker, let reason):
@@ -203,9 +206,10 @@ public enum ControlMessage: Sendable, Equatable {
         case .workerHello(let i):
             w.string(i.node); w.string(i.worker); w.i64(Int64(i.rank)); w.i64(Int64(i.worldSize)); w.i64(Int64(i.pid))
             w.string(i.collectiveEndpoint)
-        case .workerHeartbeat(let step, let running, let skipped, let a):
+        case .workerHeartbeat(let step, let running, let skipped, let a, let snapshots, let blocked):
             w.i64(Int64(step)); w.bool(running); w.i64(Int64(skipped))
             w.u8(a.kind.rawValue); w.i64(Int64(a.waitingOn)); w.i64(Int64(a.milliseconds))
+            w.i64(Int64(snapshots)); w.i64(Int64(Self.micros(blocked)))
         case .ready(let s):
             w.i64(Int64(s ?? -1))
         case .restore(let s, let sources):
@@ -277,7 +281,8 @@ public enum ControlMessage: Sendable, Equatable {
                                    layoutChunkBytes: try bytes("layout chunk bytes")))
         case 102:
             let d = try bytes("data bytes")
-            self = .smpHeartbeat(dataBytes: d, parityBytes: try bytes("parity bytes"))
+            let p = try bytes("parity bytes")
+            self = .smpHeartbeat(dataBytes: d, parityBytes: p, sharedMemoryBytes: try bytes("shared memory bytes"))
         case 103:
             let worker = try r.string(field: "worker", max: 255)
             let pid = try pid("pid")
@@ -304,9 +309,11 @@ public enum ControlMessage: Sendable, Equatable {
             let raw = try r.u8(field: "activity")
             guard let kind = WorkerActivity.Kind(rawValue: raw) else { throw WireError(.badValue, "activity \(raw) is unknown") }
             let waitingOn = try optional("waiting on", max: WireLimits.maxDPSize - 1)
-            self = .workerHeartbeat(step: current, running: running, skipped: skipped,
-                                    activity: WorkerActivity(kind, waitingOn: waitingOn ?? -1,
-                                                             milliseconds: try int("activity ms", max: WireLimits.maxMilliseconds)))
+            let activity = WorkerActivity(kind, waitingOn: waitingOn ?? -1, milliseconds: try int("activity ms", max: WireLimits.maxMilliseconds))
+            let snapshots = try step("snapshots")
+            let blockedMicros = try int("blocked microseconds", max: Int(Int64.max / 2))
+            self = .workerHeartbeat(step: current, running: running, skipped: skipped, activity: activity,
+                                    snapshots: snapshots, blockedSeconds: Double(blockedMicros) / 1e6)
         case 113: self = .ready(restoredStep: try optionalStep("restored step"))
         case 114: self = .workerDone(finalStep: try step("final step"))
         case 115: self = .restoreFailed(reason: try r.string(field: "reason"))
@@ -417,4 +424,13 @@ public struct WorkerActivity: Sendable, Equatable {
     }
 
     public static let idle = WorkerActivity(.idle)
+}
+
+extension ControlMessage {
+    /// Seconds as whole microseconds for the wire: 0 for anything not finite or
+    /// negative, at most what the decoder takes (Int64.max / 2).
+    static func micros(_ seconds: Double) -> Int {
+        guard seconds.isFinite, seconds > 0 else { return 0 }
+        return seconds >= Double(Int64.max / 2) / 1e6 ? Int(Int64.max / 2) : Int(seconds * 1e6)
+    }
 }

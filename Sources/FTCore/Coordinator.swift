@@ -104,7 +104,7 @@ public struct CoordinatorSettings: Sendable {
 /// detector grants every member a fresh grace period, and round, phase and
 /// watchdog deadlines move by the stall.
 public struct CoordinatorInstance: Sendable {
-    public enum JobState: String, Sendable {
+    public enum JobState: String, Sendable, CaseIterable {
         case starting, running, recovering, stopped, failed
     }
 
@@ -132,6 +132,8 @@ public struct CoordinatorInstance: Sendable {
         public var helloLayoutChunkBytes = 0
         public var dataBytes = 0
         public var parityBytes = 0
+        /// Shared memory its SMP has in use, as its heartbeats say.
+        public var sharedMemoryBytes = 0
         /// The epoch in which this process (pid) joined: older messages under
         /// this id come from a process it replaced, and are fenced.
         public var admittedEpoch: UInt64 = 0
@@ -149,6 +151,9 @@ public struct CoordinatorInstance: Sendable {
         public var ready = false
         /// Snapshots skipped (the ranks skip together).
         public var skipped = 0
+        /// Snapshots this process staged and the training time they blocked, in all, as its heartbeats say.
+        public var snapshots = 0
+        public var blockedSeconds = 0.0
         /// The epoch in which this process (pid) joined (see `Node`).
         public var admittedEpoch: UInt64 = 0
     }
@@ -228,6 +233,8 @@ public struct CoordinatorInstance: Sendable {
     public private(set) var state: JobState = .starting
     public private(set) var committedStep: Int?
     public private(set) var committedAt: Double?
+    /// Seconds from the first `protected` of the last committed round to its commit (nil: not known).
+    public private(set) var lastCommitLatency: Double?
     public private(set) var nodes: [String: Node] = [:]
     public private(set) var workers: [String: Worker] = [:]
     public private(set) var lastFailure: FailureReport?
@@ -297,13 +304,16 @@ public struct CoordinatorInstance: Sendable {
         detector.heard(sender, now: now)
         let current = senderEpoch == epoch
         switch message {
-        case .smpHeartbeat(let data, let parity):
+        case .smpHeartbeat(let data, let parity, let shm):
             let resized = nodes[sender]?.dataBytes != data
             nodes[sender]?.dataBytes = data
             nodes[sender]?.parityBytes = parity
+            nodes[sender]?.sharedMemoryBytes = shm
             // The layout follows the nodes' sizes (sent when it changes, and until every node has one).
             return [.send(to: sender, .ack(state: state.rawValue))] + (resized || lastLayout == nil ? layoutDirectives() : [])
-        case .workerHeartbeat(let step, let running, let skipped, let activity):
+        case .workerHeartbeat(let step, let running, let skipped, let activity, let snapshots, let blocked):
+            workers[sender]?.snapshots = snapshots
+            workers[sender]?.blockedSeconds = blocked
             workers[sender]?.step = step
             workers[sender]?.skipped = skipped
             workers[sender]?.running = running
@@ -415,7 +425,7 @@ public struct CoordinatorInstance: Sendable {
             }
         case .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt:
             guard !sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from SMPs, not from worker \(sender)") }
-        case .workerHeartbeat(_, _, _, let activity):
+        case .workerHeartbeat(_, _, _, let activity, _, _):
             guard sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from workers, not from SMP \(sender)") }
             guard activity.waitingOn < expectedWorkers else {
                 throw WireError(.notInJob, "worker \(sender) waits on rank \(activity.waitingOn) of \(expectedWorkers)")
@@ -873,6 +883,7 @@ public struct CoordinatorInstance: Sendable {
     }
 
     private mutating func commit(_ step: Int, now: Double) -> [Directive] {
+        lastCommitLatency = roundStartedAt[step].map { now - $0 }
         committedStep = step
         committedAt = now
         roundStartedAt = roundStartedAt.filter { $0.key > step }

@@ -23,6 +23,8 @@ import Foundation
 ///     memory_limit = 8G     # shared memory per node for snapshots (default: derived from the machine)
 ///     data_host = 10.0.0.2  # SMP data planes on tcp://ADDRESS:* with CURVE (default: private ipc sockets)
 ///     hosts = netns         # every node, spare and the coordinator on a network-namespace host of its own (default: local)
+///     metrics = auto        # the coordinator's Prometheus endpoint: auto (a free port on its host's address, written to
+///                           # RUN_DIR/metrics.endpoint), HOST:PORT, or off
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -53,6 +55,9 @@ public struct ClusterConfig: Equatable, Sendable {
     /// `netns`: every node, spare and the coordinator on a host of its own,
     /// a network namespace with its own address (root only).
     public var hosts = Hosts.local
+    /// The coordinator's metrics endpoint: nil (`auto`), a free port on the
+    /// coordinator host's address; `off`; or `HOST:PORT`.
+    public var metrics: String?
 
     public enum Hosts: String, Equatable, Sendable, CaseIterable {
         case local
@@ -113,7 +118,7 @@ public struct ClusterConfig: Equatable, Sendable {
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
                                     "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
-                                    "memory_limit", "data_host", "hosts"]
+                                    "memory_limit", "data_host", "hosts", "metrics"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -161,6 +166,18 @@ public struct ClusterConfig: Equatable, Sendable {
             }
             memoryLimit = v
         case "data_host": dataHost = value
+        case "metrics":
+            if value == "auto" {
+                metrics = nil
+            } else if value == "off" {
+                metrics = "off"
+            } else {
+                guard let colon = value.lastIndex(of: ":"), !value[..<colon].isEmpty,
+                      Int(value[value.index(after: colon)...]).map({ (0...65535).contains($0) }) == true else {
+                    throw ConfigError(.badValue, "metrics must be auto, off or HOST:PORT (e.g. 127.0.0.1:9400), not '\(value)'")
+                }
+                metrics = value
+            }
         case "hosts":
             guard let v = Hosts(rawValue: value) else {
                 throw ConfigError(.badValue, "hosts must be local or netns, not '\(value)'")
@@ -266,6 +283,9 @@ public struct ClusterConfig: Equatable, Sendable {
         o.memoryLimit = memoryLimit
         o.dataHost = dataHost
         o.netns = hosts == .netns
+        o.metrics = metrics
+        // The default worker runs `steps`; a command of the user's own says its own.
+        o.totalSteps = workerCommand.isEmpty ? steps : nil
         return o
     }
 }

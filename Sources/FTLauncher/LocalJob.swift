@@ -48,6 +48,12 @@ public final class LocalJob: @unchecked Sendable {
         /// needs root). SMPs serve their data planes on their host's address,
         /// found from the route to the coordinator (`--data-endpoint auto`).
         public var netns = false
+        /// The coordinator's Prometheus endpoint (`ft-coordinator --metrics`): nil, a
+        /// free port on its host's address (written to RUN_DIR/metrics.endpoint);
+        /// "off"; or HOST:PORT.
+        public var metrics: String?
+        /// The job's last step, when known (`ft-coordinator --total-steps`).
+        public var totalSteps: Int?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -92,6 +98,8 @@ public final class LocalJob: @unchecked Sendable {
             + (options.erasure.map { ["--ec", "\($0.k)+\($0.m)"] } ?? [])
             + ["--snapshot-interval", "\(options.snapshotInterval)"]
             + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
+            + (options.totalSteps.map { ["--total-steps", "\($0)"] } ?? [])
+            + (options.metrics == "off" ? [] : ["--metrics", options.metrics ?? "\(hosts?.host("coordinator").address ?? "127.0.0.1"):0"])
         do {
             try startCoordinator()
             for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }

@@ -43,6 +43,7 @@ final class ControlChannel: @unchecked Sendable {
     private let lastProgress = Atomic<UInt64>(0)
     private let dataBytes = Atomic<Int>(0)
     private let parityBytes = Atomic<Int>(0)
+    private let sharedMemoryBytes = Atomic<Int>(0)
     private let lock = NSLock()
     private var hello: ControlMessage.SMPInventory?
     private let thread: Thread
@@ -138,9 +139,10 @@ final class ControlChannel: @unchecked Sendable {
     }
 
     /// The sizes the next heartbeats carry.
-    func setSizes(data: Int, parity: Int) {
+    func setSizes(data: Int, parity: Int, sharedMemory: Int) {
         dataBytes.store(data, ordering: .relaxed)
         parityBytes.store(parity, ordering: .relaxed)
+        sharedMemoryBytes.store(sharedMemory, ordering: .relaxed)
     }
 
     /// The hello said until the coordinator welcomes this SMP.
@@ -183,7 +185,8 @@ final class ControlChannel: @unchecked Sendable {
                 } else {
                     if withholding { logger.warning("the event loop turns again; heartbeats resume") }
                     withholding = false
-                    link.send(.smpHeartbeat(dataBytes: dataBytes.load(ordering: .relaxed), parityBytes: parityBytes.load(ordering: .relaxed)))
+                    link.send(.smpHeartbeat(dataBytes: dataBytes.load(ordering: .relaxed), parityBytes: parityBytes.load(ordering: .relaxed),
+                                            sharedMemoryBytes: sharedMemoryBytes.load(ordering: .relaxed)))
                     if let last = lastBeat {
                         let gap = now - last
                         largestGap = max(largestGap, gap)

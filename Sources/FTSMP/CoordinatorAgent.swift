@@ -58,12 +58,12 @@ final class CoordinatorAgent {
 
     /// The sizes the heartbeats carry, worked out at most twice per heartbeat
     /// interval (the loop turns for every frame).
-    func reportSizes(_ sizes: () -> (data: Int, parity: Int)) {
+    func reportSizes(_ sizes: () -> (data: Int, parity: Int, sharedMemory: Int)) {
         let now = monotonicSeconds()
         guard let channel, now - sizesReportedAt >= interval / 2 else { return }
         sizesReportedAt = now
-        let (data, parity) = sizes()
-        channel.setSizes(data: data, parity: parity)
+        let (data, parity, shm) = sizes()
+        channel.setSizes(data: data, parity: parity, sharedMemory: shm)
     }
 
     /// Sends a message to the coordinator; remembers a `protected` for later hellos.

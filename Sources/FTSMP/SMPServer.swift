@@ -184,7 +184,7 @@ public final class SMPServer: @unchecked Sendable {
     /// this node's image and parity sizes.
     func keepAlive() {
         agent.progress()
-        agent.reportSizes { (reportedImageBytes, dataPlane?.parityBytesHeld ?? 0) }
+        agent.reportSizes { (reportedImageBytes, dataPlane?.parityBytesHeld ?? 0, memory.sharedMemoryBytes) }
     }
 
     /// The image size the heartbeats carry: 0 until every worker of the node

@@ -180,6 +180,7 @@ public struct CoordinatedTrainingLoop {
                             if snapshotNow {
                                 try client.snapshot(step: s)
                                 lastSnapshot = s
+                                control.setSnapshotStats(staged: client.stats.snapshotsStaged, blockedSeconds: client.stats.blockedSeconds)
                             } else if due {
                                 skipped += 1
                                 control.setSkipped(skipped)

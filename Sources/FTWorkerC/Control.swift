@@ -196,6 +196,14 @@ public func ft_control_report(_ control: OpaquePointer?, _ step: Int64, _ skippe
     }
 }
 
+@_cdecl("ft_control_report_snapshots")
+public func ft_control_report_snapshots(_ control: OpaquePointer?, _ staged: Int64, _ blockedSeconds: Double) -> Int32 {
+    abiCall {
+        let box: ControlBox = try object(control, "control")
+        box.control.setSnapshotStats(staged: Int(max(0, staged)), blockedSeconds: blockedSeconds)
+    }
+}
+
 @_cdecl("ft_control_restore_failed")
 public func ft_control_restore_failed(_ control: OpaquePointer?, _ reason: UnsafePointer<CChar>?) -> Int32 {
     abiCall {

@@ -86,6 +86,12 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "After the job ends, keep answering this many milliseconds (members get the stop, ftctl a last status).")
     var lingerMs = 1000
 
+    @Option(help: "Serve Prometheus metrics (GET /metrics) on HOST:PORT, IPv4 (port 0: a free one, written to RUN_DIR/metrics.endpoint). Off without it. The metrics name nodes, steps and failures, no tensor data; a non-loopback HOST is open to anyone who reaches it.")
+    var metrics: String?
+
+    @Option(help: "The job's last step, when known: ftctl status shows the time to it at the measured step rate.")
+    var totalSteps: Int?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -113,6 +119,13 @@ struct FTCoordinatorCommand: ParsableCommand {
             throw ValidationError("--hang-floor-ms and --hang-initial-ms must be positive and --hang-multiplier at least 1")
         }
         if ec != nil { _ = try parsedEC() }
+        if let totalSteps, totalSteps < 1 { throw ValidationError("--total-steps must be at least 1") }
+        if let metrics {
+            guard let colon = metrics.lastIndex(of: ":"), Int(metrics[metrics.index(after: colon)...]).map({ (0...65535).contains($0) }) == true,
+                  !metrics[..<colon].isEmpty else {
+                throw ValidationError("--metrics takes HOST:PORT (IPv4, port 0 for a free one), e.g. 127.0.0.1:9400, not '\(metrics)'")
+            }
+        }
     }
 
     func parsedEC() throws -> (k: Int, m: Int)? {
@@ -144,6 +157,8 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.snapshotInterval = snapshotInterval
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
         config.lingerSeconds = Double(lingerMs) / 1000
+        config.metricsAddress = metrics
+        config.totalSteps = totalSteps
         // The failure detector's loop must turn on time on a loaded host (it sleeps in poll
         // otherwise); raised before the server makes its context, whose I/O thread inherits it.
         let priority = ThreadPriority.raiseCurrentThread(priority: ThreadPriority.eventLoop)

@@ -71,10 +71,12 @@ struct Status: ParsableCommand {
             try socket.send([ControlMessage.statusQuery.envelope(sender: "ftctl", epoch: 0).encoded()], dontWait: true)
             let reply = try socket.receive(timeoutMilliseconds: Int(timeout * 1000))
             socket.close()
-            guard let frame = reply?.first, case .statusReply(let text)? = try? ControlMessage.decode(frame).0 else {
+            guard let frame = reply?.first, case .statusReply(let answer)? = try? ControlMessage.decode(frame).0 else {
                 FileHandle.standardError.write(Data("ftctl: no answer from the coordinator at \(target) within \(timeout) s (is it running? are the keys right?)\n".utf8))
                 throw ExitCode(2)
             }
+            // The spares are the launcher's: from the run directory.
+            let text = runDir.map { StatusTable.adding(spares: StatusTable.spares(runDirectory: $0), to: answer) } ?? answer
             if json {
                 print(text)
             } else {

@@ -99,6 +99,7 @@ def lib():
         "ft_control_restore_failed": ([P, ctypes.c_char_p], I),
         "ft_control_running": ([P], I),
         "ft_control_report": ([P, I64, I64], I),
+        "ft_control_report_snapshots": ([P, I64, ctypes.c_double], I),
         "ft_control_done": ([P, I64], I),
         "ft_event_kind": ([P], I),
         "ft_event_epoch": ([P], ctypes.c_uint64),

@@ -357,6 +357,8 @@ class Agent:
             _native._check(L.ft_control_restore_failed(self.control, m["reason"].encode()))
         elif kind == "report":
             _native._check(L.ft_control_report(self.control, m["step"], m["skipped"]))
+            if "snapshots" in m:
+                _native._check(L.ft_control_report_snapshots(self.control, m["snapshots"], m["blocked"]))
         elif kind == "activity":
             _native._check(L.ft_control_set_activity(self.control, ACTIVITY[m["what"]], -1))
         elif kind == "done":
@@ -463,8 +465,11 @@ class TrainerSession:
         self.activity("computing")
         log(f"resume from step {m['step']} epoch {m['epoch']}")
 
-    def report_step(self, version) -> None:
-        self.link.send({"kind": "report", "step": version, "skipped": self._skipped})
+    def report_step(self, version, snapshots=None, blocked=0.0) -> None:
+        m = {"kind": "report", "step": version, "skipped": self._skipped}
+        if snapshots is not None:
+            m.update(snapshots=snapshots, blocked=blocked)
+        self.link.send(m)
         self.activity("computing")
 
     def report_skipped(self, n) -> None:

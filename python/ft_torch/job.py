@@ -137,8 +137,8 @@ class Job:
         elif version - self._last_version >= self.session.snapshot_interval:
             self._skipped += 1
             self.session.report_skipped(self._skipped)
-        self.session.report_step(version)
         self.blocked_seconds += time.perf_counter() - t0
+        self.session.report_step(version, snapshots=self.snapshots, blocked=self.blocked_seconds)
 
     def _ready_to_snapshot(self) -> bool:
         """No round pending on this node: by default wait for the previous

@@ -27,7 +27,7 @@ class Unprotected:
     def ready(self, version):
         pass
 
-    def report_step(self, version):
+    def report_step(self, version, snapshots=None, blocked=0.0):
         pass
 
     def report_skipped(self, n):

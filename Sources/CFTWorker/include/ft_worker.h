@@ -214,6 +214,9 @@ int ft_control_restore_failed(ft_control *control, const char *reason);
 int ft_control_running(ft_control *control);
 /* The last step completed and the snapshots skipped, for the heartbeats. */
 int ft_control_report(ft_control *control, int64_t step, int64_t skipped);
+/* Snapshots staged so far and the training seconds they blocked, in all (for
+   the coordinator's metrics: ft_snapshot_blocked_seconds). */
+int ft_control_report_snapshots(ft_control *control, int64_t staged, double blocked_seconds);
 /* Completed the last step; then wait for the stop event. */
 int ft_control_done(ft_control *control, int64_t final_step);
 
