@@ -90,7 +90,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ftctl", dependencies: [
-            "FTControl", "FTCore", "FTZMQ",
+            "FTControl", "FTCore", "FTSystem", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ft-launch", dependencies: [

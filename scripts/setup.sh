@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # gdb: the SMP saves a hung worker's thread backtraces with it (RUN_DIR/stacks).
-packages=(libisal-dev libzmq3-dev libibverbs-dev libopenblas-dev pkg-config gdb)
+# librsvg2-bin: rsvg-convert, for `ftctl timeline --png` (the SVG needs nothing).
+packages=(libisal-dev libzmq3-dev libibverbs-dev libopenblas-dev pkg-config gdb librsvg2-bin)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -1,6 +1,7 @@
 import ArgumentParser
 import FTControl
 import FTCore
+import FTSystem
 import FTZMQ
 import Foundation
 
@@ -8,7 +9,7 @@ struct FTCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ftctl",
         abstract: "Operate a fault-tolerant training job.",
-        subcommands: [Status.self, Keygen.self])
+        subcommands: [Status.self, Events.self, TimelineCommand.self, Keygen.self])
 }
 
 struct Status: ParsableCommand {
@@ -102,6 +103,136 @@ struct Keygen: ParsableCommand {
     func run() throws {
         try JobKeys.generate(in: directory, nodes: node)
         print("keys written to \(directory)")
+    }
+}
+
+/// A failure of a command, said in one sentence (ArgumentParser prints `Error: …` and exits 1).
+struct CommandFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// The text of RUN_DIR/events.jsonl, or an error that says which of the two is missing.
+func eventLogText(runDirectory: String) throws -> String {
+    var isDirectory: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: runDirectory, isDirectory: &isDirectory), isDirectory.boolValue else {
+        throw CommandFailure("no run directory at \(runDirectory)")
+    }
+    let path = EventLog.path(runDirectory: runDirectory)
+    guard FileManager.default.fileExists(atPath: path) else {
+        throw CommandFailure("no event log at \(path) (the coordinator writes it from its start; did a job run in \(runDirectory)?)")
+    }
+    do {
+        return try String(contentsOfFile: path, encoding: .utf8)
+    } catch {
+        throw CommandFailure("cannot read \(path): \(error.localizedDescription)")
+    }
+}
+
+func skippedNote(_ skipped: Int) -> String {
+    "\(skipped) line\(skipped == 1 ? "" : "s") skipped: torn (a crash while writing) or not an event"
+}
+
+struct Events: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print a job's event log (RUN_DIR/events.jsonl), one line an event.",
+        discussion: """
+            Each line: the UTC time to the millisecond, the epoch, the kind (coordinator_up, start, commit, \
+            abort, failure, phase, resumed, member, fenced, stopped) and the fields the event sets, e.g.
+              2026-12-03T10:00:01.234Z  e3   commit          step 12
+              2026-12-03T10:00:01.900Z  e3   failure         smp n1 (...)  committed 12
+            Commits are sampled (at most one a second). Lines that do not parse (a line torn by a crash) \
+            are skipped and counted at the end. --json prints the lines that parse as they are in the file \
+            (the count of skipped lines goes to standard error). Works on a running or an ended job.
+            """)
+
+    @Argument(help: "The job's run directory (holds events.jsonl).")
+    var runDir: String
+
+    @Flag(help: "Print the raw JSON lines instead.")
+    var json = false
+
+    func run() throws {
+        let lines = EventLog.lines(try eventLogText(runDirectory: runDir))
+        let skipped = lines.count { $0.event == nil }
+        var out = ""
+        for (line, event) in lines {
+            guard let event else { continue }
+            out += (json ? String(line) : EventLog.describe(event)) + "\n"
+        }
+        FileHandle.standardOutput.write(Data(out.utf8))
+        guard skipped > 0 else { return }
+        if json {
+            FileHandle.standardError.write(Data("ftctl: \(skippedNote(skipped))\n".utf8))
+        } else {
+            print("(\(skippedNote(skipped)))")
+        }
+    }
+}
+
+struct TimelineCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "timeline",
+        abstract: "Draw a job's life from its event log as an SVG picture (and a PNG with --png).",
+        discussion: """
+            Reads RUN_DIR/events.jsonl and draws, on one time axis (seconds since the first event): the \
+            committed step, each sampled commit, each failure (what failed), each recovery split into its \
+            phases (detect, plan, rebuild, restart, resume), a lane per node with its processes (pids; a \
+            failed one ends in a cross, a replacement starts where it took over), and where a coordinator \
+            started again; under the axis, the recoveries side by side to one scale. The header gives the \
+            job, the number of failures and the whole time. The SVG is standalone (about 1200 pixels wide); \
+            hovering a mark in a browser shows its details. --png needs rsvg-convert (Debian package \
+            librsvg2-bin; scripts/setup.sh installs it).
+            Example: ftctl timeline /tmp/job -o job.svg --png job.png
+            """)
+
+    @Argument(help: "The job's run directory (holds events.jsonl).")
+    var runDir: String
+
+    @Option(name: [.customShort("o"), .long], help: ArgumentHelp("Where to write the SVG (default: RUN_DIR/timeline.svg).", valueName: "file.svg"))
+    var output: String?
+
+    @Option(help: ArgumentHelp("Also write a PNG of the picture here (converted by rsvg-convert).", valueName: "file.png"))
+    var png: String?
+
+    @Option(help: "The title in the picture's header (default: the job id from RUN_DIR/job.id, else the directory's name).")
+    var title: String?
+
+    func run() throws {
+        let converter = ChildProcess.resolve("rsvg-convert")
+        if png != nil && converter == nil {
+            throw CommandFailure("--png needs rsvg-convert, which is not installed (Debian: apt-get install librsvg2-bin, or scripts/setup.sh); the SVG alone needs nothing")
+        }
+        let (events, skipped) = EventLog.parse(try eventLogText(runDirectory: runDir))
+        let jobID = (try? String(contentsOfFile: runDir + "/job.id", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        let name = title ?? jobID.flatMap { $0.isEmpty ? nil : "job \($0)" } ?? URL(fileURLWithPath: runDir).standardizedFileURL.lastPathComponent
+        let svgPath = output ?? runDir + "/timeline.svg"
+        do {
+            try Timeline.svg(events, title: name).write(toFile: svgPath, atomically: true, encoding: .utf8)
+        } catch {
+            throw CommandFailure("cannot write \(svgPath): \(error.localizedDescription)")
+        }
+        let failures = events.count { $0.kind == .failure }
+        print("wrote \(svgPath): \(events.count) event\(events.count == 1 ? "" : "s"), \(failures) failure\(failures == 1 ? "" : "s")"
+              + (skipped > 0 ? " (\(skippedNote(skipped)))" : ""))
+        if let png, let converter { try convert(svgPath, to: png, with: converter) }
+    }
+
+    func convert(_ svg: String, to png: String, with converter: String) throws {
+        let log = NSTemporaryDirectory() + "/ftctl-rsvg-\(getpid()).log"
+        defer { unlink(log) }
+        let child = try ChildProcess(arguments: [converter, "--background-color", "white", "-o", png, svg],
+                                     environment: ProcessInfo.processInfo.environment, outputPath: log)
+        guard let status = child.wait(timeoutSeconds: 120) else {
+            child.kill(SIGKILL)
+            child.wait(timeoutSeconds: 5)
+            throw CommandFailure("rsvg-convert did not finish within 120 s")
+        }
+        guard status.isSuccess else {
+            let said = ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+            throw CommandFailure("rsvg-convert failed (\(status)) converting \(svg) to \(png)\(said.isEmpty ? "" : ": " + said)")
+        }
+        print("wrote \(png)")
     }
 }
 
