@@ -20,6 +20,16 @@ if ((${#missing[@]} > 0)); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
+# prometheus (with promtool): the tests scrape a running job with a real Prometheus and
+# lint /metrics with promtool; curl reads /metrics. Without the web UI's recommends.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v curl >/dev/null; then
+    echo "setup: installing prometheus curl"
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus curl
+fi
+
 if ! command -v swift >/dev/null; then
     echo "setup: swift is not on PATH; install Swift 6.0 or later (swift.org) first" >&2
     exit 1

@@ -19,6 +19,9 @@ public struct CoordinatorServerConfig: Sendable {
     public var metricsAddress: String?
     /// The job's last step, when known (`ftctl status` shows the time to it).
     public var totalSteps: Int?
+    /// The prior per-node failure rate of the durability estimate (failures per
+    /// node per day), updated with the node failures this job sees.
+    public var nodeFailuresPerDay = DurabilityEstimate.defaultNodeFailuresPerDay
 
     public init(settings: CoordinatorSettings, endpoint: String, keysDirectory: String?, runDirectory: String?) {
         self.settings = settings
@@ -266,6 +269,41 @@ public final class CoordinatorServer: @unchecked Sendable {
         if let total = config.totalSteps, let rate = stepRate, rate > 0 {
             let furthest = instance.workers.values.map(\.step).max() ?? 0
             o["eta_s"] = (Double(max(0, total - furthest)) / rate).rounded()
+        }
+        o["durability"] = durability()
+        return o
+    }
+
+    /// The durability estimate (README, "Durability estimate"): the chance that
+    /// the next node failure's window loses more than m nodes of its group, and
+    /// the steps a failure memory does recover costs. The window is the longest
+    /// node recovery this coordinator measured (detection to resume), or, before
+    /// one, the detection timeout plus the phase floor; the rate is the prior
+    /// updated with the node failures seen over this coordinator's node-days.
+    private func durability() -> Any {
+        let s = config.settings
+        let nodeRecoveries = instance.failureHistory.filter { $0.kind == "smp" && $0.outcome == "resumed" }.compactMap(\.recoveryMs)
+        let measured = nodeRecoveries.max().map { $0 / 1000 }
+        let window = measured ?? (s.heartbeatTimeout + s.phaseTimeout)
+        let nodeFailures = instance.failureHistory.filter { $0.kind == "smp" }.count
+            + (instance.lastFailure.map { $0.kind == "smp" && $0.outcome == "in progress" ? 1 : 0 } ?? 0)
+        let nodeDays = Double(s.nodes) * (monotonicSeconds() - startedAt) / 86_400
+        let rate = DurabilityEstimate.posteriorRate(prior: config.nodeFailuresPerDay, observedFailures: nodeFailures, observedNodeDays: nodeDays)
+        let latencySteps = (instance.lastCommitLatency ?? 0) * (stepRate ?? 0)
+        var o: [String: Any] = [
+            "node_failures_per_day": rate, "prior_node_failures_per_day": config.nodeFailuresPerDay,
+            "node_failures_seen": nodeFailures, "node_days_seen": (nodeDays * 1e4).rounded() / 1e4,
+            "window_s": (window * 1000).rounded() / 1000, "window_measured": measured != nil,
+            "expected_steps_lost_per_failure": (DurabilityEstimate.expectedStepsLost(snapshotInterval: s.snapshotInterval,
+                                                                                     stepsPerCommitLatency: latencySteps) * 100).rounded() / 100,
+        ]
+        if let ec = s.erasure, let groups = try? ECLayout.groups(of: s.nodeIDs, k: ec.k, m: ec.m) {
+            let e = DurabilityEstimate(groups: groups.count, k: ec.k, m: ec.m, nodeFailuresPerDay: rate, windowSeconds: window)
+            o["loss_per_failure"] = e.lossPerFailure
+            o["loss_per_day"] = e.lossPerDay
+        } else {
+            o["loss_per_failure"] = 1.0  // without erasure coding a lost node's memory is gone
+            o["loss_per_day"] = Double(s.nodes) * rate
         }
         return o
     }

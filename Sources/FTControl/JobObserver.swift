@@ -64,18 +64,6 @@ public struct JobObserver {
             out.events.append(JobEvent(time: t, kind: kind, epoch: c.epoch, step: step, what: what, member: member, phase: phase,
                                        seconds: seconds, stepsLost: stepsLost, pid: pid, failed: failed, detail: detail))
         }
-        // Members: a process (pid) taking a node's place, the first ones included.
-        for n in c.nodes.values.sorted(by: { $0.id < $1.id }) where n.pid > 0 && pids[n.id] != n.pid {
-            let replaces = pids[n.id] != nil
-            pids[n.id] = n.pid
-            event(.member, what: n.id, pid: n.pid, detail: (replaces ? "replacement, " : "") + "data plane " + n.dataEndpoint)
-        }
-        if !started && c.state != .starting {
-            started = true
-            commitEventDue = true
-            event(.start, step: c.committedStep, detail: "\(c.settings.nodes) nodes x \(c.settings.workersPerNode) workers"
-                + (c.settings.erasure.map { ", RS(\($0.k)+\($0.m))" } ?? "") + ", a snapshot every \(c.settings.snapshotInterval) steps")
-        }
         // Failures, their phases, their ends.
         var reports = c.failureHistory.suffix(16)
         if let last = c.lastFailure, !reports.contains(where: { $0.what == last.what && $0.detectedAt == last.detectedAt && $0.epoch == last.epoch }) {
@@ -105,6 +93,19 @@ public struct JobObserver {
             let live = Set(reports.map { FailureKey(what: $0.what, detectedAt: $0.detectedAt, epoch: $0.epoch) })
             phasesSeen = phasesSeen.filter { live.contains($0.key) }
             resumedSeen = resumedSeen.intersection(live)
+        }
+        // Members: a process (pid) taking a node's place, the first ones included
+        // (after the failures: a restarted SMP's hello is its node's failure and its replacement at once).
+        for n in c.nodes.values.sorted(by: { $0.id < $1.id }) where n.pid > 0 && pids[n.id] != n.pid {
+            let replaces = pids[n.id] != nil
+            pids[n.id] = n.pid
+            event(.member, what: n.id, pid: n.pid, detail: (replaces ? "replacement, " : "") + "data plane " + n.dataEndpoint)
+        }
+        if !started && c.state != .starting {
+            started = true
+            commitEventDue = true
+            event(.start, step: c.committedStep, detail: "\(c.settings.nodes) nodes x \(c.settings.workersPerNode) workers"
+                + (c.settings.erasure.map { ", RS(\($0.k)+\($0.m))" } ?? "") + ", a snapshot every \(c.settings.snapshotInterval) steps")
         }
         // Commits (each change of the committed step is a round committed).
         if let s = c.committedStep, s != committed {

@@ -41,6 +41,15 @@ public enum StatusTable {
             out += "\n"
         }
         if let url = o["metrics_url"] as? String { out += "metrics \(url)\n" }
+        if let d = o["durability"] as? [String: Any], let loss = d["loss_per_failure"] as? Double {
+            let window = (d["window_s"] as? Double) ?? 0
+            let perDay = (d["loss_per_day"] as? Double) ?? 0
+            out += "durability: a node failure is beyond memory with p = \(String(format: "%.2e", loss))"
+            out += " (window \(String(format: "%.1f", window)) s\((d["window_measured"] as? Bool) == true ? " measured" : " assumed"), "
+            out += "\(String(format: "%.1e", (d["node_failures_per_day"] as? Double) ?? 0)) failures/node/day); "
+            out += perDay > 0 ? "one such loss in \(Self.days(1 / perDay))" : "no loss expected"
+            out += "; a recovered failure costs \(String(format: "%.1f", (d["expected_steps_lost_per_failure"] as? Double) ?? 0)) steps on average\n"
+        }
         if let f = o["last_failure"] as? [String: Any] {
             out += "\nlast failure: \(f["kind"] as? String ?? "?") \(f["what"] as? String ?? "?"), \(f["detected_by"] as? String ?? "?"), "
             out += "\(int(f["age_ms"])) ms ago, epoch \(int(f["epoch"])): \(f["outcome"] as? String ?? "?")\n"
@@ -58,6 +67,10 @@ public enum StatusTable {
         out += "fenced messages \(int(o["fenced_messages"])), aborted rounds \(int(o["aborted_rounds"])), "
         out += "skipped snapshots \(int(o["skipped_snapshots"]))\n"
         return out
+    }
+
+    static func days(_ d: Double) -> String {
+        d >= 365 ? String(format: "%.3g years", d / 365) : d >= 1 ? String(format: "%.3g days", d) : String(format: "%.3g hours", d * 24)
     }
 
     static func duration(_ seconds: Int) -> String {

@@ -25,6 +25,7 @@ import Foundation
 ///     hosts = netns         # every node, spare and the coordinator on a network-namespace host of its own (default: local)
 ///     metrics = auto        # the coordinator's Prometheus endpoint: auto (a free port on its host's address, written to
 ///                           # RUN_DIR/metrics.endpoint), HOST:PORT, or off
+///     node_failures_per_day = 0.004   # the durability estimate's prior rate (ftctl status)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -58,6 +59,8 @@ public struct ClusterConfig: Equatable, Sendable {
     /// The coordinator's metrics endpoint: nil (`auto`), a free port on the
     /// coordinator host's address; `off`; or `HOST:PORT`.
     public var metrics: String?
+    /// The durability estimate's prior failure rate per node per day (nil: the coordinator's default, 0.004).
+    public var nodeFailuresPerDay: Double?
 
     public enum Hosts: String, Equatable, Sendable, CaseIterable {
         case local
@@ -118,7 +121,7 @@ public struct ClusterConfig: Equatable, Sendable {
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
                                     "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
-                                    "memory_limit", "data_host", "hosts", "metrics"]
+                                    "memory_limit", "data_host", "hosts", "metrics", "node_failures_per_day"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -166,6 +169,11 @@ public struct ClusterConfig: Equatable, Sendable {
             }
             memoryLimit = v
         case "data_host": dataHost = value
+        case "node_failures_per_day":
+            guard let v = Double(value), v >= 0, v < 100 else {
+                throw ConfigError(.badValue, "node_failures_per_day must be a rate in [0, 100) failures per node per day, not '\(value)'")
+            }
+            nodeFailuresPerDay = v
         case "metrics":
             if value == "auto" {
                 metrics = nil
@@ -284,6 +292,7 @@ public struct ClusterConfig: Equatable, Sendable {
         o.dataHost = dataHost
         o.netns = hosts == .netns
         o.metrics = metrics
+        o.nodeFailuresPerDay = nodeFailuresPerDay
         // The default worker runs `steps`; a command of the user's own says its own.
         o.totalSteps = workerCommand.isEmpty ? steps : nil
         return o

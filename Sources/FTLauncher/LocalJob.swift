@@ -54,6 +54,8 @@ public final class LocalJob: @unchecked Sendable {
         public var metrics: String?
         /// The job's last step, when known (`ft-coordinator --total-steps`).
         public var totalSteps: Int?
+        /// The durability estimate's prior rate (`ft-coordinator --node-failures-per-day`; nil: its default).
+        public var nodeFailuresPerDay: Double?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -99,6 +101,7 @@ public final class LocalJob: @unchecked Sendable {
             + ["--snapshot-interval", "\(options.snapshotInterval)"]
             + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
             + (options.totalSteps.map { ["--total-steps", "\($0)"] } ?? [])
+            + (options.nodeFailuresPerDay.map { ["--node-failures-per-day", "\($0)"] } ?? [])
             + (options.metrics == "off" ? [] : ["--metrics", options.metrics ?? "\(hosts?.host("coordinator").address ?? "127.0.0.1"):0"])
         do {
             try startCoordinator()

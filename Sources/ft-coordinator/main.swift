@@ -89,6 +89,9 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "Serve Prometheus metrics (GET /metrics) on HOST:PORT, IPv4 (port 0: a free one, written to RUN_DIR/metrics.endpoint). Off without it. The metrics name nodes, steps and failures, no tensor data; a non-loopback HOST is open to anyone who reaches it.")
     var metrics: String?
 
+    @Option(help: "The durability estimate's prior failure rate, in failures per node per day (default 0.004, about what large GPU clusters report); updated with the node failures this job sees.")
+    var nodeFailuresPerDay = DurabilityEstimate.defaultNodeFailuresPerDay
+
     @Option(help: "The job's last step, when known: ftctl status shows the time to it at the measured step rate.")
     var totalSteps: Int?
 
@@ -120,6 +123,9 @@ struct FTCoordinatorCommand: ParsableCommand {
         }
         if ec != nil { _ = try parsedEC() }
         if let totalSteps, totalSteps < 1 { throw ValidationError("--total-steps must be at least 1") }
+        guard nodeFailuresPerDay >= 0, nodeFailuresPerDay.isFinite, nodeFailuresPerDay < 100 else {
+            throw ValidationError("--node-failures-per-day must be a rate in [0, 100), not \(nodeFailuresPerDay)")
+        }
         if let metrics {
             guard let colon = metrics.lastIndex(of: ":"), Int(metrics[metrics.index(after: colon)...]).map({ (0...65535).contains($0) }) == true,
                   !metrics[..<colon].isEmpty else {
@@ -159,6 +165,7 @@ struct FTCoordinatorCommand: ParsableCommand {
         config.lingerSeconds = Double(lingerMs) / 1000
         config.metricsAddress = metrics
         config.totalSteps = totalSteps
+        config.nodeFailuresPerDay = nodeFailuresPerDay
         // The failure detector's loop must turn on time on a loaded host (it sleeps in poll
         // otherwise); raised before the server makes its context, whose I/O thread inherits it.
         let priority = ThreadPriority.raiseCurrentThread(priority: ThreadPriority.eventLoop)

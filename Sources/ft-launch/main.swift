@@ -319,7 +319,22 @@ struct Demo: ParsableCommand {
         }
         let equal = final.allSatisfy { $0 == expected }
         say("  final hash:    \(final.compactMap { $0 }.first ?? "none") (reference \(expected)): \(equal ? "EQUAL" : "DIFFERENT")")
+        say("  timeline:      \(drawTimeline(job.dir))")
         if !equal { throw ExitCode(1) }
+    }
+
+    /// `ftctl timeline` of the recovered run, next to its logs: the SVG, and a PNG
+    /// when rsvg-convert is installed. Says where, or why not.
+    func drawTimeline(_ dir: String) -> String {
+        func ftctl(_ args: [String]) -> Bool {
+            guard let p = try? ChildProcess(arguments: [binaries + "/ftctl", "timeline", dir, "-o", dir + "/timeline.svg",
+                                                        "--title", "ft demo: node n1 killed and recovered from memory"] + args,
+                                            environment: ProcessInfo.processInfo.environment, outputPath: dir + "/timeline.log") else { return false }
+            return p.wait(timeoutSeconds: 120) == .exited(0)
+        }
+        if ftctl(["--png", dir + "/timeline.png"]) { return "\(dir)/timeline.svg, \(dir)/timeline.png" }
+        if ftctl([]) { return "\(dir)/timeline.svg (no PNG: \((try? String(contentsOfFile: dir + "/timeline.log", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"))" }
+        return "not drawn: \((try? String(contentsOfFile: dir + "/timeline.log", encoding: .utf8)) ?? "ftctl timeline failed")"
     }
 }
 

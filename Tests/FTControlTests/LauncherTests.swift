@@ -175,6 +175,13 @@ struct LauncherProcessTests {
         #expect(int(recovered["committed_step"]) % 2 == 0)
         let all = RecordedProcesses.all(runDirectory: dir).filter { RecordedProcesses.belongs($0, toJob: job) }
         #expect(all.count >= 9)  // coordinator, 4 SMPs (one the former spare), 4 workers
+        // ftctl status lists the spare (from the run directory) as the node it took over, and the table says so.
+        let spares = (jobStatus()["spares"] as? [[String: Any]]) ?? []
+        #expect(spares.count == 1 && spares.first?["id"] as? String == "spare0" && spares.first?["node"] as? String == "n1"
+                && spares.first?["state"] as? String == "took over", "\(spares)")
+        let (_, table, _) = try runTool("ftctl", ["status", "--run-dir", dir])
+        #expect(table.contains("spares: spare0 took over n1"), "\(table)")
+        #expect(table.contains("durability: a node failure is beyond memory with p = "), "\(table)")
 
         let (stopStatus, stopText, _) = try runTool("ft-launch", ["stop", dir])
         #expect(stopStatus == .exited(0), "\(stopText)")

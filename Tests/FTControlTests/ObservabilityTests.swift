@@ -60,6 +60,16 @@ struct ObservabilityTests {
         #expect(waitUntil(seconds: 60) { lastOutcome(job) == "resumed" }, "\(job.logs)")
         let committed = jsonInt(job.status()?["committed_step"])
         #expect(waitUntil(seconds: 30) { jsonInt(job.status()?["committed_step"]) > committed + 20 }, "\(job.logs)")
+        // The status: the step rate and the time to the last step; the durability
+        // estimate, its window now the recovery just measured.
+        #expect(waitUntil(seconds: 10) { ((job.status()?["step_rate_per_s"] as? Double) ?? -1) > 0 }, "no step rate")
+        let running = try #require(job.status())
+        #expect(jsonInt(running["total_steps"]) == 900 && jsonInt(running["eta_s"]) >= 0, "\(running)")
+        let durability = try #require(running["durability"] as? [String: Any])
+        let loss = try #require(durability["loss_per_failure"] as? Double)
+        #expect(loss > 0 && loss < 1e-3, "\(durability)")  // RS(3+1), a window of seconds, a rate near 0.004 a day
+        #expect(durability["window_measured"] as? Bool == true && jsonInt(durability["node_failures_seen"]) == 1, "\(durability)")
+        #expect(((durability["node_failures_per_day"] as? Double) ?? 0) > DurabilityEstimate.defaultNodeFailuresPerDay, "\(durability)")
         job.coordinator!.kill(SIGKILL)
         job.coordinator!.wait(timeoutSeconds: 5)
         try job.startCoordinator()
