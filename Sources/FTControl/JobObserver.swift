@@ -45,6 +45,7 @@ public struct JobObserver {
     private var phasesSeen: [FailureKey: Int] = [:]
     private var resumedSeen: Set<FailureKey> = []
     private var lastCommitEventAt = -Double.infinity
+    private var lastCommitEventStep: Int?
     private var commitEventDue = true
     private var lastFencedEventAt = -Double.infinity
     private let wallClock: () -> Double
@@ -97,9 +98,9 @@ public struct JobObserver {
         // Members: a process (pid) taking a node's place, the first ones included
         // (after the failures: a restarted SMP's hello is its node's failure and its replacement at once).
         for n in c.nodes.values.sorted(by: { $0.id < $1.id }) where n.pid > 0 && pids[n.id] != n.pid {
-            let replaces = pids[n.id] != nil
+            let replaced = pids[n.id]
             pids[n.id] = n.pid
-            event(.member, what: n.id, pid: n.pid, detail: (replaces ? "replacement, " : "") + "data plane " + n.dataEndpoint)
+            event(.member, what: n.id, pid: n.pid, detail: (replaced.map { "replaces pid \($0), " } ?? "") + "data plane " + n.dataEndpoint)
         }
         if !started && c.state != .starting {
             started = true
@@ -117,6 +118,7 @@ public struct JobObserver {
             if commitEventDue || t - lastCommitEventAt >= 1 {
                 commitEventDue = false
                 lastCommitEventAt = t
+                lastCommitEventStep = s
                 event(.commit, step: s)
             }
         }
@@ -132,6 +134,11 @@ public struct JobObserver {
         }
         if !stopped && (c.state == .stopped || c.state == .failed) {
             stopped = true
+            // The last commit, sampled or not: the picture's steps end where the job did.
+            if let s = c.committedStep, s != lastCommitEventStep, !out.events.contains(where: { $0.kind == .commit }) {
+                lastCommitEventStep = s
+                event(.commit, step: s)
+            }
             event(.stopped, step: c.committedStep, failed: c.state == .failed, detail: c.stopReason)
         }
         return out

@@ -442,7 +442,8 @@ extension Timeline {
                     let x0 = x(inc.start), x1 = max(x(inc.end), x0 + 2)
                     let fill = inc.replacement ? "#4f6273" : "#9aabbb"
                     var out = rect(x0, laneTop, x1 - x0, height, fill: fill, radius: 2)
-                    let words = [inc.pid.map { "pid \($0)" } ?? "pid ?", inc.replacement ? "(replacement)" : nil, inc.detail].compactMap { $0 }
+                    let saysSo = inc.detail?.contains("replace") == true  // the coordinator's member events say whom it replaces
+                    let words = [inc.pid.map { "pid \($0)" } ?? "pid ?", inc.replacement && !saysSo ? "(replacement)" : nil, inc.detail].compactMap { $0 }
                     let label = Picture.shorten(words.joined(separator: " "), toWidth: x1 - x0 - 8, size: 10)
                     if !label.isEmpty {
                         out += text(label, x: x0 + 4, y: laneTop + 12.5, size: 10, colour: inc.replacement ? "#ffffff" : "#1b2733")

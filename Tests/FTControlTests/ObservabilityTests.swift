@@ -94,7 +94,7 @@ struct ObservabilityTests {
             let p = try #require(index(.phase, after: at) { $0.phase == phase && $0.what == "n1" }, "no \(phase) after \(at): \(kinds)")
             at = p
         }
-        #expect(index(.member, after: failure) { $0.what == "n1" && ($0.detail ?? "").contains("replacement") } != nil, "\(kinds)")
+        #expect(index(.member, after: failure) { $0.what == "n1" && ($0.detail ?? "").contains("replaces pid") } != nil, "\(kinds)")
         let resumed = try #require(index(.resumed, after: failure) { $0.what == "n1" }, "\(kinds)")
         #expect(events[resumed].stepsLost != nil && events[resumed].seconds != nil)
         // The coordinator kill: a second coordinator_up, a failure of kind coordinator, resumed, then the end.
