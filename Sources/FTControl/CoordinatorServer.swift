@@ -284,12 +284,14 @@ public final class CoordinatorServer: @unchecked Sendable {
         let s = config.settings
         let nodeRecoveries = instance.failureHistory.filter { $0.kind == "smp" && $0.outcome == "resumed" }.compactMap(\.recoveryMs)
         let measured = nodeRecoveries.max().map { $0 / 1000 }
-        let window = measured ?? (s.heartbeatTimeout + s.phaseTimeout)
+        let window = sane(measured ?? (s.heartbeatTimeout + s.phaseTimeout))
         let nodeFailures = instance.failureHistory.filter { $0.kind == "smp" }.count
             + (instance.lastFailure.map { $0.kind == "smp" && $0.outcome == "in progress" ? 1 : 0 } ?? 0)
-        let nodeDays = Double(s.nodes) * (monotonicSeconds() - startedAt) / 86_400
-        let rate = DurabilityEstimate.posteriorRate(prior: config.nodeFailuresPerDay, observedFailures: nodeFailures, observedNodeDays: nodeDays)
-        let latencySteps = (instance.lastCommitLatency ?? 0) * (stepRate ?? 0)
+        let nodeDays = sane(Double(s.nodes) * (monotonicSeconds() - startedAt) / 86_400)
+        let rate = sane(DurabilityEstimate.posteriorRate(prior: config.nodeFailuresPerDay, observedFailures: nodeFailures, observedNodeDays: nodeDays))
+        // Inputs the estimate's preconditions accept, whatever the clocks did: the status never traps.
+        func sane(_ x: Double) -> Double { x.isFinite && x > 0 ? x : 0 }
+        let latencySteps = sane((instance.lastCommitLatency ?? 0) * (stepRate ?? 0))
         var o: [String: Any] = [
             "node_failures_per_day": rate, "prior_node_failures_per_day": config.nodeFailuresPerDay,
             "node_failures_seen": nodeFailures, "node_days_seen": (nodeDays * 1e4).rounded() / 1e4,

@@ -84,9 +84,9 @@ public final class JobMetrics: @unchecked Sendable {
         lock.withLock {
             if changes.roundsCommitted > 0 { committed.increment(by: Int64(changes.roundsCommitted)) }
             if changes.roundsAborted > 0 { aborted.increment(by: Int64(changes.roundsAborted)) }
-            for l in changes.commitLatencies { commitLatency.record(l) }
+            for l in changes.commitLatencies where l.isFinite { commitLatency.record(max(0, l)) }
             for kind in changes.failures { failureCounter(kind).increment() }
-            for (phase, seconds) in changes.phases { phaseHistogram(phase).record(seconds) }
+            for (phase, seconds) in changes.phases where seconds.isFinite { phaseHistogram(phase).record(max(0, seconds)) }
             if changes.stepsLost > 0 { stepsLost.increment(by: Int64(changes.stepsLost)) }
         }
     }

@@ -883,7 +883,8 @@ public struct CoordinatorInstance: Sendable {
     }
 
     private mutating func commit(_ step: Int, now: Double) -> [Directive] {
-        lastCommitLatency = roundStartedAt[step].map { now - $0 }
+        // (Never negative: an isolation or a stall shifts round start times forward.)
+        lastCommitLatency = roundStartedAt[step].map { max(0, now - $0) }
         committedStep = step
         committedAt = now
         roundStartedAt = roundStartedAt.filter { $0.key > step }

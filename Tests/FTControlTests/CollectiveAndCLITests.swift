@@ -104,8 +104,14 @@ struct FtctlTests {
                                      "committed_age_ms": "n", "snapshot_interval": "n", "uptime_s": "n", "nodes": "a",
                                      "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n", "refused_messages": "n",
                                      "malformed_frames": "n", "unauthenticated": "n", "unauthorized": "n", "skipped_snapshots": "n",
-                                     "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o"]
+                                     "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o",
+                                     "step_rate_per_s": "n", "total_steps": "n", "eta_s": "n", "metrics_url": "s", "durability": "o"]
         #expect(Set(o.keys) == Set(top.keys))
+        let durability = try #require(o["durability"] as? [String: Any])
+        for key in ["loss_per_failure", "loss_per_day", "window_s", "node_failures_per_day", "expected_steps_lost_per_failure"] {
+            #expect(matches(durability[key], "n"), "durability.\(key): \(String(describing: durability[key]))")
+        }
+        #expect((durability["loss_per_failure"] as? Double) == 1.0)  // no erasure coding: a lost node's memory is gone
         for (key, kind) in top { #expect(matches(o[key], kind), "\(key): \(String(describing: o[key]))") }
         #expect(int(o["schema"]) == 1)
         let nodes = try #require(o["nodes"] as? [[String: Any]])

@@ -57,8 +57,19 @@ struct ClusterConfigTests {
         let netns = try config("hosts = netns")
         #expect(netns.hosts == .netns && netns.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns)
         #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: hosts must be local or netns, not 'ssh'")) { try config("hosts = ssh") }
-        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, metrics, node_failures_per_day, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
+        }
+        // Metrics: auto by default (a free port on the coordinator's host), off, or HOST:PORT; the durability prior.
+        #expect(c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").metrics == nil)
+        #expect(try config("metrics = off").jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").metrics == "off")
+        #expect(try config("metrics = 127.0.0.1:9400").metrics == "127.0.0.1:9400")
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: metrics must be auto, off or HOST:PORT (e.g. 127.0.0.1:9400), not '9400'")) {
+            try config("metrics = 9400")
+        }
+        #expect(try config("node_failures_per_day = 0.01").jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").nodeFailuresPerDay == 0.01)
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: node_failures_per_day must be a rate in [0, 100) failures per node per day, not '-1'")) {
+            try config("node_failures_per_day = -1")
         }
         #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: nodes must be a whole number, not 'four'")) { try config("nodes = four") }
         #expect(throws: ClusterConfig.ConfigError(.syntax, "test.conf:1: expected key = value, got 'nodes 4'")) { try config("nodes 4") }

@@ -375,6 +375,36 @@ struct ControlSimulationTests {
         #expect(c.recoveryRate == c.settings.recoveryBytesPerSecond, "1 GiB 'restored' at the start counted as \(c.recoveryRate) B/s")
     }
 
+    @Test("a commit's latency is never negative, also when a stall of the coordinator moved the round's start forward")
+    func commitLatencyAfterStall() {
+        var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "s", nodes: 2, workersPerNode: 1))
+        for (i, n) in ["n0", "n1"].enumerated() {
+            _ = c.receive(.smpHello(.init(node: n, pid: 10 + i, dataEndpoint: "tcp://\(n)", workers: ["w0"], rankOffset: i,
+                                          committedStep: nil, stagedStep: nil)), from: n, epoch: 0, now: 0)
+            _ = c.receive(.workerHello(.init(node: n, worker: "w0", rank: i, worldSize: 2, pid: 20 + i, collectiveEndpoint: "r\(i)")),
+                          from: "\(n)/w0", epoch: 0, now: 0)
+        }
+        for n in ["n0", "n1"] { _ = c.receive(.ready(restoredStep: nil), from: "\(n)/w0", epoch: c.epoch, now: 0.1) }
+        var now = 0.1
+        while now < 1.0 {  // members heard on time
+            now += 0.05
+            for m in ["n0", "n1", "n0/w0", "n1/w0"] {
+                _ = c.receive(m.contains("/") ? .workerHeartbeat(step: 1, running: true, skipped: 0, activity: .idle)
+                                              : .smpHeartbeat(dataBytes: 1000, parityBytes: 0), from: m, epoch: c.epoch, now: now)
+            }
+            _ = c.tick(now: now)
+        }
+        #expect(c.state == .running)
+        // The coordinator stalls 3 s; the first message it reads after is n0's protected (the
+        // round starts then), and the tick after it moves every start forward by the gap.
+        now += 3
+        _ = c.receive(.protected(step: 2, layoutChunkBytes: 0), from: "n0", epoch: c.epoch, now: now)
+        _ = c.tick(now: now)
+        _ = c.receive(.protected(step: 2, layoutChunkBytes: 0), from: "n1", epoch: c.epoch, now: now + 0.001)
+        #expect(c.committedStep == 2)
+        #expect((c.lastCommitLatency ?? -1) >= 0, "latency \(String(describing: c.lastCommitLatency))")
+    }
+
     @Test("with erasure coding a round counts only protected under the layout sent last: not before any layout, not under a replaced one")
     func protectedNeedsTheLayout() throws {
         var settings = CoordinatorSettings(jobID: "l", nodes: 2, workersPerNode: 1)
