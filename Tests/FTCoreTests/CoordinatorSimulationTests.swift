@@ -375,9 +375,9 @@ struct ControlSimulationTests {
         #expect(c.recoveryRate == c.settings.recoveryBytesPerSecond, "1 GiB 'restored' at the start counted as \(c.recoveryRate) B/s")
     }
 
-    @Test("a commit's latency is never negative, also when a stall of the coordinator moved the round's start forward")
-    func commitLatencyAfterStall() {
-        var c = CoordinatorInstance(settings: CoordinatorSettings(jobID: "s", nodes: 2, workersPerNode: 1))
+    /// A coordinator of 2 nodes with a worker each, started (every hello, every ready) at t = 0.1.
+    static func runningTwoNodeJob(_ settings: CoordinatorSettings) -> CoordinatorInstance {
+        var c = CoordinatorInstance(settings: settings)
         for (i, n) in ["n0", "n1"].enumerated() {
             _ = c.receive(.smpHello(.init(node: n, pid: 10 + i, dataEndpoint: "tcp://\(n)", workers: ["w0"], rankOffset: i,
                                           committedStep: nil, stagedStep: nil)), from: n, epoch: 0, now: 0)
@@ -385,6 +385,12 @@ struct ControlSimulationTests {
                           from: "\(n)/w0", epoch: 0, now: 0)
         }
         for n in ["n0", "n1"] { _ = c.receive(.ready(restoredStep: nil), from: "\(n)/w0", epoch: c.epoch, now: 0.1) }
+        return c
+    }
+
+    @Test("a commit's latency is never negative, also when a stall of the coordinator moved the round's start forward")
+    func commitLatencyAfterStall() {
+        var c = Self.runningTwoNodeJob(CoordinatorSettings(jobID: "s", nodes: 2, workersPerNode: 1))
         var now = 0.1
         while now < 1.0 {  // members heard on time
             now += 0.05
@@ -409,14 +415,7 @@ struct ControlSimulationTests {
     func protectedNeedsTheLayout() throws {
         var settings = CoordinatorSettings(jobID: "l", nodes: 2, workersPerNode: 1)
         settings.erasure = (1, 1)
-        var c = CoordinatorInstance(settings: settings)
-        for (i, n) in ["n0", "n1"].enumerated() {
-            _ = c.receive(.smpHello(.init(node: n, pid: 10 + i, dataEndpoint: "tcp://\(n)", workers: ["w0"], rankOffset: i,
-                                          committedStep: nil, stagedStep: nil)), from: n, epoch: 0, now: 0)
-            _ = c.receive(.workerHello(.init(node: n, worker: "w0", rank: i, worldSize: 2, pid: 20 + i, collectiveEndpoint: "r\(i)")),
-                          from: "\(n)/w0", epoch: 0, now: 0)
-        }
-        for n in ["n0", "n1"] { _ = c.receive(.ready(restoredStep: nil), from: "\(n)/w0", epoch: c.epoch, now: 0.1) }
+        var c = Self.runningTwoNodeJob(settings)
         #expect(c.state == .running)
         #expect(c.lastLayout == nil)  // no size said yet
         func protect(_ step: Int, chunk: Int, at now: Double) -> [CoordinatorInstance.Directive] {
