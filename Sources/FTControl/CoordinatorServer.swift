@@ -118,9 +118,6 @@ public final class CoordinatorServer: @unchecked Sendable {
                                 detail: "control " + boundEndpoint + (metricsServer.map { ", metrics " + $0.url } ?? "")))
     }
 
-    /// The URL of the metrics endpoint, when serving one.
-    public var metricsURL: String? { metricsServer?.url }
-
     /// Asks a running `run()` to end, from any thread.
     public func stop() { shell.stop() }
 
@@ -320,7 +317,7 @@ public final class CoordinatorServer: @unchecked Sendable {
         } else if instance.state == .recovering {
             progress.removeAll()  // a rate across a recovery says nothing about training
         }
-        let changes = observer.observe(instance, now: now)
+        let changes = observer.observe(instance)
         for e in changes.events { events?.append(e) }
         metrics.record(changes)
         if now - gaugesSetAt >= 0.1 || !changes.events.isEmpty {

@@ -55,8 +55,8 @@ public struct JobObserver {
         self.wallClock = wallClock
     }
 
-    /// What changed in `c` since the last call; `now` is the core's clock (monotonic).
-    public mutating func observe(_ c: CoordinatorInstance, now: Double) -> Changes {
+    /// What changed in `c` since the last call (events stamped with `wallClock`).
+    public mutating func observe(_ c: CoordinatorInstance) -> Changes {
         var out = Changes()
         let t = wallClock()
         let wasStarted = started

@@ -28,6 +28,17 @@ struct ObservabilityTests {
 
     func lastOutcome(_ job: LocalJob) -> String? { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String }
 
+    /// Kills node `n` like a host dying, waits until the coordinator no longer takes it for
+    /// alive, starts its replacement (the launcher's part) and waits for the job to resume.
+    func replaceNode(_ job: LocalJob, _ n: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        killNode(job, n)
+        #expect(waitUntil(seconds: 20) {
+            ((job.status()?["nodes"] as? [[String: Any]]) ?? []).contains { $0["id"] as? String == "n\(n)" && $0["smp"] as? String != "alive" }
+        }, "\(job.logs)", sourceLocation: sourceLocation)
+        try job.inner.startSMP(node: n)
+        #expect(waitUntil(seconds: 60) { lastOutcome(job) == "resumed" }, "\(job.logs)", sourceLocation: sourceLocation)
+    }
+
     /// Runs `command` with /bin/sh: its exit status and its output (stdout and stderr).
     func shell(_ command: String, timeout: Double = 30) -> (FTSystem.ExitStatus?, String) {
         let out = "/tmp/ft-sh-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).out"
@@ -52,12 +63,7 @@ struct ObservabilityTests {
         let job = try makeJob("ev", steps: 900)
         defer { job.cleanUp() }
         #expect(waitUntil(seconds: 60) { jsonInt(job.status()?["committed_step"]) >= 60 }, "\(job.logs)")
-        killNode(job, 1)
-        #expect(waitUntil(seconds: 20) {
-            ((job.status()?["nodes"] as? [[String: Any]]) ?? []).contains { $0["id"] as? String == "n1" && $0["smp"] as? String != "alive" }
-        }, "\(job.logs)")
-        try job.inner.startSMP(node: 1)
-        #expect(waitUntil(seconds: 60) { lastOutcome(job) == "resumed" }, "\(job.logs)")
+        try replaceNode(job, 1)
         let committed = jsonInt(job.status()?["committed_step"])
         #expect(waitUntil(seconds: 30) { jsonInt(job.status()?["committed_step"]) > committed + 20 }, "\(job.logs)")
         // The status: the step rate and the time to the last step; the durability
@@ -172,12 +178,7 @@ struct ObservabilityTests {
         #expect(waitUntil(seconds: 20) { (query("ft_snapshot_rounds_committed_total") ?? 0) > first + 5 }, "commits do not rise")
         #expect(query("ft_failures_total{kind=\"smp\"}") == 0)
 
-        killNode(job, 2)
-        #expect(waitUntil(seconds: 20) {
-            ((job.status()?["nodes"] as? [[String: Any]]) ?? []).contains { $0["id"] as? String == "n2" && $0["smp"] as? String != "alive" }
-        }, "\(job.logs)")
-        try job.inner.startSMP(node: 2)
-        #expect(waitUntil(seconds: 60) { lastOutcome(job) == "resumed" }, "\(job.logs)")
+        try replaceNode(job, 2)
         #expect(waitUntil(seconds: 20) { query("ft_failures_total{kind=\"smp\"}") == 1 }, "the failure is not in Prometheus")
         let rebuilds = "ft_recovery_phase_seconds_count{phase=\"rebuild\"}"
         #expect(waitUntil(seconds: 20) { query(rebuilds) == 1 }, "rebuild samples: \(String(describing: query(rebuilds)))")
