@@ -217,10 +217,36 @@ final class NodeMemory {
                 guard CRC32C.checksum(UnsafeRawBufferPointer(start: base + start, count: r.count)) != crcs[entry.firstChunk + chunk] else { continue }
                 out.append(("tensor \(entry.spec.name), chunk \(chunk)", start..<start + r.count))
                 if first { return out }
+                if chunk % 64 == 63 { keepAlive() }
             }
             keepAlive()
         }
         return out
+    }
+
+    /// The first worker whose slot staged for `step` fails the CRC32Cs the
+    /// worker sent with it, and the chunk's name: its bytes changed after the
+    /// worker wrote them (a stray write, a memory fault). Parity folded from
+    /// them would decode into the same wrong bytes, so such a round is never
+    /// protected.
+    func corruptStagedSlot(step: Int) -> (worker: String, chunk: String)? {
+        for (id, w) in store.workers.sorted(by: { $0.key < $1.key }) {
+            guard let slot = w.slots.firstIndex(where: { if case .staged(step, _) = $0 { true } else { false } }) else { continue }
+            if let bad = badChunks(worker: id, slot: slot, crcs: w.slots[slot].crcs, first: true).first { return (id, bad.name) }
+        }
+        return nil
+    }
+
+    /// Test-only fault injection: flips one byte in the middle of the first
+    /// worker's slot staged for `step`, as a stray write after the worker wrote it.
+    func flipStagedByte(step: Int) {
+        for (id, w) in store.workers.sorted(by: { $0.key < $1.key }) {
+            guard let slot = w.slots.firstIndex(where: { if case .staged(step, _) = $0 { true } else { false } }),
+                  let base = segments[id]?[slot].base else { continue }
+            let p = (base + w.layout.slotBytes / 2).assumingMemoryBound(to: UInt8.self)
+            p.pointee ^= 0x40
+            return
+        }
     }
 
     /// Whether `point` of worker `id` was checked already.

@@ -70,6 +70,11 @@ public final class SMPServer: @unchecked Sendable {
     /// Every configured worker registered at least once (sizes are final).
     private var everyWorkerRegistered = false
     var stopRequested = false
+    /// Test-only fault injection (FT_FAULT_FLIP_STAGED_STEP=S): flip a byte of
+    /// the first worker's slot staged for the first round at or after step S,
+    /// before the SMP checks it.
+    let faultFlipStagedStep = ProcessInfo.processInfo.environment["FT_FAULT_FLIP_STAGED_STEP"].flatMap(Int.init)
+    var faultFlipFired = false
 
     /// The workers' endpoint as bound.
     public var boundEndpoint: String { workers.endpoint }
@@ -106,6 +111,20 @@ public final class SMPServer: @unchecked Sendable {
     private func wire() {
         memory.keepAlive = { [unowned self] in keepAlive() }
         workers.allStaged = { [unowned self] step in
+            // Checked against the workers' CRCs before anything is made of it: a slot
+            // changed since its worker wrote it would be folded into parity as it is,
+            // and a later repair would decode the same wrong bytes. Its worker is
+            // ended (a failure like any other): the job goes back to the committed step.
+            if let flip = faultFlipStagedStep, step >= flip, !faultFlipFired {
+                faultFlipFired = true
+                logger.warning("fault injection: a byte of step \(step)'s staged slot flipped")
+                memory.flipStagedByte(step: step)
+            }
+            if let (worker, chunk) = memory.corruptStagedSlot(step: step) {
+                logger.error("worker \(worker)'s snapshot of step \(step) fails its CRC32C (\(chunk)): its slot changed after the worker wrote it; ending the worker, the job recovers from the committed step")
+                if let child = supervisor.children[worker] { kill(child.pid, SIGKILL) }
+                return
+            }
             if let dataPlane { dataPlane.startProtecting(step: step) } else { agent.report(.protected(step: step, layoutChunkBytes: 0)) }
         }
         workers.repair = { [unowned self] (worker, unlessVerified) throws(StoreError) -> Bool in

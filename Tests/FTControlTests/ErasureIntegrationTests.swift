@@ -157,6 +157,29 @@ struct ErasureIntegrationTests {
         expectBitExact(job)
     }
 
+    @Test("a staged slot changed after its worker wrote it is never folded into parity: the worker is ended and the job goes back to the committed step, bit-exact",
+          .timeLimit(.minutes(3)))
+    func strayWriteBeforeProtect() throws {
+        let job = try makeJob("ecstray", nodes: 4, k: 3, m: 1, steps: 400, smpEnvironment: [1: ["FT_FAULT_FLIP_STAGED_STEP": "80"]])
+        defer { job.cleanUp() }
+        let marker = "fault injection: a byte of step "
+        #expect(waitUntil(seconds: 60) { readText(job.dir + "/smp-n1.log").contains(marker) }, "the fault did not fire\n\(job.logs)")
+        let line = try #require(readText(job.dir + "/smp-n1.log").split(separator: "\n").first { $0.contains(marker) }, "\(job.logs)")
+        let flipped = try #require(line.range(of: marker).flatMap { Int(line[$0.upperBound...].prefix { $0.isNumber }) }, "\(line)")
+        #expect(waitUntil(seconds: 30) { readText(job.dir + "/smp-n1.log").contains("snapshot of step \(flipped) fails its CRC32C") },
+                "\(job.logs)")
+        #expect(waitUntil(seconds: 60) { (job.status()?["last_failure"] as? [String: Any])?["outcome"] as? String == "resumed" },
+                "\(job.logs)")
+        // The corrupt round never committed: every worker went back to a step before it.
+        for n in 0..<4 {
+            for r in job.workerLog(node: n, worker: 0).split(separator: "\n") where r.hasPrefix("restored step=") {
+                let step = Int(r.dropFirst("restored step=".count).prefix { $0 != " " }) ?? .max
+                #expect(step < flipped, "node \(n) restored \(step), the corrupt round was \(flipped)")
+            }
+        }
+        expectBitExact(job)
+    }
+
     @Test("SMP data planes on TCP with CURVE: a stranger's key is refused in the handshake, a worker's key may not fetch EC chunks, and a node is rebuilt and every slice fetched over CURVE, bit-exact",
           .timeLimit(.minutes(3)))
     func curveDataPlane() throws {
