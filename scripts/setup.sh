@@ -30,6 +30,17 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! c
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus curl
 fi
 
+# Slurm (slurmctld, slurmd, the client commands) and munge: the Slurm tests start a real
+# cluster of their own (cluster/slurm/, Tests/FTControlTests/SlurmTests.swift). Nothing is
+# started or enabled here.
+if ! command -v slurmctld >/dev/null || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then
+    echo "setup: installing slurm-wlm munge"
+    sudo=""
+    if [[ $(id -u) -ne 0 ]]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends slurm-wlm munge
+fi
+
 if ! command -v swift >/dev/null; then
     echo "setup: swift is not on PATH; install Swift 6.0 or later (swift.org) first" >&2
     exit 1

@@ -22,7 +22,8 @@ import Foundation
 ///     phase_timeout = 60    # seconds a recovery phase may take at least (default 5; 60 for PyTorch workers)
 ///     memory_limit = 8G     # shared memory per node for snapshots (default: derived from the machine)
 ///     data_host = 10.0.0.2  # SMP data planes on tcp://ADDRESS:* with CURVE (default: private ipc sockets)
-///     hosts = netns         # every node, spare and the coordinator on a network-namespace host of its own (default: local)
+///     hosts = netns         # every node, spare and the coordinator on a network-namespace host of its own (default: local);
+///                           # slurm: inside a Slurm allocation, a job step per node and spare (cluster/slurm/ft-job.sbatch)
 ///     metrics = auto        # the coordinator's Prometheus endpoint: auto (a free port on its host's address, written to
 ///                           # RUN_DIR/metrics.endpoint), HOST:PORT, or off
 ///     node_failures_per_day = 0.004   # the durability estimate's prior rate (ftctl status)
@@ -54,7 +55,9 @@ public struct ClusterConfig: Equatable, Sendable {
     public var dataHost: String?
     /// Where the job's processes run: `local` (one host, loopback), or
     /// `netns`: every node, spare and the coordinator on a host of its own,
-    /// a network namespace with its own address (root only).
+    /// a network namespace with its own address (root only); or `slurm`:
+    /// inside a Slurm allocation, every node and spare a job step on a host
+    /// of its own (`SlurmAllocation`).
     public var hosts = Hosts.local
     /// The coordinator's metrics endpoint: nil (`auto`), a free port on the
     /// coordinator host's address; `off`; or `HOST:PORT`.
@@ -65,6 +68,7 @@ public struct ClusterConfig: Equatable, Sendable {
     public enum Hosts: String, Equatable, Sendable, CaseIterable {
         case local
         case netns
+        case slurm
     }
 
     /// Bytes from "N", "NK", "NM", "NG" or "NT" (powers of 1024), nil if malformed or not positive.
@@ -188,7 +192,7 @@ public struct ClusterConfig: Equatable, Sendable {
             }
         case "hosts":
             guard let v = Hosts(rawValue: value) else {
-                throw ConfigError(.badValue, "hosts must be local or netns, not '\(value)'")
+                throw ConfigError(.badValue, "hosts must be local, netns or slurm, not '\(value)'")
             }
             hosts = v
         default:
@@ -206,8 +210,11 @@ public struct ClusterConfig: Equatable, Sendable {
         if hosts == .netns, let reason = NetnsHosts.unavailableReason {
             throw ConfigError(.unavailable, "hosts = netns: \(reason)")
         }
-        if hosts == .netns, dataHost != nil {
-            throw ConfigError(.inconsistent, "data_host names one address for every node; with hosts = netns each SMP serves on its own host's address: leave data_host out")
+        if hosts != .local, dataHost != nil {
+            throw ConfigError(.inconsistent, "data_host names one address for every node; with hosts = \(hosts.rawValue) each SMP serves on its own host's address: leave data_host out")
+        }
+        if hosts == .slurm, let missing = ["srun", "scontrol", "squeue", "scancel"].first(where: { ChildProcess.resolve($0) == nil }) {
+            throw ConfigError(.unavailable, "hosts = slurm: \(missing) is not installed (Slurm's client commands are needed on the batch host)")
         }
         guard nodes >= 1 && nodes <= 256 else { throw ConfigError(.badValue, "nodes must be in 1...256, not \(nodes)") }
         guard workersPerNode >= 1 && workersPerNode <= 64 else {

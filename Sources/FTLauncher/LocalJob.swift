@@ -48,6 +48,10 @@ public final class LocalJob: @unchecked Sendable {
         /// needs root). SMPs serve their data planes on their host's address,
         /// found from the route to the coordinator (`--data-endpoint auto`).
         public var netns = false
+        /// Every node and spare a job step of its own on a host of this Slurm
+        /// allocation, the coordinator beside the launcher on the batch host
+        /// (`SlurmAllocation`; the run directory on a filesystem every host sees).
+        public var slurm: SlurmAllocation?
         /// The coordinator's Prometheus endpoint (`ft-coordinator --metrics`): nil, a
         /// free port on its host's address (written to RUN_DIR/metrics.endpoint);
         /// "off"; or HOST:PORT.
@@ -77,6 +81,13 @@ public final class LocalJob: @unchecked Sendable {
     private let coordinatorArgs: [String]
     /// The job's hosts when it runs on network namespaces.
     public let hosts: NetnsHosts?
+    /// The Slurm host of each role ("coordinator", "n0", "spare0", …) when it runs on Slurm.
+    public let slurmHosts: [String: String]
+    /// Slurm step names of the `srun` processes this job started, by their pid.
+    private var stepNames: [Int32: String] = [:]
+    private var stepCount = 0
+    /// `scancel`s started and not waited for.
+    private var background: [ChildProcess] = []
 
     public var dir: String { options.runDirectory }
     public var job: String { options.jobID }
@@ -92,7 +103,11 @@ public final class LocalJob: @unchecked Sendable {
             ? try NetnsHosts(roles: ["coordinator"] + (0..<options.nodes).map { "n\($0)" } + (0..<options.spares).map { "spare\($0)" },
                              runDirectory: options.runDirectory)
             : nil
-        endpoint = "tcp://\(hosts?.host("coordinator").address ?? "127.0.0.1"):\(port)"
+        let roles = try options.slurm?.plan(nodes: options.nodes, spares: options.spares) ?? [:]
+        slurmHosts = roles
+        let coordinatorAddress = hosts?.host("coordinator").address
+            ?? options.slurm.flatMap { s in roles["coordinator"].flatMap { s.addresses[$0] } } ?? "127.0.0.1"
+        endpoint = "tcp://\(coordinatorAddress):\(port)"
         coordinatorArgs = [options.binaries + "/ft-coordinator", "--job-id", options.jobID, "--nodes", "\(options.nodes)",
                            "--workers-per-node", "\(options.workersPerNode)", "--endpoint", endpoint, "--run-dir", options.runDirectory,
                            "--linger-ms", "\(options.lingerMs)", "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
@@ -102,15 +117,14 @@ public final class LocalJob: @unchecked Sendable {
             + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
             + (options.totalSteps.map { ["--total-steps", "\($0)"] } ?? [])
             + (options.nodeFailuresPerDay.map { ["--node-failures-per-day", "\($0)"] } ?? [])
-            + (options.metrics == "off" ? [] : ["--metrics", options.metrics ?? "\(hosts?.host("coordinator").address ?? "127.0.0.1"):0"])
+            + (options.metrics == "off" ? [] : ["--metrics", options.metrics ?? "\(coordinatorAddress):0"])
         do {
             try startCoordinator()
             for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
             if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }
             for i in 0..<options.spares {
                 let args = smpArguments(node: "spare\(i)", rankOffset: 0) + ["--standby", dir + "/spares/spare\(i).assign", "--"] + options.workerCommand
-                spares.append((i, try ChildProcess(arguments: placed("spare\(i)", args), environment: smpEnvironment([:]), newProcessGroup: true,
-                                                   outputPath: dir + "/spare\(i).log")))
+                spares.append((i, try spawn("spare\(i)", args, environment: smpEnvironment([:]), output: dir + "/spare\(i).log")))
             }
             try writePIDs()
         } catch {
@@ -119,13 +133,34 @@ public final class LocalJob: @unchecked Sendable {
         }
     }
 
-    /// `args` run on `role`'s host: in its namespace, or as they are on one host.
+    /// `args` run on `role`'s host: in its namespace, as a Slurm step of its own
+    /// on its host (the coordinator runs beside the launcher), or as they are on one host.
     private func placed(_ role: String, _ args: [String]) -> [String] {
-        hosts.map { $0.command(role, args) } ?? args
+        if let slurm = options.slurm {
+            guard role != "coordinator", let host = slurmHosts[role] else { return args }
+            stepCount += 1
+            pendingStepName = "ft-\(options.jobID)-\(role)-\(stepCount)"
+            return slurm.stepCommand(host: host, name: pendingStepName!, args)
+        }
+        return hosts.map { $0.command(role, args) } ?? args
+    }
+
+    /// The step name `placed` gave the process about to start.
+    private var pendingStepName: String?
+
+    /// Starts `args` on `role`'s host, recording its Slurm step.
+    private func spawn(_ role: String, _ args: [String], environment: [String: String], output: String) throws -> ChildProcess {
+        pendingStepName = nil
+        let p = try ChildProcess(arguments: placed(role, args), environment: environment, newProcessGroup: true, outputPath: output)
+        if let name = pendingStepName { stepNames[p.pid] = name }
+        return p
     }
 
     /// The address of `role`'s host (127.0.0.1 on one host).
-    public func address(of role: String) -> String { hosts?.host(role).address ?? "127.0.0.1" }
+    public func address(of role: String) -> String {
+        if let slurm = options.slurm, let host = slurmHosts[role] { return slurm.addresses[host] ?? host }
+        return hosts?.host(role).address ?? "127.0.0.1"
+    }
 
     private func smpArguments(node: String, rankOffset: Int) -> [String] {
         [options.binaries + "/ft-smp", "--job-id", options.jobID, "--node-id", node, "--run-dir", options.runDirectory,
@@ -135,7 +170,7 @@ public final class LocalJob: @unchecked Sendable {
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.memoryLimit.map { ["--memory-limit", "\($0)"] } ?? [])
             + (options.dataHost.map { ["--data-endpoint", "tcp://\($0):*"] + (options.curve ? [] : ["--insecure"]) } ?? [])
-            + (options.netns && options.dataHost == nil ? ["--data-endpoint", "auto"] + (options.curve ? [] : ["--insecure"]) : [])
+            + ((options.netns || options.slurm != nil) && options.dataHost == nil ? ["--data-endpoint", "auto"] + (options.curve ? [] : ["--insecure"]) : [])
     }
 
     private func smpEnvironment(_ extra: [String: String]) -> [String: String] {
@@ -198,6 +233,18 @@ public final class LocalJob: @unchecked Sendable {
     /// restarted coordinator never heard from the node) whatever runs as `n`.
     /// Returns what it did, nil when nothing of ours was running.
     public func killNode(_ n: Int, declaredPID: Int32) -> String? {
+        if let slurm = options.slurm {
+            // The pid is the remote SMP's; the step is ended where it runs (SIGKILL to the
+            // local srun would leave it running there).
+            let smp = smps[n]
+            guard smp.poll() == nil, let name = stepNames[smp.pid] else { return nil }
+            let id = slurm.steps(named: name)[name]
+            // Not waited for: the replacement starts now, whatever the lost host's state.
+            background.removeAll { $0.poll() != nil }
+            if let id, let p = slurm.signalInBackground(steps: [id], "KILL") { background.append(p) }
+            smp.kill(SIGKILL)
+            return "ended n\(n)'s step \(id ?? name) (scancel --signal=KILL): declared dead"
+        }
         let candidates = declaredPID > 0 ? (smps + retired + spares.map(\.process)).filter { $0.pid == declaredPID } : [smps[n]]
         guard let smp = candidates.first, smp.poll() == nil else { return nil }
         kill(-smp.pid, SIGKILL)  // its process group: the SMP and the workers it started
@@ -209,8 +256,7 @@ public final class LocalJob: @unchecked Sendable {
     @discardableResult
     public func startSMP(node n: Int, environment extra: [String: String] = [:]) throws -> ChildProcess {
         let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode) + ["--"] + options.workerCommand
-        let smp = try ChildProcess(arguments: placed("n\(n)", args), environment: smpEnvironment(extra), newProcessGroup: true,
-                                   outputPath: options.runDirectory + "/smp-n\(n).log")
+        let smp = try spawn("n\(n)", args, environment: smpEnvironment(extra), output: options.runDirectory + "/smp-n\(n).log")
         hostOfNode[n] = "n\(n)"
         if n < smps.count {
             retired.append(smps[n])
@@ -254,8 +300,7 @@ public final class LocalJob: @unchecked Sendable {
 
     /// Starts (or restarts) the coordinator on the job's endpoint.
     public func startCoordinator() throws {
-        let c = try ChildProcess(arguments: placed("coordinator", coordinatorArgs), environment: ProcessInfo.processInfo.environment, newProcessGroup: true,
-                                 outputPath: options.runDirectory + "/coordinator.log")
+        let c = try spawn("coordinator", coordinatorArgs, environment: ProcessInfo.processInfo.environment, output: options.runDirectory + "/coordinator.log")
         coordinator = c
         coordinators.append(c)
         if !smps.isEmpty { try writePIDs() }
@@ -313,6 +358,10 @@ public final class LocalJob: @unchecked Sendable {
     /// stopped one first), and frees the job's shared memory.
     public func stop(removeFiles: Bool = true) {
         _ = Self.live.withLock { $0.removeValue(forKey: dir) }
+        if let slurm = options.slurm {
+            endSteps(slurm)
+            for p in background { if p.wait(timeoutSeconds: 5) == nil { p.kill(SIGKILL) } }
+        }
         for pid in RecordedProcesses.workerPIDs(runDirectory: dir) where RecordedProcesses.belongs(pid, toJob: job) {
             kill(pid, SIGCONT)
             kill(pid, SIGKILL)
@@ -326,6 +375,22 @@ public final class LocalJob: @unchecked Sendable {
         // Every process in them has ended: the hosts go (the record says what, should this object not know).
         NetnsHosts.remove(recordIn: dir)
         if removeFiles { try? FileManager.default.removeItem(atPath: dir) }
+    }
+
+    /// Ends this job's Slurm steps where they run: SIGTERM (an SMP frees its
+    /// shared memory and ends its workers), then SIGKILL to what is left after 10 s.
+    private func endSteps(_ slurm: SlurmAllocation) {
+        let prefix = "ft-\(options.jobID)-"
+        var ids = Array(slurm.steps(named: prefix).values)
+        guard !ids.isEmpty else { return }
+        slurm.signal(steps: ids, "TERM")
+        let deadline = monotonicSeconds() + 10
+        while monotonicSeconds() < deadline {
+            ids = Array(slurm.steps(named: prefix).values)
+            if ids.isEmpty { return }
+            usleep(250_000)
+        }
+        slurm.signal(steps: ids, "KILL")
     }
 
     /// Recorded processes of this job still alive (workers included), and its shared-memory segments left.

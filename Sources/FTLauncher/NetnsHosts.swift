@@ -233,7 +233,9 @@ public final class NetnsHosts: @unchecked Sendable {
         }
     }
 
-    private static func output(_ args: [String]) -> String {
+    /// What a command printed (stdout and stderr), after a newline; "" when it
+    /// could not run or took more than 10 s.
+    public static func output(_ args: [String]) -> String {
         let path = NSTemporaryDirectory() + "ft-netns-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).out"
         defer { unlink(path) }
         guard let p = try? ChildProcess(arguments: args, environment: ["PATH": "/usr/sbin:/usr/bin:/sbin:/bin"], outputPath: path),

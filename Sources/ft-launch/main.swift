@@ -24,7 +24,10 @@ struct Start: ParsableCommand {
             its own: a network namespace with its own address on a bridge; traffic between them crosses veth links, \
             and each SMP serves its data plane on its host's address. The namespaces, links and bridge are recorded \
             in RUN_DIR/netns and removed when the job ends, when it is stopped, and by cluster/stop RUN_DIR after a \
-            launcher that died. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any \
+            launcher that died. With --hosts slurm, inside a Slurm allocation (cluster/slurm/ft-job.sbatch), the \
+            coordinator runs here on the batch host and every node and spare is a job step of its own (srun) on a \
+            host of the allocation, which must have one host per node and per spare; the run directory (default \
+            SLURM_SUBMIT_DIR/ft-job-slurmJOBID) must be on a filesystem every host sees. The launcher generates the job's CURVE keys, starts the coordinator, the SMPs and any \
             spares, waits until the job runs, prints where the logs are, then stays in the foreground: it starts a \
             replacement for a node the coordinator declared lost (a spare while one is left, otherwise the node's SMP \
             restarted empty; either rebuilds from parity) and restarts a dead coordinator. It ends with the job: \
@@ -33,7 +36,7 @@ struct Start: ParsableCommand {
 
             Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or \
             none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms, \
-            phase_timeout, memory_limit, data_host, hosts (local or netns).
+            phase_timeout, memory_limit, data_host, hosts (local, netns or slurm), metrics, node_failures_per_day.
             See cluster/example.conf.
             """)
 
@@ -82,7 +85,7 @@ struct Start: ParsableCommand {
     @Option(help: ArgumentHelp("Serve each SMP's data plane (EC chunks, rebuild fetches, DP slices) on tcp://ADDRESS:* with CURVE, as nodes on separate hosts must, instead of a private ipc socket per SMP.", valueName: "address"))
     var dataHost: String?
 
-    @Option(help: ArgumentHelp("Where the job's processes run: local (one host, loopback; default) or netns (every node, spare and the coordinator on a network-namespace host of its own, with its own address; needs root).", valueName: "local|netns"))
+    @Option(help: ArgumentHelp("Where the job's processes run: local (one host, loopback; default), netns (every node, spare and the coordinator on a network-namespace host of its own, with its own address; needs root), or slurm (inside a Slurm allocation: a job step per node and spare, one host each).", valueName: "local|netns|slurm"))
     var hosts: String?
 
     @Option(help: "Seconds to wait for the job to start running.")
@@ -132,13 +135,32 @@ struct Start: ParsableCommand {
 
     func run() throws {
         let c = try resolved()
-        let job = c.jobID ?? "job\(getpid())"
-        let dir = c.runDirectory ?? "/tmp/ft-job-\(job)"
+        // On Slurm: the allocation must hold the job before anything starts.
+        var allocation: SlurmAllocation?
+        if c.hosts == .slurm {
+            do {
+                let a = try SlurmAllocation.current()
+                _ = try a.plan(nodes: c.nodes, spares: c.spares)
+                allocation = a
+            } catch {
+                say("error: \(error)")
+                throw ExitCode(2)
+            }
+        }
+        let job = c.jobID ?? allocation.map { "slurm\($0.jobID)" } ?? "job\(getpid())"
+        // On Slurm the run directory must be seen by every host: beside the submission by default.
+        let dir = c.runDirectory ?? allocation.flatMap { $0.submitDirectory }.map { "\($0)/ft-job-\(job)" } ?? "/tmp/ft-job-\(job)"
         let signals = try SignalWatcher(signals: [SIGINT, SIGTERM])
         let ec = c.erasure.map { "RS(\($0.k)+\($0.m))" } ?? "no erasure coding"
         say("starting job \(job): \(c.nodes) nodes x \(c.workersPerNode) workers, \(ec), \(c.spares) spare\(c.spares == 1 ? "" : "s"), "
             + "a snapshot every \(c.snapshotInterval) step\(c.snapshotInterval == 1 ? "" : "s")")
-        let local = try LocalJob(c.jobOptions(binaries: binaries, runDirectory: dir, jobID: job))
+        var options = c.jobOptions(binaries: binaries, runDirectory: dir, jobID: job)
+        options.slurm = allocation
+        if let allocation {
+            say("Slurm job \(allocation.jobID): hosts " + allocation.hosts.map { "\($0) \(allocation.addresses[$0] ?? "?")" }.joined(separator: ", ")
+                + "; the coordinator on \(allocation.hosts[0])")
+        }
+        let local = try LocalJob(options)
         var code: Int32 = 0
         defer { local.stop(removeFiles: false) }
         let started = monotonicSeconds()
@@ -160,7 +182,7 @@ struct Start: ParsableCommand {
         }
         say("""
             job \(job) is running (started in \(String(format: "%.1f", monotonicSeconds() - started)) s); coordinator \(local.endpoint)
-              run directory  \(dir)\(local.hosts.map { h in "\n  hosts          network namespaces " + h.hosts.values.sorted { $0.address.compare($1.address, options: .numeric) == .orderedAscending }.map { "\($0.role) \($0.address)" }.joined(separator: ", ") } ?? "")
+              run directory  \(dir)\(local.slurmHosts.isEmpty ? "" : "\n  Slurm hosts    " + local.slurmHosts.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))\(local.hosts.map { h in "\n  hosts          network namespaces " + h.hosts.values.sorted { $0.address.compare($1.address, options: .numeric) == .orderedAscending }.map { "\($0.role) \($0.address)" }.joined(separator: ", ") } ?? "")
               logs           \(dir)/coordinator.log, \(dir)/smp-n*.log, \(dir)/logs/NODE-WORKER.log
               watch          \(binaries)/ftctl status --run-dir \(dir) --watch
               PIDs           \(dir)/job.pids (+ \(dir)/pids/)

@@ -56,7 +56,7 @@ struct ClusterConfigTests {
         #expect(c.hosts == .local && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns == false)
         let netns = try config("hosts = netns")
         #expect(netns.hosts == .netns && netns.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns)
-        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: hosts must be local or netns, not 'ssh'")) { try config("hosts = ssh") }
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: hosts must be local, netns or slurm, not 'ssh'")) { try config("hosts = ssh") }
         #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, metrics, node_failures_per_day, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }

@@ -511,8 +511,36 @@ def _set_torchrun_environment(epoch: int) -> None:
     env.setdefault("RANK", env.get("FT_DP_RANK", "0"))
     env.setdefault("WORLD_SIZE", env.get("FT_DP_SIZE", "1"))
     env.setdefault("MASTER_ADDR", env.get("FT_MASTER_ADDR", "127.0.0.1"))
+    # Gloo advertises the address its host name resolves to (often 127.0.0.1),
+    # which peers on other hosts cannot reach: bind it to the interface that
+    # holds this host's address (FT_HOST_ADDR, the SMP's data plane's).
+    host = env.get("FT_HOST_ADDR", "")
+    if "GLOO_SOCKET_IFNAME" not in env and host and not host.startswith("127."):
+        name = _interface_of(host)
+        if name:
+            env["GLOO_SOCKET_IFNAME"] = name
     log(f"epoch {epoch}: RANK={env['RANK']} WORLD_SIZE={env['WORLD_SIZE']} "
         f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env.get('MASTER_PORT', '(unset)')}")
+
+
+def _interface_of(address: str):
+    """The name of the network interface that holds IPv4 `address`, or None."""
+    import fcntl
+    import socket
+    import struct
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                # SIOCGIFADDR: the interface's IPv4 address, at bytes 20..24 of the ifreq.
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == address:
+                return name
+    finally:
+        s.close()
+    return None
 
 
 def _collective_error(e: BaseException) -> bool:
