@@ -236,9 +236,12 @@ public final class LocalJob: @unchecked Sendable {
         if let slurm = options.slurm {
             // The pid is the remote SMP's; the step is ended where it runs (SIGKILL to the
             // local srun would leave it running there).
+            // The local srun may have ended (it lost its host) while the step lives on
+            // there (a partition): the step is looked up whatever srun's state.
             let smp = smps[n]
-            guard smp.poll() == nil, let name = stepNames[smp.pid] else { return nil }
+            guard let name = stepNames[smp.pid] else { return nil }
             let id = slurm.steps(named: name)[name]
+            guard id != nil || smp.poll() == nil else { return nil }
             // Not waited for: the replacement starts now, whatever the lost host's state.
             background.removeAll { $0.poll() != nil }
             if let id, let p = slurm.signalInBackground(steps: [id], "KILL") { background.append(p) }

@@ -18,6 +18,8 @@ public final class Supervisor: @unchecked Sendable {
     public var killDeclaredDead = true
     /// The reports acted on, per node: "coordinator pid/dead SMP pid".
     private var handled: [Int: String] = [:]
+    /// Per node: the pause before the next replacement of one that died, and when the last started.
+    private var retries: [Int: (delay: Double, at: Double)] = [:]
 
     /// The status document of the last tick that got one.
     public private(set) var lastStatus: [String: Any]?
@@ -60,8 +62,18 @@ public final class Supervisor: @unchecked Sendable {
             let state = n["smp"] as? String ?? ""
             let pid = Int32(jsonInt(n["pid"]))
             let report = "\(coordinator)/\(pid)"
-            // A new report, or the replacement started for the last one died before it took over.
+            // A new report, or the replacement started for the last one died before it took over
+            // (then again after a pause that doubles, 1 s to 10 s: on Slurm, a step on a host
+            // that is gone fails at once, again and again).
             guard state == "dead" || state == "fenced", handled[index] != report || job.smps[index].poll() != nil else { continue }
+            let now = monotonicSeconds()
+            if handled[index] == report {
+                let (delay, at) = retries[index] ?? (0.5, 0)
+                guard now - at >= delay else { continue }
+                retries[index] = (min(delay * 2, 10), now)
+            } else {
+                retries[index] = nil
+            }
             handled[index] = report
             if killDeclaredDead, let ended = job.killNode(index, declaredPID: pid) { actions.append(ended) }
             guard job.options.erasure != nil else { continue }

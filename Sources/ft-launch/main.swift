@@ -186,7 +186,7 @@ struct Start: ParsableCommand {
               logs           \(dir)/coordinator.log, \(dir)/smp-n*.log, \(dir)/logs/NODE-WORKER.log
               watch          \(binaries)/ftctl status --run-dir \(dir) --watch
               PIDs           \(dir)/job.pids (+ \(dir)/pids/)
-              stop           cluster/stop \(dir)   (or Ctrl-C here)
+              stop           \(allocation.map { "scancel \($0.jobID)" } ?? "cluster/stop \(dir)   (or Ctrl-C here)")
             """)
         let supervisor = Supervisor(job: local)
         var announced = Set<String>()  // failures announced (detection time and what; a restarted coordinator counts anew)

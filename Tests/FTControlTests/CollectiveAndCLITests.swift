@@ -89,7 +89,7 @@ func runTool(_ name: String, _ args: [String], timeout: Double = 30) throws -> (
 @Suite("ftctl", .serialized)
 struct FtctlTests {
     @Test("status --json follows schema 1; the table shows the job; --help explains; bad arguments are usage errors",
-          .timeLimit(.minutes(2)))
+          .timeLimit(.minutes(5)))
     func statusOutputs() throws {
         let job = try LocalJob(tag: "ctl", nodes: 2, workersPerNode: 1, steps: 100_000)
         defer { job.cleanUp() }

@@ -63,7 +63,7 @@ struct RecoveryIntegrationTests {
     }
 
     @Test("an SMP silenced with SIGSTOP is detected by timeout; the job stops with a report; continued, it is fenced and changes nothing",
-          .timeLimit(.minutes(2)))
+          .timeLimit(.minutes(5)))
     func smpStopped() throws {
         let job = try LocalJob(tag: "ss", nodes: 2, workersPerNode: 1, steps: 100_000, lingerMs: 5000)
         defer { job.cleanUp() }
@@ -117,7 +117,7 @@ struct RecoveryIntegrationTests {
     }
 
     @Test("malformed frames and unauthenticated clients are counted and dropped; the coordinator keeps serving",
-          .timeLimit(.minutes(1)))
+          .timeLimit(.minutes(5)))
     func hostileInput() throws {
         let job = try LocalJob(tag: "mf", nodes: 1, workersPerNode: 1, steps: 100_000)
         defer { job.cleanUp() }
@@ -163,7 +163,7 @@ struct RecoveryIntegrationTests {
     }
 
     @Test("the read-only operator key reads the status and nothing else: a forged SMP report with it (or a worker's key) is dropped and counted",
-          .timeLimit(.minutes(2)))
+          .timeLimit(.minutes(5)))
     func operatorKeyIsReadOnly() throws {
         let job = try LocalJob(tag: "op", nodes: 1, workersPerNode: 1, steps: 100_000)
         defer { job.cleanUp() }
@@ -196,7 +196,7 @@ struct RecoveryIntegrationTests {
     }
 
     @Test("a node's own key speaks only for that node: n1's key reporting n0's worker dead is dropped and counted; the shared smp.key is not admitted",
-          .timeLimit(.minutes(2)))
+          .timeLimit(.minutes(5)))
     func nodeKeysSpeakForTheirNode() throws {
         let job = try LocalJob(tag: "nk", nodes: 2, workersPerNode: 1, steps: 100_000)
         defer { job.cleanUp() }

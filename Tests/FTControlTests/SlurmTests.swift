@@ -54,7 +54,12 @@ struct SlurmAllocationTests {
 
 /// Real Slurm: munge, slurmctld and one slurmd per network-namespace host
 /// (`SlurmCluster`); the job is submitted with `sbatch cluster/slurm/ft-job.sbatch`.
+/// A stage of its own in scripts/test.sh (FT_SLURM_TESTS=1), after the other
+/// tests: its jobs hold the machine for about two minutes, which the time
+/// limits of the process tests queued behind them would otherwise pay for.
 @Suite("Slurm (real slurmctld and slurmd on namespace hosts)", .serialized,
+       .enabled(if: ProcessInfo.processInfo.environment["FT_SLURM_TESTS"] == "1",
+                "the Slurm tests run in a stage of their own (scripts/test.sh runs them with FT_SLURM_TESTS=1)"),
        .enabled(if: SlurmCluster.unavailableReason == nil, "no Slurm cluster can be made here: \(SlurmCluster.unavailableReason ?? "")"))
 struct SlurmTests {
     static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
@@ -180,6 +185,44 @@ struct SlurmTests {
         #expect(left.pids.isEmpty && left.segments.isEmpty, "left: \(left)")
         cluster.stop()
         #expect(NetnsHosts.leftovers(recordIn: cluster.dir).isEmpty)
+    }
+
+    @Test("with no spare: a node whose SMP died goes on in a new step on its own host; once the host itself is gone, the job stops cleanly with the report, and nothing is left",
+          .timeLimit(.minutes(4)))
+    func noSpareLeft() throws {
+        realProcessJobs.lock()
+        defer { realProcessJobs.unlock() }
+        let cluster = try SlurmCluster(hosts: 4, epilog: Self.repository + "/cluster/slurm/epilog.sh")
+        defer { cluster.stop() }
+        let (id, dir) = try submit(cluster, command: [productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "256", "--step-ms", "10"],
+                                   spares: 0, phaseTimeout: 5)
+        #expect(waitUntil(seconds: 90) { jsonInt(status(dir)?["committed_step"]) >= 50 }, "\(jobLog(cluster, id, dir))")
+        // n1's SMP and worker die; its host (and its slurmd) stays.
+        let slurmd = Set(cluster.pids(on: "h1")).subtracting(cluster.jobPIDs(on: "h1"))
+        let smpPID = try #require(Int32(readText(dir + "/pids/n1.smp.pid").trimmingCharacters(in: .whitespacesAndNewlines)), "\(jobLog(cluster, id, dir))")
+        if let worker = Int32(readText(dir + "/pids/n1-w0.pid").trimmingCharacters(in: .whitespacesAndNewlines)) { kill(worker, SIGKILL) }
+        kill(smpPID, SIGKILL)
+        #expect(waitUntil(seconds: 60) {
+            let f = status(dir)?["last_failure"] as? [String: Any]
+            return f?["outcome"] as? String == "resumed" && (f?["what"] as? String ?? "").contains("n1")
+        }, "\(jobLog(cluster, id, dir))")
+        let output = readText(cluster.dir + "/slurm-\(id).out")
+        #expect(output.contains("started a replacement SMP for n1"), "\(output)")
+        #expect(cluster.run(["squeue", "-h", "-s", "-j", id, "-o", "%j %N"]).contains("n1-5 h1"), "n1's new step is not on h1")
+        #expect(Set(cluster.pids(on: "h1")).isSuperset(of: slurmd))
+        // Now the host goes, and no spare is left: the recovery cannot finish, and the job says so.
+        #expect(cluster.killHost("h1") >= 3)
+        #expect(waitUntil(seconds: 120) { cluster.run(["squeue", "-h", "-j", id]).trimmingCharacters(in: .whitespacesAndNewlines).isEmpty },
+                "the job did not end\n\(jobLog(cluster, id, dir))")
+        let final = try #require(try? JSONSerialization.jsonObject(with: Data(readText(dir + "/status.json").utf8)) as? [String: Any],
+                                 "\(jobLog(cluster, id, dir))")
+        #expect(final["state"] as? String == "failed", "\(final)")
+        #expect((final["stop_reason"] as? String ?? "").contains("n1"), "\(final)")
+        #expect(readText(cluster.dir + "/slurm-\(id).out").contains("job failed"), "\(readText(cluster.dir + "/slurm-\(id).out"))")
+        print("slurm: no spare left: " + (final["stop_reason"] as? String ?? "?") + "; sacct -c: "
+              + cluster.run(["sacct", "-c", "-j", id, "-o", "State,NNodes,NodeList", "-P", "-n"]).split(separator: "\n").joined(separator: ", "))
+        #expect(waitUntil(seconds: 10) { leftovers(cluster, job: "slurm\(id)").pids.isEmpty && leftovers(cluster, job: "slurm\(id)").segments.isEmpty },
+                "left: \(leftovers(cluster, job: "slurm\(id)"))")
     }
 
     @Test("scancel in the middle of a job ends every process on every host and frees all shared memory", .timeLimit(.minutes(4)))

@@ -37,6 +37,9 @@ func freePort() throws -> Int { try FTLauncher.LocalJob.freePort() }
 
 /// Jobs of real processes share two cores: one at a time, whatever suite they
 /// are in, so that timing-based detection (500 ms) is not fooled by load.
+/// A test's time limit includes its wait here, behind every process test
+/// queued before it: none of them has less than 3 minutes (one of 2 minutes
+/// ran out in CI, behind jobs that held this for 4 minutes in all).
 let realProcessJobs = Gate()
 
 /// A lock that may be released by another thread than the one that took it.
