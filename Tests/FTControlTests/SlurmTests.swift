@@ -64,6 +64,10 @@ struct SlurmAllocationTests {
 struct SlurmTests {
     static let repository = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 
+    static var epilog: String { repository + "/cluster/slurm/epilog.sh" }
+    /// A toy worker that runs until the job is ended.
+    static var toyWorker: [String] { [productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "256", "--step-ms", "10"] }
+
     /// Submits a job of 4 nodes x 1 worker running `command`, RS(3+1), `spares` spares; returns the Slurm job id and the run directory.
     func submit(_ cluster: SlurmCluster, command: [String], spares: Int, phaseTimeout: Int = 20) throws -> (id: String, dir: String) {
         let dir = cluster.dir + "/job"
@@ -152,7 +156,7 @@ struct SlurmTests {
         realProcessJobs.lock()
         defer { realProcessJobs.unlock() }
         let expected = try goldenHashes(command: command, steps: steps, phaseTimeout: Double(phaseTimeout))
-        let cluster = try SlurmCluster(hosts: 5, epilog: Self.repository + "/cluster/slurm/epilog.sh")
+        let cluster = try SlurmCluster(hosts: 5, epilog: Self.epilog)
         defer { cluster.stop() }
         let (id, dir) = try submit(cluster, command: command, spares: 1, phaseTimeout: phaseTimeout)
         #expect(waitUntil(seconds: 180) { jsonInt(status(dir)?["committed_step"]) >= killAt }, "\(jobLog(cluster, id, dir))")
@@ -192,9 +196,9 @@ struct SlurmTests {
     func noSpareLeft() throws {
         realProcessJobs.lock()
         defer { realProcessJobs.unlock() }
-        let cluster = try SlurmCluster(hosts: 4, epilog: Self.repository + "/cluster/slurm/epilog.sh")
+        let cluster = try SlurmCluster(hosts: 4, epilog: Self.epilog)
         defer { cluster.stop() }
-        let (id, dir) = try submit(cluster, command: [productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "256", "--step-ms", "10"],
+        let (id, dir) = try submit(cluster, command: Self.toyWorker,
                                    spares: 0, phaseTimeout: 5)
         #expect(waitUntil(seconds: 90) { jsonInt(status(dir)?["committed_step"]) >= 50 }, "\(jobLog(cluster, id, dir))")
         // n1's SMP and worker die; its host (and its slurmd) stays.
@@ -229,9 +233,9 @@ struct SlurmTests {
     func scancelCleans() throws {
         realProcessJobs.lock()
         defer { realProcessJobs.unlock() }
-        let cluster = try SlurmCluster(hosts: 5, epilog: Self.repository + "/cluster/slurm/epilog.sh")
+        let cluster = try SlurmCluster(hosts: 5, epilog: Self.epilog)
         defer { cluster.stop() }
-        let (id, dir) = try submit(cluster, command: [productsDirectory + "/ft-toy-worker", "--steps", "100000", "--state-kib", "256", "--step-ms", "10"],
+        let (id, dir) = try submit(cluster, command: Self.toyWorker,
                                    spares: 1)
         #expect(waitUntil(seconds: 90) { jsonInt(status(dir)?["committed_step"]) >= 50 }, "\(jobLog(cluster, id, dir))")
         #expect(!RecordedProcesses.segments(job: "slurm\(id)").isEmpty)
