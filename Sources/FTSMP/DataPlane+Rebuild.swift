@@ -89,7 +89,7 @@ extension DataPlane {
                     report(.rebuilt(step: job.core.step, error: reason))
                 } else {
                     ec.repairing = nil
-                    if let id = job.repairWorker { ec.failedRepairs[id] = (job.core.step, reason) }
+                    if let id = job.repairWorker { ec.failedRepairs[id] = (job.core.step, reason, job.attempt) }
                     logger.error("repair of worker \(job.repairWorker ?? "?") failed: \(reason)")
                 }
             case .warning(let text):
@@ -250,19 +250,26 @@ extension DataPlane {
             return true
         }
         let names = bad.map(\.name).joined(separator: ", ")
-        if let f = ec.failedRepairs[id], f.step == point.step {
-            throw StoreError(.corrupt, "worker \(id): \(names) fail their CRC32C and repair failed: \(f.reason)")
+        // A failed repair is tried again (its answers may have come from peers that were
+        // changing state in the recovery), up to `repairAttempts` times for the same step.
+        let previous = ec.failedRepairs[id].flatMap { $0.step == point.step ? $0 : nil }
+        if let f = previous, f.attempts >= ErasureState.repairAttempts {
+            throw StoreError(.corrupt, "worker \(id): \(names) fail their CRC32C and repair failed \(f.attempts) times: \(f.reason)")
         }
         guard let entries = memory.imageEntries(step: point.step, committedOnly: true), let i = entries.firstIndex(where: { $0.id == id }) else {
             throw StoreError(.corrupt, "worker \(id): \(names) fail their CRC32C; step \(point.step) is not committed on every worker")
         }
-        logger.warning("worker \(id): \(names) fail their CRC32C; repairing from parity")
+        logger.warning("worker \(id): \(names) fail their CRC32C; repairing from parity",
+                       metadata: ["attempt": "\((previous?.attempts ?? 0) + 1)"])
         let manifest = NodeImage(step: point.step, entries: entries.map(\.entry)).manifest()
         let layout = NodeImageLayout(manifestBytes: manifest.count, slotBytes: entries.map(\.entry.slotBytes))
         let rows = ec.placement.dataRows(of: ec.position)
         let ranges = bad.flatMap { layout.chunkRanges(slot: i, range: $0.range, chunkBytes: ec.chunkBytes) }.map { (row: rows[$0.chunk], range: $0.range) }
         let job = FetchJob(core: ec.fetchCore(step: point.step, lost: [], purpose: .ranges(ranges)), started: monotonicSeconds())
         job.repairWorker = id
+        job.attempt = (previous?.attempts ?? 0) + 1
+        let slot = memory.slotBase(worker: id, slot: point.slot)
+        job.corruptBefore = bad.map { ($0.range, Array(UnsafeRawBufferPointer(start: slot + $0.range.lowerBound, count: $0.range.count))) }
         job.targets = entries.enumerated().map { j, e in
             (layout.slotStart(j)..<layout.slotStart(j) + e.entry.slotBytes, j == i ? memory.slotBase(worker: e.id, slot: e.slot) : nil)
         }
@@ -281,7 +288,17 @@ extension DataPlane {
         if bad.isEmpty {
             logger.info("repaired worker \(id) from parity", metadata: ["bytes": "\(job.core.bytesDecoded)"])
         } else {
-            ec.failedRepairs[id] = (job.core.step, "\(bad.map(\.name).joined(separator: ", ")) still fail their CRC32C after repair")
+            // Whether the decode changed the bytes tells a row whose parity encodes these very
+            // bytes (unchanged) from one whose parity and chunks disagree (changed).
+            let base = memory.slotBase(worker: id, slot: point.slot)
+            let how = bad.map { b -> String in
+                guard let before = job.corruptBefore.first(where: { $0.range == b.range }) else { return "\(b.name): not checked before" }
+                let now = UnsafeRawBufferPointer(start: base + b.range.lowerBound, count: b.range.count)
+                let changed = zip(before.bytes, now).reduce(0) { $0 + ($1.0 == $1.1 ? 0 : 1) }
+                return "\(b.name): the decode changed \(changed) of \(b.range.count) bytes"
+            }
+            logger.error("repair of worker \(id) for step \(job.core.step) failed", metadata: ["detail": "\(how.joined(separator: "; "))"])
+            ec.failedRepairs[id] = (job.core.step, "\(bad.map(\.name).joined(separator: ", ")) still fail their CRC32C after repair", job.attempt)
         }
     }
 }

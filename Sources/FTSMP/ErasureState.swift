@@ -37,8 +37,11 @@ final class ErasureState {
     var rebuilding: FetchJob?
     /// The repair of corrupt chunks in progress (one at a time).
     var repairing: FetchJob?
-    /// Repairs that failed, by worker: (step, reason); a restore of that step is refused with it.
-    var failedRepairs: [String: (step: Int, reason: String)] = [:]
+    /// Repairs that failed, by worker: (step, reason, attempts); the next restore of that
+    /// step tries again, and after `repairAttempts` a restore of it is refused with the reason.
+    var failedRepairs: [String: (step: Int, reason: String, attempts: Int)] = [:]
+    /// Repairs of one worker's step tried before its failure is final.
+    static let repairAttempts = 3
 
     /// Bytes per frame of a bulk transfer (1-4 MiB). `FT_EC_FRAME_BYTES`
     /// overrides it (4 KiB...64 MiB), so tests can spread a small image over many frames.
@@ -111,6 +114,11 @@ final class FetchJob {
     var targets: [(range: Range<Int>, base: UnsafeMutableRawPointer?)] = []
     /// A repair's worker and the chunks to check once it is over.
     var repairWorker: String?
+    /// A repair's corrupt chunks as they were before it (slot ranges and bytes):
+    /// a repair that fails says whether the decode changed them at all.
+    var corruptBefore: [(range: Range<Int>, bytes: [UInt8])] = []
+    /// Which attempt at this repair this is (1 for the first).
+    var attempt = 1
 
     init(core: RebuildInstance, started: Double) {
         self.core = core
