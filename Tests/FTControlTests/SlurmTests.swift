@@ -152,6 +152,18 @@ struct SlurmTests {
         try nodeLoss(command: [python, script, "--steps", "\(steps)", "--report-every", "20"], steps: steps, killAt: 40, phaseTimeout: 60)
     }
 
+    @Test("at real sizes on Slurm: 64 MiB per worker (FT_SLURM_STATE_MB sets it), host n1 dies whole at a random committed step, the spare takes over, bit-exact (a few minutes: FT_SLURM_STATE_MB=64)",
+          .enabled(if: ProcessInfo.processInfo.environment["FT_SLURM_STATE_MB"] != nil,
+                   "a lost host at real sizes takes minutes, beyond the test command's budget: run it with FT_SLURM_STATE_MB=64"),
+          .timeLimit(.minutes(10)))
+    func realSizeNodeLossOnSlurm() throws {
+        let mb = try #require(Int(ProcessInfo.processInfo.environment["FT_SLURM_STATE_MB"] ?? ""), "FT_SLURM_STATE_MB must be a number of MiB")
+        let steps = 200, killAt = Int.random(in: 20...120)
+        print("slurm: \(mb) MiB per worker, host h1 killed once step \(killAt) is committed")
+        try nodeLoss(command: [productsDirectory + "/ft-toy-worker", "--steps", "\(steps)", "--state-kib", "\(mb * 1024)", "--step-ms", "10"],
+                     steps: steps, killAt: killAt, phaseTimeout: 20)
+    }
+
     func nodeLoss(command: [String], steps: Int, killAt: Int, phaseTimeout: Int) throws {
         realProcessJobs.lock()
         defer { realProcessJobs.unlock() }
