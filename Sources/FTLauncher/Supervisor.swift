@@ -5,7 +5,9 @@ import Foundation
 /// lost gets a replacement SMP (a spare in standby while the job has one,
 /// otherwise the same node id restarted empty; either rebuilds from parity),
 /// and a dead coordinator is restarted on the same endpoint (it rebuilds its
-/// view from the SMPs).
+/// view from the SMPs). A replacement that ends before it takes over is
+/// started again after a pause that doubles from 1 s to 10 s (a Slurm step
+/// on a host that is gone fails at once).
 ///
 /// Declared dead means made dead: the process group of an SMP the coordinator
 /// declared dead (its SMP and workers) is SIGKILLed before the node is
