@@ -311,7 +311,7 @@ public enum ControlMessage: Sendable, Equatable {
             let waitingOn = try optional("waiting on", max: WireLimits.maxDPSize - 1)
             let activity = WorkerActivity(kind, waitingOn: waitingOn ?? -1, milliseconds: try int("activity ms", max: WireLimits.maxMilliseconds))
             let snapshots = try step("snapshots")
-            let blockedMicros = try int("blocked microseconds", max: Int(Int64.max / 2))
+            let blockedMicros = try int("blocked microseconds", max: WireLimits.maxMicroseconds)
             self = .workerHeartbeat(step: current, running: running, skipped: skipped, activity: activity,
                                     snapshots: snapshots, blockedSeconds: Double(blockedMicros) / 1e6)
         case 113: self = .ready(restoredStep: try optionalStep("restored step"))
@@ -427,10 +427,13 @@ public struct WorkerActivity: Sendable, Equatable {
 }
 
 extension ControlMessage {
-    /// Seconds as whole microseconds for the wire: 0 for anything not finite or
-    /// negative, at most what the decoder takes (Int64.max / 2).
+    /// Seconds as whole microseconds for the wire, rounded to the nearest (a
+    /// decoded value, microseconds / 1e6, comes back to the same integer;
+    /// truncating turned 249 µs into 248): 0 for anything not finite or
+    /// negative, at most what the decoder takes (`WireLimits.maxMicroseconds`).
     static func micros(_ seconds: Double) -> Int {
         guard seconds.isFinite, seconds > 0 else { return 0 }
-        return seconds >= Double(Int64.max / 2) / 1e6 ? Int(Int64.max / 2) : Int(seconds * 1e6)
+        let us = (seconds * 1e6).rounded()
+        return us >= Double(WireLimits.maxMicroseconds) ? WireLimits.maxMicroseconds : Int(us)
     }
 }

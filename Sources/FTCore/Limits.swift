@@ -25,6 +25,10 @@ public enum WireLimits {
     public static let maxPID = Int(Int32.max)
     /// A heartbeat's activity duration (a year, in milliseconds).
     public static let maxMilliseconds = 366 * 24 * 3600 * 1000
+    /// A duration carried as whole microseconds and read back as seconds in a
+    /// `Double` (2^49 µs, 17 years): below it, microseconds / 1e6 * 1e6 rounds
+    /// back to the same integer, so such a message survives a round trip.
+    public static let maxMicroseconds = 1 << 49
     /// Nodes of a Reed-Solomon group (ISA-L's GF(2^8) bound).
     public static let maxGroupNodes = 255
 

@@ -41,4 +41,28 @@ struct FuzzRegressionTests {
         _ = c.tick(now: 30)
         #expect(c.epoch > WireLimits.maxEpoch)  // adopted, then raised by the takeover
     }
+
+    /// fuzz/run control (CI at stop 29; the input was not kept): a worker
+    /// heartbeat's blocked time is sent as whole microseconds and read back
+    /// as seconds. Truncating seconds * 1e6 turned 249 µs into 248, so the
+    /// message did not round-trip. The encoder now rounds, and the decoder
+    /// takes at most `WireLimits.maxMicroseconds`, below which the round trip is exact.
+    @Test("control: a worker heartbeat's blocked time survives a round trip, every microsecond count below 10^5 and the largest allowed")
+    func blockedMicroseconds() throws {
+        func heartbeat(_ micros: Int) -> ControlMessage {
+            .workerHeartbeat(step: 3, running: true, skipped: 0, activity: .idle, snapshots: 1,
+                             blockedSeconds: Double(micros) / 1e6)
+        }
+        var broken: [Int] = []
+        for us in Array(0..<100_000) + [WireLimits.maxMicroseconds - 1, WireLimits.maxMicroseconds] {
+            let m = heartbeat(us)
+            let again = try ControlMessage.decode(m.envelope(sender: "n0/w0", epoch: 3).encoded()).0
+            if again != m { broken.append(us) }
+        }
+        #expect(broken.isEmpty, "blocked times that did not round-trip: \(broken.prefix(5)) (of \(broken.count))")
+        // Past the bound: sent as the bound, never refused.
+        let huge = ControlMessage.workerHeartbeat(step: 3, running: true, skipped: 0, activity: .idle, snapshots: 1, blockedSeconds: 1e300)
+        let decoded = try ControlMessage.decode(huge.envelope(sender: "n0/w0", epoch: 3).encoded()).0
+        #expect(decoded == heartbeat(WireLimits.maxMicroseconds))
+    }
 }
