@@ -55,6 +55,8 @@ let package = Package(
         .target(name: "FTZMQ", dependencies: ["CZMQ", "FTCore"]),
         .target(name: "FTSystem", dependencies: ["CPlatform", "FTCore"]),
         .target(name: "FTBLAS", dependencies: ["CBLAS"]),
+        // The persistent tier's files: writing a node's part, reading one back (decoding from the group's parity).
+        .target(name: "FTPersist", dependencies: ["FTCore", "FTErasure", "FTSystem"]),
         .target(name: "FTVerbs", dependencies: [
             "CVerbsShim", "FTCore",
             .product(name: "Logging", package: "swift-log"),
@@ -67,13 +69,13 @@ let package = Package(
         .target(name: "CFTWorker"),
         .target(name: "FTWorkerC", dependencies: ["CFTWorker", "FTControl", "FTCore", "FTWorker"]),
         .target(name: "FTSMP", dependencies: [
-            "FTCore", "FTErasure", "FTSystem", "FTZMQ", "FTControl",
+            "FTCore", "FTErasure", "FTPersist", "FTSystem", "FTZMQ", "FTControl",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "FTToy", dependencies: ["FTCore", "FTErasure", "FTTraining", "FTWorker"]),
         .target(name: "FTTraining", dependencies: ["FTControl", "FTCore", "FTSystem", "FTWorker"]),
         .target(name: "FTDemo", dependencies: ["FTBLAS", "FTCore", "FTErasure", "FTTraining", "FTWorker"]),
-        .target(name: "FTLauncher", dependencies: ["FTControl", "FTCore", "FTSystem", "FTZMQ"]),
+        .target(name: "FTLauncher", dependencies: ["FTControl", "FTCore", "FTPersist", "FTSystem", "FTZMQ"]),
         .target(name: "FTControl", dependencies: [
             "FTCore", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
@@ -90,11 +92,11 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ftctl", dependencies: [
-            "FTControl", "FTCore", "FTSystem", "FTZMQ",
+            "FTControl", "FTCore", "FTPersist", "FTSystem", "FTZMQ",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ft-launch", dependencies: [
-            "FTLauncher", "FTSystem",
+            "FTLauncher", "FTPersist", "FTSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "ft-chaos", dependencies: [
@@ -110,7 +112,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .target(name: "FTBenchKit", dependencies: [
-            "FTCore", "FTErasure", "FTSMP", "FTWorker", "FTSystem", "FTLauncher", "FTZMQ",
+            "FTCore", "FTErasure", "FTPersist", "FTSMP", "FTWorker", "FTSystem", "FTLauncher", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "ft-bench", dependencies: [
@@ -121,6 +123,7 @@ let package = Package(
         // MARK: tests
         .testTarget(name: "FTCoreTests", dependencies: ["FTCore", "FTErasure"]),
         .testTarget(name: "FTErasureTests", dependencies: ["FTErasure", "FTCore"]),
+        .testTarget(name: "FTPersistTests", dependencies: ["FTPersist", "FTCore", "FTErasure", "FTSystem"]),
         .testTarget(name: "FTZMQTests", dependencies: ["FTZMQ"]),
         .testTarget(name: "FTVerbsTests", dependencies: [
             "FTVerbs",
@@ -128,11 +131,11 @@ let package = Package(
         ]),
         .testTarget(name: "FTBenchKitTests", dependencies: ["FTBenchKit"]),
         .testTarget(name: "FTControlTests", dependencies: [
-            "FTControl", "FTCore", "FTSystem", "FTToy", "FTZMQ", "FTWorker", "FTLauncher",
+            "FTControl", "FTCore", "FTPersist", "FTSystem", "FTToy", "FTZMQ", "FTWorker", "FTLauncher",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "FTSnapshotTests", dependencies: [
-            "FTCore", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",
+            "FTCore", "FTPersist", "FTSMP", "FTWorker", "FTToy", "FTSystem", "FTZMQ",
             .product(name: "Logging", package: "swift-log"),
         ], exclude: ["ft_worker_test.c"]),  // a C program CProgramTests compiles against libFTWorkerC.so
     ]

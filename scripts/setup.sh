@@ -59,7 +59,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # One look (no import): the modules missing, and where ft_torch is installed from.
 read -r -a missing_py <<<"$("$python" -c "
 import importlib.util as u
-print(' '.join(m for m in ('torch', 'numpy', 'pytest') if u.find_spec(m) is None))")"
+print(' '.join(m for m in ('torch', 'numpy', 'pytest', 'safetensors') if u.find_spec(m) is None))")"
 for m in "${missing_py[@]}"; do
     spec=$m
     [[ $m == torch ]] && spec=torch==2.13.0+cpu

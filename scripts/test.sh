@@ -19,6 +19,9 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 echo "test: running swift test"
+# ExportTests writes a persisted step and the tensors it holds here, for
+# python/tests/test_export.py (ftctl export, loaded with the real safetensors).
+export FT_EXPORT_FIXTURE_DIR="$PWD/.build/export-fixture"
 set +e
 swift test --skip-build 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}

@@ -390,7 +390,10 @@ public final class CoordinatorServer: @unchecked Sendable {
 ///      "detector": {"timeout_ms" (in force), "local_health", "stalls", "largest_loop_gap_ms"},
 ///      "watchdog": {"bound_ms", "step_p99_ms" (-1: none yet)},
 ///      "step_rate_per_s" (the last 30 s of training; -1: not known yet), "total_steps" (-1: not known),
-///      "eta_s" (seconds to the last step at that rate; -1: not known), "metrics_url" (null: none)}
+///      "eta_s" (seconds to the last step at that rate; -1: not known), "metrics_url" (null: none),
+///      "persist": {"enabled", "persisted_step" (every node wrote it; -1: none), "durable_step"
+///                  (recoverable from disk; -1: none), "in_progress_step" (-1: none),
+///                  "last_seconds" (-1: none), "errors": {node: "code: reason"}}}
 public enum CoordinatorStatus {
     public static let schema = 1
 
@@ -440,6 +443,9 @@ public enum CoordinatorStatus {
             "detector": ["timeout_ms": Int(c.detector.effectiveTimeout * 1000), "local_health": c.detector.localHealth,
                          "stalls": c.detector.stalls, "largest_loop_gap_ms": Int(c.detector.largestGap * 1000)],
             "watchdog": ["bound_ms": Int(c.watchdog.bound * 1000), "step_p99_ms": c.watchdog.p99.map { Int($0 * 1000) } ?? -1],
+            "persist": ["enabled": c.settings.persistEnabled, "persisted_step": c.persistedStep ?? -1, "durable_step": c.durableStep ?? -1,
+                        "in_progress_step": c.persisting?.step ?? -1,
+                        "last_seconds": c.lastPersistSeconds.map { ($0 * 1000).rounded() / 1000 } ?? -1, "errors": c.persistErrors] as [String: Any],
         ].merging(extra) { _, added in added }
     }
 

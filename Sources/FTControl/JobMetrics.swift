@@ -24,7 +24,9 @@ import Prometheus
 ///     ft_ec_group_health{group,state}               gauge: 1 for the group's state (ok, degraded, lost), else 0
 ///     ft_job_state{state}                           gauge: 1 for the job's state
 ///
-/// (`ft_persisted_step` comes with the disk tier, which does not exist yet.)
+///     ft_persisted_step                             gauge: the newest step every node wrote to disk (-1: none)
+///     ft_durable_step                               gauge: the newest step recoverable from disk (-1: none)
+///     ft_persist_errors                             gauge: nodes whose last persist failed (out of space, ...)
 public final class JobMetrics: @unchecked Sendable {
     public let registry = PrometheusCollectorRegistry()
     private let committed: Counter
@@ -35,6 +37,9 @@ public final class JobMetrics: @unchecked Sendable {
     private let stepsSinceCommit: Gauge
     private let committedStep: Gauge
     private let epoch: Gauge
+    private let persistedStep: Gauge
+    private let durableStep: Gauge
+    private let persistErrors: Gauge
     private var failures: [String: Counter] = [:]
     private var phases: [String: ValueHistogram] = [:]
     private let lock = NSLock()
@@ -60,6 +65,9 @@ public final class JobMetrics: @unchecked Sendable {
         stepsSinceCommit = registry.makeGauge(descriptor: Self.name("steps_since_commit", "", "Steps the furthest worker ran past the committed step (the RPO in steps)."))
         committedStep = registry.makeGauge(descriptor: Self.name("committed_step", "", "The last committed step (-1: none)."))
         epoch = registry.makeGauge(descriptor: Self.name("epoch", "", "The coordinator's epoch."))
+        persistedStep = registry.makeGauge(descriptor: Self.name("persisted_step", "", "The newest step every node wrote to disk (-1: none)."))
+        durableStep = registry.makeGauge(descriptor: Self.name("durable_step", "", "The newest step recoverable from disk (-1: none)."))
+        persistErrors = registry.makeGauge(descriptor: Self.name("persist_errors", "", "Nodes whose last persist failed."))
         for kind in ["smp", "worker", "coordinator"] { _ = failureCounter(kind) }
         for phase in CoordinatorInstance.Phase.allCases { _ = phaseHistogram(phase.rawValue) }
     }
@@ -99,6 +107,9 @@ public final class JobMetrics: @unchecked Sendable {
             stepsSinceCommit.set(to: Double(max(0, furthest - (c.committedStep ?? 0))))
             committedStep.set(to: Double(c.committedStep ?? -1))
             epoch.set(to: Double(c.epoch))
+            persistedStep.set(to: Double(c.persistedStep ?? -1))
+            durableStep.set(to: Double(c.durableStep ?? -1))
+            persistErrors.set(to: Double(c.persistErrors.count))
             for n in c.nodes.values {
                 registry.makeGauge(descriptor: Self.name("node_protected", "bytes", "The node's image, protected by erasure coding."),
                                    labels: [("node", n.id)]).set(to: Double(n.dataBytes))

@@ -40,6 +40,8 @@ public struct JobObserver {
     private var stopped = false
     private var committed: Int?
     private var aborted = 0
+    private var durable: Int?
+    private var persistErrors: [String: String] = [:]
     private var fenced = 0
     private var pids: [String: Int] = [:]
     private var phasesSeen: [FailureKey: Int] = [:]
@@ -132,6 +134,14 @@ public struct JobObserver {
             fenced = c.fencedMessages
             lastFencedEventAt = t
         }
+        if let d = c.durableStep, d != durable {
+            durable = d
+            event(.persisted, step: d, seconds: c.lastPersistSeconds, detail: "durable on disk")
+        }
+        for (node, error) in c.persistErrors.sorted(by: { $0.key < $1.key }) where persistErrors[node] != error {
+            event(.persistFailed, what: node, detail: error)
+        }
+        persistErrors = c.persistErrors
         if !stopped && (c.state == .stopped || c.state == .failed) {
             stopped = true
             // The last commit, sampled or not: the picture's steps end where the job did.

@@ -38,7 +38,7 @@ public struct JobKeys: Sendable {
         public func may(_ message: ControlMessage) -> Bool {
             switch message {
             case .statusQuery: true
-            case .smpHello, .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt: self == .smp
+            case .smpHello, .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt, .persisted: self == .smp
             case .workerHello, .workerHeartbeat, .ready, .restoreFailed, .workerDone: self == .worker
             default: false  // the coordinator's own messages: nobody sends them to it
             }

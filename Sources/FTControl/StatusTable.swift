@@ -41,6 +41,18 @@ public enum StatusTable {
             out += "\n"
         }
         if let url = o["metrics_url"] as? String { out += "metrics \(url)\n" }
+        if let p = o["persist"] as? [String: Any], (p["enabled"] as? Bool) == true {
+            let durable = int(p["durable_step"]), persisted = int(p["persisted_step"]), running = int(p["in_progress_step"])
+            out += "disk: durable step \(durable < 0 ? "none" : String(durable))"
+            out += ", persisted by every node \(persisted < 0 ? "none" : String(persisted))"
+            if running >= 0 { out += ", persisting step \(running)" }
+            let last = (p["last_seconds"] as? Double) ?? Double(int(p["last_seconds"]))
+            if last >= 0 { out += " (last took \(String(format: "%.1f", last)) s)" }
+            out += "\n"
+            for (node, error) in ((p["errors"] as? [String: String]) ?? [:]).sorted(by: { $0.key < $1.key }) {
+                out += "disk: PERSIST FAILING on \(node): \(error)\n"
+            }
+        }
         if let d = o["durability"] as? [String: Any], let loss = d["loss_per_failure"] as? Double {
             let window = (d["window_s"] as? Double) ?? 0
             let perDay = (d["loss_per_day"] as? Double) ?? 0

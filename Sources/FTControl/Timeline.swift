@@ -208,6 +208,8 @@ extension Timeline {
                     nodeSet.insert(node)
                 case .fenced:
                     if let what = e.what { fenced.append((t, String(what.prefix { $0 != "/" }), e.pid)) }
+                case .persisted, .persistFailed:
+                    break  // the disk tier: in the event log, not drawn
                 case .stopped:
                     stopped = (t, e.detail, e.failed ?? false)
                     if let r = openRecovery {

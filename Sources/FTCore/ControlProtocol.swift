@@ -3,10 +3,10 @@
 /// its `sender` the member id: a node id for an SMP, `node/worker` for a
 /// worker). SMPs and workers are ZeroMQ DEALERs; the coordinator is a ROUTER.
 ///
-///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, startRefused, protected
+///     SMP -> coordinator      smpHello, smpHeartbeat, childExited, startRefused, protected, persisted
 ///     worker -> coordinator   workerHello, workerHeartbeat, ready, restoreFailed, workerDone
 ///     coordinator -> member   welcome, ack, helloRequired, commit, abort, pause,
-///                             restore, restartWorkers, resume, fenced, stop
+///                             restore, restartWorkers, resume, fenced, stop, persist, loadPersisted
 ///     ftctl -> coordinator    statusQuery  ->  statusReply(json)
 ///
 /// Every heartbeat is answered with `ack` (or `helloRequired` by a coordinator
@@ -41,6 +41,10 @@ public enum ControlMessage: Sendable, Equatable {
     /// counts it only when that is the layout it sent last: a round protected
     /// before the layout arrived, or under a layout since replaced, protects nothing.
     case protected(step: Int, layoutChunkBytes: Int)
+    /// The SMP's part of committed step `step` is on disk (`persist`'s
+    /// answer): `bytes` written, or `error` ("code: sentence", code one of
+    /// `PersistErrorCode`'s, e.g. `out_of_space`) when nothing was kept.
+    case persisted(step: Int, bytes: Int, error: String)
     // worker -> coordinator
     case workerHello(WorkerInfo)
     /// `running`: the worker is training (not paused or waiting for resume);
@@ -58,6 +62,18 @@ public enum ControlMessage: Sendable, Equatable {
     case ack(state: String)
     case helloRequired
     case commit(step: Int)
+    /// Write this node's part of committed step `step` (its slots' data and
+    /// its parity) to the persist directory, in the background, and answer
+    /// `persisted`. `nodes`: every node of the job, in layout order (the part
+    /// names them; a cold restart needs all of them). The coordinator commits
+    /// no further round until every live node answered, so the slots and
+    /// parity of `step` stay put while they are written.
+    case persist(step: Int, nodes: [String])
+    /// Memory cannot recover the job (a group lost more than m nodes): end
+    /// this node's workers, load persisted `step` from the persist directory
+    /// into the slots (decoded from the group's parts where this node's own
+    /// is damaged or missing), start the workers again, and answer `rebuilt`.
+    case loadPersisted(step: Int)
     case abort(step: Int)
     case pause(reason: String)
     /// To a worker: restore this step (nil: start from the initial state);
@@ -161,6 +177,7 @@ public enum ControlMessage: Sendable, Equatable {
         case .childExited: 103
         case .startRefused: 105
         case .protected: 104
+        case .persisted: 106
         case .workerHello: 111
         case .workerHeartbeat: 112
         case .ready: 113
@@ -177,6 +194,8 @@ public enum ControlMessage: Sendable, Equatable {
         case .resume: 129
         case .fenced: 130
         case .stop: 131
+        case .persist: 132
+        case .loadPersisted: 133
         case .statusQuery: 141
         case .statusReply: 142
         case .ecLayout: 151
@@ -201,6 +220,12 @@ public enum ControlMessage: Sendable, Equatable {
             w.string(worker); w.string(reason)
         case .protected(let s, let chunk):
             w.i64(Int64(s)); w.i64(Int64(chunk))
+        case .persisted(let s, let bytes, let error):
+            w.i64(Int64(s)); w.i64(Int64(bytes)); w.string(error)
+        case .persist(let s, let nodes):
+            w.i64(Int64(s)); w.u32(UInt32(nodes.count)); for x in nodes { w.string(x) }
+        case .loadPersisted(let s):
+            w.i64(Int64(s))
         case .commit(let s), .abort(let s), .workerDone(let s):
             w.i64(Int64(s))
         case .workerHello(let i):
@@ -290,6 +315,14 @@ public enum ControlMessage: Sendable, Equatable {
         case 104:
             let s = try step("step")
             self = .protected(step: s, layoutChunkBytes: try bytes("layout chunk bytes"))
+        case 106:
+            let s = try step("step")
+            let b = try bytes("bytes")
+            self = .persisted(step: s, bytes: b, error: try r.string(field: "error", max: 1 << 16))
+        case 132:
+            let s = try step("step")
+            self = .persist(step: s, nodes: try strings("node"))
+        case 133: self = .loadPersisted(step: try step("step"))
         case 105:
             let worker = try r.string(field: "worker", max: 255)
             self = .startRefused(worker: worker, reason: try r.string(field: "reason", max: 1024))

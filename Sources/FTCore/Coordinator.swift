@@ -35,6 +35,16 @@ public struct CoordinatorSettings: Sendable {
     /// Erasure coding across nodes: groups of `k + m` consecutive nodes
     /// (n0..n(k+m-1), …); nil for none.
     public var erasure: (k: Int, m: Int)?
+    /// The persistent tier: every node persists a committed step once
+    /// `persistEvery` commits or `persistSeconds` seconds passed since the
+    /// last one was ordered (either, or both; nil: off).
+    public var persistEvery: Int?
+    public var persistSeconds: Double?
+    /// Commits wait this long for a persist to end, then go on without the
+    /// nodes that did not answer (the SMPs keep the step's slots pinned:
+    /// snapshots are skipped meanwhile, never overwritten under the writer).
+    public var persistTimeout: Double = 600
+    public var persistEnabled: Bool { persistEvery != nil || persistSeconds != nil }
 
     /// The node ids of the job, in order.
     public var nodeIDs: [String] { (0..<nodes).map { "n\($0)" } }
@@ -99,6 +109,17 @@ public struct CoordinatorSettings: Sendable {
 /// nodes are lost while running, the round every surviving node protected
 /// commits before the recovery is planned, if no group lost more than `m`
 /// (`commitAtFailure`): the lost nodes' part of it decodes from parity.
+///
+/// Persistence (with `persistEvery` / `persistSeconds`): after a commit that
+/// is due, `persist(s)` goes to every node; no further round commits until
+/// every live node answered `persisted(s)` (or `persistTimeout` passed), so
+/// the slots and parity of `s` stay put while they are written. A step is
+/// durable once every node wrote it, or `k` nodes of every EC group. A loss
+/// that memory cannot recover (more than `m` nodes of a group, or any node
+/// without EC) with a durable step is planned as a recovery from disk: every
+/// node ends its workers, loads the newest durable step (`loadPersisted`,
+/// answered by `rebuilt`), and every worker restores it; a step that a node
+/// cannot load sends every node back to the durable step before it.
 ///
 /// A stalled coordinator (its `tick`s far apart) accuses nobody: its failure
 /// detector grants every member a fresh grace period, and round, phase and
@@ -226,6 +247,9 @@ public struct CoordinatorInstance: Sendable {
         var rebuildFailures = 0
         /// Workers whose restore failed in this phase, with the reasons (they answer: not hung).
         var restoreFailures: [String: [String]] = [:]
+        /// The rebuild phase loads `step` from the persistent tier on every node
+        /// (`loadPersisted`), not lost nodes from their groups' parity.
+        var fromDisk = false
     }
 
     public let settings: CoordinatorSettings
@@ -262,6 +286,29 @@ public struct CoordinatorInstance: Sendable {
     private var measuredRates: [Double] = []
     /// The watchdog reported a stall that is not a worker's hang (logged once per episode).
     private var watchdogNoted = false
+    /// The persist in progress: its step, when it was ordered, the nodes yet to answer.
+    public struct PersistRound: Sendable, Equatable {
+        public var step: Int
+        public var orderedAt: Double
+        public var pending: Set<String>
+    }
+    public private(set) var persisting: PersistRound?
+    /// The last persist ordered (step, when).
+    public private(set) var lastPersistOrder: (step: Int, at: Double)?
+    /// The newest step every live node of a persist wrote without error, and
+    /// the newest durable one (every node's part, or `k` of every group's).
+    public private(set) var persistedStep: Int?
+    public private(set) var durableStep: Int?
+    /// Durable steps known, oldest first (at most 8): a recovery from disk that
+    /// cannot load the newest goes back to the one before.
+    public private(set) var durableSteps: [Int] = []
+    /// Nodes whose last persist failed, and why ("out_of_space: ..."); cleared by one that succeeds.
+    public private(set) var persistErrors: [String: String] = [:]
+    /// Nodes that wrote their part of each recent step.
+    private var persistedBy: [Int: Set<String>] = [:]
+    /// Bytes and seconds of the last persist that ended (the slowest node's time).
+    public private(set) var lastPersistSeconds: Double?
+    public private(set) var lastPersistBytes = 0
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
     /// Messages refused by `validate` (a sender, node, worker or rank outside the job).
@@ -381,6 +428,8 @@ public struct CoordinatorInstance: Sendable {
                     .send(to: sender, .restore(step: r.step, sources: sliceSources))]
         case .rebuilt(let step, let error):
             return rebuildDone(sender, step: step, error: error, now: now)
+        case .persisted(let step, let bytes, let error):
+            return persisted(sender, step: step, bytes: bytes, error: error, now: now)
         case .workerDone(let final):
             guard current, state == .running else { return [] }
             workers[sender]?.state = .done
@@ -423,7 +472,7 @@ public struct CoordinatorInstance: Sendable {
             guard info.worldSize == expectedWorkers, info.rank < expectedWorkers else {
                 throw WireError(.notInJob, "worker \(sender) says rank \(info.rank) of \(info.worldSize); the job has \(expectedWorkers) ranks")
             }
-        case .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt:
+        case .smpHeartbeat, .childExited, .startRefused, .protected, .rebuilt, .persisted:
             guard !sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from SMPs, not from worker \(sender)") }
         case .workerHeartbeat(_, _, _, let activity, _, _):
             guard sender.contains("/") else { throw WireError(.notInJob, "\(message.type) comes from workers, not from SMP \(sender)") }
@@ -502,9 +551,14 @@ public struct CoordinatorInstance: Sendable {
         if state == .starting, takesOverRunningJob, let since = startingSince, now - since > settings.startGrace {
             out += maybeStart(now: now, graceOver: true)
         }
+        if let round = persisting, now - round.orderedAt > settings.persistTimeout {
+            for node in round.pending.sorted() { persistErrors[node] = "timeout: no answer to persist step \(round.step) within \(Int(settings.persistTimeout)) s" }
+            out.append(.log("persist of step \(round.step) not answered by \(round.pending.sorted().joined(separator: ", ")) within \(Int(settings.persistTimeout)) s; commits go on"))
+            out += endPersist(now: now)
+        }
         if state == .running {
             out += watch(now: now)
-            for (step, started) in roundStartedAt.sorted(by: { $0.key < $1.key }) where now - started > settings.roundTimeout {
+            for (step, started) in roundStartedAt.sorted(by: { $0.key < $1.key }) where persisting == nil && now - started > settings.roundTimeout {
                 roundStartedAt[step] = nil
                 abortedRounds += 1
                 for id in nodes.keys where nodes[id]?.protectedStep == step { nodes[id]?.protectedStep = nil }
@@ -879,7 +933,77 @@ public struct CoordinatorInstance: Sendable {
 
     private mutating func maybeCommit(_ step: Int, now: Double) -> [Directive] {
         guard nodes.values.allSatisfy({ $0.state == .alive && $0.protectedStep == step }) else { return [] }
-        return commit(step, now: now)
+        // A persist reads the committed step's slots and parity: the next commit,
+        // after which workers overwrite them, waits for it (workers skip snapshots meanwhile).
+        guard persisting == nil else { return [] }
+        return commit(step, now: now) + maybePersist(now: now)
+    }
+
+    // MARK: persistence
+
+    /// Orders every node to persist the committed step when one is due.
+    private mutating func maybePersist(now: Double) -> [Directive] {
+        guard settings.persistEnabled, state == .running, persisting == nil, let step = committedStep,
+              nodes.count == settings.nodes, nodes.values.allSatisfy({ $0.state == .alive }) else { return [] }
+        if let last = lastPersistOrder {
+            guard step > last.step else { return [] }
+            let byRounds = settings.persistEvery.map { step - last.step >= $0 } ?? false
+            let bySeconds = settings.persistSeconds.map { now - last.at >= $0 } ?? false
+            guard byRounds || bySeconds else { return [] }
+        }
+        lastPersistOrder = (step, now)
+        persisting = PersistRound(step: step, orderedAt: now, pending: Set(nodes.keys))
+        return [.log("persisting step \(step) on every node")] + broadcastToNodes(.persist(step: step, nodes: settings.nodeIDs))
+    }
+
+    /// A node's answer to `persist`. Counted whatever the epoch: it says what
+    /// is on disk, which no later event changes.
+    private mutating func persisted(_ node: String, step: Int, bytes: Int, error: String, now: Double) -> [Directive] {
+        var out: [Directive] = []
+        if error.isEmpty {
+            persistedBy[step, default: []].insert(node)
+            persistErrors[node] = nil
+            lastPersistBytes = bytes
+        } else {
+            persistErrors[node] = error
+            out.append(.log("node \(node) could not persist step \(step): \(error); training goes on in memory"))
+        }
+        if !durableSteps.contains(step), isDurable(step) {
+            durableSteps = Array((durableSteps + [step]).sorted().suffix(8))
+        }
+        if durableStep.map({ step > $0 }) ?? true, isDurable(step) {
+            durableStep = step
+            out.append(.log("step \(step) is durable on disk (\(persistedBy[step]!.sorted().joined(separator: ", ")))"))
+            persistedBy = persistedBy.filter { $0.key >= step }
+        }
+        guard var round = persisting, round.step == step else { return out }
+        round.pending.remove(node)
+        persisting = round
+        if round.pending.isEmpty { out += endPersist(now: now) }
+        return out
+    }
+
+    /// Every node of the job wrote its part of `step`, or, with erasure coding, at least `k` of every group.
+    private func isDurable(_ step: Int) -> Bool {
+        let have = persistedBy[step] ?? []
+        guard let ec = settings.erasure, let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else {
+            return settings.nodeIDs.allSatisfy(have.contains)
+        }
+        return groups.allSatisfy { $0.filter(have.contains).count >= ec.k }
+    }
+
+    /// The persist in progress is over (every live node answered, or its time
+    /// ran out): the round waiting for it may commit.
+    private mutating func endPersist(now: Double) -> [Directive] {
+        guard let round = persisting else { return [] }
+        persisting = nil
+        lastPersistSeconds = now - round.orderedAt
+        let ok = persistedBy[round.step] ?? []
+        if settings.nodeIDs.allSatisfy(ok.contains) { persistedStep = max(persistedStep ?? -1, round.step) }
+        // Rounds that waited were not late.
+        for step in roundStartedAt.keys { roundStartedAt[step] = now }
+        if let step = nodes.values.first?.protectedStep, state == .running { return maybeCommit(step, now: now) }
+        return []
     }
 
     private mutating func commit(_ step: Int, now: Double) -> [Directive] {
@@ -908,7 +1032,7 @@ public struct CoordinatorInstance: Sendable {
     /// included, this fires only when the lost nodes had finished their own
     /// part of the round (rare after a crash; the simulations reach it).
     private mutating func commitAtFailure(now: Double) -> [Directive] {
-        guard state == .running, let ec = settings.erasure,
+        guard state == .running, persisting == nil, let ec = settings.erasure,
               let groups = try? ECLayout.groups(of: settings.nodeIDs, k: ec.k, m: ec.m) else { return [] }
         let lost = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
         let alive = nodes.values.filter { $0.state == .alive }
@@ -959,6 +1083,15 @@ public struct CoordinatorInstance: Sendable {
         out += broadcastToWorkers(.pause(reason: "\(kind) \(what) failed"))
 
         var lostNodes = Set(nodes.values.filter { $0.state == .dead || $0.state == .fenced }.map(\.id))
+        if var round = persisting {
+            // A lost node's SMP will not answer the persist in progress.
+            round.pending.subtract(lostNodes)
+            persisting = round
+            if round.pending.isEmpty {
+                persisting = nil
+                lastPersistSeconds = now - round.orderedAt
+            }
+        }
         // A replacement that has not finished rebuilding holds nothing yet: still lost.
         if let old = recovery, old.phase == .rebuild { lostNodes.formUnion(Set(old.rebuildNodes).subtracting(old.rebuilt)) }
         var lostWorkers: [String: [String]] = [:]
@@ -974,8 +1107,38 @@ public struct CoordinatorInstance: Sendable {
                                hung: Set<String>, now: Double) -> [Directive] {
         let groups = settings.erasure.flatMap { try? ECLayout.groups(of: settings.nodeIDs, k: $0.k, m: $0.m) } ?? []
         let plan = RecoveryPlanner.plan(.init(nodes: settings.nodeIDs, lostNodes: lostNodes, lostWorkers: lostWorkers,
-                                              committedStep: committedStep, ecGroups: groups, parityPerGroup: settings.erasure?.m ?? 0))
+                                              committedStep: committedStep, ecGroups: groups, parityPerGroup: settings.erasure?.m ?? 0,
+                                              durableStep: settings.persistEnabled ? durableStep : nil))
         switch plan {
+        case .restoreFromDisk(let step, let reason):
+            lastFailure?.phases.append(PhaseRecord(phase: .plan, seconds: 0, reason: reason))
+            // Every node goes back to `step`: what memory holds past it is void.
+            committedStep = step
+            roundStartedAt.removeAll()
+            persisting = nil
+            for id in nodes.keys {
+                nodes[id]?.committedStep = step
+                nodes[id]?.stagedStep = nil
+                nodes[id]?.protectedStep = nil
+            }
+            // Every worker is restarted by its SMP around the load (none may write a slot meanwhile).
+            var all: [String: [String]] = [:]
+            for w in workers.values {
+                all[w.info.node, default: []].append(w.info.worker)
+                if w.state == .alive || w.state == .dead { workers[w.info.key]?.state = .restarting }
+                workers[w.info.key]?.ready = false
+                detector.forget(w.info.key)
+            }
+            var r = Recovery(step: step, phase: .rebuild, phaseStartedAt: now, deadline: 0, restartWorkers: all.mapValues { $0.sorted() },
+                             rebuildNodes: settings.nodeIDs)
+            r.fromDisk = true
+            r.saveStacks = (recovery?.saveStacks ?? []).union(hung)
+            r.rebuildStartedAt = now
+            for id in settings.nodeIDs where lostNodes.contains(id) { r.lostPIDs[id] = alivePlaceholders.contains(id) ? 0 : nodes[id]?.pid ?? 0 }
+            r.rebuildBytes = settings.nodeIDs.reduce(0) { $0 + bytesHeld(by: $1) }
+            r.deadline = phaseDeadline(.rebuild, r, now: now)
+            recovery = r
+            return [.log("memory cannot recover (\(reason)); every node loads step \(step) from disk")] + rebuildDirectives(now: now)
         case .unrecoverable(let reason):
             lastFailure?.phases.append(PhaseRecord(phase: .plan, seconds: 0, reason: reason))
             return fail(reason, now: now)
@@ -1041,13 +1204,35 @@ public struct CoordinatorInstance: Sendable {
         guard let r = recovery, r.phase == .rebuild else { return [] }
         var out = layoutDirectives(force: true)
         for id in r.rebuildNodes where nodes[id]?.state == .alive && !r.rebuilt.contains(id) {
-            out.append(.send(to: id, .rebuild(step: r.step, lost: r.rebuildNodes)))
+            if r.fromDisk, let step = r.step {
+                out.append(.send(to: id, .loadPersisted(step: step)))
+            } else {
+                out.append(.send(to: id, .rebuild(step: r.step, lost: r.rebuildNodes)))
+            }
         }
         return out
     }
 
     private mutating func rebuildDone(_ node: String, step: Int?, error: String, now: Double) -> [Directive] {
         guard state == .recovering, var r = recovery, r.phase == .rebuild, r.rebuildNodes.contains(node), step == r.step else { return [] }
+        if r.fromDisk, !error.isEmpty, let failed = r.step {
+            // The step cannot be loaded (damaged beyond what its parity decodes): never
+            // a partial load; every node goes back to the durable step before it, if any.
+            durableSteps.removeAll { $0 >= failed }
+            durableStep = durableSteps.last
+            if let older = durableStep {
+                r.step = older
+                r.rebuilt = []
+                recovery = r
+                committedStep = older
+                for id in nodes.keys { nodes[id]?.committedStep = older }
+                lastFailure?.phases.append(PhaseRecord(phase: .plan, seconds: 0,
+                                                       reason: "step \(failed) cannot be loaded on \(node) (\(error)); every node loads durable step \(older)"))
+                return [.log("node \(node) cannot load step \(failed) from disk (\(error)); every node loads durable step \(older) instead")]
+                    + rebuildDirectives(now: now)
+            }
+            return fail("node \(node) cannot load step \(failed) from disk (\(error)) and no older durable step is known", now: now)
+        }
         guard error.isEmpty else {
             // A source may have died (the failure detector will say so, and the plan
             // will change) or been slow: order the rebuild again a little later.
@@ -1067,7 +1252,8 @@ public struct CoordinatorInstance: Sendable {
         let seconds = now - r.rebuildStartedAt
         noteRate(bytes: r.rebuildBytes, seconds: seconds)
         lastFailure?.phases.append(PhaseRecord(phase: .rebuild, seconds: seconds,
-                                               reason: "rebuilt \(r.rebuildNodes.joined(separator: ", ")) from parity"))
+                                               reason: r.fromDisk ? "every node loaded step \(r.step ?? -1) from disk"
+                                                   : "rebuilt \(r.rebuildNodes.joined(separator: ", ")) from parity"))
         r.phase = .restart
         r.phaseStartedAt = now
         r.retries = 0

@@ -21,11 +21,14 @@
 /// - `member`: a process took a node's place (`what`: the node; `pid`;
 ///   `detail`: its data endpoint), at the start and for each replacement;
 /// - `fenced`: a message of a replaced incarnation was refused (`what`, `pid`);
+/// - `persisted`: step `step` became durable on disk (`seconds`: the persist's time; `detail`: the nodes);
+/// - `persist_failed`: node `what` could not persist (`detail`: "code: reason", e.g. `out_of_space`);
 /// - `stopped`: the job ended (`detail`: the reason; `failed`).
 public struct JobEvent: Sendable, Equatable, Codable {
     public enum Kind: String, Sendable, Codable, CaseIterable {
         case coordinatorUp = "coordinator_up"
-        case start, commit, abort, failure, phase, resumed, member, fenced, stopped
+        case start, commit, abort, failure, phase, resumed, member, fenced, stopped, persisted
+        case persistFailed = "persist_failed"
     }
 
     /// Seconds since 1970 (UTC), stamped by the shell.

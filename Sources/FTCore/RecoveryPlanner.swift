@@ -15,9 +15,12 @@ public enum RecoveryPlanner {
         public var ecGroups: [[String]]
         /// How many lost nodes per group erasure coding repairs (`m`).
         public var parityPerGroup: Int
+        /// The newest step recoverable from the persistent tier (nil: none).
+        public var durableStep: Int?
 
         public init(nodes: [String], lostNodes: Set<String>, lostWorkers: [String: [String]], committedStep: Int?,
-                    ecGroups: [[String]] = [], parityPerGroup: Int = 0) {
+                    ecGroups: [[String]] = [], parityPerGroup: Int = 0, durableStep: Int? = nil) {
+            self.durableStep = durableStep
             self.nodes = nodes
             self.lostNodes = lostNodes
             self.lostWorkers = lostWorkers
@@ -32,11 +35,26 @@ public enum RecoveryPlanner {
         /// from their EC groups; then every worker restores `step` (nil: the
         /// initial state); the SMPs listed respawn those of their workers that died.
         case restore(step: Int?, restartWorkers: [String: [String]], rebuildNodes: [String], reason: String)
-        /// Memory cannot give back a consistent state: stop, with the reason.
+        /// Memory cannot give back a consistent state, the persistent tier
+        /// can: every node loads `step` from disk (its workers restarted),
+        /// then every worker restores it.
+        case restoreFromDisk(step: Int, reason: String)
+        /// Neither memory nor disk can give back a consistent state: stop, with the reason.
         case unrecoverable(reason: String)
     }
 
     public static func plan(_ input: Input) -> Plan {
+        let fromMemory = planFromMemory(input)
+        guard case .unrecoverable(let reason) = fromMemory else { return fromMemory }
+        guard let durable = input.durableStep else {
+            return .unrecoverable(reason: reason + "; no durable step on disk")
+        }
+        let lost = (input.committedStep ?? durable) - durable
+        return .restoreFromDisk(step: durable, reason: reason + "; every node loads durable step \(durable) from disk "
+            + "(\(lost) committed step\(lost == 1 ? "" : "s") lost) and every worker restores it")
+    }
+
+    static func planFromMemory(_ input: Input) -> Plan {
         let step = input.committedStep.map { "step \($0)" } ?? "no committed step"
         if !input.lostNodes.isEmpty {
             let lost = input.lostNodes.sorted()

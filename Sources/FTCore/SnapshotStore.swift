@@ -173,6 +173,9 @@ public struct SnapshotStoreInstance: Sendable {
     }
 
     public private(set) var workers: [String: Worker] = [:]
+    /// Slots being written to disk (the persistent tier), by worker: a
+    /// snapshot that would overwrite one is skipped instead.
+    public private(set) var pinned: [String: Int] = [:]
     /// The node's last committed step.
     public private(set) var committedStep: Int?
     private let rule: any CommitRule
@@ -233,10 +236,19 @@ public struct SnapshotStoreInstance: Sendable {
             }
         }
         let slot = w.committedSlot.map { 1 - $0 } ?? 0
+        if pinned[id] == slot {
+            w.skipped += 1
+            workers[id] = w
+            return .skip(reason: "slot \(slot) holds step \(w.slots[slot].step.map(String.init) ?? "none") being persisted")
+        }
         w.slots[slot] = .writing(step: step)
         workers[id] = w
         return .write(slot: slot)
     }
+
+    /// Keeps `slot` of worker `id` from being written until `unpinAll`.
+    public mutating func pin(worker id: String, slot: Int) { pinned[id] = slot }
+    public mutating func unpinAll() { pinned.removeAll() }
 
     public enum StagedOutcome: Sendable, Equatable {
         /// Other local workers have not staged this step yet.

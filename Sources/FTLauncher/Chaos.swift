@@ -1,4 +1,5 @@
 import FTCore
+import FTPersist
 import FTSystem
 import Foundation
 
@@ -27,6 +28,11 @@ public final class ChaosRunner: @unchecked Sendable {
         /// The workload: the demo trainer, or the PyTorch example (`--worker torch`).
         public var worker = ChaosWorker.demo
         public var keepDirectories = false
+        /// The persistent tier for every scenario's job: persist every this
+        /// many committed steps into RUN_DIR/persist (nil: off; the disk
+        /// scenarios, `diskScenarios`, use it with a default of steps / 10).
+        /// With it, `kill-m+1-nodes` must resume from disk, bit-exact.
+        public var persistEvery: Int?
         /// SMP data planes on `tcp://dataHost:*` with CURVE instead of ipc (`LocalJob.Options.dataHost`).
         public var dataHost: String?
         /// Every node, spare and the coordinator on a network-namespace host of its own (`LocalJob.Options.netns`);
@@ -99,7 +105,13 @@ public final class ChaosRunner: @unchecked Sendable {
         ("partition-coordinator", "--hosts netns: the coordinator's link down for 3 s: nothing commits, no second coordinator; then the job goes on"),
         ("slow-link", "--hosts netns: a node's link throttled (tbf) for 8 s: no false failure, rounds commit more slowly, the result is equal"),
         ("flapping-link", "--hosts netns: a node's link down 5 times for 0.2-2x the timeout, up between: each time the node is kept or cleanly replaced, never both"),
+        ("kill-everything", "persistence on: SIGKILL every process of the job (coordinator, SMPs, workers) once a step is durable, then a cold restart from disk (--resume): bit-exact"),
+        ("torn-persist", "RS(2+2), persistence on and slow: SIGKILL a node while it writes its part (left torn), then 3 nodes (beyond memory): resumed from the newest durable step, bit-exact"),
+        ("corrupt-persisted-file", "RS(2+2), persistence on: flip a byte in one node's persisted image and cut another's short, then SIGKILL 3 nodes: the damaged parts are decoded from the others, bit-exact"),
     ]
+
+    /// The scenarios that need the persistent tier (on by default for them).
+    public static let diskScenarios: Set<String> = ["kill-everything", "torn-persist", "corrupt-persisted-file"]
 
     /// The scenarios that act on the network: they need `Options.netns`.
     public static let networkScenarios: Set<String> = ["partition-node", "partition-coordinator", "slow-link", "flapping-link"]
@@ -111,7 +123,8 @@ public final class ChaosRunner: @unchecked Sendable {
 
     /// The CI smoke subset: one of each kind of fault, a few minutes in all.
     public static let smoke = ["kill-worker", "kill-worker-mid-copy", "kill-node", "sigstop-node", "kill-coordinator", "kill-m+1-nodes",
-                               "coordinator-pause", "hung-worker", "stuck-worker", "kill-coordinator-during-recovery", "kill-all-workers"]
+                               "coordinator-pause", "hung-worker", "stuck-worker", "kill-coordinator-during-recovery", "kill-all-workers",
+                               "kill-everything", "corrupt-persisted-file"]
 
     /// What the soak draws from: every fault kind that keeps the job recoverable.
     static let soakKinds = ["kill-worker", "kill-smp", "kill-node", "kill-coordinator", "sigstop-node", "coordinator-pause",
@@ -133,7 +146,7 @@ public final class ChaosRunner: @unchecked Sendable {
     func jobShape(for scenario: String, steps: Int) -> Shape { options.worker.adjust(Self.shape(for: scenario, steps: steps)) }
 
     static func shape(for scenario: String, steps: Int) -> Shape {
-        if scenario.hasPrefix("kill-m") || scenario == "kill-source-during-rebuild" {
+        if scenario.hasPrefix("kill-m") || scenario == "kill-source-during-rebuild" || scenario == "torn-persist" || scenario == "corrupt-persisted-file" {
             return Shape(nodes: 4, workersPerNode: 1, k: 2, m: 2, steps: steps)
         }
         if scenario == "kill-all-workers" { return Shape(nodes: 4, workersPerNode: 3, k: 3, m: 1, steps: steps) }
@@ -164,7 +177,20 @@ public final class ChaosRunner: @unchecked Sendable {
         o.netns = options.netns
         o.spares = spares
         options.worker.configure(&o)
+        if let every = persistEvery(for: tag) {
+            o.persistDirectory = o.runDirectory + "/persist"
+            o.persistEvery = every
+            o.persistKeep = 2
+        }
         return o
+    }
+
+    /// Persist cadence of a scenario's job (nil: none). The golden run needs none:
+    /// persisting does not change what training computes.
+    func persistEvery(for scenario: String) -> Int? {
+        guard scenario != "golden" else { return nil }
+        if let every = options.persistEvery { return every }
+        return Self.diskScenarios.contains(scenario) ? max(5, options.steps / 10) : nil
     }
 
     /// The final hash of every worker of the job (nil where a worker printed none).
@@ -247,7 +273,8 @@ public final class ChaosRunner: @unchecked Sendable {
         var rng = SplitMix64(seed: seed)
         let shape = jobShape(for: name, steps: options.steps)
         // The clean stop has no final state to compare: no golden run for it.
-        let expected = name == "kill-m+1-nodes" ? [] : try golden(shape)
+        let cleanStop = name == "kill-m+1-nodes" && persistEvery(for: name) == nil
+        let expected = cleanStop ? [] : try golden(shape)
         // The moment of the fault: any step from early on to near the end.
         let target = Int.random(in: max(5, shape.steps / 20)...shape.steps * 9 / 10, using: &rng)
         let node = Int.random(in: 0..<shape.nodes, using: &rng)
@@ -265,13 +292,20 @@ public final class ChaosRunner: @unchecked Sendable {
         options.progress("\(name) (seed \(seed)): fault around step \(target), node n\(node), worker w\(worker)")
         // A node cut off is taken over by a spare on another host (its own cannot be reached).
         let spares = name == "partition-node" || name == "flapping-link" ? 1 : 0
-        let job = try LocalJob(jobOptions(shape, tag: name, environment: environment, spares: spares))
+        var jobOptions = jobOptions(shape, tag: name, environment: environment, spares: spares)
+        if name == "torn-persist" {
+            // Slow enough that a node's part takes about a second to write: the kill lands mid-write.
+            let imageMB = Double(shape.workersPerNode) * Double(options.stateMB ?? 1)
+            jobOptions.persistMbps = max(0.2, imageMB / 1.0)
+        }
+        var job = try LocalJob(jobOptions)
         namespaces = job.hosts?.hosts.values.map(\.namespace).sorted() ?? []
-        let watch = Watch(job: job)
+        var watch = Watch(job: job)
         // A SIGSTOPped or cut-off node stands for one the launcher cannot reach: left alive, to be fenced.
         watch.supervisor.killDeclaredDead = !["sigstop-node", "partition-node", "flapping-link"].contains(name)
         var keep = true  // a run that throws keeps its logs; a passed one follows --keep
         defer { job.stop(removeFiles: !keep) }
+        let persisting = persistEvery(for: name) != nil
 
         // A worker that faults by itself does it at `target`: watch from a little before.
         let selfInflicted = name == "kill-worker-mid-copy" || name == "stuck-worker"  // the worker picks its moment
@@ -296,8 +330,31 @@ public final class ChaosRunner: @unchecked Sendable {
         let injectedAt = monotonicSeconds()
         var notes: [String] = []
         let resumeLinesBefore = countLines(job, prefix: "resume from=")
+        var reachedBeforeColdRestart: Int?
+        if persisting, Self.diskScenarios.contains(name) || name == "kill-m+1-nodes" {
+            // The fault needs the disk: wait until a step is durable there.
+            guard watch.until(seconds: 600, { durableStep(watch) != nil || watch.ended }), !watch.ended else {
+                throw ChaosError(.timeout, "no step became durable on disk before the job ended")
+            }
+        }
         let faults = try inject(name, job: job, watch: watch, shape: shape, node: node, worker: worker, rng: &rng, notes: &notes)
         result.faults = faults.count
+        if name == "kill-everything" {
+            // Every process is gone: a cold restart from the persist directory, as `ft-launch start --resume` does it.
+            let durable = durableStep(watch)
+            reachedBeforeColdRestart = watch.furthestStep
+            job.stop(removeFiles: false)
+            let dir = job.options.persistDirectory!
+            let plan = try ResumePlan.choose(root: dir, nodes: shape.nodes, erasure: (shape.k, shape.m))
+            notes.append("cold restart from step \(plan.step) (the coordinator last said durable: \(durable.map(String.init) ?? "none"))")
+            var again = job.options
+            again.runDirectory = job.options.runDirectory + "-resumed"
+            again.jobID = job.options.jobID + "r"
+            again.resumeStep = plan.step
+            again.persistDirectory = dir
+            job = try LocalJob(again)
+            watch = Watch(job: job)
+        }
 
         guard watch.until(seconds: 1800, every: 0.1, { watch.ended }) else {
             throw ChaosError(.timeout, "the job did not end within 1800 s of the fault")
@@ -308,7 +365,7 @@ public final class ChaosRunner: @unchecked Sendable {
         result.heartbeatGaps = Self.heartbeatGaps(job, excluding: Set(faults.flatMap(\.stopped)))
         let finalCoordinator = jsonInt(final["coordinator_pid"])
 
-        if name == "kill-m+1-nodes" {
+        if cleanStop {
             let reason = final["stop_reason"] as? String ?? ""
             let state = final["state"] as? String ?? ""
             let resumedAfter = countLines(job, prefix: "resume from=") - resumeLinesBefore
@@ -325,6 +382,10 @@ public final class ChaosRunner: @unchecked Sendable {
             result.finalHashEqual = hashes == expected
             let resumed = watch.resumed.filter { watch.detectedAt($0) >= injectedAt - 1 }
             result.stepsLost = resumed.reduce(0) { $0 + max(0, jsonInt($1["steps_lost"])) }
+            if let reached = reachedBeforeColdRestart, let restored = resumed.first.map({ jsonInt($0["restored_step"]) }) {
+                // The new coordinator knows only the restored step: the steps lost are those the killed job had reached past it.
+                result.stepsLost = max(0, reached - restored)
+            }
             result.restoredSteps = resumed.map { jsonInt($0["restored_step"]) }
             if !selfInflicted, let first = watch.failures.values.map(watch.detectedAt).filter({ $0 >= injectedAt - 1 }).min() {
                 result.detectMs = (first - injectedAt) * 1000
@@ -337,7 +398,9 @@ public final class ChaosRunner: @unchecked Sendable {
                 let recoveryMs = (last["recovery_ms"] as? Double) ?? Double(jsonInt(last["recovery_ms"]))
                 result.recoveryMs = selfInflicted ? recoveryMs : (watch.detectedAt(last) - injectedAt) * 1000 + recoveryMs
             }
-            var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed, finalCoordinator: finalCoordinator)
+            let fromDisk = Self.diskScenarios.contains(name) || name == "kill-m+1-nodes"
+            var problems = endProblems(hashes: hashes, expected: expected, watch: watch, resumed: resumed, finalCoordinator: finalCoordinator,
+                                       lostBound: fromDisk ? persistBound(name) : nil)
             if resumed.isEmpty && !["coordinator-pause", "partition-coordinator", "slow-link", "flapping-link"].contains(name) {
                 problems.append("no failure was detected and resumed from")
             }
@@ -363,7 +426,8 @@ public final class ChaosRunner: @unchecked Sendable {
     /// coordinator left in progress is taken over by its successor), steps
     /// lost within the documented bound, and no recovery that restored
     /// nothing once a committed step existed.
-    func endProblems(hashes: [String?], expected: [String], watch: Watch, resumed: [[String: Any]], finalCoordinator: Int) -> [String] {
+    func endProblems(hashes: [String?], expected: [String], watch: Watch, resumed: [[String: Any]], finalCoordinator: Int,
+                     lostBound: Int? = nil) -> [String] {
         var problems: [String] = []
         if hashes != expected { problems.append("final hashes \(hashes.map { $0 ?? "none" }) != golden \(expected)") }
         let unfinished = watch.failures.values.filter {
@@ -372,9 +436,11 @@ public final class ChaosRunner: @unchecked Sendable {
             return o != "resumed" && !o.hasPrefix("superseded") && !orphan
         }
         if !unfinished.isEmpty { problems.append("failures not resumed: \(unfinished.map { "\($0["what"] ?? "?"): \($0["outcome"] ?? "?")" })") }
-        let bound = 2 * options.snapshotInterval - 1
+        let bound = lostBound ?? 2 * options.snapshotInterval - 1
         let worstLost = resumed.map { jsonInt($0["steps_lost"]) }.max() ?? 0
-        if worstLost > bound { problems.append("a failure lost \(worstLost) steps (> 2 × snapshot interval − 1 = \(bound))") }
+        if worstLost > bound {
+            problems.append("a failure lost \(worstLost) steps (> " + (lostBound == nil ? "2 × snapshot interval − 1" : "the persist bound") + " = \(bound))")
+        }
         if let firstCommit = watch.firstCommitSeenAt {
             let fresh = resumed.filter { watch.detectedAt($0) > firstCommit && jsonInt($0["restored_step"]) < 0 }
             if !fresh.isEmpty {
@@ -383,6 +449,17 @@ public final class ChaosRunner: @unchecked Sendable {
         }
         return problems
     }
+
+    /// The newest durable step the coordinator reported (nil: none yet).
+    func durableStep(_ watch: Watch) -> Int? {
+        let d = jsonInt((watch.lastStatus?["persist"] as? [String: Any])?["durable_step"])
+        return d >= 0 ? d : nil
+    }
+
+    /// Steps a recovery from disk may lose: those since the durable step,
+    /// at most two persist periods (one being written when the fault came)
+    /// and the rounds skipped while it was written.
+    func persistBound(_ name: String) -> Int { 2 * (persistEvery(for: name) ?? 0) + 4 * options.snapshotInterval + 8 }
 
     /// What the job left after it ended: recorded processes still alive, shm segments.
     func awaitLeftovers(_ job: LocalJob) -> String {

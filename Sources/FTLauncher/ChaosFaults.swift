@@ -1,6 +1,12 @@
 import FTCore
+import FTPersist
 import FTSystem
 import Foundation
+
+/// Persist directory names, for the chaos faults that damage them.
+enum PersistPathsForChaos {
+    static func step(_ root: String, _ step: Int) -> String { PersistPaths.stepDirectory(root, step: step) }
+}
 
 extension ChaosRunner {
     /// One fault as injected: what, on whom, when.
@@ -14,6 +20,17 @@ extension ChaosRunner {
         var spans: [(from: Date, to: Date)] = []
         /// The processes the fault cut off: for a flapping link, every incarnation of the node it hit.
         var cutOff: [Int32] = []
+    }
+
+    /// The step a persist is writing now, as the coordinator says (nil: none).
+    func inProgressPersist(_ watch: Watch) -> Int? {
+        let s = jsonInt((watch.lastStatus?["persist"] as? [String: Any])?["in_progress_step"])
+        return s >= 0 ? s : nil
+    }
+
+    func durableStepOf(_ watch: Watch) -> Int? {
+        let d = jsonInt((watch.lastStatus?["persist"] as? [String: Any])?["durable_step"])
+        return d >= 0 ? d : nil
     }
 
     /// The job's namespace hosts, which the network faults need.
@@ -43,6 +60,60 @@ extension ChaosRunner {
             var victims = Array(0..<shape.nodes)
             victims.shuffle(using: &rng)
             victims = Array(victims.prefix(count)).sorted()
+            notes.append("killed \(victims.map { "n\($0)" }.joined(separator: ", "))")
+            return try victims.map { try fault("kill-node", job, node: $0, worker: 0) }
+        case "kill-everything":
+            // Every process of the job at once: the coordinator, then each node's process group (its SMP and workers).
+            var f = Fault(kind: name, target: "job", at: monotonicSeconds())
+            if let c = job.coordinator { kill(-c.pid, SIGKILL); kill(c.pid, SIGKILL) }
+            for smp in job.smps { kill(-smp.pid, SIGKILL); kill(smp.pid, SIGKILL) }
+            for n in 0..<shape.nodes { for pid in recordedWorkers(job, node: n) { kill(pid, SIGKILL) } }
+            f.stopped = []
+            notes.append("SIGKILLed the coordinator and every node (process groups)")
+            return [f]
+        case "torn-persist":
+            // Mid-write: a persist in progress (slowed down), then the node writing it dies.
+            guard watch.until(seconds: 120, { inProgressPersist(watch) != nil || watch.ended }), let step = inProgressPersist(watch) else {
+                throw ChaosError(.timeout, "no persist in progress was seen")
+            }
+            watch.sleep(Double.random(in: 0.1...0.5, using: &rng))
+            let torn = try fault("kill-node", job, node: node, worker: 0)
+            let dir = PersistPathsForChaos.step(job.options.persistDirectory!, step)
+            let leftovers = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix(".n\(node).tmp-") }
+            notes.append("killed n\(node) while persisting step \(step); its torn part: \(leftovers.isEmpty ? "none left (it had finished)" : leftovers.joined(separator: ", "))")
+            // The memory recovery of n\(node) first, then more than memory can take.
+            guard watch.until(seconds: 120, { watch.resumed.contains { watch.detectedAt($0) >= torn.at - 1 } || watch.ended }) else {
+                throw ChaosError(.unexpectedOutcome, "no recovery from the node killed mid-persist")
+            }
+            var victims = Array(0..<shape.nodes)
+            victims.shuffle(using: &rng)
+            victims = Array(victims.prefix(shape.m + 1)).sorted()
+            notes.append("then killed \(victims.map { "n\($0)" }.joined(separator: ", "))")
+            return [torn] + (try victims.map { try fault("kill-node", job, node: $0, worker: 0) })
+        case "corrupt-persisted-file":
+            // The newest durable step's parts: a byte flipped in one image, another image cut short (m = 2 damaged).
+            guard let step = durableStepOf(watch) else { throw ChaosError(.unexpectedOutcome, "no durable step") }
+            let dir = PersistPathsForChaos.step(job.options.persistDirectory!, step)
+            var damaged = Array(0..<shape.nodes)
+            damaged.shuffle(using: &rng)
+            let flipped = damaged[0], cut = damaged[1]
+            let image = "\(dir)/n\(flipped)/image.bin"
+            guard let h = FileHandle(forUpdatingAtPath: image) else { throw ChaosError(.io, "cannot open \(image)") }
+            let size = (try? h.seekToEnd()) ?? 0
+            let at = UInt64.random(in: 0..<max(1, size), using: &rng)
+            try? h.seek(toOffset: at)
+            var byte = (try? h.read(upToCount: 1))?.first ?? 0
+            byte ^= 0x10
+            try? h.seek(toOffset: at)
+            try? h.write(contentsOf: Data([byte]))
+            try? h.close()
+            let other = "\(dir)/n\(cut)/image.bin"
+            let otherSize = ((try? FileManager.default.attributesOfItem(atPath: other))?[.size] as? Int) ?? 0
+            guard truncate(other, off_t(otherSize / 2)) == 0 else { throw ChaosError(.io, "cannot truncate \(other)") }
+            notes.append("step \(step) on disk: flipped byte \(at) of n\(flipped)'s image, cut n\(cut)'s image to \(otherSize / 2) of \(otherSize) bytes")
+            var victims = Array(0..<shape.nodes)
+            victims.shuffle(using: &rng)
+            victims = Array(victims.prefix(shape.m + 1)).sorted()
             notes.append("killed \(victims.map { "n\($0)" }.joined(separator: ", "))")
             return try victims.map { try fault("kill-node", job, node: $0, worker: 0) }
         case "sigstop-node":

@@ -27,6 +27,12 @@ import Foundation
 ///     metrics = auto        # the coordinator's Prometheus endpoint: auto (a free port on its host's address, written to
 ///                           # RUN_DIR/metrics.endpoint), HOST:PORT, or off
 ///     node_failures_per_day = 0.004   # the durability estimate's prior rate (ftctl status)
+///     persist_dir = /data/ft-persist  # the persistent tier: each SMP writes its part of a committed step here
+///                                     # (a node-local disk or a shared filesystem; default: off)
+///     persist_every = 500   # ... every 500 committed steps (and/or:)
+///     persist_seconds = 600 # ... every 10 minutes
+///     persist_keep = 2      # the newest steps each node keeps on disk
+///     persist_mbps = 1000   # the most MB/s each SMP writes (default: no cap)
 public struct ClusterConfig: Equatable, Sendable {
     public var nodes = 4
     public var workersPerNode = 2
@@ -49,6 +55,12 @@ public struct ClusterConfig: Equatable, Sendable {
     /// SMP's default, derived from the machine). A worker whose slots would
     /// not fit is refused, and a job still starting stops at once saying so.
     public var memoryLimit: Int?
+    /// The persistent tier (README, "Persistent tier"): nil directory, off.
+    public var persistDirectory: String?
+    public var persistEvery: Int?
+    public var persistSeconds: Double?
+    public var persistKeep = 2
+    public var persistMbps: Double?
     /// Serve each SMP's data plane (EC chunks, fetches, slices) on
     /// `tcp://ADDRESS:*`, with CURVE, as nodes on separate hosts must; nil:
     /// a private ipc socket per SMP (one host).
@@ -125,7 +137,8 @@ public struct ClusterConfig: Equatable, Sendable {
 
     static let keys: Set<String> = ["nodes", "workers_per_node", "ec", "spares", "snapshot_interval", "steps", "worker_command",
                                     "port", "run_dir", "job_id", "heartbeat_ms", "timeout_ms", "phase_timeout",
-                                    "memory_limit", "data_host", "hosts", "metrics", "node_failures_per_day"]
+                                    "memory_limit", "data_host", "hosts", "metrics", "node_failures_per_day",
+                                    "persist_dir", "persist_every", "persist_seconds", "persist_keep", "persist_mbps"]
 
     /// Applies a config file's text (`key = value` lines; `#` starts a comment).
     public mutating func apply(file text: String, name: String = "config") throws(ConfigError) {
@@ -173,6 +186,21 @@ public struct ClusterConfig: Equatable, Sendable {
             }
             memoryLimit = v
         case "data_host": dataHost = value
+        case "persist_dir": persistDirectory = value == "off" || value.isEmpty ? nil : value
+        case "persist_every":
+            let v = try int()
+            guard v >= 1 else { throw ConfigError(.badValue, "persist_every must be at least 1 step, not '\(value)'") }
+            persistEvery = v
+        case "persist_seconds":
+            guard let v = Double(value), v > 0 else { throw ConfigError(.badValue, "persist_seconds must be a positive number of seconds, not '\(value)'") }
+            persistSeconds = v
+        case "persist_keep":
+            let v = try int()
+            guard v >= 1 else { throw ConfigError(.badValue, "persist_keep must be at least 1, not '\(value)'") }
+            persistKeep = v
+        case "persist_mbps":
+            guard let v = Double(value), v > 0 else { throw ConfigError(.badValue, "persist_mbps must be a positive number of MB/s, not '\(value)'") }
+            persistMbps = v
         case "node_failures_per_day":
             guard let v = Double(value), v >= 0, v < 100 else {
                 throw ConfigError(.badValue, "node_failures_per_day must be a rate in [0, 100) failures per node per day, not '\(value)'")
@@ -296,6 +324,12 @@ public struct ClusterConfig: Equatable, Sendable {
         o.timeoutMs = timeoutMs
         o.phaseTimeout = phaseTimeout
         o.memoryLimit = memoryLimit
+        o.persistDirectory = persistDirectory
+        // A directory with neither cadence persists every 100 committed steps.
+        o.persistEvery = persistDirectory != nil && persistEvery == nil && persistSeconds == nil ? 100 : persistEvery
+        o.persistSeconds = persistSeconds
+        o.persistKeep = persistKeep
+        o.persistMbps = persistMbps
         o.dataHost = dataHost
         o.netns = hosts == .netns
         o.metrics = metrics

@@ -60,6 +60,15 @@ public final class LocalJob: @unchecked Sendable {
         public var totalSteps: Int?
         /// The durability estimate's prior rate (`ft-coordinator --node-failures-per-day`; nil: its default).
         public var nodeFailuresPerDay: Double?
+        /// The persistent tier (`ft-smp --persist-dir`, `ft-coordinator
+        /// --persist-every/--persist-seconds`): nil directory, off.
+        public var persistDirectory: String?
+        public var persistEvery: Int?
+        public var persistSeconds: Double?
+        public var persistKeep: Int?
+        public var persistMbps: Double?
+        /// A cold restart: the first SMPs load this persisted step from `persistDirectory` (`--resume-step`).
+        public var resumeStep: Int?
         /// Where ft-coordinator and ft-smp are.
         public var binaries: String
         public var runDirectory: String
@@ -117,10 +126,12 @@ public final class LocalJob: @unchecked Sendable {
             + (options.phaseTimeout.map { ["--phase-timeout", "\($0)"] } ?? [])
             + (options.totalSteps.map { ["--total-steps", "\($0)"] } ?? [])
             + (options.nodeFailuresPerDay.map { ["--node-failures-per-day", "\($0)"] } ?? [])
+            + (options.persistDirectory != nil ? (options.persistEvery.map { ["--persist-every", "\($0)"] } ?? [])
+                + (options.persistSeconds.map { ["--persist-seconds", "\($0)"] } ?? []) : [])
             + (options.metrics == "off" ? [] : ["--metrics", options.metrics ?? "\(coordinatorAddress):0"])
         do {
             try startCoordinator()
-            for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:])) }
+            for n in 0..<options.nodes { smps.append(try startSMP(node: n, environment: options.smpEnvironment[n] ?? [:], resume: true)) }
             if options.spares > 0 { try FileManager.default.createDirectory(atPath: dir + "/spares", withIntermediateDirectories: true) }
             for i in 0..<options.spares {
                 let args = smpArguments(node: "spare\(i)", rankOffset: 0) + ["--standby", dir + "/spares/spare\(i).assign", "--"] + options.workerCommand
@@ -169,6 +180,9 @@ public final class LocalJob: @unchecked Sendable {
          "--heartbeat-ms", "\(options.heartbeatMs)", "--timeout-ms", "\(options.timeoutMs)"]
             + (options.curve ? ["--keys", options.runDirectory + "/keys"] : [])
             + (options.memoryLimit.map { ["--memory-limit", "\($0)"] } ?? [])
+            + (options.persistDirectory.map { ["--persist-dir", $0] } ?? [])
+            + (options.persistKeep.map { ["--persist-keep", "\($0)"] } ?? [])
+            + (options.persistMbps.map { ["--persist-mbps", "\($0)"] } ?? [])
             + (options.dataHost.map { ["--data-endpoint", "tcp://\($0):*"] + (options.curve ? [] : ["--insecure"]) } ?? [])
             + ((options.netns || options.slurm != nil) && options.dataHost == nil ? ["--data-endpoint", "auto"] + (options.curve ? [] : ["--insecure"]) : [])
     }
@@ -257,8 +271,11 @@ public final class LocalJob: @unchecked Sendable {
 
     /// Starts (or restarts, as the replacement of a lost node) the SMP of node `n`.
     @discardableResult
-    public func startSMP(node n: Int, environment extra: [String: String] = [:]) throws -> ChildProcess {
-        let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode) + ["--"] + options.workerCommand
+    /// `resume`: the job's first SMPs of a cold restart load `options.resumeStep`
+    /// (a replacement is rebuilt by the coordinator instead).
+    public func startSMP(node n: Int, environment extra: [String: String] = [:], resume: Bool = false) throws -> ChildProcess {
+        let args = smpArguments(node: "n\(n)", rankOffset: n * options.workersPerNode)
+            + (resume ? options.resumeStep.map { ["--resume-step", "\($0)"] } ?? [] : []) + ["--"] + options.workerCommand
         let smp = try spawn("n\(n)", args, environment: smpEnvironment(extra), output: options.runDirectory + "/smp-n\(n).log")
         hostOfNode[n] = "n\(n)"
         if n < smps.count {

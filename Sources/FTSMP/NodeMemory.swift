@@ -132,6 +132,14 @@ final class NodeMemory {
     }
 
     func commit(step: Int) { store.commit(step: step) }
+    func pin(worker id: String, slot: Int) { store.pin(worker: id, slot: slot) }
+    func unpinAll() { store.unpinAll() }
+
+    /// The start of every entry's slot, for a reader on another thread (the
+    /// persist thread): the segments stay mapped until `freeAll`.
+    func slotBases(_ entries: [ImageEntry]) -> [UnsafeRawPointer] {
+        entries.map { UnsafeRawPointer(segments[$0.id]![$0.slot].base) }
+    }
     func abort(step: Int) { store.abort(step: step) }
     func prepareRestore(step: Int?) -> Bool { store.prepareRestore(step: step) }
     func discardUncommitted(worker id: String) { store.discardUncommitted(worker: id) }

@@ -49,6 +49,16 @@ public struct SMPConfiguration: Sendable {
     /// allocates; a registration past it is refused (`memory_limit`). nil:
     /// `defaultMemoryLimit()`, taken at start.
     public var memoryLimit: Int?
+    /// The persistent tier: where this SMP writes its parts of the steps the
+    /// coordinator orders persisted (a node-local disk or a shared filesystem;
+    /// nil: none), how many of its newest steps it keeps there, and the most
+    /// bytes per second it writes (nil: no cap).
+    public var persistDirectory: String?
+    public var persistKeep = 2
+    public var persistBytesPerSecond: Double?
+    /// Load this persisted step from `persistDirectory` before the workers
+    /// start (a cold restart: `ft-launch start --resume DIR`).
+    public var resumeStep: Int?
 
     public init(jobID: String, nodeID: String, endpoint: String? = nil, runDirectory: String, workerCount: Int,
                 workerCommand: [String], maxRestarts: Int = 100, extraEnvironment: [String: String] = [:]) {

@@ -44,6 +44,10 @@ extension SMPServer {
                 if !memory.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
+            case .persist(let step, let nodes):
+                startPersist(step: step, nodes: nodes)
+            case .loadPersisted(let step):
+                try reloadPersisted(step: step)
             case .restartWorkers(let list):
                 for r in list { try supervisor.replace(r, epoch: agent.epoch) }
             case .fenced(let reason):
@@ -88,6 +92,7 @@ extension SMPServer {
     // MARK: the end
 
     func shutdown() {
+        persister?.stopAndWait()  // it reads the slots
         supervisor.stopAll()
         workers.router.close()
         if let dataPlane {

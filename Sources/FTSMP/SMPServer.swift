@@ -56,6 +56,8 @@ public final class SMPServer: @unchecked Sendable {
     let agent: CoordinatorAgent
     /// With a coordinator: the data endpoint and erasure coding.
     let dataPlane: DataPlane?
+    /// The persistent tier's writer (with `config.persistDirectory`).
+    let persister: Persister?
     /// Requests that arrived during a rebuild or a repair, answered once it is over.
     var heldRequests: [Request] = []
     /// At most this many requests are held during a rebuild; more are refused (`busy`).
@@ -104,6 +106,7 @@ public final class SMPServer: @unchecked Sendable {
         supervisor = WorkerSupervisor(config: config, smpEndpoint: workers.endpoint, logger: logger)
         dataPlane = config.coordinatorEndpoint != nil ? try DataPlane(config: config, context: context, memory: memory, logger: logger) : nil
         agent = try CoordinatorAgent(config: config, logger: logger)
+        persister = config.persistDirectory.map { Persister(root: $0, keep: max(1, config.persistKeep), bytesPerSecond: config.persistBytesPerSecond) }
         wire()
     }
 
@@ -156,6 +159,7 @@ public final class SMPServer: @unchecked Sendable {
                                         "data": "\(dataEndpoint)", "pid": "\(getpid())", "memory_limit": "\(memoryLimit)"])
         SMPFiles.write(config.runDirectory + "/pids/\(config.nodeID).smp.pid", "\(getpid())\n")
         SMPFiles.appendLine(config.runDirectory + "/pids/history", "\(config.nodeID) smp \(getpid())")
+        if let step = config.resumeStep { try loadPersisted(step: step) }
         try supervisor.startAll(epoch: agent.epoch)
         agent.start(inventory)
         loop: while true {
@@ -188,6 +192,7 @@ public final class SMPServer: @unchecked Sendable {
             if ready[0].isReadable || dataReadable || (!heldRequests.isEmpty && !rebuildInProgress) { try drainRequests() }
             if agent.inbox != nil, ready.last!.isReadable { try obeyCoordinator() }
             dataPlane?.drainPeers()
+            checkPersist()
             if stopRequested { break loop }
             if supervisor.allFinished {
                 logger.info("all workers finished; clean end")

@@ -206,6 +206,23 @@ final class WorkerSupervisor {
         }
     }
 
+    /// SIGKILL to every worker, waiting for each to end (at most 10 s each);
+    /// their exits are not reported (the coordinator ordered them). Returns
+    /// their ids, for `spawn` once the node's memory is what they should restore.
+    func killAllAndWait() -> [String] {
+        for (_, order) in replacing { order.dumper?.kill(SIGKILL) }
+        replacing.removeAll()
+        let ids = children.keys.sorted()
+        for id in ids {
+            let child = children[id]!
+            child.kill(SIGKILL)
+            if child.wait(timeoutSeconds: 10) == nil { logger.error("worker \(id) (pid \(child.pid)) did not end 10 s after SIGKILL") }
+            restarts[id, default: 0] += 1
+        }
+        children.removeAll()
+        return ids
+    }
+
     /// SIGTERM to every worker, SIGKILL to one that ignores it for 5 s; stack dumps are cut short.
     func stopAll() {
         for (_, order) in replacing { order.dumper?.kill(SIGKILL) }

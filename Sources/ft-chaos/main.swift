@@ -48,6 +48,9 @@ struct Chaos: ParsableCommand {
     @Option(help: "Synthetic state of this many MiB per worker instead of the char LM (ft-demo-trainer --synthetic).")
     var stateMb: Int?
 
+    @Option(help: "The persistent tier in every scenario's job: persist every this many committed steps (RUN_DIR/persist). With it, kill-m+1-nodes must resume from disk, bit-exact. The disk scenarios (\(ChaosRunner.diskScenarios.sorted().joined(separator: ", "))) persist anyway, by default every steps/10.")
+    var persistEvery: Int?
+
     @Option(help: ArgumentHelp("SMP data planes on tcp://ADDRESS:* with CURVE (as nodes on separate hosts) instead of private ipc sockets.", valueName: "address"))
     var dataHost: String?
 
@@ -87,6 +90,7 @@ struct Chaos: ParsableCommand {
         }
         guard steps >= 40 else { throw ValidationError("--steps must be at least 40") }
         guard snapshotInterval >= 1 else { throw ValidationError("--snapshot-interval must be at least 1") }
+        if let persistEvery, persistEvery < 1 { throw ValidationError("--persist-every must be at least 1") }
         if let stateMb { guard stateMb >= 1 && stateMb <= 16384 else { throw ValidationError("--state-mb must be in 1...16384") } }
         guard stepMs >= 0 else { throw ValidationError("--step-ms must not be negative") }
         if let soak { guard soak > 0 && mtbf > 0 else { throw ValidationError("--soak and --mtbf must be positive") } }
@@ -144,6 +148,7 @@ struct Chaos: ParsableCommand {
         options.steps = steps
         options.snapshotInterval = snapshotInterval
         options.stateMB = stateMb
+        options.persistEvery = persistEvery
         options.stepMs = stepMs
         options.dataHost = dataHost
         options.netns = hosts == "netns"

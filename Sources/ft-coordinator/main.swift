@@ -83,6 +83,12 @@ struct FTCoordinatorCommand: ParsableCommand {
     @Option(help: "The workers' snapshot interval in steps (FT_SNAPSHOT_INTERVAL), shown by ftctl status.")
     var snapshotInterval = 1
 
+    @Option(help: "The persistent tier: order every SMP to write the committed step to its --persist-dir once this many steps were committed since the last one (the SMPs need --persist-dir). Off unless this or --persist-seconds is given.")
+    var persistEvery: Int?
+
+    @Option(help: "The persistent tier: persist the committed step once this many seconds passed since the last persist was ordered.")
+    var persistSeconds: Double?
+
     @Option(help: "After the job ends, keep answering this many milliseconds (members get the stop, ftctl a last status).")
     var lingerMs = 1000
 
@@ -101,6 +107,8 @@ struct FTCoordinatorCommand: ParsableCommand {
     func validate() throws {
         guard nodes >= 1 else { throw ValidationError("--nodes must be at least 1") }
         guard snapshotInterval >= 1 else { throw ValidationError("--snapshot-interval must be at least 1") }
+        if let persistEvery, persistEvery < 1 { throw ValidationError("--persist-every must be at least 1 step") }
+        if let persistSeconds, !(persistSeconds > 0) { throw ValidationError("--persist-seconds must be positive") }
         guard workersPerNode >= 1 else { throw ValidationError("--workers-per-node must be at least 1") }
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (>= 1)") }
         guard endpoint.hasPrefix("tcp://") || endpoint.hasPrefix("ipc://") else {
@@ -160,6 +168,8 @@ struct FTCoordinatorCommand: ParsableCommand {
         settings.watchdog.multiplier = hangMultiplier
         settings.watchdog.initialBound = Double(hangInitialMs) / 1000
         settings.erasure = try parsedEC()
+        settings.persistEvery = persistEvery
+        settings.persistSeconds = persistSeconds
         settings.snapshotInterval = snapshotInterval
         var config = CoordinatorServerConfig(settings: settings, endpoint: endpoint, keysDirectory: keys, runDirectory: runDir)
         config.lingerSeconds = Double(lingerMs) / 1000

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FTLauncher
+import FTPersist
 import FTSystem
 import Foundation
 
@@ -36,8 +37,16 @@ struct Start: ParsableCommand {
 
             Config file keys (key = value, # comments; flags override them): nodes, workers_per_node, ec (K+M or \
             none), spares, snapshot_interval, steps, worker_command, port, run_dir, job_id, heartbeat_ms, timeout_ms, \
-            phase_timeout, memory_limit, data_host, hosts (local, netns or slurm), metrics, node_failures_per_day.
+            phase_timeout, memory_limit, data_host, hosts (local, netns or slurm), metrics, node_failures_per_day, \
+            persist_dir, persist_every, persist_seconds, persist_keep, persist_mbps.
             See cluster/example.conf.
+
+            The persistent tier: with --persist-dir (a node-local disk or a shared filesystem) every SMP writes its \
+            part of a committed step there every --persist-every steps (default 100) and/or --persist-seconds, in the \
+            background. `--resume DIR` starts a job whose processes are all gone from the newest durable step in DIR \
+            that reads back whole (same node count and EC code; each node's part CRC-checked, decoded from its \
+            group's parity where damaged; an older durable step when a newer one cannot be loaded), and goes on \
+            persisting there.
             """)
 
     @Option(help: "A config file (key = value lines).")
@@ -88,6 +97,18 @@ struct Start: ParsableCommand {
     @Option(help: ArgumentHelp("Where the job's processes run: local (one host, loopback; default), netns (every node, spare and the coordinator on a network-namespace host of its own, with its own address; needs root), or slurm (inside a Slurm allocation: a job step per node and spare, one host each).", valueName: "local|netns|slurm"))
     var hosts: String?
 
+    @Option(help: ArgumentHelp("The persistent tier: every SMP writes its part of a committed step under this directory (node-local or shared), in the background (default: off).", valueName: "dir"))
+    var persistDir: String?
+
+    @Option(help: "Persist every this many committed steps (default 100 when --persist-dir is given without --persist-seconds).")
+    var persistEvery: Int?
+
+    @Option(help: "Persist once this many seconds passed since the last persist.")
+    var persistSeconds: Double?
+
+    @Option(help: ArgumentHelp("A cold restart: load the newest durable step in this persist directory that reads back whole, and go on from it (the same node count and EC code as when it was written). Persisting goes on into it.", valueName: "dir"))
+    var resume: String?
+
     @Option(help: "Seconds to wait for the job to start running.")
     var startTimeout = 120.0
 
@@ -125,6 +146,16 @@ struct Start: ParsableCommand {
             }
             if let dataHost { c.dataHost = dataHost }
             if let hosts { try c.set("hosts", hosts) }
+            if let persistDir { c.persistDirectory = persistDir }
+            if let resume { c.persistDirectory = c.persistDirectory ?? resume }
+            if let persistEvery {
+                guard persistEvery >= 1 else { throw ValidationError("--persist-every must be at least 1") }
+                c.persistEvery = persistEvery
+            }
+            if let persistSeconds {
+                guard persistSeconds > 0 else { throw ValidationError("--persist-seconds must be positive") }
+                c.persistSeconds = persistSeconds
+            }
             if !workerCommand.isEmpty { c.workerCommand = workerCommand }
             try c.validate(binaries: binaries)
         } catch let error as ClusterConfig.ConfigError {
@@ -156,6 +187,19 @@ struct Start: ParsableCommand {
             + "a snapshot every \(c.snapshotInterval) step\(c.snapshotInterval == 1 ? "" : "s")")
         var options = c.jobOptions(binaries: binaries, runDirectory: dir, jobID: job)
         options.slurm = allocation
+        if let resume {
+            say("resuming from \(resume): checking its durable steps")
+            do {
+                let plan = try ResumePlan.choose(root: resume, nodes: c.nodes, erasure: c.erasure.map { ($0.k, $0.m) }) { say($0) }
+                for s in plan.skipped { say("passed over step \(s.step): \(s.reason)") }
+                say("resuming job \(plan.job)'s step \(plan.step) from \(resume)")
+                options.resumeStep = plan.step
+                options.persistDirectory = resume
+            } catch {
+                say("error: cannot resume from \(resume): \(error.message) (\(error.codeName))")
+                throw ExitCode(2)
+            }
+        }
         if let allocation {
             say("Slurm job \(allocation.jobID): hosts " + allocation.hosts.map { "\($0) \(allocation.addresses[$0] ?? "?")" }.joined(separator: ", ")
                 + "; the coordinator on \(allocation.hosts[0])")

@@ -81,6 +81,18 @@ struct FTSMPCommand: ParsableCommand {
     @Option(help: "Most shared memory (bytes) this SMP allocates for its workers' slots; a registration past it is refused (default: 90% of /dev/shm's free space at start).")
     var memoryLimit: Int?
 
+    @Option(help: "The persistent tier: write this node's part of each step the coordinator orders persisted under this directory (a node-local disk or a shared filesystem), as DIR/step-NNNNNNNNNNNN/NODE/{part.json,image.bin,parity.bin}.")
+    var persistDir: String?
+
+    @Option(help: "Keep this node's parts of the newest N persisted steps in --persist-dir; older ones are removed.")
+    var persistKeep = 2
+
+    @Option(help: "Most MB/s (10^6 bytes) the persist thread writes (default: no cap).")
+    var persistMbps: Double?
+
+    @Option(help: "Before the workers start, load this persisted step from --persist-dir into the slots (decoded from the node's EC group's parts if this node's part is damaged or missing); the coordinator then restores the workers from it. ft-launch start --resume sets it.")
+    var resumeStep: Int?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .info
 
@@ -101,6 +113,10 @@ struct FTSMPCommand: ParsableCommand {
         guard heartbeatMs >= 1, timeoutMs > heartbeatMs else { throw ValidationError("--timeout-ms must exceed --heartbeat-ms (at least 1)") }
         if let hangMs, hangMs <= timeoutMs { throw ValidationError("--hang-ms (\(hangMs)) must exceed --timeout-ms (\(timeoutMs))") }
         if let memoryLimit, memoryLimit < 1 { throw ValidationError("--memory-limit must be a positive number of bytes") }
+        guard persistKeep >= 1 else { throw ValidationError("--persist-keep must be at least 1") }
+        if let persistMbps, !(persistMbps > 0) { throw ValidationError("--persist-mbps must be a positive number") }
+        if resumeStep != nil && persistDir == nil { throw ValidationError("--resume-step loads from --persist-dir; give it too") }
+        if let resumeStep, resumeStep < 0 { throw ValidationError("--resume-step must be a step (0 or more)") }
         if let dataEndpoint {
             guard coordinator != nil else { throw ValidationError("--data-endpoint is for peers of a job with a coordinator; give --coordinator too") }
             guard dataEndpoint.hasPrefix("tcp://") || dataEndpoint.hasPrefix("ipc://") || dataEndpoint == "auto" else {
@@ -170,6 +186,10 @@ struct FTSMPCommand: ParsableCommand {
         config.heartbeatTimeout = Double(timeoutMs) / 1000
         config.hangBound = Double(hangBound) / 1000
         config.memoryLimit = memoryLimit
+        config.persistDirectory = persistDir
+        config.persistKeep = persistKeep
+        config.persistBytesPerSecond = persistMbps.map { $0 * 1e6 }
+        config.resumeStep = resumeStep
         let code: Int32
         do {
             let server = try SMPServer(config: config, logger: logger, watchSignals: true)

@@ -9,7 +9,7 @@ struct FTCtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ftctl",
         abstract: "Operate a fault-tolerant training job.",
-        subcommands: [Status.self, Events.self, TimelineCommand.self, Keygen.self])
+        subcommands: [Status.self, Events.self, TimelineCommand.self, Keygen.self, ExportCommand.self])
 }
 
 struct Status: ParsableCommand {

@@ -105,8 +105,11 @@ struct FtctlTests {
                                      "last_failure": "o", "stop_reason": "null", "aborted_rounds": "n", "fenced_messages": "n", "refused_messages": "n",
                                      "malformed_frames": "n", "unauthenticated": "n", "unauthorized": "n", "skipped_snapshots": "n",
                                      "failures_total": "n", "failures": "a", "coordinator_pid": "n", "detector": "o", "watchdog": "o",
-                                     "step_rate_per_s": "n", "total_steps": "n", "eta_s": "n", "metrics_url": "s", "durability": "o"]
+                                     "step_rate_per_s": "n", "total_steps": "n", "eta_s": "n", "metrics_url": "s", "durability": "o",
+                                     "persist": "o"]
         #expect(Set(o.keys) == Set(top.keys))
+        let persist = try #require(o["persist"] as? [String: Any])
+        #expect(persist["enabled"] as? Bool == false && int(persist["durable_step"]) == -1 && int(persist["in_progress_step"]) == -1)
         let durability = try #require(o["durability"] as? [String: Any])
         for key in ["loss_per_failure", "loss_per_day", "window_s", "node_failures_per_day", "expected_steps_lost_per_failure"] {
             #expect(matches(durability[key], "n"), "durability.\(key): \(String(describing: durability[key]))")

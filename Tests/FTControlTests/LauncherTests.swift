@@ -53,11 +53,18 @@ struct ClusterConfigTests {
             try config("memory_limit = 8Q")
         }
         #expect(try config("ec = none").erasure == nil)
+        // The persistent tier: a directory alone persists every 100 steps; bad cadences name their line.
+        let persisted = try config("persist_dir = /data/ft\npersist_keep = 3\npersist_mbps = 250")
+        let po = persisted.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j")
+        #expect(po.persistDirectory == "/data/ft" && po.persistEvery == 100 && po.persistSeconds == nil && po.persistKeep == 3 && po.persistMbps == 250)
+        #expect(try config("persist_dir = /d\npersist_seconds = 60").jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").persistEvery == nil)
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: persist_every must be at least 1 step, not '0'")) { try config("persist_every = 0") }
+        #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: persist_keep must be at least 1, not '0'")) { try config("persist_keep = 0") }
         #expect(c.hosts == .local && c.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns == false)
         let netns = try config("hosts = netns")
         #expect(netns.hosts == .netns && netns.jobOptions(binaries: "/b", runDirectory: "/r", jobID: "j").netns)
         #expect(throws: ClusterConfig.ConfigError(.badValue, "test.conf:1: hosts must be local, netns or slurm, not 'ssh'")) { try config("hosts = ssh") }
-        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, metrics, node_failures_per_day, nodes, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
+        #expect(throws: ClusterConfig.ConfigError(.unknownKey, "test.conf:2: unknown key 'nodez' (known: data_host, ec, heartbeat_ms, hosts, job_id, memory_limit, metrics, node_failures_per_day, nodes, persist_dir, persist_every, persist_keep, persist_mbps, persist_seconds, phase_timeout, port, run_dir, snapshot_interval, spares, steps, timeout_ms, worker_command, workers_per_node)")) {
             try config("nodes = 4\nnodez = 4")
         }
         // Metrics: auto by default (a free port on the coordinator's host), off, or HOST:PORT; the durability prior.

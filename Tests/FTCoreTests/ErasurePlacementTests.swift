@@ -44,6 +44,17 @@ struct ErasurePlacementTests {
                     case .unrecoverable(let reason):
                         #expect(worst > m, "RS(\(k)+\(m)) lost \(lost.sorted()): \(reason)")
                         #expect(reason.contains("EC group") && reason.contains("last committed: step 7"))
+                    case .restoreFromDisk:
+                        Issue.record("RS(\(k)+\(m)) lost \(lost.sorted()): a restore from disk planned with no durable step")
+                    }
+                    // With a durable step on disk, what memory cannot recover is loaded from disk; the rest is unchanged.
+                    let withDisk = RecoveryPlanner.plan(.init(nodes: nodes, lostNodes: lost, lostWorkers: [:], committedStep: 7,
+                                                              ecGroups: groups, parityPerGroup: m, durableStep: 5))
+                    switch withDisk {
+                    case .restore: #expect(worst <= m)
+                    case .restoreFromDisk(let step, let reason):
+                        #expect(worst > m && step == 5 && reason.contains("2 committed steps lost"), "\(reason)")
+                    case .unrecoverable(let reason): Issue.record("unrecoverable with a durable step: \(reason)")
                     }
                 }
             }
