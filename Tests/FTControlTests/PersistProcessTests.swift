@@ -2,6 +2,7 @@ import FTCore
 import FTLauncher
 import FTPersist
 import FTSystem
+import FTToy
 import Foundation
 import Testing
 
@@ -21,7 +22,7 @@ struct PersistProcessTests {
         (try? JSONSerialization.jsonObject(with: Data(readText(job.inner.dir + "/status.json").utf8)) as? [String: Any]) ?? [:]
     }
 
-    @Test("every process of a job SIGKILLed once a step is durable: a cold restart from the persist directory ends bit-exact; a resume with another node count, or from a directory with no durable step, is refused saying why",
+    @Test("every process of a job SIGKILLed once a step is durable: ftctl export of the step, loaded with the safetensors package, equals the training's tensors; a cold restart from the persist directory ends bit-exact; a resume with another node count, or from a directory with no durable step, is refused saying why",
           .timeLimit(.minutes(5)))
     func coldRestart() throws {
         let persist = "/tmp/ft-ctl-persist-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -48,6 +49,7 @@ struct PersistProcessTests {
 
         let plan = try ResumePlan.choose(root: persist, nodes: 4, erasure: (3, 1))
         #expect(plan.step >= durable && plan.nodes == ["n0", "n1", "n2", "n3"])
+        try exportMatchesTraining(persist: persist, step: plan.step, ranks: 4, elements: 256 * 256)
         let resumed = try LocalJob(tag: "cold2", nodes: 4, workersPerNode: 1, steps: 400, stateKiB: 256, stepMs: 5) { o in
             o.erasure = (3, 1)
             o.persistDirectory = persist
@@ -76,6 +78,48 @@ struct PersistProcessTests {
         let (status2, output2, _) = try runTool("ft-launch", ["start", "--resume", empty, "--run-dir", persist + "-y"], timeout: 60)
         #expect(status2 == .exited(2))
         #expect(output2.contains("no durable step"), "\(output2)")
+    }
+
+    /// `ftctl export` of the persisted step, loaded with the real `safetensors`
+    /// package (Python), equals the toy workers' tensors at that step, recomputed
+    /// here: the replicated ones whole (every rank's slice joined), the per-rank
+    /// ones as NAME@rankR.
+    func exportMatchesTraining(persist: String, step: Int, ranks: Int, elements: Int) throws {
+        let out = persist + "-export"
+        try FileManager.default.createDirectory(atPath: out, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        let file = out + "/model.safetensors"
+        let (status, text, _) = try runTool("ftctl", ["export", "--from", persist, "--step", "\(step)", "--out", file], timeout: 120)
+        try #require(status == .exited(0), "\(text)")
+        let sidecar = try #require(try JSONSerialization.jsonObject(with: Data(readText(file + ".json").utf8)) as? [String: Any])
+        #expect(int(sidecar["step"]) == step)
+        let script = """
+            import json, sys
+            from safetensors.numpy import load_file
+            tensors = load_file(sys.argv[1])
+            for name, value in tensors.items():
+                open(sys.argv[2] + "/" + name + ".bin", "wb").write(value.tobytes())
+            print(json.dumps({name: [str(v.dtype), list(v.shape)] for name, v in tensors.items()}))
+            """
+        let python = try ChildProcess(arguments: ["python3", "-c", script, file, out], environment: ProcessInfo.processInfo.environment,
+                                      outputPath: out + "/python.out")
+        try #require(python.wait(timeoutSeconds: 60) == .exited(0), "\(readText(out + "/python.out"))")
+        let shapes = try #require(try JSONSerialization.jsonObject(with: Data(readText(out + "/python.out").utf8)) as? [String: [Any]])
+        let models = (0..<ranks).map { r in
+            let m = ToyModel(elements: elements, dpRank: r)
+            for s in 1...step { m.apply(step: s) }
+            return m
+        }
+        var expected: [String: UnsafeMutableRawBufferPointer] = [:]
+        for (spec, buffer) in models[0].tensors where spec.replicated { expected[spec.name] = buffer }
+        for (r, m) in models.enumerated() {
+            for (spec, buffer) in m.tensors where !spec.replicated { expected["\(spec.name)@rank\(r)"] = buffer }
+        }
+        #expect(Set(shapes.keys) == Set(expected.keys), "\(shapes.keys.sorted())")
+        for (name, buffer) in expected {
+            let got = try #require(FileManager.default.contents(atPath: out + "/" + name + ".bin"), "no \(name)")
+            #expect(got == Data(UnsafeRawBufferPointer(buffer)), "\(name) differs from the training's tensor at step \(step)")
+        }
     }
 
     @Test("a full disk while persisting: a clear log line, every node flagged out_of_space in the status, nothing torn left, and training goes on in memory to a bit-exact end",
