@@ -60,6 +60,8 @@ final class Persister {
         let cancel = cancel
         let box = UncheckedBox(job)
         let t = Thread { [shared] in
+            // Bulk work: it must not take a core from training or the snapshot copies.
+            ThreadPriority.lowerCurrentThread()
             let job = box.value
             let m = UnsafeMutableRawBufferPointer.allocate(byteCount: job.manifest.count, alignment: 8)
             defer { m.deallocate() }

@@ -14,7 +14,7 @@ struct FTBench: ParsableCommand {
             measured in the same run, so they hold on a noisy machine. Build with \
             `swift build -c release` before trusting any number.
             """,
-        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self, TCPStream.self])
+        subcommands: [EC.self, Snapshot.self, Detect.self, ECCluster.self, Rounds.self, Torch.self, Persist.self, TCPStream.self])
 }
 
 struct OutputOptions: ParsableArguments {
@@ -303,6 +303,60 @@ struct ECCluster: ParsableCommand {
         bench.maxMiBForWideCodes = maxWideMib
         bench.diskDirectory = diskDir
         try output.emit("ec-cluster") { try bench.run(progress: $0) }
+    }
+}
+
+struct Persist: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The persistent tier: PartWriter and ImageLoader against raw disk writes and reads, and training blocked while a persist runs.",
+        discussion: """
+            One node's part (an image of --size-mib and the parity chunk of an RS(3+1) node, image/3) in a temporary \
+            directory under --dir (removed at the end). ratios.persist_vs_disk_write: PartWriter's throughput over a raw \
+            sequential write + fsync of the same bytes in the same directory; ratios.disk_restore_vs_read: ImageLoader.load \
+            over a raw read, both with the file evicted from the page cache; ratios.blocked_vs_copy_while_persisting: the \
+            time a training loop (in-process SMP, a shard of the image's size) blocks per snapshot while a PartWriter writes \
+            a part of that size on another thread, over the copy time of one snapshot. Medians of --repeats.
+            """)
+
+    @OptionGroup var output: OutputOptions
+
+    @Option(help: "Node image size in MiB.")
+    var sizeMib = 1024
+
+    @Option(help: "Directory (on the filesystem to measure) in which a temporary directory is made and removed.")
+    var dir = "/tmp"
+
+    @Option(help: "Timed repetitions of each measurement (the median is reported).")
+    var repeats = 5
+
+    @Option(help: "Steps of the training loop without a persist.")
+    var steps = 8
+
+    @Option(help: "Simulated compute per training step in ms (default: 1.5 x the snapshot's copy time).")
+    var stepMs: Double?
+
+    @Flag(help: "Do not write and delete a ballast file of the same size before each timed write or read (on a VM that returns free memory to its host, page-cache allocation then runs at the host's fault rate).")
+    var noBallast = false
+
+    func validate() throws {
+        guard sizeMib >= 1 && sizeMib <= 8192 else { throw ValidationError("--size-mib must be in 1...8192") }
+        guard repeats >= 1, steps >= 1 else { throw ValidationError("--repeats and --steps must be at least 1") }
+        if let stepMs, stepMs < 0 { throw ValidationError("--step-ms must not be negative") }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw ValidationError("--dir \(dir) is not a directory")
+        }
+    }
+
+    func run() throws {
+        var bench = PersistBench()
+        bench.imageBytes = sizeMib << 20
+        bench.directory = dir.count > 1 && dir.hasSuffix("/") ? String(dir.dropLast()) : dir
+        bench.repeats = repeats
+        bench.asyncSteps = steps
+        bench.stepSeconds = stepMs.map { $0 / 1000 }
+        bench.warmPageCacheMemory = !noBallast
+        try output.emit("persist") { try bench.run(progress: $0) }
     }
 }
 
