@@ -548,24 +548,9 @@ public struct PersistBench: Sendable {
     /// A real SMP on a thread of this process (no workers of its own, no
     /// coordinator), stopped and cleaned up afterwards.
     func withSMP<T>(_ body: (_ server: SMPServer, _ jobID: String) throws -> T) throws -> T {
-        let runDirectory = "/tmp/ft-bench-persist-smp-\(getpid())"
-        let jobID = "benchp\(getpid())"
-        var logger = Logger(label: "ft-bench.smp")
-        logger.logLevel = .warning
-        let server = try SMPServer(config: SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: runDirectory,
-                                                            workerCount: 0, workerCommand: []),
-                                   logger: logger, watchSignals: false)
-        let done = DispatchSemaphore(value: 0)
-        Thread { [server] in
-            _ = try? server.run()
-            done.signal()
-        }.start()
-        defer {
-            server.stop()
-            done.wait()
-            try? FileManager.default.removeItem(atPath: runDirectory)
+        try InProcessSMP.with(directory: "/tmp/ft-bench-persist-smp-\(getpid())", jobID: "benchp\(getpid())") { server, jobID, _ in
+            try body(server, jobID)
         }
-        return try body(server, jobID)
     }
 
     // MARK: helpers

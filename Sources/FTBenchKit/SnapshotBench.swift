@@ -88,24 +88,7 @@ public struct SnapshotBench {
     /// Runs `body` with a real SMP on a thread of this process (no workers of
     /// its own), stopped and cleaned up afterwards.
     func withSMP<T>(_ body: (_ server: SMPServer, _ jobID: String, _ directory: String) throws -> T) throws -> T {
-        let directory = "/tmp/ft-bench-snapshot-\(getpid())"
-        let jobID = "bench\(getpid())"
-        var logger = Logger(label: "ft-bench.smp")
-        logger.logLevel = .warning
-        let server = try SMPServer(config: SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: directory,
-                                                            workerCount: 0, workerCommand: []),
-                                   logger: logger, watchSignals: false)
-        let done = DispatchSemaphore(value: 0)
-        Thread { [server] in
-            _ = try? server.run()
-            done.signal()
-        }.start()
-        defer {
-            server.stop()
-            done.wait()
-            try? FileManager.default.removeItem(atPath: directory)
-        }
-        return try body(server, jobID, directory)
+        try InProcessSMP.with(directory: "/tmp/ft-bench-snapshot-\(getpid())", jobID: "bench\(getpid())", body)
     }
 
     struct PythonResult {
@@ -216,4 +199,28 @@ public struct SnapshotBench {
     }
 
     private func f(_ v: Double) -> String { String(format: "%.2f", v) }
+}
+
+/// A real SMP on a thread of this process (no workers of its own, no
+/// coordinator), for the benches that drive it with an in-process client.
+enum InProcessSMP {
+    static func with<T>(directory: String, jobID: String,
+                        _ body: (_ server: SMPServer, _ jobID: String, _ directory: String) throws -> T) throws -> T {
+        var logger = Logger(label: "ft-bench.smp")
+        logger.logLevel = .warning
+        let server = try SMPServer(config: SMPConfiguration(jobID: jobID, nodeID: "n0", runDirectory: directory,
+                                                            workerCount: 0, workerCommand: []),
+                                   logger: logger, watchSignals: false)
+        let done = DispatchSemaphore(value: 0)
+        Thread { [server] in
+            _ = try? server.run()
+            done.signal()
+        }.start()
+        defer {
+            server.stop()
+            done.wait()
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        return try body(server, jobID, directory)
+    }
 }
