@@ -49,7 +49,7 @@ public func fuzzInitialize(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMu
         .protected(step: 4, layoutChunkBytes: 4096), .restore(step: 3, sources: ["a", "b"]), .restartWorkers([.init(worker: "w0", pid: 9)]),
         .ecLayout(ECLayout(k: 2, m: 1, chunkBytes: 4096, groups: [["n0", "n1", "n2"]], endpoints: ["n0": "tcp://c"])),
         .rebuild(step: 3, lost: ["n1"]), .statusQuery,
-        .persist(step: 6, nodes: ["n0", "n1", "n2"]), .persisted(step: 6, bytes: 1 << 20, error: ""), .loadPersisted(step: 6),
+        .persist(step: 6, nodes: ["n0", "n1", "n2"], durable: 3), .persisted(step: 6, bytes: 1 << 20, error: ""), .loadPersisted(step: 6),
     ]
     var frames: [[UInt8]] = []
     switch selected {

@@ -67,8 +67,10 @@ public enum ControlMessage: Sendable, Equatable {
     /// `persisted`. `nodes`: every node of the job, in layout order (the part
     /// names them; a cold restart needs all of them). The coordinator commits
     /// no further round until every live node answered, so the slots and
-    /// parity of `step` stay put while they are written.
-    case persist(step: Int, nodes: [String])
+    /// parity of `step` stay put while they are written. `durable`: the
+    /// newest durable step the coordinator knows (nil: none), which the SMP's
+    /// retention never removes (newer steps may all fail on another node).
+    case persist(step: Int, nodes: [String], durable: Int?)
     /// Memory cannot recover the job (a group lost more than m nodes): end
     /// this node's workers, load persisted `step` from the persist directory
     /// into the slots (decoded from the group's parts where this node's own
@@ -222,8 +224,9 @@ public enum ControlMessage: Sendable, Equatable {
             w.i64(Int64(s)); w.i64(Int64(chunk))
         case .persisted(let s, let bytes, let error):
             w.i64(Int64(s)); w.i64(Int64(bytes)); w.string(error)
-        case .persist(let s, let nodes):
+        case .persist(let s, let nodes, let durable):
             w.i64(Int64(s)); w.u32(UInt32(nodes.count)); for x in nodes { w.string(x) }
+            w.i64(Int64(durable ?? -1))
         case .loadPersisted(let s):
             w.i64(Int64(s))
         case .commit(let s), .abort(let s), .workerDone(let s):
@@ -321,7 +324,8 @@ public enum ControlMessage: Sendable, Equatable {
             self = .persisted(step: s, bytes: b, error: try r.string(field: "error", max: 1 << 16))
         case 132:
             let s = try step("step")
-            self = .persist(step: s, nodes: try strings("node"))
+            let nodes = try strings("node")
+            self = .persist(step: s, nodes: nodes, durable: try optionalStep("durable step"))
         case 133: self = .loadPersisted(step: try step("step"))
         case 105:
             let worker = try r.string(field: "worker", max: 255)

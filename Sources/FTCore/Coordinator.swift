@@ -953,7 +953,7 @@ public struct CoordinatorInstance: Sendable {
         }
         lastPersistOrder = (step, now)
         persisting = PersistRound(step: step, orderedAt: now, pending: Set(nodes.keys))
-        return [.log("persisting step \(step) on every node")] + broadcastToNodes(.persist(step: step, nodes: settings.nodeIDs))
+        return [.log("persisting step \(step) on every node")] + broadcastToNodes(.persist(step: step, nodes: settings.nodeIDs, durable: durableStep))
     }
 
     /// A node's answer to `persist`. Counted whatever the epoch: it says what

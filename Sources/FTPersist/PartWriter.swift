@@ -226,11 +226,14 @@ public struct PartWriter: Sendable {
     /// Keeps this node's parts of the newest `keep` steps in `root` (those at
     /// or before `newest`), removes its older ones and any temporary
     /// directory it left, and step directories that end up empty.
-    public static func prune(root: String, node: String, keep: Int, newest: Int) {
+    ///
+    /// `sparing`: a step never removed (the newest durable one: when the steps
+    /// after it failed on another node, this node's part of it is still needed).
+    public static func prune(root: String, node: String, keep: Int, newest: Int, sparing: Int? = nil) {
         let steps = PersistCatalog.steps(in: root)
         let mine = steps.filter { $0 <= newest && FileManager.default.fileExists(atPath: PersistPaths.partDirectory(root, step: $0, node: node) + "/" + PersistPaths.manifestFile) }
         let kept = Set(mine.suffix(max(1, keep)))
-        for s in steps where s < newest && !kept.contains(s) {
+        for s in steps where s < newest && !kept.contains(s) && s != sparing {
             let dir = PersistPaths.stepDirectory(root, step: s)
             removeTree(PersistPaths.partDirectory(root, step: s, node: node))
             for e in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] where e.hasPrefix(".\(node).") { removeTree(dir + "/" + e) }

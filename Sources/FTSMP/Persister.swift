@@ -27,6 +27,8 @@ final class Persister {
 
     let root: String
     let keep: Int
+    /// The newest durable step when the persist in progress was ordered: retention spares it.
+    var keepDurable: Int?
     let bytesPerSecond: Double?
     private var thread: Thread?
     /// What the persist thread shares with the loop.

@@ -44,8 +44,8 @@ extension SMPServer {
                 if !memory.prepareRestore(step: step) {
                     logger.error("asked to restore step \(step.map(String.init) ?? "none"), which this node does not hold committed")
                 }
-            case .persist(let step, let nodes):
-                startPersist(step: step, nodes: nodes)
+            case .persist(let step, let nodes, let durable):
+                startPersist(step: step, nodes: nodes, durable: durable)
             case .loadPersisted(let step):
                 try reloadPersisted(step: step)
             case .restartWorkers(let list):

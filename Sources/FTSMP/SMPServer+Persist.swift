@@ -13,7 +13,7 @@ extension SMPServer {
     /// `persist(step)`: starts writing this node's part of `step` (its
     /// committed slots and its parity) on the persist thread; `persisted`
     /// goes back when it ends (`checkPersist`), or at once when it cannot start.
-    func startPersist(step: Int, nodes: [String]) {
+    func startPersist(step: Int, nodes: [String], durable: Int?) {
         func refuse(_ code: PersistErrorCode, _ why: String) {
             logger.warning("cannot persist step \(step): \(why)")
             agent.report(.persisted(step: step, bytes: 0, error: "\(code.rawValue): \(why)"))
@@ -57,6 +57,7 @@ extension SMPServer {
             }
         }
         for e in entries { memory.pin(worker: e.id, slot: e.slot) }
+        persister.keepDurable = durable
         logger.info("persisting step \(step): \(layout.total) image bytes and \(copies.count) parity chunks to \(persister.root)")
         persister.start(Persister.Job(part: part, manifest: manifest, layout: layout, bases: memory.slotBases(entries), parity: copies))
     }
@@ -69,7 +70,8 @@ extension SMPServer {
         case .success(let r):
             let mbps = r.seconds > 0 ? Double(r.bytes) / r.seconds / 1e6 : 0
             logger.info("persisted step \(outcome.step): \(r.bytes) bytes in \(String(format: "%.2f", r.seconds)) s (\(String(format: "%.0f", mbps)) MB/s)")
-            PartWriter.prune(root: persister.root, node: config.nodeID, keep: persister.keep, newest: outcome.step)
+            PartWriter.prune(root: persister.root, node: config.nodeID, keep: persister.keep, newest: outcome.step,
+                             sparing: persister.keepDurable)
             agent.report(.persisted(step: outcome.step, bytes: r.bytes, error: ""))
         case .failure(let e):
             logger.error("persist of step \(outcome.step) failed (\(e.codeName)): \(e.message); nothing of it is kept, training goes on in memory")

@@ -15,7 +15,7 @@ struct PersistCoordinatorTests {
     static func commits(_ out: [Directive]) -> Bool { sends(out) { _, m in if case .commit = m { true } else { false } } }
 
     static func persistOrders(_ out: [Directive]) -> [Int] {
-        out.compactMap { if case .send(_, .persist(let s, _)) = $0 { s } else { nil } }
+        out.compactMap { if case .send(_, .persist(let s, _, _)) = $0 { s } else { nil } }
     }
 
     /// n1 falls silent while n0 keeps heartbeating, until the recovery is under
@@ -46,7 +46,7 @@ struct PersistCoordinatorTests {
         var out = protect(&c, 1, at: 0.2)
         #expect(Self.commits(out) && c.committedStep == 1)
         #expect(Self.persistOrders(out) == [1, 1], "the first commit is persisted on both nodes")
-        #expect(Self.sends(out) { _, m in m == .persist(step: 1, nodes: ["n0", "n1"]) })
+        #expect(Self.sends(out) { _, m in m == .persist(step: 1, nodes: ["n0", "n1"], durable: nil) })
         #expect(c.persisting?.step == 1)
         // Round 2 is protected everywhere, and waits: the slots of step 1 are being written.
         out = protect(&c, 2, at: 0.3)
@@ -60,6 +60,7 @@ struct PersistCoordinatorTests {
         // Round 3 commits and is persisted (2 commits since step 1).
         out = protect(&c, 3, at: 0.6)
         #expect(Self.persistOrders(out) == [3, 3])
+        #expect(Self.sends(out) { _, m in m == .persist(step: 3, nodes: ["n0", "n1"], durable: 1) }, "the order names the durable step to keep")
         // n0's disk is full: not durable (without EC every node's part is needed), the flag is up, commits go on.
         _ = c.receive(.persisted(step: 3, bytes: 0, error: "out_of_space: write /d/image.bin: No space left on device"), from: "n0",
                       epoch: c.epoch, now: 0.7)

@@ -621,6 +621,11 @@ struct PersistTierTests {
         #expect(catalog.durableSteps == [50, 40, 30])
         let (loaded, got) = try loadChecked(ImageLoader(catalog: catalog), f, step: 30, node: "n1")
         #expect(loaded.fromOwnPart && got.isComplete)
+        // The newest durable step is spared, however old: the steps after it may have failed elsewhere.
+        for step in [60, 70] { try f.writeAll(step: step, root: root) }
+        PartWriter.prune(root: root, node: "n0", keep: 2, newest: 70, sparing: 30)
+        catalog = PersistCatalog(root: root)
+        #expect(catalog.parts.filter { $0.value["n0"] != nil }.keys.sorted() == [30, 60, 70], "30 spared, 40 and 50 pruned")
     }
 
     @Test("writing a node's part of a step again replaces the old incarnation's")
