@@ -305,6 +305,9 @@ public final class ChaosRunner: @unchecked Sendable {
         watch.supervisor.killDeclaredDead = !["sigstop-node", "partition-node", "flapping-link"].contains(name)
         var keep = true  // a run that throws keeps its logs; a passed one follows --keep
         defer { job.stop(removeFiles: !keep) }
+        // A cold restart's first job: its run directory holds the persist directory the second reads.
+        var coldRestartedRunDirectory: String?
+        defer { if !keep, let dir = coldRestartedRunDirectory { try? FileManager.default.removeItem(atPath: dir) } }
         let persisting = persistEvery(for: name) != nil
 
         // A worker that faults by itself does it at `target`: watch from a little before.
@@ -344,6 +347,7 @@ public final class ChaosRunner: @unchecked Sendable {
             let durable = durableStep(watch)
             reachedBeforeColdRestart = watch.furthestStep
             job.stop(removeFiles: false)
+            coldRestartedRunDirectory = job.options.runDirectory
             let dir = job.options.persistDirectory!
             let plan = try ResumePlan.choose(root: dir, nodes: shape.nodes, erasure: (shape.k, shape.m))
             notes.append("cold restart from step \(plan.step) (the coordinator last said durable: \(durable.map(String.init) ?? "none"))")
