@@ -306,9 +306,8 @@ public struct CoordinatorInstance: Sendable {
     public private(set) var persistErrors: [String: String] = [:]
     /// Nodes that wrote their part of each recent step.
     private var persistedBy: [Int: Set<String>] = [:]
-    /// Bytes and seconds of the last persist that ended (the slowest node's time).
+    /// Seconds the last persist that ended took (ordered to its last answer).
     public private(set) var lastPersistSeconds: Double?
-    public private(set) var lastPersistBytes = 0
     public private(set) var abortedRounds = 0
     public private(set) var fencedMessages = 0
     /// Messages refused by `validate` (a sender, node, worker or rank outside the job).
@@ -963,7 +962,6 @@ public struct CoordinatorInstance: Sendable {
         if error.isEmpty {
             persistedBy[step, default: []].insert(node)
             persistErrors[node] = nil
-            lastPersistBytes = bytes
         } else {
             persistErrors[node] = error
             out.append(.log("node \(node) could not persist step \(step): \(error); training goes on in memory"))

@@ -34,15 +34,12 @@ final class Persister {
     /// What the persist thread shares with the loop.
     final class Shared: Sendable {
         let finished = Mutex<Outcome?>(nil)
-        /// Bytes written so far by the persist in progress.
-        let progress = Atomic<Int>(0)
     }
     private let shared = Shared()
     private var cancel = PersistCancel()
     private var parity: [UnsafeMutableRawBufferPointer] = []
     /// The step being written, and since when.
     private(set) var running: (step: Int, started: Double)?
-    var bytesWritten: Int { shared.progress.load(ordering: .relaxed) }
 
     init(root: String, keep: Int, bytesPerSecond: Double?) {
         self.root = root
@@ -57,7 +54,6 @@ final class Persister {
         running = (job.part.step, monotonicSeconds())
         parity = job.parity
         cancel = PersistCancel()
-        shared.progress.store(0, ordering: .relaxed)
         let writer = PartWriter(root: root, bytesPerSecond: bytesPerSecond)
         let cancel = cancel
         let box = UncheckedBox(job)
@@ -77,8 +73,7 @@ final class Persister {
                         case .slot(let i): UnsafeRawBufferPointer(start: job.bases[i] + p.offset, count: p.count)
                         }
                     }
-                }, parity: job.parity.map { UnsafeRawBufferPointer($0) }, cancel: cancel,
-                progress: { shared.progress.store($0, ordering: .relaxed) })
+                }, parity: job.parity.map { UnsafeRawBufferPointer($0) }, cancel: cancel)
                 result = .success(r)
             } catch {
                 result = .failure(error)
